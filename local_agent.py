@@ -1,0 +1,3522 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 the local_agent authors. Keep this notice when you vendor this file.
+"""A Prefect-style Local Agent in one stdlib-only file.
+
+The agent polls an orchestration API for flow runs that are due and whose labels it
+carries, claims each run, runs the locally stored flow in a subprocess and reports state
+and logs back. It speaks the Prefect Server / Cloud 1.x GraphQL API and, with no API
+configured, an embedded SQLite database, so the whole loop works on one machine.
+
+Usage::
+
+    python local_agent.py start [-t TOKEN] [-a API] [-l LABEL]... [options]
+    python local_agent.py run FLOW [--param KEY=JSON]... [--at WHEN]
+    python local_agent.py runs | logs RUN_ID [--follow] | flows | why [RUN_ID] | cancel RUN_ID
+    python local_agent.py --help
+
+Settings resolve in one order: command-line flag, then ``PREFECT__*`` environment
+variable, then the TOML config file (``PREFECT__USER_CONFIG_PATH``, default
+``~/.prefect/config.toml``), then the default. The token comes from ``-t/--token``, then
+``PREFECT__CLOUD__AGENT__AUTH_TOKEN``, ``PREFECT__CLOUD__AUTH_TOKEN``,
+``PREFECT__CLOUD__API_KEY``, then the config keys ``cloud.agent.auth_token``,
+``cloud.auth_token``, ``cloud.api_key``. The API is ``-a/--api``, ``PREFECT__CLOUD__API``,
+``cloud.api``; with a token and no API it is Prefect Cloud, with neither it is the embedded
+database ``<home_dir>/local_agent.db`` (``sqlite:///PATH`` selects another file).
+
+Exit codes: 0 success, 1 runtime error (a clear one-line message on stderr), 2 usage
+error, 130 interrupted. ``start --once`` exits 1 when any run it took did not succeed.
+
+Library use::
+
+    import local_agent
+
+    @local_agent.Flow("hello")
+    def hello(name: str = "world") -> None:
+        local_agent.context["logger"].info("Hello, %s!", name)
+
+    if __name__ == "__main__":
+        hello.deploy("My Project")
+        local_agent.create_flow_run("hello", {"name": "you"})
+        hello.run_agent(once=True)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = [
+    "AgentError",
+    "APIError",
+    "AuthError",
+    "Backend",
+    "ConfigError",
+    "Flow",
+    "FlowRun",
+    "FlowStorageError",
+    "GraphQLBackend",
+    "LocalAgent",
+    "SQLiteBackend",
+    "Settings",
+    "StateUpdateFailed",
+    "cancel_flow_run",
+    "context",
+    "create_flow_run",
+    "deploy",
+    "get_run_logs",
+    "list_flow_runs",
+    "list_flows",
+    "load_flow",
+    "main",
+    "open_backend",
+    "resolve_settings",
+    "run_agent",
+    "slugify",
+    "store_flow",
+]
+
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+# --- Constants ---------------------------------------------------------------------------
+
+#: The Prefect core version whose wire formats (state and storage JSON) we produce.
+CORE_VERSION = "1.4.1"
+PREFECT_CLOUD_API = "https://api.prefect.io"
+DEFAULT_AGENT_NAME = "agent"
+LOCAL_STORAGE_LABEL = "local"
+#: Prefect's poll backoff table: seconds to wait after 0, 1, 2, ... empty polls in a row.
+POLL_BACKOFF = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
+#: Runs due within this window are fetched early and launched exactly when due.
+PREFETCH_SECONDS = 10.0
+HEARTBEAT_SECONDS = 30.0
+REQUEST_TIMEOUT_SECONDS = 15.0
+#: Most bytes an API answer may have before it is refused as malformed.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: Lines of a child's output kept for the failure message when it dies.
+OUTPUT_TAIL_LINES = 20
+#: Longer output lines are split; a run's log keeps at most this much of its output.
+MAX_LINE_BYTES = 16 * 1024
+MAX_RUN_LOG_BYTES = 10_000_000
+DOCS_URL = "https://github.com/local-agent/local_agent#readme"
+SCHEDULED_STATES = frozenset({"Scheduled", "Paused", "Resume", "Retrying", "Queued"})
+FINAL_STATES = frozenset(
+    {
+        "Success", "Cached", "Mapped", "Skipped", "Failed", "TimedOut", "TriggerFailed",
+        "ValidationFailed", "Cancelled", "Looped", "Finished",
+    }
+)
+BANNER = r"""
+ _                    _     _                    _
+| |    ___   ___ __ _| |   / \   __ _  ___ _ __ | |_
+| |   / _ \ / __/ _` | |  / _ \ / _` |/ _ \ '_ \| __|
+| |__| (_) | (_| (_| | | / ___ \ (_| |  __/ | | | |_
+|_____\___/ \___\__,_|_|/_/   \_\__, |\___|_| |_|\__|
+                                |___/
+"""
+
+_T = TypeVar("_T")
+
+
+# --- Errors ------------------------------------------------------------------------------
+
+
+class AgentError(Exception):
+    """The root of every error this module raises on purpose; its text says what to do."""
+
+    exit_code = 1
+
+
+class ConfigError(AgentError):
+    """A setting, flag, config file or environment variable is missing or wrong."""
+
+
+class AuthError(AgentError):
+    """The API refused the token or key."""
+
+
+class APIError(AgentError):
+    """The API could not be reached or gave an answer we cannot use."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class StateUpdateFailed(APIError):
+    """The API refused a state write because another writer got there first."""
+
+
+class FlowStorageError(AgentError):
+    """A flow cannot be stored, found or loaded."""
+
+
+# --- Small helpers -----------------------------------------------------------------------
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+_ISO_FRACTION = re.compile(r"\.(\d+)")
+
+
+def parse_time(value: str) -> datetime:
+    """Parse an ISO 8601 timestamp (``Z`` or offset, any fraction) into aware UTC."""
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00").replace(" ", "T", 1)
+    # Python < 3.11 accepts only 3 or 6 fractional digits.
+    text = _ISO_FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def format_time(moment: datetime) -> str:
+    """Format an aware datetime as fixed-width ISO 8601 UTC, so strings sort by time."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _parse_time_or_now(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError:
+        return utcnow()
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    """Squash ``text`` onto one line of at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _hostname() -> str:
+    """Return this machine's host name (the label Local storage adds)."""
+    import socket
+
+    return socket.gethostname()
+
+
+def _describe_exception(exc: BaseException) -> str:
+    """Return ``Type: message`` on one line."""
+    message = str(exc)
+    return _one_line(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+
+
+# --- Settings ----------------------------------------------------------------------------
+#
+# Every setting has one name in each place: a flag, a config key such as ``cloud.agent.name``
+# and the environment variable derived from it (``PREFECT__CLOUD__AGENT__NAME``). One table
+# lists them; one function resolves them: flag, then environment, then config file, then
+# default.
+
+
+def _as_str(value: Any, where: str) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{where} must be a string, got {type(value).__name__}")
+    return str(value).strip()
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def _as_number(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not number >= 0 or number == float("inf"):
+        raise ConfigError(f"{where} must be a number of seconds >= 0, got {value!r}")
+    return number
+
+
+def _as_count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)):
+        raise ConfigError(f"{where} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def _as_level(value: Any, where: str) -> str:
+    level = _as_str(value, where).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"{where} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got {value!r}")
+    return level
+
+
+def _literal(value: Any, where: str, example: str) -> Any:
+    """Read a list or table given as a Python/JSON literal string (Prefect's env form)."""
+    if not isinstance(value, str):
+        return value
+    import ast
+
+    try:
+        return ast.literal_eval(value.strip() or "[]")
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ConfigError(f"{where} must be a literal like {example}, got {value!r}") from None
+
+
+def _as_labels(value: Any, where: str) -> list[str]:
+    labels = _literal(value, where, "'[\"dev\", \"etl\"]'")
+    if isinstance(labels, str):
+        labels = [labels]
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels):
+        raise ConfigError(f"{where} must be a list of strings like '[\"dev\", \"etl\"]', got {value!r}")
+    return _unique(label.strip() for label in labels if label.strip())
+
+
+def _as_paths(value: Any, where: str) -> list[str]:
+    paths = _literal(value, where, "'[\"/opt/flows\"]'")
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(x, str) for x in paths):
+        raise ConfigError(f"{where} must be a list of paths, got {value!r}")
+    return [os.path.abspath(os.path.expanduser(path)) for path in paths]
+
+
+def _as_env(value: Any, where: str) -> dict[str, str]:
+    if isinstance(value, (list, tuple)):
+        return dict(_split_env_pair(item, where) for item in value)
+    table = _literal(value, where, "'{\"KEY\": \"value\"}'")
+    if not isinstance(table, dict) or not all(isinstance(k, str) for k in table):
+        raise ConfigError(f"{where} must be a table of KEY = value, got {value!r}")
+    return {key: str(item) for key, item in table.items()}
+
+
+def _split_env_pair(item: Any, where: str) -> tuple[str, str]:
+    """Split ``KEY=VALUE`` on the first ``=``, so values may contain ``=``."""
+    key, sep, val = str(item).partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{where} takes KEY=VALUE, got {item!r}")
+    return key.strip(), val
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    """Return ``items`` without duplicates, in first-seen order."""
+    return list(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One setting: its field, its config keys (first wins) and how to read a value."""
+
+    name: str
+    keys: tuple[str, ...]
+    convert: Callable[[Any, str], Any]
+    default: Any = None
+
+
+_OPTIONS = (
+    # The token: the agent key first, as Prefect 0.8 read it, then the client's own names.
+    _Option("token", ("cloud.agent.auth_token", "cloud.auth_token", "cloud.api_key"), _as_str, ""),
+    _Option("api", ("cloud.api",), _as_str, ""),
+    _Option("tenant_id", ("cloud.tenant_id",), _as_str, ""),
+    _Option("name", ("cloud.agent.name",), _as_str, DEFAULT_AGENT_NAME),
+    _Option("labels", ("cloud.agent.labels",), _as_labels, []),
+    _Option("level", ("cloud.agent.level",), _as_level, "INFO"),
+    _Option("home_dir", ("home_dir",), _as_str, "~/.prefect"),
+    _Option("env", ("cloud.agent.env",), _as_env, {}),
+    _Option("import_paths", ("cloud.agent.import_paths",), _as_paths, []),
+    _Option("show_flow_logs", ("cloud.agent.show_flow_logs",), _as_bool, False),
+    _Option("hostname_label", ("cloud.agent.hostname_label",), _as_bool, True),
+    _Option("cloud_logs", ("cloud.send_flow_run_logs",), _as_bool, True),
+    _Option("agent_address", ("cloud.agent.agent_address",), _as_str, ""),
+    _Option("max_polls", ("cloud.agent.max_polls",), _as_count, None),
+    _Option("max_poll_interval", ("cloud.agent.max_poll_interval",), _as_number, POLL_BACKOFF[-1]),
+    _Option("limit", ("cloud.agent.limit",), _as_count, None),
+    _Option("timeout", ("cloud.agent.timeout",), _as_number, None),
+    _Option("grace", ("cloud.agent.grace",), _as_number, 30.0),
+    _Option("request_timeout", ("cloud.request_timeout",), _as_number, REQUEST_TIMEOUT_SECONDS),
+    _Option("allow_insecure_http", ("cloud.agent.allow_insecure_http",), _as_bool, False),
+)
+
+
+def _env_name(key: str) -> str:
+    """``cloud.agent.name`` → ``PREFECT__CLOUD__AGENT__NAME``."""
+    return "PREFECT__" + key.upper().replace(".", "__")
+
+
+@dataclass
+class Settings:
+    """Everything the agent and the commands need, resolved once from all sources."""
+
+    api: str = ""
+    token: str = field(default="", repr=False)
+    tenant_id: str = ""
+    name: str = DEFAULT_AGENT_NAME
+    labels: list[str] = field(default_factory=list)
+    level: str = "INFO"
+    home_dir: str = "~/.prefect"
+    env: dict[str, str] = field(default_factory=dict)
+    import_paths: list[str] = field(default_factory=list)
+    show_flow_logs: bool = False
+    hostname_label: bool = True
+    cloud_logs: bool = True
+    agent_address: str = ""
+    max_polls: int | None = None
+    max_poll_interval: float = POLL_BACKOFF[-1]
+    limit: int | None = None
+    timeout: float | None = None
+    grace: float = 30.0
+    request_timeout: float = REQUEST_TIMEOUT_SECONDS
+    allow_insecure_http: bool = False
+    once: bool = False
+    #: Where each setting came from, e.g. ``{"token": "environment variable PREFECT__..."}``.
+    sources: dict[str, str] = field(default_factory=dict)
+    config_path: str = ""
+
+    @property
+    def home(self) -> Path:
+        """The home directory (``~/.prefect`` unless ``PREFECT__HOME_DIR`` says otherwise)."""
+        return Path(os.path.expanduser(self.home_dir)).absolute()
+
+    @property
+    def flows_dir(self) -> Path:
+        """Where flows are stored by default: ``<home>/flows``."""
+        return self.home / "flows"
+
+    def agent_labels(self) -> list[str]:
+        """The labels ``start`` polls with: given ones, ``local``, then the host name."""
+        extra = [LOCAL_STORAGE_LABEL] + ([_hostname()] if self.hostname_label else [])
+        return _unique([*self.labels, *extra])
+
+
+def resolve_settings(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Resolve settings from ``flags``, then ``PREFECT__*`` variables, then the config file."""
+    environ = os.environ if environ is None else environ
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
+    config_path, config = _load_config(environ)
+    settings = Settings(config_path=str(config_path), once=bool(given.get("once", False)))
+    for option in _OPTIONS:
+        value, source = _resolve_option(option, given, environ, config, config_path)
+        setattr(settings, option.name, value)
+        if source:
+            settings.sources[option.name] = source
+    _finish_api(settings)
+    return settings
+
+
+def _resolve_option(
+    option: _Option,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config: Mapping[str, Any],
+    config_path: Path,
+) -> tuple[Any, str]:
+    """Return one setting's value and where it came from, by the documented precedence."""
+    flag_name = "--" + option.name.replace("_", "-")
+    # 1. The command-line flag.
+    if option.name in flags:
+        return option.convert(flags[option.name], flag_name), "the " + flag_name + " flag"
+    # 2. The environment, each key's variable in order.
+    for key in option.keys:
+        variable = _env_name(key)
+        if environ.get(variable, "") != "":
+            where = "environment variable " + variable
+            return option.convert(environ[variable], where), where
+    # 3. The config file, each key in order.
+    for key in option.keys:
+        value = _config_lookup(config, key)
+        if value is not None and value != "":
+            where = f"config file {config_path} ({key})"
+            return option.convert(value, where), where
+    # 4. The default.
+    return option.default, ""
+
+
+def _load_config(environ: Mapping[str, str]) -> tuple[Path, dict[str, Any]]:
+    """Read the TOML config file, if there is one; its absence is not an error."""
+    explicit = environ.get("PREFECT__USER_CONFIG_PATH", "")
+    path = Path(os.path.expanduser(explicit or "~/.prefect/config.toml"))
+    if not path.exists():
+        if explicit:
+            raise ConfigError(
+                f"PREFECT__USER_CONFIG_PATH names {path}, which does not exist; "
+                "create it or unset the variable"
+            )
+        return path, {}
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    return path, _parse_toml(data, path)
+
+
+def _parse_toml(data: bytes, path: Path) -> dict[str, Any]:
+    """Parse TOML with ``tomllib`` (3.11+) or ``tomli``; say how to fix it when neither exists."""
+    try:
+        import tomllib as toml_parser  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # Python 3.9 and 3.10
+        try:
+            import tomli as toml_parser  # type: ignore[import-not-found,no-redef,unused-ignore]
+        except ImportError:
+            raise ConfigError(
+                f"config file {path} exists but this Python ({sys.version.split()[0]}) cannot "
+                "read TOML: run `pip install tomli`, use Python 3.11+, or move the file away"
+            ) from None
+    try:
+        text = data.decode("utf-8")
+        parsed: dict[str, Any] = toml_parser.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except Exception as exc:  # tomllib.TOMLDecodeError; the module varies
+        raise ConfigError(f"config file {path} is not valid TOML: {_one_line(str(exc))}") from None
+    return parsed
+
+
+def _config_lookup(config: Mapping[str, Any], dotted_key: str) -> Any:
+    """Look up ``a.b.c`` in nested TOML tables; None when absent."""
+    node: Any = config
+    for part in dotted_key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _finish_api(settings: Settings) -> None:
+    """Default the API (Cloud with a token, else the embedded database) and normalise it."""
+    if not settings.api:
+        if settings.token:
+            settings.api = PREFECT_CLOUD_API
+        else:
+            settings.api = "sqlite:///" + str(settings.home / "local_agent.db")
+            settings.sources.setdefault("api", "the default (embedded database)")
+    if settings.api.startswith("sqlite:"):
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(settings.api)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"API URL {settings.api!r} is not valid: use http(s)://HOST[:PORT] for a Prefect API "
+            "or sqlite:///PATH for the embedded database"
+        )
+    settings.api = settings.api.rstrip("/")
+
+
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _check_token_safety(settings: Settings) -> None:
+    """Refuse to send a token in clear text off this machine; warn on a readable config file."""
+    if not settings.token:
+        return
+    config_path = Path(settings.config_path)
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(settings.api)
+    host = parts.hostname or ""
+    insecure = parts.scheme == "http" and host not in _LOOPBACK_HOSTS and not host.startswith("127.")
+    if insecure and not settings.allow_insecure_http:
+        raise ConfigError(
+            f"refusing to send the token over plain http to {host}: use https, "
+            "or pass --allow-insecure-http if this network is trusted"
+        )
+    if settings.sources.get("token", "").startswith("config file") and os.name == "posix":
+        mode = config_path.stat().st_mode
+        if mode & 0o077:
+            logging.getLogger(__name__).warning(
+                "config file %s holds a token and is readable by others; run: chmod 600 %s",
+                config_path, config_path,
+            )
+
+
+# --- States ------------------------------------------------------------------------------
+#
+# Prefect's serialized state JSON. Every state carries ``type``, ``message``, ``context``,
+# ``_result``, ``cached_inputs`` and ``__version__``; Scheduled-family states add
+# ``start_time`` and Submitted wraps the state it replaced in ``state``.
+
+
+def make_state(
+    state_type: str,
+    message: str | None = None,
+    *,
+    start_time: datetime | None = None,
+    previous: Mapping[str, Any] | None = None,
+    context: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build a serialized Prefect state, as a 1.x client writes it."""
+    state: dict[str, Any] = {
+        "type": state_type,
+        "message": message,
+        "context": dict(context or {}),
+        "_result": {"type": "NoResultType", "__version__": CORE_VERSION},
+        "cached_inputs": {},
+        "__version__": CORE_VERSION,
+    }
+    if state_type in SCHEDULED_STATES or start_time is not None:
+        state["start_time"] = format_time(start_time or utcnow())
+    if previous is not None:
+        state["state"] = dict(previous)
+    return state
+
+
+def is_final(state_type: str) -> bool:
+    """Whether a run in this state has finished (Success, Failed, Cancelled, ...)."""
+    return state_type in FINAL_STATES
+
+
+def state_start_time(serialized: Mapping[str, Any] | None) -> datetime | None:
+    """The ``start_time`` of a serialized state, or None when it has none or it is bad."""
+    value = (serialized or {}).get("start_time")
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None
+
+
+# --- Flow storage ------------------------------------------------------------------------
+#
+# Flows are pickled with the stdlib into ``<directory>/<slug>.prefect``, Local storage's
+# layout since Prefect 0.7. Functions and classes defined in a ``__main__`` script are
+# stored by reference to that script's file, since the flow-run process has a different
+# ``__main__``; the script must guard its side effects with ``if __name__ == "__main__":``.
+
+_QUOTES = re.compile(r"'+")
+_DISALLOWED = re.compile(r"[^-a-zA-Z0-9]+")
+_DASHES = re.compile(r"-{2,}")
+_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
+_ENTITIES = re.compile(r"&(#x[0-9a-fA-F]+|#\d+|[A-Za-z][A-Za-z0-9]*);")
+# What unidecode gives for the common Latin letters that have no decomposition.
+_TRANSLITERATIONS = {
+    "ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "đ": "d",
+    "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "TH", "ð": "d", "Ð": "D", "ı": "i",
+}
+
+
+def _transliterate(text: str) -> str:
+    """Approximate unidecode for Latin text: drop accents, spell out ligatures."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(
+        _TRANSLITERATIONS.get(char, char) for char in decomposed if not unicodedata.combining(char)
+    )
+
+
+def _decode_entity(match: re.Match[str]) -> str:
+    from html.entities import name2codepoint
+
+    body = match.group(1)
+    try:
+        if body.startswith("#x"):
+            return chr(int(body[2:], 16))
+        if body.startswith("#"):
+            return chr(int(body[1:]))
+        return chr(name2codepoint[body]) if body in name2codepoint else match.group(0)
+    except (ValueError, OverflowError):
+        return match.group(0)
+
+
+def slugify(name: str) -> str:
+    """Make a file-name slug the way python-slugify does (``My Flow! v1`` → ``my-flow-v1``)."""
+    import unicodedata
+
+    text = _QUOTES.sub("-", name)
+    text = _transliterate(text)
+    text = _ENTITIES.sub(_decode_entity, text)
+    text = _transliterate(unicodedata.normalize("NFKD", text)).lower()
+    text = _QUOTES.sub("", text)
+    text = _DIGIT_COMMA.sub("", text)
+    text = _DASHES.sub("-", _DISALLOWED.sub("-", text)).strip("-")
+    if not text:  # a name with no Latin letters or digits: keep it unique all the same
+        import hashlib
+
+        text = "flow-" + hashlib.sha1(name.encode("utf-8")).hexdigest()[:10]
+    return text
+
+
+class Flow:
+    """A named callable with labels: store it, deploy it, run it with an agent."""
+
+    def __init__(
+        self, name: str, fn: Callable[..., Any] | None = None, labels: Iterable[str] = ()
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("a Flow needs a non-empty name")
+        self.name = name
+        self.fn = fn
+        self.labels = _unique(labels)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the flow's function; the first call on a Flow without one makes it a decorator."""
+        if self.fn is None:
+            if len(args) == 1 and callable(args[0]) and not kwargs:
+                self.fn = args[0]
+                self.__doc__ = getattr(self.fn, "__doc__", None)
+                return self
+            raise TypeError(f"flow {self.name!r} has no function yet; use it as a decorator first")
+        return self.fn(*args, **kwargs)
+
+    def run(self, **parameters: Any) -> Any:
+        """Run the flow here and now with these parameters."""
+        if self.fn is None:
+            raise TypeError(f"flow {self.name!r} has no function to run")
+        return self.fn(**parameters)
+
+    def store(self, directory: str | os.PathLike[str] | None = None) -> str:
+        """Pickle the flow to ``<directory>/<slug>.prefect`` and return the path."""
+        return store_flow(self, directory)
+
+    def deploy(
+        self,
+        project_name: str,
+        labels: Iterable[str] | None = None,
+        *,
+        api: str | None = None,
+        token: str | None = None,
+    ) -> str:
+        """Store the flow and register it with the API; return the flow id."""
+        self.labels = _unique([*self.labels, *(labels or [])])  # run_agent() needs them too
+        return deploy(self, project_name, api=api, token=token)
+
+    def run_agent(self, **agent_options: Any) -> int:
+        """Run a LocalAgent here, with this flow's labels, until it stops."""
+        return run_agent(self, **agent_options)
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.name!r}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A decorated flow replaced its function in the module: pickle it by that name.
+        owner = sys.modules.get(getattr(self.fn, "__module__", "") or "")
+        qualname = getattr(self.fn, "__qualname__", "")
+        if owner is not None and qualname and _lookup(owner, qualname) is self:
+            return _reference_to(str(getattr(self.fn, "__module__")), qualname, self.name)
+        return (Flow, (self.name, self.fn, self.labels))
+
+
+def _lookup(owner: Any, qualname: str) -> Any:
+    """Follow a dotted ``qualname`` from ``owner``; None when any step is missing."""
+    node = owner
+    for part in qualname.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
+def _main_script() -> str:
+    """The file of the running ``__main__`` script, for objects defined in it."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not isinstance(main_file, str) or not os.path.isfile(main_file):
+        raise FlowStorageError(
+            "this flow is defined in an interactive session or from standard input, which the "
+            "flow-run process cannot import: define it in a .py file and store it from there"
+        )
+    return os.path.abspath(main_file)
+
+
+def _reference_to(module: str, qualname: str, what: str) -> tuple[Any, ...]:
+    """A pickle reduction that imports ``module.qualname`` (a script file for ``__main__``)."""
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        raise FlowStorageError(
+            f"{what!r} uses {qualname}, a lambda or nested function, which cannot be stored: "
+            "define it with `def` at the top level of a module"
+        )
+    script = _main_script() if module == "__main__" else ""
+    return (_import_object, (module, qualname, script))
+
+
+def _import_object(module: str, qualname: str, script: str = "") -> Any:
+    """Import ``qualname`` from a module, or from a script file that was ``__main__``."""
+    import importlib
+
+    target = _import_script(script) if script else importlib.import_module(module)
+    found = _lookup(target, qualname)
+    if found is None:
+        place = script or module
+        raise FlowStorageError(f"{qualname} is no longer defined in {place}; store the flow again")
+    return found
+
+
+def _import_script(path: str) -> Any:
+    """Import a script file once per process under a private name, so its guard holds."""
+    import hashlib
+    import importlib.util
+
+    name = "_local_agent_script_" + hashlib.sha1(path.encode("utf-8")).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise FlowStorageError(f"the flow's script {path} does not exist on this host")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _flow_name(obj: Any) -> str:
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise FlowStorageError(f"{obj!r} has no `name`; only objects with a name can be stored")
+    return name
+
+
+def _default_flows_dir() -> Path:
+    return resolve_settings().flows_dir
+
+
+def store_flow(obj: Any, directory: str | os.PathLike[str] | None = None) -> str:
+    """Pickle any named object to ``<directory>/<slug(name)>.prefect``; return the path."""
+    import io
+    import pickle
+
+    name = _flow_name(obj)
+    folder = Path(directory).expanduser().absolute() if directory else _default_flows_dir()
+    buffer = io.BytesIO()
+    try:
+        _ScriptAwarePickler(buffer, protocol=4).dump(obj)
+    except FlowStorageError:
+        raise
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise FlowStorageError(
+            f"flow {name!r} cannot be stored: {_one_line(str(exc))}; define its functions and "
+            "classes at the top level of a module or script"
+        ) from None
+    path = folder / (slugify(name) + ".prefect")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(buffer.getvalue())
+        os.replace(temporary, path)  # readers never see half a file
+    except OSError as exc:
+        raise FlowStorageError(f"cannot write flow file {path}: {exc.strerror or exc}") from None
+    return str(path)
+
+
+def _pickler_base() -> type:
+    import pickle
+
+    return pickle.Pickler
+
+
+class _ScriptAwarePickler(_pickler_base()):  # type: ignore[misc]
+    """A pickler that stores ``__main__`` functions and classes by their script file."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        """Replace references into ``__main__`` with imports from the script file."""
+        import types
+
+        if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
+            return _reference_to("__main__", obj.__qualname__, getattr(obj, "__name__", "?"))
+        if isinstance(obj, types.FunctionType) and obj.__name__ == "<lambda>":
+            return _reference_to(obj.__module__, obj.__qualname__, "a lambda")
+        return NotImplemented
+
+
+def load_flow(path: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None) -> Any:
+    """Unpickle a flow file, but only if it lies inside ``directory`` (default: the flows dir)."""
+    import pickle
+
+    folder = os.path.realpath(directory if directory else _default_flows_dir())
+    real = os.path.realpath(path)
+    if os.path.commonpath([folder, real]) != folder:
+        raise FlowStorageError(
+            f"refusing to load {path}: it is outside the storage directory {folder}"
+        )
+    try:
+        data = Path(real).read_bytes()
+    except FileNotFoundError:
+        raise FlowStorageError(f"flow file {path} does not exist on host {_hostname()}") from None
+    except OSError as exc:
+        raise FlowStorageError(f"cannot read flow file {path}: {exc.strerror or exc}") from None
+    try:
+        return pickle.loads(_unwrap_prefect_json(data))
+    except ModuleNotFoundError as exc:
+        raise FlowStorageError(
+            f"flow file {path} needs module {exc.name!r}, which cannot be imported here: run the "
+            "agent from that module's directory or add it with -p/--import-path"
+        ) from None
+    except FlowStorageError:
+        raise
+    except Exception as exc:  # a corrupt pickle can raise almost anything
+        raise FlowStorageError(
+            f"flow file {path} is corrupt or unreadable here ({_describe_exception(exc)}); "
+            "store the flow again"
+        ) from None
+
+
+def _unwrap_prefect_json(data: bytes) -> bytes:
+    """Prefect 0.14.3+ wraps its pickle in JSON ``{"flow": base64}``; unwrap it."""
+    if not data.startswith(b"{"):
+        return data
+    import base64
+
+    wrapped = json.loads(data)
+    return base64.b64decode(wrapped["flow"])
+
+
+def local_storage(flow_name: str, path: str) -> dict[str, Any]:
+    """The Local storage JSON for a flow stored at ``path``."""
+    return {
+        "type": "Local",
+        "directory": os.path.dirname(os.path.abspath(path)),
+        "flows": {flow_name: os.path.abspath(path)},
+        "secrets": [],
+        "stored_as_script": False,
+        "path": None,
+        "__version__": CORE_VERSION,
+    }
+
+
+def locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
+    """Check a run's storage is Local with a file inside its directory; return (path, dir)."""
+    host = _hostname()
+    if not isinstance(storage, Mapping):
+        raise FlowStorageError(f"flow {flow_name!r} has no storage; register it with Local storage")
+    kind = storage.get("type")
+    if kind != "Local":
+        raise FlowStorageError(
+            f"flow {flow_name!r} uses {kind or 'unknown'} storage; this agent runs only Local storage"
+        )
+    flows, directory = storage.get("flows"), storage.get("directory")
+    path = flows.get(flow_name) if isinstance(flows, Mapping) else None
+    if not isinstance(path, str) or not isinstance(directory, str) or not directory:
+        raise FlowStorageError(
+            f"the Local storage of flow {flow_name!r} names no file for it; register it again"
+        )
+    real_dir, real_path = os.path.realpath(directory), os.path.realpath(path)
+    if os.path.commonpath([real_dir, real_path]) != real_dir:
+        raise FlowStorageError(
+            f"flow file {path} is outside its storage directory {directory}; refusing to load it"
+        )
+    if not os.path.isfile(real_path):
+        raise FlowStorageError(
+            f"flow file {path} does not exist on host {host}: store the flow on this machine "
+            "or run the agent where it was stored"
+        )
+    return real_path, real_dir
+
+
+# --- Backends: the interface -------------------------------------------------------------
+
+
+@dataclass
+class FlowRun:
+    """A flow run as the agent and the flow-run process see it, from either backend."""
+
+    id: str
+    version: int
+    state: str
+    serialized_state: dict[str, Any]
+    flow_id: str
+    flow_name: str
+    storage: Any = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    labels: list[str] = field(default_factory=list)
+    scheduled_start_time: datetime | None = None
+    state_message: str | None = None
+    updated: datetime | None = None
+    #: Why this row cannot be run as it stands (a malformed API answer), or "".
+    problem: str = ""
+
+    @property
+    def start_time(self) -> datetime:
+        """When the run is due: its state's start time, else its scheduled start time."""
+        return state_start_time(self.serialized_state) or self.scheduled_start_time or utcnow()
+
+
+@dataclass
+class FlowSummary:
+    """A registered flow, for listings and for creating runs by name."""
+
+    id: str
+    name: str
+    version: int = 1
+    project: str = ""
+    labels: list[str] = field(default_factory=list)
+    storage: Any = None
+
+
+@dataclass
+class LogLine:
+    """One line of a run's log."""
+
+    timestamp: str
+    level: str
+    name: str
+    message: str
+
+
+class Backend:
+    """The operations the agent, the flow-run process and the commands need from an API.
+
+    ``GraphQLBackend`` speaks to Prefect Server / Cloud 1.x, ``SQLiteBackend`` keeps the
+    same records in one SQLite file. Both are safe to share between threads.
+    """
+
+    #: A short description for log lines, e.g. ``Prefect API at http://host:4200``.
+    location = ""
+
+    def connect(self, agent_name: str, labels: Sequence[str]) -> str:
+        """Register the agent and check the API answers; return the agent id."""
+        raise NotImplementedError
+
+    def get_runs_in_queue(self, labels: Sequence[str], before: datetime) -> list[str]:
+        """Ids of runs due by ``before`` whose labels are all among ``labels``."""
+        raise NotImplementedError
+
+    def get_flow_runs(self, run_ids: Sequence[str]) -> list[FlowRun]:
+        """Metadata of those of ``run_ids`` that are still waiting to be run."""
+        raise NotImplementedError
+
+    def get_flow_run(self, run_id: str) -> FlowRun | None:
+        """One run with its flow, whatever its state; None when there is no such run."""
+        raise NotImplementedError
+
+    def set_flow_run_state(
+        self, run_id: str, state: Mapping[str, Any], version: int | None
+    ) -> None:
+        """Write a state; raise StateUpdateFailed when another writer won."""
+        raise NotImplementedError
+
+    def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
+        """Append log lines (``flow_run_id``, ``timestamp``, ``level``, ``name``, ``message``)."""
+        raise NotImplementedError
+
+    def heartbeat(self, run_id: str) -> None:
+        """Tell the API this run's process is alive."""
+        raise NotImplementedError
+
+    def ensure_project(self, name: str) -> str:
+        """The id of the project with this name, created if needed."""
+        raise NotImplementedError
+
+    def register_flow(self, project_id: str, serialized_flow: Mapping[str, Any]) -> str:
+        """Register a serialized flow (a new version of one with the same name); its id."""
+        raise NotImplementedError
+
+    def find_flow(self, name: str) -> FlowSummary | None:
+        """The newest version of the flow with this name, or None."""
+        raise NotImplementedError
+
+    def create_flow_run(
+        self,
+        flow_id: str,
+        *,
+        parameters: Mapping[str, Any],
+        labels: Sequence[str] | None,
+        scheduled_start_time: datetime | None,
+        idempotency_key: str,
+    ) -> str:
+        """Create a Scheduled run of a flow; its id."""
+        raise NotImplementedError
+
+    def list_flows(self) -> list[FlowSummary]:
+        """Every registered flow's newest version, by name."""
+        raise NotImplementedError
+
+    def list_flow_runs(
+        self,
+        *,
+        flow_name: str | None = None,
+        state: str | None = None,
+        run_ids: Sequence[str] | None = None,
+        limit: int = 20,
+    ) -> list[FlowRun]:
+        """Runs, newest scheduled first, optionally of one flow, in one state, or by id."""
+        raise NotImplementedError
+
+    def get_run_logs(self, run_id: str, offset: int = 0) -> list[LogLine]:
+        """A run's log lines in the order they were written, from ``offset`` on."""
+        raise NotImplementedError
+
+    def cancel_flow_run(self, run_id: str) -> str:
+        """Ask for a run to be cancelled; return its new state."""
+        raise NotImplementedError
+
+    def wait_for_change(self, timeout: float, wake: threading.Event) -> bool:
+        """Sleep up to ``timeout`` s or until ``wake``; True if new work may have arrived."""
+        wake.wait(timeout)
+        return False
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def open_backend(settings: Settings) -> Backend:
+    """The backend ``settings.api`` names: a Prefect GraphQL API or an SQLite file."""
+    if settings.api.startswith("sqlite:"):
+        return SQLiteBackend(_sqlite_path(settings.api))
+    _check_token_safety(settings)
+    return GraphQLBackend(
+        settings.api, settings.token, tenant_id=settings.tenant_id, timeout=settings.request_timeout
+    )
+
+
+def _sqlite_path(url: str) -> str:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` → the file path."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if not path:
+        raise ConfigError(f"{url!r} names no database file: use sqlite:///PATH/TO/FILE.db")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _expect(value: Any, kind: type[_T] | tuple[type, ...], what: str) -> _T:
+    """Return ``value`` if it has the expected type, else raise a malformed-answer error."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise APIError(f"malformed API answer: {what} is {type(value).__name__}, not as expected")
+    return value  # type: ignore[return-value]
+
+
+def _json_field(value: Any) -> Any:
+    """Hasura returns JSON columns as objects; some proxies as strings. Accept both."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+# --- Backends: Prefect Server / Cloud 1.x over GraphQL -----------------------------------
+#
+# The documents below are the ones Prefect 1.x clients send (snake_case dialect). Queries
+# whose arguments Prefect renders inline keep them inline, with values quoted by json.dumps.
+
+_TENANT_QUERY = "query {\n    tenant {\n        id\n    }\n}"
+_AUTH_INFO_QUERY = "query {\n    auth_info {\n        tenant_id\n    }\n}"
+_HELLO_QUERY = "query {\n    hello\n}"
+_REGISTER_AGENT = """mutation($input: register_agent_input!) {
+    register_agent(input: $input) {
+        id
+    }
+}"""
+_GET_RUNS_IN_QUEUE = """mutation($input: get_runs_in_queue_input!) {
+    get_runs_in_queue(input: $input) {
+        flow_run_ids
+    }
+}"""
+_FLOW_RUN_METADATA = """query {
+    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } }, { state: { _eq: "Running" }, task_runs: { state_start_time: { _lte: %(now3)s } } }] }) {
+        id
+        version
+        state
+        serialized_state
+        parameters
+        scheduled_start_time
+        run_config
+        name
+        flow {
+            environment
+            name
+            core_version
+            version
+            id
+            storage
+        }
+        task_runs(where: { state_start_time: { _lte: %(now3)s } }) {
+            version
+            id
+            serialized_state
+            task_id
+        }
+    }
+}"""
+_RUN_FIELDS = """id
+        name
+        version
+        state
+        state_message
+        serialized_state
+        parameters
+        labels
+        scheduled_start_time
+        updated
+        flow {
+            id
+            name
+            storage
+        }"""
+_FLOW_RUN_BY_PK = "query {\n    flow_run_by_pk(id: %s) {\n        " + _RUN_FIELDS + "\n    }\n}"
+_FLOW_RUN_LIST = "query {\n    flow_run(%s) {\n        " + _RUN_FIELDS + "\n    }\n}"
+_SET_FLOW_RUN_STATES = """mutation($input: set_flow_run_states_input!) {
+    set_flow_run_states(input: $input) {
+        states {
+            id
+            status
+            message
+        }
+    }
+}"""
+_WRITE_RUN_LOGS = """mutation($input: write_run_logs_input!) {
+    write_run_logs(input: $input) {
+        success
+    }
+}"""
+_HEARTBEAT = """mutation {
+    update_flow_run_heartbeat(input: { flow_run_id: %s }) {
+        success
+    }
+}"""
+_PROJECT_QUERY = "query {\n    project(where: { name: { _eq: %s } }) {\n        id\n    }\n}"
+_CREATE_PROJECT = """mutation($input: create_project_input!) {
+    create_project(input: $input) {
+        id
+    }
+}"""
+_CREATE_FLOW = """mutation($input: create_flow_from_compressed_string_input!) {
+    create_flow_from_compressed_string(input: $input) {
+        id
+    }
+}"""
+_FLOW_FIELDS = """id
+        name
+        version
+        storage
+        run_config
+        environment
+        project {
+            name
+        }"""
+_FLOW_LIST = "query {\n    flow(%s) {\n        " + _FLOW_FIELDS + "\n    }\n}"
+_CREATE_FLOW_RUN = """mutation($input: create_flow_run_input!) {
+    create_flow_run(input: $input) {
+        id
+    }
+}"""
+_LOG_QUERY = """query {
+    log(where: { flow_run_id: { _eq: %s } }, order_by: [{ created: asc }, { id: asc }], offset: %d) {
+        timestamp
+        level
+        name
+        message
+    }
+}"""
+_CANCEL_FLOW_RUN = """mutation($input: cancel_flow_run_input!) {
+    cancel_flow_run(input: $input) {
+        state
+    }
+}"""
+
+
+class _HTTPTransport:
+    """POSTs JSON over one keep-alive connection per thread (the stdlib ``http.client``)."""
+
+    #: Servers drop idle keep-alive connections (Node's default: after 5 s); reconnect first.
+    IDLE_SECONDS = 4.0
+
+    def __init__(self, url: str, timeout: float) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.url = url
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._timeout = timeout
+        self._local = threading.local()
+
+    def post(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """Send one POST; return (status, body). Network trouble is a transient APIError."""
+        import http.client
+
+        for attempt in (1, 2):
+            connection, reused = self._connection()
+            try:
+                connection.request("POST", self._path, body, dict(headers))
+                response = connection.getresponse()
+                data = response.read(MAX_RESPONSE_BYTES + 1)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self._drop()
+                # A reused connection the server had already closed: nothing was processed.
+                if reused and attempt == 1:
+                    continue
+                raise APIError(f"lost the connection to {self.url}: {exc}", transient=True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                reason = "timed out" if isinstance(exc, TimeoutError) else _describe_exception(exc)
+                raise APIError(f"cannot reach the API at {self.url}: {reason}", transient=True) from None
+            self._local.last_used = time.monotonic()
+            if len(data) > MAX_RESPONSE_BYTES:
+                self._drop()
+                raise APIError(f"the API at {self.url} sent an answer over {MAX_RESPONSE_BYTES} bytes")
+            if response.will_close:
+                self._drop()
+            return response.status, data
+        raise AssertionError("unreachable")
+
+    def _connection(self) -> tuple[Any, bool]:
+        import http.client
+
+        connection = getattr(self._local, "connection", None)
+        idle = time.monotonic() - getattr(self._local, "last_used", 0.0)
+        if connection is not None and idle < self.IDLE_SECONDS:
+            return connection, True
+        self._drop()
+        if self._https:
+            connection = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout)
+        else:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        self._local.connection = connection
+        return connection, False
+
+    def _drop(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            connection.close()
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        self._drop()
+
+
+def _graphql_data(status: int, raw: bytes, api: str) -> dict[str, Any]:
+    """Turn an HTTP answer into the GraphQL ``data`` object, or the right error."""
+    if status in (401, 403):
+        raise AuthError(
+            f"the API at {api} refused the token (HTTP {status}): check -t/--token, "
+            "PREFECT__CLOUD__API_KEY or the config file"
+        )
+    transient = status == 429 or status >= 500
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise APIError(
+            f"the API at {api} answered HTTP {status} with a body that is not JSON", transient=True
+        ) from None
+    errors = answer.get("errors") if isinstance(answer, dict) else None
+    if errors:
+        _raise_graphql_errors(errors, status, api)
+    if status != 200:
+        raise APIError(f"the API at {api} answered HTTP {status}", transient=transient)
+    data = answer.get("data") if isinstance(answer, dict) else None
+    return _expect(data, dict, "the answer's data")
+
+
+def _raise_graphql_errors(errors: Any, status: int, api: str) -> None:
+    """Map a GraphQL ``errors`` list to AuthError, StateUpdateFailed or APIError."""
+    text = str(errors)
+    items = errors if isinstance(errors, list) else [errors]
+    messages = "; ".join(
+        str(item.get("message", item)) if isinstance(item, dict) else str(item) for item in items
+    )
+    if "UNAUTHENTICATED" in text or "Malformed Authorization header" in text or "FORBIDDEN" in text:
+        raise AuthError(f"the API at {api} refused the token: {_one_line(messages)}")
+    if "State update failed" in text:
+        raise StateUpdateFailed(_one_line(messages))
+    transient = "API_ERROR" in text or status == 429 or status >= 500
+    prefix = f"the API at {api} rejected the request (HTTP {status})" if status != 200 else "API error"
+    raise APIError(f"{prefix}: {_one_line(messages)}", transient=transient)
+
+
+class GraphQLBackend(Backend):
+    """Prefect Server / Cloud 1.x, through the GraphQL documents its own clients send."""
+
+    def __init__(
+        self, api: str, token: str = "", *, tenant_id: str = "", timeout: float = REQUEST_TIMEOUT_SECONDS
+    ) -> None:
+        self.api = api.rstrip("/")
+        self.location = f"Prefect API at {self.api}"
+        self._token = token
+        self._tenant_id = tenant_id
+        self._agent_id = ""
+        self._transport = _HTTPTransport(self.api, timeout)
+        self.requests_sent = 0
+
+    # The transport.
+
+    def graphql(
+        self, query: str, variables: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Send one GraphQL document; return its ``data``."""
+        body = json.dumps({"query": query, "variables": json.dumps(variables)}).encode("utf-8")
+        all_headers = {
+            "Content-Type": "application/json",
+            "X-PREFECT-CORE-VERSION": CORE_VERSION,
+            "User-Agent": f"local-agent/{__version__}",
+        }
+        if self._token:
+            all_headers["Authorization"] = f"Bearer {self._token}"
+        if self._tenant_id and self._token:
+            all_headers["X-PREFECT-TENANT-ID"] = self._tenant_id
+        if self._agent_id:
+            all_headers["X-PREFECT-AGENT-ID"] = self._agent_id
+        all_headers.update(headers or {})
+        self.requests_sent += 1
+        status, raw = self._transport.post(body, all_headers)
+        return _graphql_data(status, raw, self.api)
+
+    # Start-up.
+
+    def tenant_id(self) -> str:
+        """The tenant to work in: configured, from the key (Cloud), or Server's first."""
+        if self._tenant_id:
+            return self._tenant_id
+        if self._token:
+            try:
+                info = self.graphql(_AUTH_INFO_QUERY).get("auth_info")
+            except APIError as exc:
+                if exc.transient:
+                    raise
+                info = None  # Prefect Server has no auth_info: fall through to its tenant
+            if isinstance(info, dict):
+                if not info.get("tenant_id"):
+                    raise AuthError(
+                        f"the API at {self.api} found no tenant for this key; was an API "
+                        "token given where a key is needed?"
+                    )
+                self._tenant_id = _expect(info["tenant_id"], str, "auth_info.tenant_id")
+                return self._tenant_id
+        tenants = _expect(self.graphql(_TENANT_QUERY).get("tenant"), list, "tenant")
+        if not tenants:
+            raise APIError(
+                f"the Prefect Server at {self.api} has no tenant: create one with "
+                "`prefect server create-tenant --name default`"
+            )
+        self._tenant_id = _expect(_expect(tenants[0], dict, "tenant").get("id"), str, "tenant.id")
+        return self._tenant_id
+
+    def connect(self, agent_name: str, labels: Sequence[str]) -> str:
+        tenant_id = self.tenant_id()
+        agent_input = {
+            "type": "LocalAgent",
+            "name": agent_name,
+            "labels": list(labels),
+            "tenant_id": tenant_id,
+            "agent_config_id": None,
+        }
+        try:
+            answer = self.graphql(_REGISTER_AGENT, {"input": agent_input}).get("register_agent")
+            self._agent_id = _expect(_expect(answer, dict, "register_agent").get("id"), str, "agent id")
+        except APIError as exc:
+            if exc.transient:
+                raise
+            logging.getLogger(__name__).warning(
+                "Unable to register agent to %s (%s); carrying on without an agent id", self.api, exc
+            )
+        self.graphql(_HELLO_QUERY)
+        return self._agent_id
+
+    # The agent's loop.
+
+    def get_runs_in_queue(self, labels: Sequence[str], before: datetime) -> list[str]:
+        query_input = {"before": format_time(before), "labels": list(labels), "tenant_id": self.tenant_id()}
+        answer = self.graphql(_GET_RUNS_IN_QUEUE, {"input": query_input}).get("get_runs_in_queue")
+        ids = _expect(_expect(answer, dict, "get_runs_in_queue").get("flow_run_ids"), list, "flow_run_ids")
+        return [_expect(run_id, str, "a flow run id") for run_id in ids]
+
+    def get_flow_runs(self, run_ids: Sequence[str]) -> list[FlowRun]:
+        if not run_ids:
+            return []
+        now3 = format_time(utcnow() - timedelta(seconds=3))
+        query = _FLOW_RUN_METADATA % {"ids": json.dumps(list(run_ids)), "now3": json.dumps(now3)}
+        rows = _expect(self.graphql(query).get("flow_run"), list, "flow_run")
+        return [_parse_flow_run(row) for row in rows]
+
+    def get_flow_run(self, run_id: str) -> FlowRun | None:
+        row = self.graphql(_FLOW_RUN_BY_PK % json.dumps(run_id)).get("flow_run_by_pk")
+        return None if row is None else _parse_flow_run(row)
+
+    def set_flow_run_state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
+        update = {"flow_run_id": run_id, "version": version, "state": dict(state)}
+        answer = self.graphql(_SET_FLOW_RUN_STATES, {"input": {"states": [update]}})
+        states = _expect(_expect(answer.get("set_flow_run_states"), dict, "set_flow_run_states").get("states"), list, "states")
+        status = states[0].get("status") if states and isinstance(states[0], dict) else None
+        if status not in (None, "SUCCESS"):
+            message = states[0].get("message") or status
+            raise StateUpdateFailed(f"State update failed for flow run ID {run_id}: {message}")
+
+    def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
+        answer = self.graphql(_WRITE_RUN_LOGS, {"input": {"logs": [dict(log) for log in logs]}})
+        result = _expect(answer.get("write_run_logs"), dict, "write_run_logs")
+        if result.get("success") is not True:
+            raise APIError("Writing logs failed.", transient=True)
+
+    def heartbeat(self, run_id: str) -> None:
+        self.graphql(_HEARTBEAT % json.dumps(run_id), headers={"X-PREFECT-HEARTBEAT-ID": run_id})
+
+    # Registration and the commands.
+
+    def ensure_project(self, name: str) -> str:
+        found = _expect(self.graphql(_PROJECT_QUERY % json.dumps(name)).get("project"), list, "project")
+        if found:
+            return _expect(_expect(found[0], dict, "project").get("id"), str, "project id")
+        project_input = {"name": name, "description": None, "tenant_id": self.tenant_id()}
+        answer = self.graphql(_CREATE_PROJECT, {"input": project_input}).get("create_project")
+        return _expect(_expect(answer, dict, "create_project").get("id"), str, "project id")
+
+    def register_flow(self, project_id: str, serialized_flow: Mapping[str, Any]) -> str:
+        import base64
+        import gzip
+        import hashlib
+
+        text = json.dumps(serialized_flow, sort_keys=True)
+        flow_input = {
+            "project_id": project_id,
+            "serialized_flow": base64.b64encode(gzip.compress(text.encode("utf-8"))).decode("ascii"),
+            "set_schedule_active": False,
+            "version_group_id": None,
+            # The same flow registered twice stays one version (Prefect 1.x does this too).
+            "idempotency_key": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        }
+        answer = self.graphql(_CREATE_FLOW, {"input": flow_input}).get("create_flow_from_compressed_string")
+        return _expect(_expect(answer, dict, "create_flow").get("id"), str, "flow id")
+
+    def find_flow(self, name: str) -> FlowSummary | None:
+        arguments = (
+            "where: { name: { _eq: %s }, archived: { _eq: false } }, order_by: { version: desc }, limit: 1"
+            % json.dumps(name)
+        )
+        rows = _expect(self.graphql(_FLOW_LIST % arguments).get("flow"), list, "flow")
+        return _parse_flow_summary(rows[0]) if rows else None
+
+    def create_flow_run(
+        self,
+        flow_id: str,
+        *,
+        parameters: Mapping[str, Any],
+        labels: Sequence[str] | None,
+        scheduled_start_time: datetime | None,
+        idempotency_key: str,
+    ) -> str:
+        run_input: dict[str, Any] = {
+            "flow_id": flow_id,
+            "parameters": dict(parameters),
+            "idempotency_key": idempotency_key,
+        }
+        if labels is not None:
+            run_input["labels"] = list(labels)
+        if scheduled_start_time is not None:
+            run_input["scheduled_start_time"] = format_time(scheduled_start_time)
+        answer = self.graphql(_CREATE_FLOW_RUN, {"input": run_input}).get("create_flow_run")
+        return _expect(_expect(answer, dict, "create_flow_run").get("id"), str, "flow run id")
+
+    def list_flows(self) -> list[FlowSummary]:
+        arguments = "where: { archived: { _eq: false } }, order_by: { name: asc }"
+        rows = _expect(self.graphql(_FLOW_LIST % arguments).get("flow"), list, "flow")
+        return [_parse_flow_summary(row) for row in rows]
+
+    def list_flow_runs(
+        self,
+        *,
+        flow_name: str | None = None,
+        state: str | None = None,
+        run_ids: Sequence[str] | None = None,
+        limit: int = 20,
+    ) -> list[FlowRun]:
+        conditions = []
+        if flow_name is not None:
+            conditions.append("flow: { name: { _eq: %s } }" % json.dumps(flow_name))
+        if state is not None:
+            conditions.append("state: { _eq: %s }" % json.dumps(state))
+        if run_ids is not None:
+            conditions.append("id: { _in: %s }" % json.dumps(list(run_ids)))
+        arguments = "where: { %s }, order_by: { scheduled_start_time: desc }, limit: %d" % (
+            ", ".join(conditions), int(limit)
+        )
+        rows = _expect(self.graphql(_FLOW_RUN_LIST % arguments).get("flow_run"), list, "flow_run")
+        return [_parse_flow_run(row) for row in rows]
+
+    def get_run_logs(self, run_id: str, offset: int = 0) -> list[LogLine]:
+        rows = _expect(self.graphql(_LOG_QUERY % (json.dumps(run_id), int(offset))).get("log"), list, "log")
+        return [
+            LogLine(str(row.get("timestamp", "")), str(row.get("level", "")), str(row.get("name") or ""), str(row.get("message") or ""))
+            for row in (_expect(row, dict, "log") for row in rows)
+        ]
+
+    def cancel_flow_run(self, run_id: str) -> str:
+        answer = self.graphql(_CANCEL_FLOW_RUN, {"input": {"flow_run_id": run_id}}).get("cancel_flow_run")
+        return str(_expect(answer, dict, "cancel_flow_run").get("state"))
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+def _parse_flow_run(row: Any) -> FlowRun:
+    """Read a ``flow_run`` row; a row we can identify but not use gets ``problem`` set."""
+    row = _expect(row, dict, "a flow_run row")
+    run_id = _expect(row.get("id"), str, "flow_run.id")
+    flow = row.get("flow") if isinstance(row.get("flow"), dict) else {}
+    run = FlowRun(
+        id=run_id,
+        version=row.get("version") if isinstance(row.get("version"), int) else 0,
+        state=str(row.get("state") or ""),
+        serialized_state=_json_field(row.get("serialized_state")) or {},
+        flow_id=str(flow.get("id") or ""),
+        flow_name=str(flow.get("name") or ""),
+        storage=_json_field(flow.get("storage")),
+        parameters=_json_field(row.get("parameters")) or {},
+        name=str(row.get("name") or ""),
+        labels=[str(label) for label in row.get("labels") or [] if isinstance(label, str)],
+        state_message=row.get("state_message") if isinstance(row.get("state_message"), str) else None,
+    )
+    for column in ("scheduled_start_time", "updated"):
+        if isinstance(row.get(column), str):
+            try:
+                setattr(run, column, parse_time(row[column]))
+            except ValueError:
+                run.problem = f"its {column} {row[column]!r} is not a timestamp"
+    if not isinstance(run.serialized_state, dict):
+        run.serialized_state, run.problem = {}, "its serialized_state is not a JSON object"
+    if not isinstance(run.parameters, dict):
+        run.parameters, run.problem = {}, "its parameters are not a JSON object"
+    if not run.flow_name:
+        run.problem = "the API gave no flow name for it"
+    if not isinstance(row.get("version"), int) or isinstance(row.get("version"), bool):
+        run.problem = "the API gave no version for it"
+    return run
+
+
+def _parse_flow_summary(row: Any) -> FlowSummary:
+    row = _expect(row, dict, "a flow row")
+    run_config = _json_field(row.get("run_config")) or {}
+    environment = _json_field(row.get("environment")) or {}
+    labels = (run_config.get("labels") if isinstance(run_config, dict) else None) or (
+        environment.get("labels") if isinstance(environment, dict) else None
+    ) or []
+    project = row.get("project") if isinstance(row.get("project"), dict) else {}
+    return FlowSummary(
+        id=_expect(row.get("id"), str, "flow.id"),
+        name=str(row.get("name") or ""),
+        version=row.get("version") if isinstance(row.get("version"), int) else 1,
+        project=str(project.get("name") or ""),
+        labels=[str(label) for label in labels],
+        storage=_json_field(row.get("storage")),
+    )
+
+
+# --- Backends: the embedded SQLite database ----------------------------------------------
+#
+# The records Prefect Server keeps, in one SQLite file in WAL mode. Unlike Server it checks
+# versions: a state write names the version it read and fails if the run moved on, inside
+# one transaction, so any number of agents sharing the file run each run exactly once.
+
+_SCHEMA_VERSION = 1
+_APPLICATION_ID = 0x4C414731  # "LAG1": marks the file as ours
+_SCHEMA = """
+CREATE TABLE project (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT, created TEXT NOT NULL);
+CREATE TABLE flow (
+    id TEXT PRIMARY KEY, project_id TEXT NOT NULL REFERENCES project(id), name TEXT NOT NULL,
+    version INTEGER NOT NULL, storage TEXT, run_config TEXT, labels TEXT NOT NULL,
+    parameters TEXT NOT NULL, serialized_flow TEXT NOT NULL, idempotency_key TEXT,
+    archived INTEGER NOT NULL DEFAULT 0, created TEXT NOT NULL);
+CREATE INDEX flow_by_name ON flow(name, archived, version);
+CREATE TABLE flow_run (
+    id TEXT PRIMARY KEY, flow_id TEXT NOT NULL REFERENCES flow(id), name TEXT NOT NULL,
+    labels TEXT NOT NULL, parameters TEXT NOT NULL, context TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE, scheduled_start_time TEXT NOT NULL, state TEXT NOT NULL,
+    serialized_state TEXT NOT NULL, state_message TEXT, state_start_time TEXT NOT NULL,
+    state_timestamp TEXT NOT NULL, version INTEGER NOT NULL, heartbeat TEXT, agent_id TEXT,
+    start_time TEXT, end_time TEXT, created TEXT NOT NULL, updated TEXT NOT NULL);
+CREATE INDEX flow_run_queue ON flow_run(state, state_start_time);
+CREATE INDEX flow_run_by_flow ON flow_run(flow_id, scheduled_start_time);
+CREATE TABLE flow_run_state (
+    id INTEGER PRIMARY KEY, flow_run_id TEXT NOT NULL REFERENCES flow_run(id),
+    version INTEGER NOT NULL, state TEXT NOT NULL, message TEXT, serialized_state TEXT NOT NULL,
+    timestamp TEXT NOT NULL);
+CREATE INDEX flow_run_state_by_run ON flow_run_state(flow_run_id, version);
+CREATE TABLE log (
+    id INTEGER PRIMARY KEY, flow_run_id TEXT NOT NULL, timestamp TEXT NOT NULL,
+    level TEXT NOT NULL, name TEXT NOT NULL, message TEXT NOT NULL);
+CREATE INDEX log_by_run ON log(flow_run_id, id);
+CREATE TABLE agent (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, type TEXT NOT NULL, labels TEXT NOT NULL,
+    created TEXT NOT NULL, last_queried TEXT, UNIQUE (name, type, labels));
+-- Bumped whenever a run becomes due-able, so idle agents can wake without polling.
+CREATE TABLE queue_version (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+INSERT INTO queue_version VALUES (1, 0);
+"""
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_RUN_SELECT = """SELECT r.*, f.name AS flow_name, f.storage AS flow_storage
+FROM flow_run r JOIN flow f ON f.id = r.flow_id"""
+_ADJECTIVES = "amber brave calm dapper eager fuzzy gentle hasty icy jolly keen lucky merry nimble odd proud quick rosy sunny tidy witty zesty".split()
+_ANIMALS = "ant bat cat dog eel fish gnu hare ibis jay koala lark mole newt owl puma quail ram seal toad vole wolf yak".split()
+
+
+def labels_match(run_labels: Sequence[str], agent_labels: Sequence[str]) -> bool:
+    """Server's rule: a run's labels must all be the agent's; an unlabeled run only fits an unlabeled agent."""
+    if not run_labels:
+        return not agent_labels
+    return set(run_labels) <= set(agent_labels)
+
+
+class SQLiteBackend(Backend):
+    """The embedded backend: Prefect Server's records in one SQLite file."""
+
+    #: How often an idle agent looks for new work in the file, in seconds.
+    CHANGE_CHECK_SECONDS = 0.05
+
+    def __init__(self, path: str, *, busy_timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
+        self.path = os.path.abspath(path)
+        self.location = f"embedded database {self.path}"
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._agent_id = ""
+        self._last_queried = 0.0
+        self._queue_seen = -1
+        self._db()  # open now, so a bad file is reported before anything else happens
+
+    # Connections and transactions.
+
+    def _db(self) -> Any:
+        """This thread's connection, opened and checked on first use."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._open()
+            self._local.connection = connection
+        return connection
+
+    def _open(self) -> Any:
+        import sqlite3
+
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            connection = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open database {self.path}: {exc}") from None
+        connection.row_factory = sqlite3.Row
+        try:
+            self._check_schema(connection)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            if connection.execute("PRAGMA user_version").fetchone()[0] == 0:
+                self._create_schema(connection)
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(exc) from None
+            raise
+        return connection
+
+    def _check_schema(self, connection: Any) -> None:
+        """Refuse a file that is not ours or was written by a newer release; change nothing."""
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        application = connection.execute("PRAGMA application_id").fetchone()[0]
+        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if tables and application != _APPLICATION_ID:
+            raise ConfigError(
+                f"{self.path} is an SQLite database of another program; choose another file "
+                "with --api sqlite:///PATH"
+            )
+        if version > _SCHEMA_VERSION:
+            raise ConfigError(
+                f"database {self.path} has schema version {version}, newer than this "
+                f"local_agent {__version__} understands ({_SCHEMA_VERSION}): upgrade local_agent"
+            )
+
+    def _create_schema(self, connection: Any) -> None:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            if connection.execute("PRAGMA user_version").fetchone()[0] == 0:  # we won the race
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        connection.execute(statement)
+                connection.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+                connection.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+    def _error(self, exc: Exception) -> AgentError:
+        """Turn an sqlite3 error into one that says what to do."""
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return APIError(
+                f"database {self.path} is locked by another process (waited "
+                f"{self._busy_timeout:g} s); try again", transient=True,
+            )
+        if "readonly" in text or "read-only" in text:
+            return ConfigError(
+                f"database {self.path} is read-only: make it writable or choose another with --api sqlite:///PATH"
+            )
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return ConfigError(
+                f"database {self.path} is corrupt or not a database ({text}): move it away to start afresh"
+            )
+        if "unable to open" in text:
+            return ConfigError(f"cannot open database {self.path}: {text}")
+        return APIError(f"database {self.path}: {text}")
+
+    def _read(self, sql: str, arguments: Sequence[Any] = ()) -> list[Any]:
+        import sqlite3
+
+        try:
+            return list(self._db().execute(sql, arguments).fetchall())
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    def _write(self, work: Callable[[Any], _T]) -> _T:
+        """Run ``work(connection)`` in one IMMEDIATE transaction."""
+        import sqlite3
+
+        connection = self._db()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(connection)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        return result
+
+    # The agent's loop.
+
+    def connect(self, agent_name: str, labels: Sequence[str]) -> str:
+        labels_json = json.dumps(sorted(labels))
+
+        def register(db: Any) -> str:
+            row = db.execute(
+                "SELECT id FROM agent WHERE name = ? AND type = 'LocalAgent' AND labels = ?",
+                (agent_name, labels_json),
+            ).fetchone()
+            if row:
+                return str(row["id"])
+            agent_id = str(uuid.uuid4())
+            db.execute(
+                "INSERT INTO agent (id, name, type, labels, created) VALUES (?, ?, 'LocalAgent', ?, ?)",
+                (agent_id, agent_name, labels_json, format_time(utcnow())),
+            )
+            return agent_id
+
+        self._agent_id = self._write(register)
+        return self._agent_id
+
+    def get_runs_in_queue(self, labels: Sequence[str], before: datetime) -> list[str]:
+        self._note_agent_queried()
+        placeholders = ",".join("?" * len(SCHEDULED_STATES))
+        cursor = self._db().execute(
+            f"SELECT id, labels FROM flow_run WHERE state IN ({placeholders}) AND state_start_time <= ? "
+            "ORDER BY state_start_time, id",
+            (*sorted(SCHEDULED_STATES), format_time(before)),
+        )
+        # Unlike Server's fixed window of 75, read on until 25 fit: other labels never starve us.
+        found: list[str] = []
+        for row in cursor:
+            if labels_match(json.loads(row["labels"]), labels):
+                found.append(row["id"])
+                if len(found) == 25:
+                    break
+        cursor.close()
+        return found
+
+    def _note_agent_queried(self) -> None:
+        """Record ``last_queried`` at most every 10 s: each write would wake other agents."""
+        if self._agent_id and time.monotonic() - self._last_queried > 10:
+            self._last_queried = time.monotonic()
+            self._write(
+                lambda db: db.execute(
+                    "UPDATE agent SET last_queried = ? WHERE id = ?", (format_time(utcnow()), self._agent_id)
+                )
+            )
+
+    def get_flow_runs(self, run_ids: Sequence[str]) -> list[FlowRun]:
+        if not run_ids:
+            return []
+        marks = ",".join("?" * len(run_ids))
+        states = ",".join("?" * len(SCHEDULED_STATES))
+        rows = self._read(
+            f"{_RUN_SELECT} WHERE r.id IN ({marks}) AND r.state IN ({states})",
+            (*run_ids, *sorted(SCHEDULED_STATES)),
+        )
+        return [self._flow_run(row) for row in rows]
+
+    def get_flow_run(self, run_id: str) -> FlowRun | None:
+        rows = self._read(f"{_RUN_SELECT} WHERE r.id = ?", (run_id,))
+        return self._flow_run(rows[0]) if rows else None
+
+    @staticmethod
+    def _flow_run(row: Any) -> FlowRun:
+        return FlowRun(
+            id=row["id"],
+            version=row["version"],
+            state=row["state"],
+            serialized_state=json.loads(row["serialized_state"]),
+            flow_id=row["flow_id"],
+            flow_name=row["flow_name"],
+            storage=json.loads(row["flow_storage"]) if row["flow_storage"] else None,
+            parameters=json.loads(row["parameters"]),
+            name=row["name"],
+            labels=json.loads(row["labels"]),
+            scheduled_start_time=parse_time(row["scheduled_start_time"]),
+            state_message=row["state_message"],
+            updated=parse_time(row["updated"]),
+        )
+
+    def set_flow_run_state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
+        serialized = json.dumps(dict(state))
+
+        def write(db: Any) -> None:
+            row = db.execute("SELECT version FROM flow_run WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise APIError(f"there is no flow run with id {run_id}")
+            if version is not None and version != row["version"]:
+                raise StateUpdateFailed(
+                    f"State update failed for flow run ID {run_id}: provided version {version} "
+                    f"but current version is {row['version']}."
+                )
+            self._apply_state(db, run_id, row["version"] + 1, state, serialized)
+
+        self._write(write)
+
+    def _apply_state(
+        self, db: Any, run_id: str, new_version: int, state: Mapping[str, Any], serialized: str
+    ) -> None:
+        """Write a state row and move the run to it, with Server's side effects."""
+        now = format_time(utcnow())
+        state_type = str(state.get("type"))
+        start = state_start_time(state)
+        db.execute(
+            """UPDATE flow_run SET version = ?, state = ?, serialized_state = ?, state_message = ?,
+                   state_start_time = ?, state_timestamp = ?, updated = ?,
+                   heartbeat = CASE WHEN ? THEN ? ELSE heartbeat END,
+                   agent_id = CASE WHEN ? THEN ? ELSE agent_id END,
+                   start_time = CASE WHEN ? AND start_time IS NULL THEN ? ELSE start_time END,
+                   end_time = CASE WHEN ? THEN ? ELSE end_time END
+               WHERE id = ?""",
+            (
+                new_version, state_type, serialized, state.get("message"),
+                format_time(start) if start else now, now, now,
+                state_type in ("Running", "Submitted"), now,
+                state_type == "Submitted" and bool(self._agent_id), self._agent_id,
+                state_type == "Running", now,
+                is_final(state_type), now,
+                run_id,
+            ),
+        )
+        db.execute(
+            "INSERT INTO flow_run_state (flow_run_id, version, state, message, serialized_state, timestamp) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, new_version, state_type, state.get("message"), serialized, now),
+        )
+        if state_type in SCHEDULED_STATES:
+            db.execute("UPDATE queue_version SET value = value + 1")
+
+    def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
+        now = format_time(utcnow())
+        rows = [
+            (
+                str(log["flow_run_id"]),
+                str(log.get("timestamp") or now),
+                str(log.get("level") or "INFO").upper() if str(log.get("level") or "INFO").upper() in _LOG_LEVELS else "INFO",
+                str(log.get("name") or ""),
+                str(log.get("message") or ""),
+            )
+            for log in logs
+        ]
+        self._write(
+            lambda db: db.executemany(
+                "INSERT INTO log (flow_run_id, timestamp, level, name, message) VALUES (?, ?, ?, ?, ?)", rows
+            )
+        )
+
+    def heartbeat(self, run_id: str) -> None:
+        self._write(
+            lambda db: db.execute("UPDATE flow_run SET heartbeat = ? WHERE id = ?", (format_time(utcnow()), run_id))
+        )
+
+    def wait_for_change(self, timeout: float, wake: threading.Event) -> bool:
+        # Another process's `run` bumps queue_version; a read of one row notices it at once.
+        deadline = time.monotonic() + timeout
+        while not wake.is_set():
+            current = int(self._read("SELECT value FROM queue_version")[0][0])
+            changed = 0 <= self._queue_seen != current
+            self._queue_seen = current
+            remaining = deadline - time.monotonic()
+            if changed or remaining <= 0:
+                return changed
+            wake.wait(min(self.CHANGE_CHECK_SECONDS, remaining))
+        return False
+
+    # Registration and the commands.
+
+    def ensure_project(self, name: str) -> str:
+        def find_or_create(db: Any) -> str:
+            row = db.execute("SELECT id FROM project WHERE name = ?", (name,)).fetchone()
+            if row:
+                return str(row["id"])
+            project_id = str(uuid.uuid4())
+            db.execute(
+                "INSERT INTO project (id, name, created) VALUES (?, ?, ?)", (project_id, name, format_time(utcnow()))
+            )
+            return project_id
+
+        return self._write(find_or_create)
+
+    def register_flow(self, project_id: str, serialized_flow: Mapping[str, Any]) -> str:
+        import hashlib
+
+        text = json.dumps(serialized_flow, sort_keys=True)
+        key = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        name = str(serialized_flow["name"])
+        labels = _serialized_flow_labels(serialized_flow)
+
+        def register(db: Any) -> str:
+            latest = db.execute(
+                "SELECT id, version, idempotency_key FROM flow WHERE project_id = ? AND name = ? "
+                "ORDER BY version DESC LIMIT 1",
+                (project_id, name),
+            ).fetchone()
+            if latest and latest["idempotency_key"] == key:
+                return str(latest["id"])
+            flow_id = str(uuid.uuid4())
+            db.execute("UPDATE flow SET archived = 1 WHERE project_id = ? AND name = ?", (project_id, name))
+            db.execute(
+                "INSERT INTO flow (id, project_id, name, version, storage, run_config, labels, parameters, "
+                "serialized_flow, idempotency_key, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    flow_id, project_id, name, (latest["version"] + 1) if latest else 1,
+                    json.dumps(serialized_flow.get("storage")), json.dumps(serialized_flow.get("run_config")),
+                    json.dumps(labels), json.dumps(serialized_flow.get("parameters") or []), text, key,
+                    format_time(utcnow()),
+                ),
+            )
+            return flow_id
+
+        return self._write(register)
+
+    def _flow_summaries(self, where: str, arguments: Sequence[Any]) -> list[FlowSummary]:
+        rows = self._read(
+            "SELECT f.id, f.name, f.version, f.labels, f.storage, p.name AS project FROM flow f "
+            f"JOIN project p ON p.id = f.project_id WHERE {where}",
+            arguments,
+        )
+        return [
+            FlowSummary(
+                id=row["id"], name=row["name"], version=row["version"], project=row["project"],
+                labels=json.loads(row["labels"]), storage=json.loads(row["storage"]) if row["storage"] else None,
+            )
+            for row in rows
+        ]
+
+    def find_flow(self, name: str) -> FlowSummary | None:
+        found = self._flow_summaries("f.name = ? AND f.archived = 0 ORDER BY f.created DESC LIMIT 1", (name,))
+        return found[0] if found else None
+
+    def create_flow_run(
+        self,
+        flow_id: str,
+        *,
+        parameters: Mapping[str, Any],
+        labels: Sequence[str] | None,
+        scheduled_start_time: datetime | None,
+        idempotency_key: str,
+    ) -> str:
+        import random
+
+        start = scheduled_start_time or utcnow()
+        state = make_state("Scheduled", "Flow run scheduled.", start_time=start)
+
+        def create(db: Any) -> str:
+            existing = db.execute("SELECT id FROM flow_run WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+            if existing:
+                return str(existing["id"])
+            flow = db.execute("SELECT labels, parameters, archived FROM flow WHERE id = ?", (flow_id,)).fetchone()
+            if flow is None:
+                raise APIError(f"there is no flow with id {flow_id}")
+            if flow["archived"]:
+                raise APIError(f"Flow {flow_id} is archived.")
+            _check_required_parameters(json.loads(flow["parameters"]), parameters)
+            run_id, now = str(uuid.uuid4()), format_time(utcnow())
+            run_labels = sorted(labels if labels is not None else json.loads(flow["labels"]))
+            db.execute(
+                "INSERT INTO flow_run (id, flow_id, name, labels, parameters, context, idempotency_key, "
+                "scheduled_start_time, state, serialized_state, state_start_time, state_timestamp, version, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, '{}', ?, ?, 'Pending', '{}', ?, ?, 0, ?, ?)",
+                (
+                    run_id, flow_id, f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}",
+                    json.dumps(run_labels), json.dumps(dict(parameters)), idempotency_key,
+                    format_time(start), format_time(start), now, now, now,
+                ),
+            )
+            self._apply_state(db, run_id, 1, state, json.dumps(state))
+            return run_id
+
+        return self._write(create)
+
+    def list_flows(self) -> list[FlowSummary]:
+        return self._flow_summaries("f.archived = 0 ORDER BY f.name, f.created", ())
+
+    def list_flow_runs(
+        self,
+        *,
+        flow_name: str | None = None,
+        state: str | None = None,
+        run_ids: Sequence[str] | None = None,
+        limit: int = 20,
+    ) -> list[FlowRun]:
+        conditions, arguments = ["1"], []  # type: tuple[list[str], list[Any]]
+        if flow_name is not None:
+            conditions.append("f.name = ?")
+            arguments.append(flow_name)
+        if state is not None:
+            conditions.append("r.state = ?")
+            arguments.append(state)
+        if run_ids is not None:
+            conditions.append(f"r.id IN ({','.join('?' * len(run_ids))})")
+            arguments.extend(run_ids)
+        rows = self._read(
+            f"{_RUN_SELECT} WHERE {' AND '.join(conditions)} ORDER BY r.scheduled_start_time DESC, r.id LIMIT ?",
+            (*arguments, int(limit)),
+        )
+        return [self._flow_run(row) for row in rows]
+
+    def get_run_logs(self, run_id: str, offset: int = 0) -> list[LogLine]:
+        rows = self._read(
+            "SELECT timestamp, level, name, message FROM log WHERE flow_run_id = ? ORDER BY id LIMIT -1 OFFSET ?",
+            (run_id, int(offset)),
+        )
+        return [LogLine(row["timestamp"], row["level"], row["name"], row["message"]) for row in rows]
+
+    def cancel_flow_run(self, run_id: str) -> str:
+        def cancel(db: Any) -> str:
+            row = db.execute("SELECT state, version FROM flow_run WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise APIError(f"there is no flow run with id {run_id}")
+            if is_final(row["state"]):
+                return str(row["state"])
+            if row["state"] in ("Running", "Cancelling"):
+                state = make_state("Cancelling", "Flow run is cancelling")
+            else:
+                state = make_state("Cancelled", "Flow run is cancelled")
+            self._apply_state(db, run_id, row["version"] + 1, state, json.dumps(state))
+            return str(state["type"])
+
+        return self._write(cancel)
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            connection.close()
+
+
+def _serialized_flow_labels(serialized_flow: Mapping[str, Any]) -> list[str]:
+    """A registered flow's labels: its run config's, else its environment's (Prefect 0.x)."""
+    for section in ("run_config", "environment"):
+        config = serialized_flow.get(section)
+        if isinstance(config, Mapping) and isinstance(config.get("labels"), list):
+            return [str(label) for label in config["labels"]]
+    return []
+
+
+def _check_required_parameters(declared: Any, given: Mapping[str, Any]) -> None:
+    """Server's rule: every required parameter of the flow must be supplied."""
+    required = {
+        str(item.get("name")) for item in declared or [] if isinstance(item, Mapping) and item.get("required")
+    }
+    missing = required - set(given)
+    if missing:
+        raise APIError(f"Required parameters were not supplied: {sorted(missing)}")
+
+
+# --- Run logs ----------------------------------------------------------------------------
+
+
+class _LogShipper:
+    """Sends run-log lines to the backend from a background thread.
+
+    A line is sent as soon as it is queued; lines queued while a send is under way go
+    together in the next one, so batches grow exactly when the API is the bottleneck.
+    """
+
+    #: Seconds between retries while the API cannot take lines, and the most lines kept.
+    RETRY_SECONDS = 1.0
+    MAX_QUEUED = 10_000
+    BATCH = 500
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._queue: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+
+    def put(self, run_id: str, message: str, *, level: str = "INFO", name: str = "agent",
+            timestamp: datetime | None = None) -> None:
+        """Queue one line for a run's log."""
+        line = {
+            "flow_run_id": run_id,
+            "timestamp": format_time(timestamp or utcnow()),
+            "level": level,
+            "name": name,
+            "message": message,
+        }
+        with self._lock:
+            if len(self._queue) >= self.MAX_QUEUED:
+                del self._queue[0]  # the oldest line goes first; count what was lost
+                self.dropped += 1
+            self._queue.append(line)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(self.RETRY_SECONDS)
+            self._wake.clear()
+            self._send_some()
+
+    def _send_some(self) -> bool:
+        """Send queued lines in batches; False when the backend would not take them."""
+        while True:
+            with self._lock:
+                batch = self._queue[: self.BATCH]
+            if not batch:
+                return True
+            try:
+                self._backend.write_run_logs(batch)
+            except AgentError as exc:
+                if getattr(exc, "transient", False):
+                    return False  # keep them for the next round
+                logging.getLogger(__name__).warning("dropped %d run-log line(s): %s", len(batch), exc)
+                self.dropped += len(batch)
+            with self._lock:
+                del self._queue[: len(batch)]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after sending what is queued, trying for up to ``timeout`` s."""
+        self._closed.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while not self._send_some() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+class _RunLogHandler(logging.Handler):
+    """A logging handler that puts records into a run's log."""
+
+    def __init__(self, shipper: _LogShipper, run_id: str) -> None:
+        super().__init__()
+        self._shipper = shipper
+        self._run_id = run_id
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._shipper.put(
+                self._run_id,
+                self.format(record),
+                level=record.levelname if record.levelname in _LOG_LEVELS else "INFO",
+                name=record.name,
+                timestamp=datetime.fromtimestamp(record.created, timezone.utc),
+            )
+        except Exception:
+            self.handleError(record)
+
+
+# --- The flow-run process (child side) ---------------------------------------------------
+
+
+class _Context(dict):  # type: ignore[type-arg]
+    """What a running flow may read: ``logger``, ``flow_run_id``, ``flow_id``, ``flow_name``, ``parameters``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+#: Filled in by the flow-run process; empty everywhere else.
+context = _Context()
+_IS_LOCAL_AGENT_MODULE = True  # lets the flow-run process find every loaded copy of this file
+
+_CHILD_FORMAT = "[%(asctime)s] %(levelname)s - %(name)s | %(message)s"
+
+
+def _utc_formatter(fmt: str) -> logging.Formatter:
+    formatter = logging.Formatter(fmt)
+    formatter.converter = time.gmtime
+    return formatter
+
+
+#: Starts a log record the flow-run process writes for its agent to collect (ASCII RS).
+_RECORD_MARK = "\x1e"
+
+
+class _RecordLineHandler(logging.Handler):
+    """Writes log records as marked JSON lines on stdout, for the agent to collect and ship.
+
+    Through one stream with the process's other output, records and prints stay in order,
+    and a record written just before a crash is not lost with the process.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self._stream = stream
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            payload = {
+                "t": format_time(datetime.fromtimestamp(record.created, timezone.utc)),
+                "l": record.levelname,
+                "n": record.name,
+                "m": self.format(record),
+            }
+            self._stream.write(_RECORD_MARK + json.dumps(payload) + "\n")
+            self._stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _parse_output_line(text: str) -> LogLine:
+    """A line of a flow-run process's output: a marked log record, or plain output."""
+    if text.startswith(_RECORD_MARK):
+        try:
+            record = json.loads(text[1:])
+            return LogLine(str(record["t"]), str(record["l"]), str(record["n"]), str(record["m"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return LogLine(format_time(utcnow()), "INFO", "output", text)
+
+
+class _FlowRunProcess:
+    """``execute flow-run``: load the run's flow, run it, report its state and logs."""
+
+    def __init__(
+        self, backend: Backend, run_id: str, *, cloud_logs: bool, level: str, collected: bool = False
+    ) -> None:
+        self.backend = backend
+        self.run_id = run_id
+        #: Under an agent, records go to stdout and the agent ships them; alone, we do.
+        self.collected = collected
+        self.shipper = _LogShipper(backend) if cloud_logs and not collected else None
+        self.logger = logging.getLogger("flow_runner")
+        self._level = level
+        self._done = threading.Event()
+
+    def run(self) -> int:
+        """Run the flow once; 0 when a final state was reported for it."""
+        self._install_logging()
+        try:
+            return self._run()
+        finally:
+            self._done.set()
+            if self.shipper is not None:
+                self.shipper.close()
+
+    def _install_logging(self) -> None:
+        root = logging.getLogger()
+        root.setLevel(self._level)
+        if self.collected:
+            root.addHandler(_RecordLineHandler(sys.stdout))
+            return
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(_utc_formatter(_CHILD_FORMAT))
+        root.addHandler(console)
+        if self.shipper is not None:
+            root.addHandler(_RunLogHandler(self.shipper, self.run_id))
+
+    def _run(self) -> int:
+        run = self.backend.get_flow_run(self.run_id)
+        if run is None:
+            self.logger.error("Flow run %s not found", self.run_id)
+            return 1
+        if is_final(run.state):
+            self.logger.info("Flow run %s has already finished (%s); nothing to do.", run.id, run.state)
+            return 0
+        try:
+            path, directory = locate_flow_file(run.flow_name, run.storage)
+            flow = load_flow(path, directory)
+            _share_context(flow_run_id=run.id, flow_id=run.flow_id, flow_name=run.flow_name,
+                           parameters=dict(run.parameters), logger=logging.getLogger("flow"))
+        except FlowStorageError as exc:
+            return self._fail_to_load(run, str(exc))
+        except BaseException as exc:  # the flow's own modules may fail to import
+            self.logger.error("Failed to load flow %r", run.flow_name, exc_info=True)
+            return self._fail_to_load(run, "Failed to load flow: " + _describe_exception(exc))
+        try:
+            self.backend.set_flow_run_state(run.id, make_state("Running", "Running flow."), run.version)
+        except StateUpdateFailed as exc:
+            self.logger.warning("Not running flow run %s: its state changed (%s)", run.id, exc)
+            return 1
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        self.logger.info("Beginning flow run %r", run.flow_name)
+        final = self._call(flow, run)
+        self.logger.info("Flow run %s: %s", final["type"].upper(), final["message"])
+        return 0 if self._report(final) else 3
+
+    def _call(self, flow: Any, run: FlowRun) -> dict[str, Any]:
+        """Call the flow; its outcome as a final state."""
+        try:
+            failure = _call_flow(flow, run.parameters)
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt are failures too
+            self.logger.error("Flow run failed with %s", _describe_exception(exc), exc_info=True)
+            return make_state("Failed", _describe_exception(exc))
+        if failure is not None:
+            return make_state("Failed", failure)
+        return make_state("Success", "All reference tasks succeeded.")
+
+    def _fail_to_load(self, run: FlowRun, message: str) -> int:
+        self.logger.error("%s", message)
+        self._report(make_state("Failed", _one_line(message)))
+        return 1
+
+    def _report(self, state: dict[str, Any]) -> bool:
+        """Write the final state, retrying a flaky API for a while; True once it is written."""
+        deadline = time.monotonic() + 60
+        delay = 0.5
+        while True:
+            try:
+                self.backend.set_flow_run_state(self.run_id, state, None)
+                return True
+            except APIError as exc:
+                if not exc.transient or time.monotonic() + delay > deadline:
+                    self.logger.error("Could not report state %s: %s", state["type"], exc)
+                    return False
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _heartbeat(self) -> None:
+        while not self._done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.backend.heartbeat(self.run_id)
+            except AgentError as exc:
+                self.logger.debug("Heartbeat failed: %s", exc)
+
+
+def _share_context(**values: Any) -> None:
+    """Fill ``context`` in every loaded copy of this file (a vendored copy has its own)."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "_IS_LOCAL_AGENT_MODULE", False) and isinstance(getattr(module, "context", None), dict):
+            module.context.update(values)
+
+
+def _is_prefect_flow(obj: Any) -> bool:
+    return type(obj).__module__.startswith("prefect.") and hasattr(obj, "run")
+
+
+def _call_flow(flow: Any, parameters: Mapping[str, Any]) -> str | None:
+    """Run a stored object with the run's parameters; a failure message, or None."""
+    if _is_prefect_flow(flow):  # a real Prefect flow: run it locally, read its final state
+        from prefect.engine.flow_runner import FlowRunner  # type: ignore[import-not-found]
+
+        state = flow.run(parameters=dict(parameters), runner_cls=FlowRunner)
+        return None if not state.is_failed() else _one_line(str(state.message or "Prefect flow failed"))
+    if isinstance(flow, Flow):
+        flow.run(**parameters)
+    elif callable(flow):
+        flow(**parameters)
+    elif callable(getattr(flow, "run", None)):
+        flow.run(**parameters)
+    else:
+        raise FlowStorageError(f"the stored {type(flow).__name__} is not callable and has no run()")
+    return None
+
+
+def execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
+    """The body of ``execute flow-run``: run the flow run named in the environment."""
+    environ = os.environ if environ is None else environ
+    run_id = environ.get("PREFECT__CONTEXT__FLOW_RUN_ID", "")
+    if not run_id:
+        raise ConfigError(
+            "not inside a flow run: PREFECT__CONTEXT__FLOW_RUN_ID is not set (the agent sets it)"
+        )
+    backend = open_backend(settings)
+    try:
+        level = _as_level(environ.get("PREFECT__LOGGING__LEVEL", "INFO"), "PREFECT__LOGGING__LEVEL")
+        cloud_logs = _as_bool(environ.get("PREFECT__LOGGING__LOG_TO_CLOUD", "true"), "PREFECT__LOGGING__LOG_TO_CLOUD")
+        collected = environ.get("LOCAL_AGENT_COLLECTS_LOGS") == "1"
+        return _FlowRunProcess(backend, run_id, cloud_logs=cloud_logs, level=level, collected=collected).run()
+    finally:
+        backend.close()
+
+
+# --- The agent (parent side) -------------------------------------------------------------
+
+#: Seconds between SIGTERM and SIGKILL when a flow-run process must stop.
+KILL_GRACE_SECONDS = 10.0
+#: Seconds between checks of the runs this agent owns (cancellation).
+WATCH_SECONDS = 5.0
+_AGENT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+
+
+@dataclass
+class _Job:
+    """A flow-run process this agent started and watches."""
+
+    run: FlowRun
+    version: int
+    process: Any  # subprocess.Popen[bytes]
+    started: float
+    reader: threading.Thread | None = None
+    tail: Any = None  # collections.deque[str]
+    deadline: float | None = None
+    logged_bytes: int = 0
+    dropped_lines: int = 0
+    #: Why the agent is stopping it ("timeout", "cancel", "shutdown"), or "".
+    stopping: str = ""
+    kill_at: float | None = None
+
+
+def describe_exit(returncode: int) -> str:
+    """Say how a process ended, naming the signal that killed it."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    import signal
+
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    if number == signal.SIGKILL:
+        return f"was killed by {name} (the out-of-memory killer may have ended it)"
+    if number == signal.SIGSEGV:
+        return f"crashed with a segmentation fault ({name})"
+    return f"was killed by {name}"
+
+
+class LocalAgent:
+    """Polls a backend for due flow runs with its labels and runs each in a subprocess."""
+
+    def __init__(self, settings: Settings | None = None, **options: Any) -> None:
+        self.settings = settings if settings is not None else resolve_settings(options)
+        self.labels = self.settings.agent_labels()
+        self.logger = logging.getLogger(self.settings.name)
+        self.backend: Backend | None = None
+        self.agent_id = ""
+        #: Final state of every run this agent took, by run id (read by ``--once``).
+        self.results: dict[str, str] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._pending: dict[str, FlowRun] = {}
+        self._wake = threading.Event()
+        self._poll_now = False
+        self._stop = threading.Event()
+        self._hurry = threading.Event()
+        self._stop_signal = 0
+        self._api_problem = ""
+        self._shipper: _LogShipper | None = None
+        self._output_lock = threading.Lock()
+        self._http: Any = None
+
+    # Public controls.
+
+    def start(self) -> int:
+        """Run until stopped, ``--max-polls`` is reached or (``--once``) the queue is empty."""
+        self._setup_logging()
+        print(BANNER, flush=True)
+        self.logger.info("Starting LocalAgent with labels %s", self.labels)
+        self.logger.info("Agent documentation can be found at %s", DOCS_URL)
+        self._log_settings()
+        restore = self._install_signal_handlers()
+        try:
+            if self._connect():
+                self.logger.info("Agent successfully connected to %s", self.backend.location)  # type: ignore[union-attr]
+                self._start_http_endpoint()
+                self.logger.info("Waiting for flow runs...")
+                self._loop()
+            self._drain()
+        finally:
+            restore()
+            self._close()
+        return self._exit_code()
+
+    def stop(self, signum: int = 0) -> None:
+        """Stop taking runs and drain; a second call skips the grace period."""
+        if self._stop.is_set():
+            self._hurry.set()
+        self._stop_signal = self._stop_signal or signum
+        self._stop.set()
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Poll now instead of waiting out the backoff."""
+        self._poll_now = True
+        self._wake.set()
+
+    # Start-up.
+
+    def _setup_logging(self) -> None:
+        """Attach the seed's stderr handler unless the application configured logging."""
+        if self.logger.hasHandlers():
+            if self.logger.getEffectiveLevel() > logging.getLevelName(self.settings.level):
+                self.logger.setLevel(self.settings.level)
+            return
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_AGENT_FORMAT))
+        for logger in (self.logger, logging.getLogger(__name__)):
+            logger.addHandler(handler)
+            logger.setLevel(self.settings.level)
+
+    def _log_settings(self) -> None:
+        settings = self.settings
+        debug = self.logger.debug
+        debug("Backend: %s", settings.api)
+        if settings.token:
+            debug("Token: given by %s", settings.sources.get("token", "the caller"))
+        else:
+            debug("Token: none")
+        debug("Environment variables: %s", sorted(settings.env))
+        debug("Max polls: %s", settings.max_polls)
+        debug("Agent address: %s", settings.agent_address)
+        debug("Log to Cloud: %s", settings.cloud_logs)
+        debug("Import paths: %s", settings.import_paths)
+        debug("Show flow logs: %s", settings.show_flow_logs)
+        debug("Limit: %s, timeout: %s, grace: %s s", settings.limit, settings.timeout, settings.grace)
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """Drain on SIGTERM and SIGINT (main thread only); return a function that undoes it."""
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._stop.is_set() and self._stop_signal:
+                self.logger.warning("Second signal received: stopping flow runs now.")
+            else:
+                self.logger.info("%s received: the agent is shutting down.", signal.Signals(signum).name)
+            self.stop(signum)
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _connect(self) -> bool:
+        """Open the backend and register, retrying while the API is down; False if stopped."""
+        attempts = 0
+        while not self._stop.is_set():
+            try:
+                if self.backend is None:
+                    self.backend = open_backend(self.settings)
+                self.agent_id = self.backend.connect(self.settings.name, self.labels)
+                self.logger.debug("Assigned agent id: %s", self.agent_id)
+                self._shipper = _LogShipper(self.backend)
+                self._api_recovered()
+                return True
+            except APIError as exc:
+                if not exc.transient:
+                    raise
+                self._api_failed(exc)
+            attempts += 1
+            if self.settings.max_polls is not None and attempts >= self.settings.max_polls:
+                self.logger.error("Giving up: the API did not answer after %d attempt(s).", attempts)
+                self.stop()
+                break
+            self._wake.wait(self._backoff(attempts))
+            self._wake.clear()
+        return False
+
+    def _start_http_endpoint(self) -> None:
+        if self.settings.agent_address:
+            self._http = _serve_agent_address(self, self.settings.agent_address)
+
+    # The loop.
+
+    def _loop(self) -> None:
+        """Reap, enforce limits, launch what is due, poll; sleep until something happens."""
+        assert self.backend is not None
+        polls = empty_polls = 0
+        next_poll = next_watch = time.monotonic()
+        while not self._stop.is_set():
+            self._reap()                                  # 1. report processes that ended
+            self._enforce_deadlines()                     # 2. stop overdue ones
+            if time.monotonic() >= next_watch:            # 3. notice cancelled runs
+                self._watch_owned_runs()
+                next_watch = time.monotonic() + WATCH_SECONDS
+            self._launch_due()                            # 4. claim and start due runs
+            if (self._poll_now or time.monotonic() >= next_poll) and self._free_slots() > 0:
+                self._poll_now = False                    # 5. look for new runs
+                found = self._poll()
+                polls += 1
+                empty_polls = 0 if found else empty_polls + 1
+                next_poll = time.monotonic() + self._backoff(empty_polls)
+                if self._finished_polling(polls, found):
+                    break
+            self._sleep_until(next_poll, next_watch)
+
+    def _finished_polling(self, polls: int, found: bool) -> bool:
+        if self.settings.max_polls is not None and polls >= self.settings.max_polls:
+            self.logger.debug("Reached the maximum of %d poll(s).", polls)
+            return True
+        # --once: stop when a poll finds nothing new and nothing is left to launch.
+        return self.settings.once and not found and not self._pending and not self._api_problem
+
+    def _backoff(self, empty_polls: int) -> float:
+        interval = POLL_BACKOFF[min(empty_polls, len(POLL_BACKOFF) - 1)]
+        return min(interval, max(self.settings.max_poll_interval, POLL_BACKOFF[0]))
+
+    def _sleep_until(self, next_poll: float, next_watch: float) -> None:
+        now = time.monotonic()
+        wake_at = [next_watch]
+        if self._free_slots() > 0:
+            wake_at.append(next_poll)
+        if self._pending:
+            due = min(run.start_time for run in self._pending.values())
+            wake_at.append(now + max(0.0, (due - utcnow()).total_seconds()))
+        wake_at.extend(job.deadline for job in self._jobs.values() if job.deadline)
+        wake_at.extend(job.kill_at for job in self._jobs.values() if job.kill_at)
+        if self._jobs:
+            wake_at.append(now + 1.0)  # a process whose output pipe a grandchild holds open
+        timeout = max(0.0, min(wake_at) - now)
+        if timeout > 0 and not self._wake.is_set():
+            assert self.backend is not None
+            try:
+                if self.backend.wait_for_change(timeout, self._wake):
+                    self._poll_now = True
+            except AgentError as exc:
+                self._api_failed(exc)
+                self._wake.wait(timeout)
+        self._wake.clear()
+
+    def _free_slots(self) -> int:
+        if self.settings.limit is None:
+            return sys.maxsize
+        return self.settings.limit - len(self._jobs) - len(self._pending)
+
+    # Polling and claiming.
+
+    def _poll(self) -> bool:
+        """Ask for due runs; queue new ones for launch. True when any were found."""
+        assert self.backend is not None
+        self.logger.debug("Querying for ready flow runs...")
+        before = utcnow() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
+        try:
+            run_ids = self.backend.get_runs_in_queue(self.labels, before)
+            new_ids = [run_id for run_id in run_ids if run_id not in self._jobs and run_id not in self._pending]
+            if not new_ids:
+                self.logger.debug("No ready flow runs found.")
+                self._api_recovered()
+                return False
+            self.logger.debug("Found %d ready flow run(s): %s", len(new_ids), new_ids)
+            self.logger.debug("Retrieving metadata for %d flow run(s)...", len(new_ids))
+            runs = self.backend.get_flow_runs(new_ids)
+        except APIError as exc:
+            self._api_failed(exc)
+            return False
+        self._api_recovered()
+        runs = sorted((run for run in runs if run.state in SCHEDULED_STATES), key=lambda run: run.start_time)
+        runs = runs[: self._free_slots()]
+        if runs:
+            self.logger.info("Found %d flow run(s) to submit for execution.", len(runs))
+        for run in runs:
+            self._pending[run.id] = run
+        return bool(runs)
+
+    def _launch_due(self) -> None:
+        """Claim and launch each queued run whose start time has come, in start order."""
+        for run in sorted(self._pending.values(), key=lambda run: run.start_time):
+            if self._stop.is_set() or run.start_time > utcnow():
+                break
+            del self._pending[run.id]
+            self._deploy(run)
+
+    def _deploy(self, run: FlowRun) -> None:
+        """Claim one run, check its flow file, start its process; fail it if that cannot be done."""
+        assert self.backend is not None
+        self.logger.info("Deploying flow run %s", run.id)
+        version = self._claim(run)
+        if version is None:
+            return
+        try:
+            if run.problem:
+                raise FlowStorageError(f"the API's record of this run is unusable: {run.problem}")
+            locate_flow_file(run.flow_name, run.storage)
+            job = self._launch(run, version)
+        except (FlowStorageError, OSError) as exc:
+            message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
+            self.logger.error("Deployment of flow run %s aborted: %s", run.id, message)
+            self._run_log(run.id, message, level="ERROR")
+            self._set_final(run.id, make_state("Failed", message), version)
+            return
+        self._jobs[run.id] = job
+        self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.process.pid)
+        self._run_log(run.id, f"Submitted for execution: PID: {job.process.pid}")
+
+    def _claim(self, run: FlowRun) -> int | None:
+        """Write Submitted at the version read; the new version, or None if another agent won."""
+        assert self.backend is not None
+        self.logger.debug("Updating flow run %s state from %s -> Submitted...", run.id, run.state)
+        state = make_state("Submitted", "Submitted for execution", previous=run.serialized_state)
+        try:
+            self.backend.set_flow_run_state(run.id, state, run.version)
+        except StateUpdateFailed as exc:
+            self.logger.debug("Updating flow run %s state failed: %s", run.id, exc)
+            return None
+        except APIError as exc:
+            self.logger.error("Could not claim flow run %s: %s", run.id, exc)
+            return None
+        return run.version + 1
+
+    # Launching and watching processes.
+
+    def _launch(self, run: FlowRun, version: int) -> _Job:
+        import collections
+        import subprocess
+
+        process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "execute", "flow-run"],
+            env=self._child_environment(run),
+            cwd=os.getcwd(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped as one, deaf to our Ctrl-C
+        )
+        job = _Job(run=run, version=version, process=process, started=time.monotonic(),
+                   tail=collections.deque(maxlen=OUTPUT_TAIL_LINES))
+        if self.settings.timeout:
+            job.deadline = job.started + self.settings.timeout
+        job.reader = threading.Thread(target=self._read_output, args=(job,), name=f"output-{process.pid}", daemon=True)
+        job.reader.start()
+        return job
+
+    def _child_environment(self, run: FlowRun) -> dict[str, str]:
+        """``os.environ``, then ``--env``, then the variables the flow-run process needs."""
+        settings = self.settings
+        python_path = [os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH", "")]), *settings.import_paths]
+        fixed = {
+            "PREFECT__CLOUD__API": settings.api,
+            "PREFECT__CONTEXT__FLOW_RUN_ID": run.id,
+            "PREFECT__CONTEXT__FLOW_ID": run.flow_id,
+            "PREFECT__CLOUD__AGENT__LABELS": str(self.labels),
+            "PREFECT__CLOUD__USE_LOCAL_SECRETS": "false",
+            "PREFECT__LOGGING__LOG_TO_CLOUD": str(settings.cloud_logs).lower(),
+            "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS": str(settings.cloud_logs).lower(),
+            "PREFECT__LOGGING__LEVEL": settings.level,
+            "PREFECT__ENGINE__FLOW_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudFlowRunner",
+            "PREFECT__ENGINE__TASK_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudTaskRunner",
+            "PREFECT__CLOUD__REQUEST_TIMEOUT": str(settings.request_timeout),
+            "PYTHONPATH": os.pathsep.join(python_path),
+            "PYTHONUNBUFFERED": "1",  # output reaches the run log as it happens
+            "LOCAL_AGENT_COLLECTS_LOGS": "1",
+        }
+        if settings.tenant_id:
+            fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
+        environment = {**os.environ, **settings.env, **fixed}
+        # The child reads the token from exactly one place, so a stale one cannot win.
+        for key in ("PREFECT__CLOUD__AGENT__AUTH_TOKEN", "PREFECT__CLOUD__AUTH_TOKEN", "PREFECT__CLOUD__API_KEY"):
+            environment.pop(key, None)
+        if settings.token:
+            environment["PREFECT__CLOUD__AUTH_TOKEN"] = settings.token
+        return environment
+
+    def _read_output(self, job: _Job) -> None:
+        """Drain a process's output into the run's log, from its first byte to its last."""
+        stream = job.process.stdout
+        # readline's limit splits an endless line, so no line can exhaust memory.
+        for raw in iter(lambda: stream.readline(MAX_LINE_BYTES), b""):
+            self._collect(job, _parse_output_line(raw.decode("utf-8", "replace").rstrip("\r\n")))
+        stream.close()
+        if job.dropped_lines:
+            self._run_log(job.run.id, f"{job.dropped_lines} line(s) of output were not logged: a run's "
+                          f"log keeps at most {MAX_RUN_LOG_BYTES // 1_000_000} MB", level="WARNING")
+        self._wake.set()
+
+    def _collect(self, job: _Job, line: LogLine) -> None:
+        """Keep a line for the failure message, echo it with ``-f``, ship it to the run log."""
+        shown = line.message if line.name == "output" else _format_log_line(line)
+        job.tail.append(shown)
+        if self.settings.show_flow_logs:
+            with self._output_lock:
+                sys.stdout.write(shown + "\n")
+                sys.stdout.flush()
+        if not self.settings.cloud_logs or self._shipper is None:
+            return
+        job.logged_bytes += len(line.message)
+        if job.logged_bytes > MAX_RUN_LOG_BYTES:
+            job.dropped_lines += 1
+            return
+        timestamp = _parse_time_or_now(line.timestamp)
+        level = line.level if line.level in _LOG_LEVELS else "INFO"
+        self._shipper.put(job.run.id, line.message, level=level, name=line.name, timestamp=timestamp)
+
+    def _reap(self) -> None:
+        """Report every process that has ended."""
+        for run_id, job in list(self._jobs.items()):
+            returncode = job.process.poll()
+            if returncode is None:
+                continue
+            if job.reader is not None:
+                job.reader.join(timeout=1.0)  # collect its last lines
+            del self._jobs[run_id]
+            self._finish(job, returncode)
+            if self.settings.limit is not None:
+                self._poll_now = True  # a slot is free
+
+    def _finish(self, job: _Job, returncode: int) -> None:
+        """Decide and report how a run ended, from how its process ended."""
+        run, pid = job.run, job.process.pid
+        how = describe_exit(returncode)
+        if returncode != 0:
+            self.logger.info("Process PID %d returned non-zero exit code %s (%s)", pid, returncode, how)
+        if job.stopping == "timeout":
+            message = f"Flow run timed out after {self.settings.timeout:g} s; its process {how}."
+            self._set_final(run.id, make_state("Failed", message), None)
+        elif job.stopping == "cancel":
+            self._set_final(run.id, make_state("Cancelled", f"Flow run was cancelled; its process {how}."), None)
+        elif job.stopping == "shutdown":
+            self._hand_back(job, how)
+        elif returncode != 0 or self.settings.once:
+            self._settle(job, how)
+
+    def _settle(self, job: _Job, how: str) -> None:
+        """Read back a finished run; fail it when its process left it unfinished."""
+        assert self.backend is not None
+        try:
+            current = self.backend.get_flow_run(job.run.id)
+        except APIError as exc:
+            self.logger.error("Could not read back flow run %s: %s", job.run.id, exc)
+            return
+        if current is not None and is_final(current.state):
+            self._record_result(job.run.id, current.state)
+            return
+        last = " | ".join(line for line in job.tail if line.strip())[-1500:]
+        message = (
+            f"Flow-run process PID {job.process.pid} on host {_hostname()} {how} before reporting a "
+            f"final state." + (f" Last output: {last}" if last else "")
+        )
+        self._run_log(job.run.id, message, level="ERROR")
+        self._set_final(job.run.id, make_state("Failed", _one_line(message, 2000)), current.version if current else None)
+
+    def _hand_back(self, job: _Job, how: str) -> None:
+        """Give a run the agent stopped at shutdown back to the queue, for another agent."""
+        message = f"The agent on host {_hostname()} shut down before this run finished; rescheduled."
+        self._run_log(job.run.id, f"{message} (its process {how})", level="WARNING")
+        self._set_final(job.run.id, make_state("Scheduled", message, start_time=utcnow()), None)
+
+    def _record_result(self, run_id: str, state_type: str) -> None:
+        self.results[run_id] = state_type
+        self.logger.info("Flow run %s finished: %s", run_id, state_type)
+
+    def _set_final(self, run_id: str, state: dict[str, Any], version: int | None) -> None:
+        assert self.backend is not None
+        self._record_result(run_id, state["type"])
+        try:
+            self.backend.set_flow_run_state(run_id, state, version)
+        except StateUpdateFailed as exc:
+            self.logger.debug("Flow run %s moved on before we could write %s: %s", run_id, state["type"], exc)
+        except APIError as exc:
+            self.logger.error("Could not set flow run %s to %s: %s", run_id, state["type"], exc)
+
+    def _run_log(self, run_id: str, message: str, *, level: str = "INFO") -> None:
+        if self._shipper is not None:
+            self._shipper.put(run_id, message, level=level, name=self.settings.name)
+
+    # Limits, cancellation and shutdown.
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for job in self._jobs.values():
+            if job.deadline is not None and now >= job.deadline and not job.stopping:
+                self.logger.warning("Flow run %s timed out after %g s; stopping PID %d",
+                                    job.run.id, self.settings.timeout, job.process.pid)
+                self._terminate(job, "timeout")
+            if job.kill_at is not None and now >= job.kill_at:
+                self._signal_group(job, "SIGKILL")
+                job.kill_at = None
+
+    def _watch_owned_runs(self) -> None:
+        """Stop the processes of runs that were cancelled in the API."""
+        if not self._jobs:
+            return
+        assert self.backend is not None
+        try:
+            current = self.backend.list_flow_runs(run_ids=list(self._jobs), limit=len(self._jobs))
+        except APIError as exc:
+            self.logger.debug("Could not check owned runs: %s", exc)
+            return
+        for run in current:
+            job = self._jobs.get(run.id)
+            if job is not None and run.state in ("Cancelling", "Cancelled") and not job.stopping:
+                self.logger.info("Flow run %s was cancelled; stopping PID %d", run.id, job.process.pid)
+                self._run_log(run.id, f"Cancellation requested: stopping process PID {job.process.pid}")
+                self._terminate(job, "cancel")
+
+    def _terminate(self, job: _Job, why: str) -> None:
+        job.stopping = why
+        self._signal_group(job, "SIGTERM")
+        job.kill_at = time.monotonic() + KILL_GRACE_SECONDS
+
+    def _signal_group(self, job: _Job, signal_name: str) -> None:
+        import signal
+
+        try:
+            os.killpg(job.process.pid, getattr(signal, signal_name))
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+
+    def _drain(self) -> None:
+        """Let running flows finish (within ``--grace`` after a signal), then hand the rest back."""
+        if not self._jobs:
+            return
+        grace_end = time.monotonic() + self.settings.grace if self._stop_signal else None
+        self.logger.info("Waiting for %d flow run(s) to finish%s", len(self._jobs),
+                         f" (up to {self.settings.grace:g} s)" if grace_end else "")
+        while self._jobs:
+            if self._hurry.is_set() or (self._stop_signal and grace_end is None):
+                grace_end = time.monotonic()  # a signal arrived while waiting
+            if grace_end is not None and time.monotonic() >= grace_end:
+                for job in self._jobs.values():
+                    if not job.stopping:
+                        self._terminate(job, "shutdown")
+                        if self._hurry.is_set():
+                            job.kill_at = time.monotonic() + 1.0
+            self._reap()
+            self._enforce_deadlines()
+            self._wake.wait(0.1)
+            self._wake.clear()
+
+    def _close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self._shipper is not None:
+            self._shipper.close()
+        if self.backend is not None:
+            self.backend.close()
+
+    def _exit_code(self) -> int:
+        import signal
+
+        if self._stop_signal == signal.SIGINT:
+            return 130
+        if self.settings.once and any(state != "Success" for state in self.results.values()):
+            return 1
+        return 0
+
+    # API trouble.
+
+    def _api_failed(self, exc: AgentError) -> None:
+        """Log an API problem once per change, not on every retry."""
+        text = str(exc)
+        if text != self._api_problem:
+            self._api_problem = text
+            level = logging.ERROR if isinstance(exc, AuthError) else logging.WARNING
+            self.logger.log(level, "%s; retrying", text)
+
+    def _api_recovered(self) -> None:
+        if self._api_problem:
+            self.logger.info("The API answers again.")
+            self._api_problem = ""
+
+
+def _serve_agent_address(agent: LocalAgent, address: str) -> Any:
+    """Serve ``GET /api/health`` and ``GET /api/poke`` on ``--agent-address``."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else "http://" + address)
+    if not parts.port:
+        raise ConfigError(f"--agent-address {address!r} needs a port, like http://127.0.0.1:8080")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            if self.path.rstrip("/") == "/api/poke":
+                agent.poke()
+            elif self.path.rstrip("/") != "/api/health":
+                self.send_error(404)
+                return
+            body = b"{}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            agent.logger.debug("agent address: " + format, *args)
+
+    try:
+        server = ThreadingHTTPServer((parts.hostname or "127.0.0.1", parts.port), Handler)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on --agent-address {address}: {exc.strerror or exc}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="agent-address", daemon=True).start()
+    agent.logger.debug("Serving health checks at %s", address)
+    return server
+
+
+# --- The Python API ----------------------------------------------------------------------
+
+
+def _settings_for(api: str | None, token: str | None) -> Settings:
+    return resolve_settings({"api": api, "token": token})
+
+
+def _flow_labels(obj: Any, extra: Iterable[str] | None = None) -> list[str]:
+    """A stored flow's labels: ``local``, its slug, its own labels, then ``extra``."""
+    own = getattr(obj, "labels", None)
+    own_labels = [str(label) for label in own] if isinstance(own, (list, tuple, set, frozenset)) else []
+    return _unique([LOCAL_STORAGE_LABEL, slugify(_flow_name(obj)), *own_labels, *(extra or [])])
+
+
+def _declared_parameters(obj: Any) -> list[dict[str, Any]]:
+    """The parameters of a flow's function, as Prefect serializes ``Parameter`` tasks."""
+    import inspect
+
+    fn = obj.fn if isinstance(obj, Flow) else obj if inspect.isfunction(obj) else None
+    if fn is None:
+        return []
+    declared: list[dict[str, Any]] = []
+    for parameter in inspect.signature(fn).parameters.values():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        required = parameter.default is parameter.empty
+        default = None if required else parameter.default
+        try:
+            json.dumps(default)
+        except (TypeError, ValueError):
+            default = repr(default)
+        declared.append({
+            "name": parameter.name, "slug": parameter.name, "default": default, "required": required,
+            "type": "prefect.core.parameter.Parameter", "outputs": "typing.Any", "tags": [],
+            "__version__": CORE_VERSION,
+        })
+    return declared
+
+
+def serialize_flow(obj: Any, path: str, labels: Sequence[str]) -> dict[str, Any]:
+    """The flow JSON Prefect Server 1.x accepts at registration, for a stored flow."""
+    name = _flow_name(obj)
+    return {
+        "name": name,
+        "type": "prefect.core.flow.Flow",
+        "schedule": None,
+        "parameters": _declared_parameters(obj),
+        "tasks": [],
+        "edges": [],
+        "reference_tasks": [],
+        "run_config": {"type": "UniversalRun", "labels": list(labels), "env": None, "__version__": CORE_VERSION},
+        "storage": local_storage(name, path),
+        "__version__": CORE_VERSION,
+    }
+
+
+def deploy(
+    obj: Any,
+    project_name: str,
+    labels: Iterable[str] | None = None,
+    *,
+    api: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Store a flow and register it in ``project_name``; return the flow id."""
+    settings = _settings_for(api, token)
+    path = store_flow(obj, settings.flows_dir)
+    backend = open_backend(settings)
+    try:
+        project_id = backend.ensure_project(project_name)
+        flow_id = backend.register_flow(project_id, serialize_flow(obj, path, _flow_labels(obj, labels)))
+    finally:
+        backend.close()
+    logging.getLogger(__name__).info("Registered flow %r as %s in %s", _flow_name(obj), flow_id, backend.location)
+    return flow_id
+
+
+def run_agent(obj: Any, **agent_options: Any) -> int:
+    """Run a LocalAgent in this process with a flow's labels (``once=True`` to drain and exit)."""
+    agent_options["labels"] = _flow_labels(obj, agent_options.get("labels"))
+    return LocalAgent(resolve_settings(agent_options)).start()
+
+
+def create_flow_run(
+    flow_name: str,
+    parameters: Mapping[str, Any] | None = None,
+    labels: Iterable[str] | None = None,
+    scheduled_start_time: datetime | None = None,
+    *,
+    api: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Schedule a run of the newest version of a registered flow; return the run id."""
+    with _backend_for(api, token) as backend:
+        flow = backend.find_flow(flow_name)
+        if flow is None:
+            raise AgentError(
+                f"no flow named {flow_name!r} is registered in the {backend.location}; deploy it "
+                "first (`local_agent.py flows` lists the registered ones)"
+            )
+        return backend.create_flow_run(
+            flow.id,
+            parameters=dict(parameters or {}),
+            labels=None if labels is None else list(labels),
+            scheduled_start_time=scheduled_start_time,
+            idempotency_key=uuid.uuid4().hex,
+        )
+
+
+def list_flow_runs(
+    flow_name: str | None = None,
+    state: str | None = None,
+    limit: int = 20,
+    *,
+    api: str | None = None,
+    token: str | None = None,
+) -> list[FlowRun]:
+    """Runs, newest scheduled first, optionally of one flow or in one state."""
+    with _backend_for(api, token) as backend:
+        return backend.list_flow_runs(flow_name=flow_name, state=state, limit=limit)
+
+
+def list_flows(*, api: str | None = None, token: str | None = None) -> list[FlowSummary]:
+    """Registered flows (newest version of each)."""
+    with _backend_for(api, token) as backend:
+        return backend.list_flows()
+
+
+def get_run_logs(run_id: str, *, api: str | None = None, token: str | None = None) -> list[LogLine]:
+    """A run's log lines."""
+    with _backend_for(api, token) as backend:
+        return backend.get_run_logs(run_id)
+
+
+def cancel_flow_run(run_id: str, *, api: str | None = None, token: str | None = None) -> str:
+    """Cancel a run (a running one becomes Cancelling until its agent stops it); its new state."""
+    with _backend_for(api, token) as backend:
+        return backend.cancel_flow_run(run_id)
+
+
+class _backend_for:  # noqa: N801 (used as a context manager, reads like a function)
+    """``with _backend_for(api, token) as backend:`` opens and closes a backend."""
+
+    def __init__(self, api: str | None, token: str | None, settings: Settings | None = None) -> None:
+        self.settings = settings or _settings_for(api, token)
+
+    def __enter__(self) -> Backend:
+        self.backend = open_backend(self.settings)
+        return self.backend
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.backend.close()
+
+
+# --- The command line --------------------------------------------------------------------
+
+
+def _parse_when(text: str) -> datetime:
+    """``+30s``, ``+5m``, ``+2h``, ``+1d``, or ISO 8601 (local time when it has no offset)."""
+    match = re.fullmatch(r"\+(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return utcnow() + timedelta(seconds=float(match.group(1)) * unit)
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither +30s/+5m/+2h/+1d nor an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # the user's local time
+    return moment.astimezone(timezone.utc)
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    """``KEY=JSON``; a value that is not JSON is taken as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key.strip(), json.loads(raw)
+    except ValueError:
+        return key.strip(), raw
+
+
+def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines
+    )
+
+
+def _short_time(moment: datetime | None) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _command_settings(args: Any) -> Settings:
+    flags = {key: getattr(args, key, None) for key in ("api", "token", "tenant_id", "labels", "hostname_label")}
+    return resolve_settings(flags)
+
+
+def _cmd_start(args: Any) -> int:
+    flags = {key: value for key, value in vars(args).items() if key not in ("func", "command")}
+    settings = resolve_settings(flags)
+    if settings.max_polls == 0:
+        raise ConfigError("--max-polls must be at least 1")
+    if settings.limit == 0:
+        raise ConfigError("--limit must be at least 1")
+    return LocalAgent(settings).start()
+
+
+def _cmd_execute_flow_run(args: Any) -> int:
+    return execute_flow_run(resolve_settings({}))
+
+
+def _cmd_run(args: Any) -> int:
+    settings = _command_settings(args)
+    run_id = create_flow_run(
+        args.flow,
+        dict(args.params or []),
+        labels=args.run_labels,
+        scheduled_start_time=args.at,
+        api=settings.api,
+        token=settings.token,
+    )
+    print(run_id)
+    return 0
+
+
+def _cmd_runs(args: Any) -> int:
+    with _backend_for(None, None, _command_settings(args)) as backend:
+        runs = backend.list_flow_runs(flow_name=args.flow, state=args.state, limit=args.count)
+    rows = [(run.id, run.flow_name, run.state, _short_time(run.scheduled_start_time), _short_time(run.updated)) for run in runs]
+    print(_format_table(("ID", "FLOW", "STATE", "SCHEDULED (UTC)", "UPDATED (UTC)"), rows))
+    return 0
+
+
+def _cmd_flows(args: Any) -> int:
+    with _backend_for(None, None, _command_settings(args)) as backend:
+        flows = backend.list_flows()
+    rows = []
+    for flow in flows:
+        files = flow.storage.get("flows", {}) if isinstance(flow.storage, dict) else {}
+        path = files.get(flow.name, "-") if isinstance(files, dict) else "-"
+        rows.append((flow.name, str(flow.version), flow.project, ", ".join(flow.labels) or "-", str(path)))
+    print(_format_table(("NAME", "VERSION", "PROJECT", "LABELS", "FLOW FILE"), rows))
+    return 0
+
+
+def _format_log_line(line: LogLine) -> str:
+    try:
+        stamp = _short_time(parse_time(line.timestamp))
+    except ValueError:
+        stamp = line.timestamp
+    return f"[{stamp}] {line.level} - {line.name} | {line.message}"
+
+
+def _cmd_logs(args: Any) -> int:
+    with _backend_for(None, None, _command_settings(args)) as backend:
+        run = backend.get_flow_run(args.run_id)
+        if run is None:
+            raise AgentError(f"there is no flow run {args.run_id} in the {backend.location}")
+        shown = 0
+        while True:
+            finished = is_final(run.state) if run else True
+            lines = backend.get_run_logs(args.run_id, shown)
+            for line in lines:
+                print(_format_log_line(line), flush=True)
+            shown += len(lines)
+            if not args.follow or (finished and not lines):
+                return 0
+            time.sleep(0.5)
+            run = backend.get_flow_run(args.run_id)
+
+
+def _cmd_cancel(args: Any) -> int:
+    with _backend_for(None, None, _command_settings(args)) as backend:
+        state = backend.cancel_flow_run(args.run_id)
+    print(state)
+    return 0
+
+
+def explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None = None) -> list[str]:
+    """Why an agent with ``agent_labels`` on this host would not take ``run`` (empty: it would)."""
+    now = now or utcnow()
+    reasons = []
+    if run.state not in SCHEDULED_STATES:
+        reasons.append(f"it is {run.state}, not Scheduled")
+    if not run.labels and agent_labels:
+        reasons.append("it has no labels, and only an agent with no labels takes such a run")
+    missing = [label for label in run.labels if label not in agent_labels]
+    if missing:
+        reasons.append(f"the agent lacks label(s) {', '.join(missing)} (start it with " + " ".join(f"-l {m}" for m in missing) + ")")
+    if run.start_time > now:
+        wait = int((run.start_time - now).total_seconds())
+        reasons.append(f"it is not due yet: due in {wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s at {_short_time(run.start_time)} UTC")
+    try:
+        locate_flow_file(run.flow_name, run.storage)
+    except FlowStorageError as exc:
+        reasons.append(str(exc))
+    return reasons
+
+
+def _cmd_why(args: Any) -> int:
+    settings = _command_settings(args)
+    labels = settings.agent_labels()
+    with _backend_for(None, None, settings) as backend:
+        if args.run_id:
+            runs = [run for run in [backend.get_flow_run(args.run_id)] if run is not None]
+            if not runs:
+                raise AgentError(f"there is no flow run {args.run_id} in the {backend.location}")
+        else:
+            runs = backend.list_flow_runs(state="Scheduled", limit=100)
+    print(f"An agent with labels {labels} on {_hostname()}:")
+    if not runs:
+        print("  there are no Scheduled flow runs.")
+    for run in runs:
+        reasons = explain_run(run, labels)
+        verdict = "would run it" if not reasons else "would not run it: " + "; ".join(reasons)
+        print(f"  {run.id} ({run.flow_name}, labels {run.labels}): {verdict}")
+    return 0
+
+
+def _nonnegative_int(text: str) -> int:
+    if not re.fullmatch(r"\d+", text.strip()):
+        raise ValueError(text)
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _env_pair(text: str) -> str:
+    _split_env_pair(text, "--env")
+    return text
+
+
+def _build_parser() -> Any:
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # one line, exit 2
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    _nonnegative_int.__name__ = "whole number"
+    _seconds.__name__ = "number of seconds"
+    _parse_when.__name__ = "time"
+    _parse_param.__name__ = "KEY=JSON"
+    _env_pair.__name__ = "KEY=VALUE"
+
+    parser = Parser(prog="local_agent", description="A Prefect-style Local Agent in one file.")
+    parser.add_argument("--version", action="version", version=f"local_agent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+
+    def backend_options(command: Any) -> None:
+        command.add_argument("-a", "--api", help="API URL, or sqlite:///PATH for the embedded database")
+        command.add_argument("-t", "--token", "-k", "--key", dest="token", help="API token or key")
+        command.add_argument("--tenant-id", help="tenant to use (Prefect Cloud)")
+
+    start = commands.add_parser("start", help="start the agent")
+    backend_options(start)
+    start.add_argument("-l", "--label", dest="labels", action="append", help="a label (repeatable)")
+    start.add_argument("-n", "--name", help="agent name (default: agent)")
+    start.add_argument("-e", "--env", action="append", type=_env_pair, help="KEY=VAL for flow runs (repeatable)")
+    start.add_argument("-p", "--import-path", dest="import_paths", action="append", help="add to flow runs' PYTHONPATH (repeatable)")
+    start.add_argument("-f", "--show-flow-logs", action="store_true", default=None, help="show flow-run output")
+    start.add_argument("--no-hostname-label", dest="hostname_label", action="store_false", default=None, help="do not add the host name label")
+    start.add_argument("--max-polls", type=_nonnegative_int, help="stop after this many polls")
+    start.add_argument("--max-poll-interval", type=_seconds, help="longest wait between polls (default: 10)")
+    start.add_argument("--agent-address", help="serve /api/health and /api/poke here, e.g. http://127.0.0.1:8080")
+    start.add_argument("--no-cloud-logs", dest="cloud_logs", action="store_false", default=None, help="do not send flow-run logs to the API")
+    start.add_argument("--log-level", dest="level", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    start.add_argument("-v", "--verbose", dest="level", action="store_const", const="DEBUG", help="same as --log-level DEBUG")
+    start.add_argument("--once", action="store_true", default=None, help="run what is due now, wait for it, exit 0 if all succeeded")
+    start.add_argument("--limit", type=_nonnegative_int, help="run at most this many flow runs at once")
+    start.add_argument("--timeout", type=_seconds, help="stop a flow run after this many seconds")
+    start.add_argument("--grace", type=_seconds, help="seconds to let flow runs finish after SIGTERM (default: 30)")
+    start.add_argument("--allow-insecure-http", action="store_true", default=None, help="allow a token over plain http to another host")
+    start.set_defaults(func=_cmd_start)
+
+    execute = commands.add_parser("execute", help="internal: what the agent runs in each flow-run process")
+    execute_commands = execute.add_subparsers(dest="what", metavar="flow-run", parser_class=Parser)
+    execute_commands.required = True
+    execute_commands.add_parser("flow-run", help="run the flow run named by PREFECT__CONTEXT__FLOW_RUN_ID").set_defaults(func=_cmd_execute_flow_run)
+
+    run = commands.add_parser("run", help="create a flow run and print its id")
+    backend_options(run)
+    run.add_argument("flow", metavar="FLOW", help="flow name")
+    run.add_argument("--param", dest="params", action="append", type=_parse_param, help="KEY=JSON (repeatable)")
+    run.add_argument("--label", dest="run_labels", action="append", help="run label (default: the flow's)")
+    run.add_argument("--at", type=_parse_when, help="when: ISO 8601, or +30s, +5m, +2h (default: now)")
+    run.set_defaults(func=_cmd_run)
+
+    runs = commands.add_parser("runs", help="list flow runs")
+    backend_options(runs)
+    runs.add_argument("--flow", help="only this flow's runs")
+    runs.add_argument("--state", help="only runs in this state, e.g. Failed")
+    runs.add_argument("--limit", dest="count", type=_nonnegative_int, default=20, help="how many (default: %(default)s)")
+    runs.set_defaults(func=_cmd_runs)
+
+    logs = commands.add_parser("logs", help="print a flow run's log")
+    backend_options(logs)
+    logs.add_argument("run_id", metavar="RUN_ID")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the run is finished")
+    logs.set_defaults(func=_cmd_logs)
+
+    flows = commands.add_parser("flows", help="list registered flows")
+    backend_options(flows)
+    flows.set_defaults(func=_cmd_flows)
+
+    why = commands.add_parser("why", help="explain whether an agent here would take Scheduled runs")
+    backend_options(why)
+    why.add_argument("run_id", metavar="RUN_ID", nargs="?")
+    why.add_argument("-l", "--label", dest="labels", action="append", help="the agent's label (repeatable)")
+    why.add_argument("--no-hostname-label", dest="hostname_label", action="store_false", default=None)
+    why.set_defaults(func=_cmd_why)
+
+    cancel = commands.add_parser("cancel", help="cancel a flow run")
+    backend_options(cancel)
+    cancel.add_argument("run_id", metavar="RUN_ID")
+    cancel.set_defaults(func=_cmd_cancel)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    if __name__ == "__main__":
+        # `import local_agent` inside a flow must find this very module, not a second copy.
+        sys.modules.setdefault("local_agent", sys.modules[__name__])
+    args = _build_parser().parse_args(argv)
+    if args.func is not _cmd_execute_flow_run and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_AGENT_FORMAT))
+        logging.getLogger().addHandler(handler)
+    try:
+        return int(args.func(args))
+    except AgentError as exc:
+        print(f"local_agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("local_agent: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
