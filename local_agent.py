@@ -502,6 +502,7 @@ def _finish_api(settings: Settings) -> None:
             settings.api = "sqlite:///" + str(settings.home / "local_agent.db")
             settings.sources.setdefault("api", "the default (embedded database)")
     if settings.api.startswith("sqlite:"):
+        _sqlite_path(settings.api)  # reject a URL without a path now
         return
     from urllib.parse import urlsplit
 
@@ -826,8 +827,8 @@ class _ScriptAwarePickler(_pickler_base()):  # type: ignore[misc]
 
         if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
             return _reference_to("__main__", obj.__qualname__, getattr(obj, "__name__", "?"))
-        if isinstance(obj, types.FunctionType) and obj.__name__ == "<lambda>":
-            return _reference_to(obj.__module__, obj.__qualname__, "a lambda")
+        if isinstance(obj, types.FunctionType) and ("<lambda>" in obj.__qualname__ or "<locals>" in obj.__qualname__):
+            return _reference_to(obj.__module__, obj.__qualname__, obj.__name__)  # raises, saying why
         return NotImplemented
 
 
@@ -1065,7 +1066,7 @@ class Backend:
 def open_backend(settings: Settings) -> Backend:
     """The backend ``settings.api`` names: a Prefect GraphQL API or an SQLite file."""
     if settings.api.startswith("sqlite:"):
-        return SQLiteBackend(_sqlite_path(settings.api))
+        return SQLiteBackend(_sqlite_path(settings.api), busy_timeout=settings.request_timeout)
     _check_token_safety(settings)
     return GraphQLBackend(
         settings.api, settings.token, tenant_id=settings.tenant_id, timeout=settings.request_timeout
@@ -1076,7 +1077,7 @@ def _sqlite_path(url: str) -> str:
     """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` → the file path."""
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
     if not path:
-        raise ConfigError(f"{url!r} names no database file: use sqlite:///PATH/TO/FILE.db")
+        raise ConfigError(f"API URL {url!r} is not valid: it names no database file; use sqlite:///PATH/TO/FILE.db")
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -1697,8 +1698,10 @@ class SQLiteBackend(Backend):
             connection = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open database {self.path}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create the directory of database {self.path}: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
         connection.row_factory = sqlite3.Row
         try:
             self._check_schema(connection)
@@ -1752,16 +1755,16 @@ class SQLiteBackend(Backend):
                 f"database {self.path} is locked by another process (waited "
                 f"{self._busy_timeout:g} s); try again", transient=True,
             )
-        if "readonly" in text or "read-only" in text:
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
             return ConfigError(
-                f"database {self.path} is read-only: make it writable or choose another with --api sqlite:///PATH"
+                f"cannot write database {self.path} ({text}): the agent needs write access to it and to "
+                "its directory (for the -wal and -shm files); fix that or choose another file with "
+                "--api sqlite:///PATH"
             )
         if "not a database" in text or "malformed" in text or "corrupt" in text:
             return ConfigError(
                 f"database {self.path} is corrupt or not a database ({text}): move it away to start afresh"
             )
-        if "unable to open" in text:
-            return ConfigError(f"cannot open database {self.path}: {text}")
         return APIError(f"database {self.path}: {text}")
 
     def _read(self, sql: str, arguments: Sequence[Any] = ()) -> list[Any]:
@@ -2531,6 +2534,8 @@ class LocalAgent:
     def start(self) -> int:
         """Run until stopped, ``--max-polls`` is reached or (``--once``) the queue is empty."""
         self._setup_logging()
+        if self.backend is None:
+            self.backend = open_backend(self.settings)  # bad settings or files fail before the banner
         print(BANNER, flush=True)
         self.logger.info("Starting LocalAgent with labels %s", self.labels)
         self.logger.info("Agent documentation can be found at %s", DOCS_URL)
@@ -2739,7 +2744,7 @@ class LocalAgent:
     def _launch_due(self) -> None:
         """Claim and launch each queued run whose start time has come, in start order."""
         for run in sorted(self._pending.values(), key=lambda run: run.start_time):
-            if self._stop.is_set() or run.start_time > utcnow():
+            if self._stop_signal or run.start_time > utcnow():
                 break
             del self._pending[run.id]
             self._deploy(run)
@@ -2980,23 +2985,29 @@ class LocalAgent:
             pass  # already gone
 
     def _drain(self) -> None:
-        """Let running flows finish (within ``--grace`` after a signal), then hand the rest back."""
-        if not self._jobs:
-            return
-        grace_end = time.monotonic() + self.settings.grace if self._stop_signal else None
-        self.logger.info("Waiting for %d flow run(s) to finish%s", len(self._jobs),
-                         f" (up to {self.settings.grace:g} s)" if grace_end else "")
-        while self._jobs:
-            if self._hurry.is_set() or (self._stop_signal and grace_end is None):
-                grace_end = time.monotonic()  # a signal arrived while waiting
-            if grace_end is not None and time.monotonic() >= grace_end:
+        """Finish what was taken: launch prefetched runs when due and wait for all processes.
+
+        After a signal nothing more is launched, and running flows get ``--grace`` seconds
+        before their process groups are stopped and their runs handed back.
+        """
+        grace_end: float | None = None
+        if self._jobs or self._pending:
+            self.logger.info("Waiting for %d flow run(s) to finish", len(self._jobs) + len(self._pending))
+        while self._jobs or self._pending:
+            if self._stop_signal and grace_end is None:
+                self._pending.clear()  # never claimed: they stay Scheduled for another agent
+                grace_end = time.monotonic() + self.settings.grace
+                if self._jobs:
+                    self.logger.info("Giving %d flow run(s) up to %g s to finish", len(self._jobs), self.settings.grace)
+            if grace_end is not None and (self._hurry.is_set() or time.monotonic() >= grace_end):
                 for job in self._jobs.values():
                     if not job.stopping:
                         self._terminate(job, "shutdown")
-                        if self._hurry.is_set():
-                            job.kill_at = time.monotonic() + 1.0
+                    if self._hurry.is_set() and (job.kill_at or 0) > time.monotonic() + 1:
+                        job.kill_at = time.monotonic() + 1.0
             self._reap()
             self._enforce_deadlines()
+            self._launch_due()
             self._wake.wait(0.1)
             self._wake.clear()
 

@@ -1,0 +1,757 @@
+"""Tests for local_agent: real subprocesses, real HTTP on 127.0.0.1, real SQLite files.
+
+Run with ``python -m pytest -q`` from the repository root. The agent runs as a real process
+(``python local_agent.py start ...``) against either the embedded SQLite backend or the
+Prefect Server 1.x double defined below, which follows Server's semantics (label rule,
+version bumps, the 30 s duplicate-Submitted guard, no version locking).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import local_agent as la  # the module under test; a vendoring project changes only this line
+
+AGENT = Path(la.__file__).resolve()
+HOST = la._hostname()
+TOKEN = "s3cr3t-t0ken-value"
+
+# The flows the tests run. The module lives in a directory the flow-run processes import
+# from (the agent's working directory), like a user's project.
+FLOWS_SOURCE = '''
+import os
+import sys
+import time
+
+import local_agent
+
+
+def hello(name="world"):
+    local_agent.context["logger"].info("Hello, %s!", name)
+    print("printed by the flow")
+
+
+def fail():
+    raise ValueError("boom from the flow")
+
+
+def show_env(key="FLOW_ENV"):
+    local_agent.context["logger"].info("%s=%s", key, os.environ.get(key))
+
+
+def show_context():
+    context = local_agent.context
+    context["logger"].info("run=%s flow=%s name=%s params=%s", context["flow_run_id"],
+                           context["flow_id"], context["flow_name"], context["parameters"])
+
+
+def sleep(seconds=1.0):
+    time.sleep(seconds)
+
+
+def import_extra():
+    import extra_module
+    local_agent.context["logger"].info("extra says %s", extra_module.VALUE)
+
+
+def exit_code(code=3):
+    sys.exit(code)
+
+
+def hard_exit(code=7):
+    print("about to exit hard", flush=True)
+    os._exit(code)
+
+
+def kill_self(signal_number=9):
+    print("about to be killed", flush=True)
+    os.kill(os.getpid(), signal_number)
+
+
+def record_start(path):
+    with open(path, "a") as handle:
+        handle.write("%r\\n" % time.time())
+
+
+def noop():
+    pass
+'''
+
+
+@pytest.fixture(scope="session")
+def flows_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project directory with the ``test_flows`` module, importable by this process."""
+    folder = tmp_path_factory.mktemp("project")
+    (folder / "test_flows.py").write_text(FLOWS_SOURCE)
+    sys.path.insert(0, str(folder))
+    return folder
+
+
+@pytest.fixture
+def test_flows(flows_dir: Path) -> Any:
+    return importlib.import_module("test_flows")
+
+
+@pytest.fixture
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """An environment without PREFECT__* settings, with a private home and config path."""
+    for key in list(os.environ):
+        if key.startswith("PREFECT__") or key == "LOCAL_AGENT_COLLECTS_LOGS":
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT__HOME_DIR", str(home))
+    return dict(os.environ)
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 60,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``python local_agent.py ARGS`` and capture its output."""
+    result = subprocess.run(
+        [sys.executable, str(AGENT), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+class World:
+    """One backend (embedded or the Prefect double) with helpers to seed and read it."""
+
+    def __init__(self, kind: str, tmp_path: Path, env: dict[str, str], flows_dir: Path,
+                 server: Any = None) -> None:
+        self.kind = kind
+        self.env = env
+        self.cwd = flows_dir
+        self.storage_dir = tmp_path / "home" / "flows"
+        self.server = server
+        if kind == "sqlite":
+            self.api = f"sqlite:///{tmp_path / 'home' / 'local_agent.db'}"
+            self.db = la.SQLiteBackend(la._sqlite_path(self.api))
+            self.project = self.db.ensure_project("tests")
+        else:
+            self.api = server.url
+
+    def flow(self, fn: Any, name: str | None = None, labels: tuple[str, ...] = ("test",),
+             storage: Any = "local") -> str:
+        """Store ``fn`` as a flow and register it; return the flow id."""
+        flow = la.Flow(name or fn.__name__, fn)
+        path = la.store_flow(flow, self.storage_dir)
+        if storage == "local":
+            storage = la.local_storage(flow.name, path)
+        if self.kind == "sqlite":
+            serialized = la.serialize_flow(flow, path, list(labels))
+            serialized["storage"] = storage
+            return self.db.register_flow(self.project, serialized)
+        return str(self.server.add_flow(flow.name, storage, labels=list(labels)))
+
+    def run(self, flow_id: str, *, labels: list[str] | None = None, parameters: dict[str, Any] | None = None,
+            at: datetime | None = None) -> str:
+        """Schedule a run; return its id."""
+        if self.kind == "sqlite":
+            return self.db.create_flow_run(flow_id, parameters=parameters or {}, labels=labels,
+                                           scheduled_start_time=at, idempotency_key=os.urandom(8).hex())
+        return str(self.server.add_flow_run(flow_id, labels=labels, parameters=parameters, scheduled_start_time=at))
+
+    def state(self, run_id: str) -> str:
+        if self.kind == "sqlite":
+            run = self.db.get_flow_run(run_id)
+            assert run is not None
+            return run.state
+        return str(self.server.run(run_id)["state"])
+
+    def message(self, run_id: str) -> str:
+        if self.kind == "sqlite":
+            run = self.db.get_flow_run(run_id)
+            assert run is not None
+            return run.state_message or ""
+        return str(self.server.run(run_id).get("state_message") or "")
+
+    def history(self, run_id: str) -> list[str]:
+        """The run's state types, oldest first."""
+        if self.kind == "sqlite":
+            rows = self.db._read("SELECT state FROM flow_run_state WHERE flow_run_id = ? ORDER BY version", (run_id,))
+            return [row[0] for row in rows]
+        return [state["type"] for state in self.server.states(run_id)]
+
+    def logs(self, run_id: str) -> list[str]:
+        if self.kind == "sqlite":
+            return [line.message for line in self.db.get_run_logs(run_id)]
+        return [log["message"] for log in self.server.logs(run_id)]
+
+    def agent(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run ``start --api API -l test --no-hostname-label ARGS`` to completion."""
+        return run_cli("start", "--api", self.api, "-l", "test", "--no-hostname-label", *args,
+                       env=env or self.env, cwd=self.cwd, timeout=timeout)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return predicate()
+
+
+@pytest.fixture
+def server() -> Iterator[Any]:
+    with PrefectServerDouble() as double:
+        yield double
+
+
+@pytest.fixture(params=["sqlite", "graphql"])
+def world(request: pytest.FixtureRequest, tmp_path: Path, clean_env: dict[str, str], flows_dir: Path) -> Iterator[World]:
+    """Each agent behaviour test runs against the embedded backend and the Prefect double."""
+    if request.param == "sqlite":
+        yield World("sqlite", tmp_path, clean_env, flows_dir)
+        return
+    with PrefectServerDouble() as double:
+        yield World("graphql", tmp_path, clean_env, flows_dir, double)
+
+
+# --- Settings ------------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(textwrap.dedent(text))
+    path.chmod(0o600)
+    monkeypatch.setenv("PREFECT__USER_CONFIG_PATH", str(path))
+    return path
+
+
+def test_settings_precedence_is_flag_then_environment_then_config(
+    clean_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path, """
+        [cloud]
+        api = "http://127.0.0.1:1/config"
+        [cloud.agent]
+        name = "from-config"
+        labels = ["c1", "c2"]
+        level = "WARNING"
+    """, monkeypatch)
+    settings = la.resolve_settings()
+    assert (settings.api, settings.name, settings.labels, settings.level) == (
+        "http://127.0.0.1:1/config", "from-config", ["c1", "c2"], "WARNING")
+    monkeypatch.setenv("PREFECT__CLOUD__AGENT__NAME", "from-env")
+    monkeypatch.setenv("PREFECT__CLOUD__AGENT__LABELS", '["e1"]')
+    settings = la.resolve_settings()
+    assert (settings.name, settings.labels) == ("from-env", ["e1"])
+    settings = la.resolve_settings({"name": "from-flag", "labels": ["f1", "f1", "f2"]})
+    assert (settings.name, settings.labels) == ("from-flag", ["f1", "f2"])
+    assert settings.sources["name"] == "the --name flag"
+
+
+def test_token_order_and_its_source_without_its_value(
+    clean_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path, """
+        [cloud]
+        api_key = "key-from-config"
+        auth_token = "token-from-config"
+    """, monkeypatch)
+    settings = la.resolve_settings()
+    assert settings.token == "token-from-config"  # cloud.auth_token before cloud.api_key
+    assert settings.sources["token"] == f"config file {config} (cloud.auth_token)"
+    assert settings.api == la.PREFECT_CLOUD_API  # a token and no API: Prefect Cloud
+    monkeypatch.setenv("PREFECT__CLOUD__API_KEY", "key-from-env")
+    assert la.resolve_settings().token == "key-from-env"
+    monkeypatch.setenv("PREFECT__CLOUD__AGENT__AUTH_TOKEN", "agent-token-from-env")
+    assert la.resolve_settings().token == "agent-token-from-env"
+    flagged = la.resolve_settings({"token": "from-flag"})
+    assert flagged.token == "from-flag" and flagged.sources["token"] == "the --token flag"
+    assert "from-flag" not in repr(flagged)
+
+
+def test_no_token_and_no_api_means_the_embedded_database(clean_env: dict[str, str], tmp_path: Path) -> None:
+    settings = la.resolve_settings()
+    assert settings.api == f"sqlite:///{tmp_path / 'home' / 'local_agent.db'}"
+    assert isinstance(la.open_backend(settings), la.SQLiteBackend)
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("PREFECT__CLOUD__AGENT__LABELS", "[oops", "must be a literal like"),
+    ("PREFECT__CLOUD__AGENT__LABELS", "[1, 2]", "must be a list of strings"),
+    ("PREFECT__CLOUD__AGENT__LEVEL", "LOUD", "must be one of DEBUG"),
+    ("PREFECT__CLOUD__AGENT__LIMIT", "-1", "must be a whole number"),
+    ("PREFECT__CLOUD__AGENT__TIMEOUT", "soon", "must be a number"),
+    ("PREFECT__CLOUD__AGENT__SHOW_FLOW_LOGS", "maybe", "must be true or false"),
+    ("PREFECT__CLOUD__API", "ftp://host", "is not valid"),
+    ("PREFECT__CLOUD__API", "sqlite://", "is not valid"),
+    ("PREFECT__USER_CONFIG_PATH", "/nonexistent/config.toml", "does not exist"),
+])
+def test_bad_settings_give_one_clear_line(clean_env: dict[str, str], variable: str, value: str,
+                                          message: str) -> None:
+    result = run_cli("start", "--once", env={**clean_env, variable: value})
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_bad_config_files_give_one_clear_line(clean_env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[cloud\napi = ")
+    env = {**clean_env, "PREFECT__USER_CONFIG_PATH": str(config)}
+    result = run_cli("runs", env=env)
+    assert result.returncode == 1 and f"config file {config} is not valid TOML" in result.stderr
+    config.unlink()
+    config.mkdir()
+    result = run_cli("runs", env=env)
+    assert result.returncode == 1 and f"cannot read config file {config}" in result.stderr
+    assert all(len(r.splitlines()) == 1 for r in (result.stderr,))
+
+
+def test_config_without_a_toml_parser_names_the_fix(
+    clean_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path, "[cloud]\napi = 'http://127.0.0.1:1'\n", monkeypatch)
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.9 and 3.10 ...
+    monkeypatch.setitem(sys.modules, "tomli", None)  # ... without tomli installed
+    with pytest.raises(la.ConfigError, match="pip install tomli"):
+        la.resolve_settings()
+
+
+def test_token_is_not_sent_in_clear_text_off_this_machine(clean_env: dict[str, str]) -> None:
+    remote = la.resolve_settings({"api": "http://prefect.example.com:4200", "token": TOKEN})
+    with pytest.raises(la.ConfigError, match="refusing to send the token over plain http"):
+        la.open_backend(remote)
+    allowed = la.resolve_settings({"api": "http://prefect.example.com:4200", "token": TOKEN,
+                                   "allow_insecure_http": True})
+    assert isinstance(la.open_backend(allowed), la.GraphQLBackend)
+    assert isinstance(la.open_backend(la.resolve_settings({"api": "http://127.0.0.1:9", "token": TOKEN})),
+                      la.GraphQLBackend)
+
+
+def test_config_file_with_a_token_readable_by_others_is_warned_about(
+    clean_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_config(tmp_path, "[cloud]\napi_key = 'k'\napi = 'http://127.0.0.1:9'\n", monkeypatch)
+    config.chmod(0o644)
+    la.open_backend(la.resolve_settings())
+    assert f"chmod 600 {config}" in caplog.text and "'k'" not in caplog.text
+
+
+# --- Flow storage ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "slug"), [
+    ("My Flow! v1", "my-flow-v1"),
+    ("Bob's flow", "bob-s-flow"),
+    ("ETL: daily/__run__", "etl-daily-run"),
+    ("Çafé  naïve", "cafe-naive"),
+    ("a_b.c", "a-b-c"),
+    ("2019-11-11T13:26:41.443000+00:00", "2019-11-11t13-26-41-443000-00-00"),
+    ("1,000 rows &amp; more", "1000-rows-more"),
+    ("Straße", "strasse"),
+])
+def test_slugify_matches_python_slugify(name: str, slug: str) -> None:
+    assert la.slugify(name) == slug
+
+
+def test_store_and_load_a_flow(tmp_path: Path, test_flows: Any) -> None:
+    flow = la.Flow("My Flow! v1", test_flows.hello, labels=["x"])
+    path = flow.store(tmp_path)
+    assert path == str(tmp_path / "my-flow-v1.prefect")
+    loaded = la.load_flow(path, tmp_path)
+    assert isinstance(loaded, la.Flow) and loaded.name == "My Flow! v1" and loaded.labels == ["x"]
+    assert loaded.fn is test_flows.hello
+
+
+def test_load_refuses_files_outside_the_storage_directory(tmp_path: Path, test_flows: Any) -> None:
+    inside = tmp_path / "flows"
+    path = la.store_flow(la.Flow("f", test_flows.hello), tmp_path / "elsewhere")
+    with pytest.raises(la.FlowStorageError, match="outside the storage directory"):
+        la.load_flow(path, inside)
+    (inside).mkdir()
+    (inside / "link.prefect").symlink_to(path)  # a link out of the directory does not count
+    with pytest.raises(la.FlowStorageError, match="outside the storage directory"):
+        la.load_flow(inside / "link.prefect", inside)
+
+
+def test_corrupt_and_missing_flow_files_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "bad.prefect").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(la.FlowStorageError, match="is corrupt or unreadable here"):
+        la.load_flow(tmp_path / "bad.prefect", tmp_path)
+    with pytest.raises(la.FlowStorageError, match=f"does not exist on host {HOST}"):
+        la.load_flow(tmp_path / "none.prefect", tmp_path)
+
+
+def test_lambdas_and_nested_functions_cannot_be_stored(tmp_path: Path) -> None:
+    with pytest.raises(la.FlowStorageError, match="lambda or nested function"):
+        la.store_flow(la.Flow("l", lambda: None), tmp_path)
+
+    def nested() -> None:
+        pass
+
+    with pytest.raises(la.FlowStorageError, match="define it with `def` at the top level"):
+        la.store_flow(la.Flow("n", nested), tmp_path)
+    with pytest.raises(la.FlowStorageError, match="has no `name`"):
+        la.store_flow(object(), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_flows_defined_in_a_script_are_stored_by_reference_to_it(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    script = tmp_path / "my_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(AGENT.parent)!r})
+        import local_agent
+
+        class Greeter:
+            def __call__(self, name="script"):
+                local_agent.context["logger"].info("greetings, %s", name)
+
+        @local_agent.Flow("scripted")
+        def scripted(name="script"):
+            Greeter()(name)
+
+        if __name__ == "__main__":
+            print(scripted.store())
+            print(local_agent.store_flow(Greeter.__new__(Greeter) if False else scripted, sys.argv[1]))
+    """))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "other")], env=clean_env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    stored = Path(result.stdout.split()[0])
+    assert stored == tmp_path / "home" / "flows" / "scripted.prefect"
+    assert str(script).encode() in stored.read_bytes()  # a reference to the script, not __main__
+    stdin = subprocess.run([sys.executable, "-"], input=script.read_text(), env=clean_env,
+                           capture_output=True, text=True, timeout=60)
+    assert stdin.returncode != 0
+    assert "define it in a .py file" in stdin.stderr
+
+
+# --- Agent behaviour, on both backends ----------------------------------------------------
+
+
+def test_flow_run_goes_from_scheduled_to_success_with_its_logs(world: World, test_flows: Any) -> None:
+    run_id = world.run(world.flow(test_flows.hello), parameters={"name": "tests"})
+    result = world.agent("--once")
+    assert result.returncode == 0, result.stderr
+    assert world.history(run_id) == ["Scheduled", "Submitted", "Running", "Success"]
+    logs = world.logs(run_id)
+    assert logs[0].startswith("Submitted for execution: PID: ")
+    assert "Hello, tests!" in logs
+    assert "printed by the flow" in logs
+    assert f"Deploying flow run {run_id}" in result.stderr
+    assert "Found 1 flow run(s) to submit for execution." in result.stderr
+    assert "Starting LocalAgent with labels ['test', 'local']" in result.stderr
+    assert "Waiting for flow runs..." in result.stderr
+    assert "Agent successfully connected to" in result.stderr
+    assert "|___/" in result.stdout  # the banner
+
+
+def test_raising_flow_ends_failed_with_the_error(world: World, test_flows: Any) -> None:
+    run_id = world.run(world.flow(test_flows.fail))
+    result = world.agent("--once")
+    assert result.returncode == 1  # --once: not every run succeeded
+    assert world.state(run_id) == "Failed"
+    assert world.message(run_id) == "ValueError: boom from the flow"
+    assert any("Traceback" in line and "boom from the flow" in line for line in world.logs(run_id))
+
+
+def test_run_whose_labels_the_agent_lacks_stays_scheduled(world: World, test_flows: Any) -> None:
+    run_id = world.run(world.flow(test_flows.hello, labels=("test", "gpu")))
+    unlabeled = world.run(world.flow(test_flows.hello, name="unlabeled", labels=()))
+    result = world.agent("--once")
+    assert result.returncode == 0
+    assert world.state(run_id) == "Scheduled"
+    assert world.state(unlabeled) == "Scheduled"  # only an agent with no labels takes it
+
+
+def test_non_local_storage_fails_the_run_clearly(world: World, test_flows: Any) -> None:
+    storage = {"type": "S3", "bucket": "b", "flows": {"hello": "s3://b/hello"}, "__version__": "1.4.1"}
+    run_id = world.run(world.flow(test_flows.hello, storage=storage))
+    world.agent("--once")
+    assert world.state(run_id) == "Failed"
+    assert "uses S3 storage; this agent runs only Local storage" in world.message(run_id)
+
+
+def test_missing_flow_file_fails_the_run_naming_the_host(world: World, test_flows: Any) -> None:
+    flow_id = world.flow(test_flows.hello)
+    (world.storage_dir / "hello.prefect").unlink()
+    run_id = world.run(flow_id)
+    world.agent("--once")
+    assert world.state(run_id) == "Failed"
+    assert f"does not exist on host {HOST}" in world.message(run_id)
+
+
+def test_parameters_and_context_reach_the_flow(world: World, test_flows: Any) -> None:
+    flow_id = world.flow(test_flows.show_context)
+    run_id = world.run(flow_id, parameters={})
+    world.agent("--once")
+    assert f"run={run_id} flow={flow_id} name=show_context params={{}}" in world.logs(run_id)
+
+
+def test_run_scheduled_ahead_starts_no_earlier_than_due(world: World, test_flows: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "started.txt"
+    due = datetime.now(timezone.utc) + timedelta(seconds=2)
+    run_id = world.run(world.flow(test_flows.record_start), parameters={"path": str(marker)}, at=due)
+    result = world.agent("--max-polls", "3")  # polls at 0, 0.25 s, 0.75 s: the run is prefetched
+    assert result.returncode == 0, result.stderr
+    assert world.state(run_id) == "Success"
+    started = float(marker.read_text().split()[0])
+    assert started >= due.timestamp()
+    assert started - due.timestamp() < 2.0
+
+
+def test_env_flags_reach_the_flow_and_fixed_variables_win(world: World, test_flows: Any) -> None:
+    run_id = world.run(world.flow(test_flows.show_env))
+    world.agent("--once", "-e", "FLOW_ENV=a=b", "-e", "PREFECT__CONTEXT__FLOW_RUN_ID=hijack")
+    assert "FLOW_ENV=a=b" in world.logs(run_id)  # split on the first "=" only
+    assert world.state(run_id) == "Success"  # the fixed run id won over --env
+
+
+def test_import_path_reaches_the_flow(world: World, test_flows: Any, tmp_path: Path) -> None:
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "extra_module.py").write_text("VALUE = 42\n")
+    run_id = world.run(world.flow(test_flows.import_extra))
+    world.agent("--once", "-p", str(extra))
+    assert "extra says 42" in world.logs(run_id)
+
+
+def test_show_flow_logs_streams_flow_output(world: World, test_flows: Any) -> None:
+    world.run(world.flow(test_flows.hello))
+    shown = world.agent("--once", "-f")
+    assert "Hello, world!" in shown.stdout and "printed by the flow" in shown.stdout
+    world.run(world.flow(test_flows.hello))
+    quiet = world.agent("--once")
+    assert "Hello, world!" not in quiet.stdout
+
+
+def test_max_polls_stops_the_agent(world: World) -> None:
+    result = world.agent("--max-polls", "3", "-v")
+    assert result.returncode == 0
+    assert result.stderr.count("Querying for ready flow runs...") == 3
+
+
+def test_child_crashes_become_failed_with_the_reason(world: World, test_flows: Any) -> None:
+    runs = {
+        "exit": world.run(world.flow(test_flows.hard_exit), parameters={"code": 7}),
+        "kill": world.run(world.flow(test_flows.kill_self), parameters={"signal_number": 9}),
+    }
+    world.agent("--once")
+    assert world.state(runs["exit"]) == "Failed"
+    assert "exited with code 7" in world.message(runs["exit"])
+    assert "about to exit hard" in world.message(runs["exit"])
+    assert "killed by SIGKILL (the out-of-memory killer may have ended it)" in world.message(runs["kill"])
+
+
+def test_timeout_stops_the_process_group_and_fails_the_run(world: World, test_flows: Any) -> None:
+    run_id = world.run(world.flow(test_flows.sleep), parameters={"seconds": 30})
+    started = time.monotonic()
+    world.agent("--once", "--timeout", "1")
+    assert time.monotonic() - started < 20
+    assert world.state(run_id) == "Failed"
+    assert "timed out after 1 s" in world.message(run_id)
+
+
+# --- The embedded backend and its commands ----------------------------------------------
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, clean_env: dict[str, str], flows_dir: Path) -> World:
+    return World("sqlite", tmp_path, clean_env, flows_dir)
+
+
+def test_quick_start_works_as_written(clean_env: dict[str, str]) -> None:
+    result = subprocess.run([sys.executable, "examples/welcome.py"], cwd=AGENT.parent, env=clean_env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "|___/" in result.stdout
+    assert "INFO - flow | Welcome to local_agent, world!" in result.stdout
+    assert "finished: Success" in result.stderr
+    assert "Agent successfully connected to embedded database" in result.stderr
+
+
+def test_run_runs_logs_flows_commands(embedded: World, test_flows: Any) -> None:
+    embedded.flow(test_flows.hello, labels=("test",))
+    env = embedded.env
+    created = run_cli("run", "hello", "--param", 'name="CLI"', env=env, check=True)
+    run_id = created.stdout.strip()
+    assert len(run_id) == 36
+    listing = run_cli("runs", env=env, check=True).stdout.splitlines()
+    assert listing[0].split() == ["ID", "FLOW", "STATE", "SCHEDULED", "(UTC)", "UPDATED", "(UTC)"]
+    assert listing[1].split()[:3] == [run_id, "hello", "Scheduled"]
+    embedded.agent("--once")
+    assert run_cli("runs", "--state", "Success", env=env, check=True).stdout.count(run_id) == 1
+    assert run_cli("runs", "--state", "Failed", env=env, check=True).stdout.count(run_id) == 0
+    logs = run_cli("logs", run_id, env=env, check=True).stdout
+    assert "INFO - flow | Hello, CLI!" in logs
+    assert "INFO - agent | Submitted for execution: PID:" in logs
+    flows = run_cli("flows", env=env, check=True).stdout.splitlines()
+    assert flows[1].split()[:4] == ["hello", "1", "tests", "test"]
+    assert str(embedded.storage_dir / "hello.prefect") in flows[1]
+
+
+def test_logs_follow_waits_for_the_end_of_the_run(embedded: World, test_flows: Any) -> None:
+    run_id = embedded.run(embedded.flow(test_flows.hello))
+    follower = subprocess.Popen([sys.executable, str(AGENT), "logs", run_id, "--follow"], env=embedded.env,
+                                stdout=subprocess.PIPE, text=True)
+    embedded.agent("--once")
+    output, _ = follower.communicate(timeout=30)
+    assert follower.returncode == 0
+    assert "Hello, world!" in output and "Flow run SUCCESS" in output
+
+
+def test_run_at_a_later_time_and_parameters_as_json(embedded: World, test_flows: Any) -> None:
+    embedded.flow(test_flows.show_context)
+    run_id = run_cli("run", "show_context", "--at", "+1h", env=embedded.env, check=True).stdout.strip()
+    run = embedded.db.get_flow_run(run_id)
+    assert run is not None and 3590 < (run.start_time - datetime.now(timezone.utc)).total_seconds() <= 3600
+    bad = run_cli("run", "show_context", "--at", "tomorrow", env=embedded.env)
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+    missing = run_cli("run", "no-such-flow", env=embedded.env)
+    assert missing.returncode == 1 and "no flow named 'no-such-flow'" in missing.stderr
+
+
+def test_why_explains_each_scheduled_run(embedded: World, test_flows: Any) -> None:
+    gpu = embedded.run(embedded.flow(test_flows.hello, labels=("test", "gpu")))
+    later = embedded.run(embedded.flow(test_flows.noop, labels=("test",)),
+                         at=datetime.now(timezone.utc) + timedelta(hours=2))
+    gone_flow = embedded.flow(test_flows.fail, labels=("test",))
+    (embedded.storage_dir / "fail.prefect").unlink()
+    gone = embedded.run(gone_flow)
+    ready = embedded.run(embedded.flow(test_flows.show_env, labels=("test",)))
+    output = run_cli("why", "-l", "test", env=embedded.env, check=True).stdout
+    lines = {line.split()[0]: line for line in output.splitlines()[1:]}
+    assert "lacks label(s) gpu (start it with -l gpu)" in lines[gpu]
+    assert "not due yet: due in 1h59m" in lines[later] or "not due yet: due in 2h00m" in lines[later]
+    assert f"does not exist on host {HOST}" in lines[gone]
+    assert lines[ready].endswith("would run it")
+    single = run_cli("why", gpu, "-l", "test", "-l", "gpu", env=embedded.env, check=True).stdout
+    assert single.splitlines()[1].endswith("would run it")
+
+
+def test_cancel_a_scheduled_run(embedded: World, test_flows: Any) -> None:
+    run_id = embedded.run(embedded.flow(test_flows.hello))
+    assert run_cli("cancel", run_id, env=embedded.env, check=True).stdout.strip() == "Cancelled"
+    embedded.agent("--once")
+    assert embedded.history(run_id) == ["Scheduled", "Cancelled"]
+
+
+def test_three_agents_share_one_database_and_run_each_run_once(embedded: World, test_flows: Any,
+                                                               tmp_path: Path) -> None:
+    marker = tmp_path / "starts.txt"
+    flow_id = embedded.flow(test_flows.record_start)
+    run_ids = [embedded.run(flow_id, parameters={"path": str(marker)}) for _ in range(150)]
+    command = [sys.executable, str(AGENT), "start", "--api", embedded.api, "-l", "test", "--no-hostname-label", "--once"]
+    agents = [subprocess.Popen(command + ["-n", f"agent-{n}"], env=embedded.env, cwd=embedded.cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in range(3)]
+    errors = [agent.communicate(timeout=240)[1] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0, 0], errors
+    assert len(marker.read_text().split()) == 150
+    for run_id in run_ids:
+        assert embedded.history(run_id) == ["Scheduled", "Submitted", "Running", "Success"]
+    took = [error.count("finished: Success") for error in errors]
+    assert sum(took) == 150
+    print(f"\n3 agents x 150 runs: runs per agent {took}, duplicates 0, lost 0")
+
+
+@pytest.fixture
+def seeded_db(embedded: World, test_flows: Any) -> tuple[World, Path]:
+    embedded.run(embedded.flow(test_flows.hello))
+    embedded.db.close()
+    return embedded, Path(la._sqlite_path(embedded.api))
+
+
+def _snapshot(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_corrupt_database_gives_one_clear_line(seeded_db: tuple[World, Path]) -> None:
+    world, path = seeded_db
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    path.write_bytes(b"this is not a database at all" * 200)
+    before = _snapshot(path)
+    result = run_cli("runs", env=world.env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "is corrupt or not a database" in result.stderr and "Traceback" not in result.stderr
+    assert _snapshot(path) == before
+
+
+def test_newer_schema_is_refused_and_left_alone(seeded_db: tuple[World, Path]) -> None:
+    world, path = seeded_db
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA user_version = 99")
+    connection.close()
+    before = _snapshot(path)
+    result = run_cli("start", "--once", env=world.env)
+    assert result.returncode == 1
+    assert "schema version 99, newer than this local_agent" in result.stderr
+    assert "Traceback" not in result.stderr and _snapshot(path) == before
+
+
+def test_locked_database_gives_one_clear_line(seeded_db: tuple[World, Path]) -> None:
+    world, path = seeded_db
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        env = {**world.env, "PREFECT__CLOUD__REQUEST_TIMEOUT": "0.5"}
+        result = run_cli("run", "hello", env=env)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.returncode == 1
+    assert "is locked by another process (waited 0.5 s); try again" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert len(world.db.list_flow_runs()) == 1  # nothing was added
+
+
+def _make_read_only(*paths: Path) -> Callable[[], None]:
+    """Make files and directories read-only even for root (immutable); return the undo."""
+    if os.geteuid() != 0:
+        modes = {path: path.stat().st_mode for path in paths}
+        for path in paths:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        return lambda: [path.chmod(mode) for path, mode in modes.items()] and None
+    subprocess.run(["chattr", "+i", *map(str, paths)], check=True)
+    return lambda: subprocess.run(["chattr", "-i", *map(str, paths)], check=True) and None
+
+
+def test_read_only_database_gives_one_clear_line(seeded_db: tuple[World, Path]) -> None:
+    world, path = seeded_db
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    before = _snapshot(path)
+    undo = _make_read_only(path, path.parent)
+    try:
+        listing = run_cli("runs", env=world.env)
+        creating = run_cli("run", "hello", env=world.env)
+    finally:
+        undo()
+    for result in (listing, creating):
+        assert result.returncode == 1, result.stdout
+        assert f"cannot write database {path}" in result.stderr and "needs write access" in result.stderr
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert _snapshot(path) == before
+
+
+# --- The Prefect API protocol ------------------------------------------------------------
+
+
+try:
+    sys.path.insert(0, "/work/scratch")  # TEMPORARY: the double is merged below once finished
+    from prefect_double import PrefectServerDouble  # noqa: E402
+except ImportError:
+    PrefectServerDouble = None
