@@ -53,8 +53,10 @@ __all__ = [
     "Flow",
     "FlowRun",
     "FlowStorageError",
+    "FlowSummary",
     "GraphQLBackend",
     "LocalAgent",
+    "LogLine",
     "SQLiteBackend",
     "Settings",
     "StateUpdateFailed",
@@ -63,13 +65,18 @@ __all__ = [
     "create_flow_run",
     "deploy",
     "get_run_logs",
+    "is_final",
+    "labels_match",
     "list_flow_runs",
     "list_flows",
     "load_flow",
+    "local_storage",
     "main",
+    "make_state",
     "open_backend",
     "resolve_settings",
     "run_agent",
+    "serialize_flow",
     "slugify",
     "store_flow",
 ]
@@ -163,7 +170,7 @@ class FlowStorageError(AgentError):
 # --- Small helpers -----------------------------------------------------------------------
 
 
-def utcnow() -> datetime:
+def _utcnow() -> datetime:
     """Return the current time as an aware UTC datetime."""
     return datetime.now(timezone.utc)
 
@@ -171,7 +178,7 @@ def utcnow() -> datetime:
 _ISO_FRACTION = re.compile(r"\.(\d+)")
 
 
-def parse_time(value: str) -> datetime:
+def _parse_time(value: str) -> datetime:
     """Parse an ISO 8601 timestamp (``Z`` or offset, any fraction) into aware UTC."""
     text = value.strip().replace("Z", "+00:00").replace("z", "+00:00").replace(" ", "T", 1)
     # Python < 3.11 accepts only 3 or 6 fractional digits.
@@ -182,16 +189,16 @@ def parse_time(value: str) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
-def format_time(moment: datetime) -> str:
+def _format_time(moment: datetime) -> str:
     """Format an aware datetime as fixed-width ISO 8601 UTC, so strings sort by time."""
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _parse_time_or_now(text: str) -> datetime:
     try:
-        return parse_time(text)
+        return _parse_time(text)
     except ValueError:
-        return utcnow()
+        return _utcnow()
 
 
 def _one_line(text: str, limit: int = 500) -> str:
@@ -567,7 +574,7 @@ def make_state(
         "__version__": CORE_VERSION,
     }
     if state_type in SCHEDULED_STATES or start_time is not None:
-        state["start_time"] = format_time(start_time or utcnow())
+        state["start_time"] = _format_time(start_time or _utcnow())
     if previous is not None:
         state["state"] = dict(previous)
     return state
@@ -578,13 +585,13 @@ def is_final(state_type: str) -> bool:
     return state_type in FINAL_STATES
 
 
-def state_start_time(serialized: Mapping[str, Any] | None) -> datetime | None:
+def _state_start_time(serialized: Mapping[str, Any] | None) -> datetime | None:
     """The ``start_time`` of a serialized state, or None when it has none or it is bad."""
     value = (serialized or {}).get("start_time")
     if not isinstance(value, str):
         return None
     try:
-        return parse_time(value)
+        return _parse_time(value)
     except ValueError:
         return None
 
@@ -793,7 +800,7 @@ def store_flow(obj: Any, directory: str | os.PathLike[str] | None = None) -> str
     folder = Path(directory).expanduser().absolute() if directory else _default_flows_dir()
     buffer = io.BytesIO()
     try:
-        _ScriptAwarePickler(buffer, protocol=4).dump(obj)
+        _script_aware_pickler(buffer).dump(obj)
     except FlowStorageError:
         raise
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -812,24 +819,23 @@ def store_flow(obj: Any, directory: str | os.PathLike[str] | None = None) -> str
     return str(path)
 
 
-def _pickler_base() -> type:
+def _reduce_main_reference(obj: Any) -> Any:
+    """Pickle ``__main__`` functions and classes as imports from their script file."""
+    import types
+
+    if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
+        return _reference_to("__main__", obj.__qualname__, getattr(obj, "__name__", "?"))
+    if isinstance(obj, types.FunctionType) and ("<lambda>" in obj.__qualname__ or "<locals>" in obj.__qualname__):
+        return _reference_to(obj.__module__, obj.__qualname__, obj.__name__)  # raises, saying why
+    return NotImplemented
+
+
+def _script_aware_pickler(buffer: Any) -> Any:
+    """A stdlib pickler that stores ``__main__`` objects by reference to their script."""
     import pickle
 
-    return pickle.Pickler
-
-
-class _ScriptAwarePickler(_pickler_base()):  # type: ignore[misc]
-    """A pickler that stores ``__main__`` functions and classes by their script file."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        """Replace references into ``__main__`` with imports from the script file."""
-        import types
-
-        if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
-            return _reference_to("__main__", obj.__qualname__, getattr(obj, "__name__", "?"))
-        if isinstance(obj, types.FunctionType) and ("<lambda>" in obj.__qualname__ or "<locals>" in obj.__qualname__):
-            return _reference_to(obj.__module__, obj.__qualname__, obj.__name__)  # raises, saying why
-        return NotImplemented
+    pickler = type("ScriptAwarePickler", (pickle.Pickler,), {"reducer_override": staticmethod(_reduce_main_reference)})
+    return pickler(buffer, protocol=4)
 
 
 def load_flow(path: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None) -> Any:
@@ -887,7 +893,7 @@ def local_storage(flow_name: str, path: str) -> dict[str, Any]:
     }
 
 
-def locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
+def _locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
     """Check a run's storage is Local with a file inside its directory; return (path, dir)."""
     host = _hostname()
     if not isinstance(storage, Mapping):
@@ -942,7 +948,7 @@ class FlowRun:
     @property
     def start_time(self) -> datetime:
         """When the run is due: its state's start time, else its scheduled start time."""
-        return state_start_time(self.serialized_state) or self.scheduled_start_time or utcnow()
+        return _state_start_time(self.serialized_state) or self.scheduled_start_time or _utcnow()
 
 
 @dataclass
@@ -1117,7 +1123,7 @@ _GET_RUNS_IN_QUEUE = """mutation($input: get_runs_in_queue_input!) {
     }
 }"""
 _FLOW_RUN_METADATA = """query {
-    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } }, { state: { _eq: "Running" }, task_runs: { state_start_time: { _lte: %(now3)s } } }] }) {
+    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } }, { state: { _eq: "Running" }, task_runs: { _state_start_time: { _lte: %(now3)s } } }] }) {
         id
         version
         state
@@ -1134,7 +1140,7 @@ _FLOW_RUN_METADATA = """query {
             id
             storage
         }
-        task_runs(where: { state_start_time: { _lte: %(now3)s } }) {
+        task_runs(where: { _state_start_time: { _lte: %(now3)s } }) {
             version
             id
             serialized_state
@@ -1422,7 +1428,7 @@ class GraphQLBackend(Backend):
     # The agent's loop.
 
     def get_runs_in_queue(self, labels: Sequence[str], before: datetime) -> list[str]:
-        query_input = {"before": format_time(before), "labels": list(labels), "tenant_id": self.tenant_id()}
+        query_input = {"before": _format_time(before), "labels": list(labels), "tenant_id": self.tenant_id()}
         answer = self.graphql(_GET_RUNS_IN_QUEUE, {"input": query_input}).get("get_runs_in_queue")
         ids = _expect(_expect(answer, dict, "get_runs_in_queue").get("flow_run_ids"), list, "flow_run_ids")
         return [_expect(run_id, str, "a flow run id") for run_id in ids]
@@ -1430,7 +1436,7 @@ class GraphQLBackend(Backend):
     def get_flow_runs(self, run_ids: Sequence[str]) -> list[FlowRun]:
         if not run_ids:
             return []
-        now3 = format_time(utcnow() - timedelta(seconds=3))
+        now3 = _format_time(_utcnow() - timedelta(seconds=3))
         query = _FLOW_RUN_METADATA % {"ids": json.dumps(list(run_ids)), "now3": json.dumps(now3)}
         rows = _expect(self.graphql(query).get("flow_run"), list, "flow_run")
         return [_parse_flow_run(row) for row in rows]
@@ -1509,7 +1515,7 @@ class GraphQLBackend(Backend):
         if labels is not None:
             run_input["labels"] = list(labels)
         if scheduled_start_time is not None:
-            run_input["scheduled_start_time"] = format_time(scheduled_start_time)
+            run_input["scheduled_start_time"] = _format_time(scheduled_start_time)
         answer = self.graphql(_CREATE_FLOW_RUN, {"input": run_input}).get("create_flow_run")
         return _expect(_expect(answer, dict, "create_flow_run").get("id"), str, "flow run id")
 
@@ -1575,7 +1581,7 @@ def _parse_flow_run(row: Any) -> FlowRun:
     for column in ("scheduled_start_time", "updated"):
         if isinstance(row.get(column), str):
             try:
-                setattr(run, column, parse_time(row[column]))
+                setattr(run, column, _parse_time(row[column]))
             except ValueError:
                 run.problem = f"its {column} {row[column]!r} is not a timestamp"
     if not isinstance(run.serialized_state, dict):
@@ -1628,10 +1634,10 @@ CREATE TABLE flow_run (
     id TEXT PRIMARY KEY, flow_id TEXT NOT NULL REFERENCES flow(id), name TEXT NOT NULL,
     labels TEXT NOT NULL, parameters TEXT NOT NULL, context TEXT NOT NULL,
     idempotency_key TEXT UNIQUE, scheduled_start_time TEXT NOT NULL, state TEXT NOT NULL,
-    serialized_state TEXT NOT NULL, state_message TEXT, state_start_time TEXT NOT NULL,
+    serialized_state TEXT NOT NULL, state_message TEXT, _state_start_time TEXT NOT NULL,
     state_timestamp TEXT NOT NULL, version INTEGER NOT NULL, heartbeat TEXT, agent_id TEXT,
     start_time TEXT, end_time TEXT, created TEXT NOT NULL, updated TEXT NOT NULL);
-CREATE INDEX flow_run_queue ON flow_run(state, state_start_time);
+CREATE INDEX flow_run_queue ON flow_run(state, _state_start_time);
 CREATE INDEX flow_run_by_flow ON flow_run(flow_id, scheduled_start_time);
 CREATE TABLE flow_run_state (
     id INTEGER PRIMARY KEY, flow_run_id TEXT NOT NULL REFERENCES flow_run(id),
@@ -1807,7 +1813,7 @@ class SQLiteBackend(Backend):
             agent_id = str(uuid.uuid4())
             db.execute(
                 "INSERT INTO agent (id, name, type, labels, created) VALUES (?, ?, 'LocalAgent', ?, ?)",
-                (agent_id, agent_name, labels_json, format_time(utcnow())),
+                (agent_id, agent_name, labels_json, _format_time(_utcnow())),
             )
             return agent_id
 
@@ -1818,9 +1824,9 @@ class SQLiteBackend(Backend):
         self._note_agent_queried()
         placeholders = ",".join("?" * len(SCHEDULED_STATES))
         cursor = self._db().execute(
-            f"SELECT id, labels FROM flow_run WHERE state IN ({placeholders}) AND state_start_time <= ? "
-            "ORDER BY state_start_time, id",
-            (*sorted(SCHEDULED_STATES), format_time(before)),
+            f"SELECT id, labels FROM flow_run WHERE state IN ({placeholders}) AND _state_start_time <= ? "
+            "ORDER BY _state_start_time, id",
+            (*sorted(SCHEDULED_STATES), _format_time(before)),
         )
         # Unlike Server's fixed window of 75, read on until 25 fit: other labels never starve us.
         found: list[str] = []
@@ -1838,7 +1844,7 @@ class SQLiteBackend(Backend):
             self._last_queried = time.monotonic()
             self._write(
                 lambda db: db.execute(
-                    "UPDATE agent SET last_queried = ? WHERE id = ?", (format_time(utcnow()), self._agent_id)
+                    "UPDATE agent SET last_queried = ? WHERE id = ?", (_format_time(_utcnow()), self._agent_id)
                 )
             )
 
@@ -1870,9 +1876,9 @@ class SQLiteBackend(Backend):
             parameters=json.loads(row["parameters"]),
             name=row["name"],
             labels=json.loads(row["labels"]),
-            scheduled_start_time=parse_time(row["scheduled_start_time"]),
+            scheduled_start_time=_parse_time(row["scheduled_start_time"]),
             state_message=row["state_message"],
-            updated=parse_time(row["updated"]),
+            updated=_parse_time(row["updated"]),
         )
 
     def set_flow_run_state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
@@ -1895,12 +1901,12 @@ class SQLiteBackend(Backend):
         self, db: Any, run_id: str, new_version: int, state: Mapping[str, Any], serialized: str
     ) -> None:
         """Write a state row and move the run to it, with Server's side effects."""
-        now = format_time(utcnow())
+        now = _format_time(_utcnow())
         state_type = str(state.get("type"))
-        start = state_start_time(state)
+        start = _state_start_time(state)
         db.execute(
             """UPDATE flow_run SET version = ?, state = ?, serialized_state = ?, state_message = ?,
-                   state_start_time = ?, state_timestamp = ?, updated = ?,
+                   _state_start_time = ?, state_timestamp = ?, updated = ?,
                    heartbeat = CASE WHEN ? THEN ? ELSE heartbeat END,
                    agent_id = CASE WHEN ? THEN ? ELSE agent_id END,
                    start_time = CASE WHEN ? AND start_time IS NULL THEN ? ELSE start_time END,
@@ -1908,7 +1914,7 @@ class SQLiteBackend(Backend):
                WHERE id = ?""",
             (
                 new_version, state_type, serialized, state.get("message"),
-                format_time(start) if start else now, now, now,
+                _format_time(start) if start else now, now, now,
                 state_type in ("Running", "Submitted"), now,
                 state_type == "Submitted" and bool(self._agent_id), self._agent_id,
                 state_type == "Running", now,
@@ -1925,7 +1931,7 @@ class SQLiteBackend(Backend):
             db.execute("UPDATE queue_version SET value = value + 1")
 
     def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
-        now = format_time(utcnow())
+        now = _format_time(_utcnow())
         rows = [
             (
                 str(log["flow_run_id"]),
@@ -1944,7 +1950,7 @@ class SQLiteBackend(Backend):
 
     def heartbeat(self, run_id: str) -> None:
         self._write(
-            lambda db: db.execute("UPDATE flow_run SET heartbeat = ? WHERE id = ?", (format_time(utcnow()), run_id))
+            lambda db: db.execute("UPDATE flow_run SET heartbeat = ? WHERE id = ?", (_format_time(_utcnow()), run_id))
         )
 
     def wait_for_change(self, timeout: float, wake: threading.Event) -> bool:
@@ -1969,7 +1975,7 @@ class SQLiteBackend(Backend):
                 return str(row["id"])
             project_id = str(uuid.uuid4())
             db.execute(
-                "INSERT INTO project (id, name, created) VALUES (?, ?, ?)", (project_id, name, format_time(utcnow()))
+                "INSERT INTO project (id, name, created) VALUES (?, ?, ?)", (project_id, name, _format_time(_utcnow()))
             )
             return project_id
 
@@ -2000,7 +2006,7 @@ class SQLiteBackend(Backend):
                     flow_id, project_id, name, (latest["version"] + 1) if latest else 1,
                     json.dumps(serialized_flow.get("storage")), json.dumps(serialized_flow.get("run_config")),
                     json.dumps(labels), json.dumps(serialized_flow.get("parameters") or []), text, key,
-                    format_time(utcnow()),
+                    _format_time(_utcnow()),
                 ),
             )
             return flow_id
@@ -2036,7 +2042,7 @@ class SQLiteBackend(Backend):
     ) -> str:
         import random
 
-        start = scheduled_start_time or utcnow()
+        start = scheduled_start_time or _utcnow()
         state = make_state("Scheduled", "Flow run scheduled.", start_time=start)
 
         def create(db: Any) -> str:
@@ -2049,16 +2055,16 @@ class SQLiteBackend(Backend):
             if flow["archived"]:
                 raise APIError(f"Flow {flow_id} is archived.")
             _check_required_parameters(json.loads(flow["parameters"]), parameters)
-            run_id, now = str(uuid.uuid4()), format_time(utcnow())
+            run_id, now = str(uuid.uuid4()), _format_time(_utcnow())
             run_labels = sorted(labels if labels is not None else json.loads(flow["labels"]))
             db.execute(
                 "INSERT INTO flow_run (id, flow_id, name, labels, parameters, context, idempotency_key, "
-                "scheduled_start_time, state, serialized_state, state_start_time, state_timestamp, version, "
+                "scheduled_start_time, state, serialized_state, _state_start_time, state_timestamp, version, "
                 "created, updated) VALUES (?, ?, ?, ?, ?, '{}', ?, ?, 'Pending', '{}', ?, ?, 0, ?, ?)",
                 (
                     run_id, flow_id, f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}",
                     json.dumps(run_labels), json.dumps(dict(parameters)), idempotency_key,
-                    format_time(start), format_time(start), now, now, now,
+                    _format_time(start), _format_time(start), now, now, now,
                 ),
             )
             self._apply_state(db, run_id, 1, state, json.dumps(state))
@@ -2171,7 +2177,7 @@ class _LogShipper:
         """Queue one line for a run's log."""
         line = {
             "flow_run_id": run_id,
-            "timestamp": format_time(timestamp or utcnow()),
+            "timestamp": _format_time(timestamp or _utcnow()),
             "level": level,
             "name": name,
             "message": message,
@@ -2287,7 +2293,7 @@ class _RecordLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             payload = {
-                "t": format_time(datetime.fromtimestamp(record.created, timezone.utc)),
+                "t": _format_time(datetime.fromtimestamp(record.created, timezone.utc)),
                 "l": record.levelname,
                 "n": record.name,
                 "m": self.format(record),
@@ -2306,7 +2312,7 @@ def _parse_output_line(text: str) -> LogLine:
             return LogLine(str(record["t"]), str(record["l"]), str(record["n"]), str(record["m"]))
         except (ValueError, KeyError, TypeError):
             pass
-    return LogLine(format_time(utcnow()), "INFO", "output", text)
+    return LogLine(_format_time(_utcnow()), "INFO", "output", text)
 
 
 class _FlowRunProcess:
@@ -2355,7 +2361,7 @@ class _FlowRunProcess:
             self.logger.info("Flow run %s has already finished (%s); nothing to do.", run.id, run.state)
             return 0
         try:
-            path, directory = locate_flow_file(run.flow_name, run.storage)
+            path, directory = _locate_flow_file(run.flow_name, run.storage)
             flow = load_flow(path, directory)
             _share_context(flow_run_id=run.id, flow_id=run.flow_id, flow_name=run.flow_name,
                            parameters=dict(run.parameters), logger=logging.getLogger("flow"))
@@ -2443,7 +2449,7 @@ def _call_flow(flow: Any, parameters: Mapping[str, Any]) -> str | None:
     return None
 
 
-def execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
+def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     """The body of ``execute flow-run``: run the flow run named in the environment."""
     environ = os.environ if environ is None else environ
     run_id = environ.get("PREFECT__CONTEXT__FLOW_RUN_ID", "")
@@ -2488,7 +2494,7 @@ class _Job:
     kill_at: float | None = None
 
 
-def describe_exit(returncode: int) -> str:
+def _describe_exit(returncode: int) -> str:
     """Say how a process ended, naming the signal that killed it."""
     if returncode >= 0:
         return f"exited with code {returncode}"
@@ -2691,7 +2697,7 @@ class LocalAgent:
             wake_at.append(next_poll)
         if self._pending:
             due = min(run.start_time for run in self._pending.values())
-            wake_at.append(now + max(0.0, (due - utcnow()).total_seconds()))
+            wake_at.append(now + max(0.0, (due - _utcnow()).total_seconds()))
         wake_at.extend(job.deadline for job in self._jobs.values() if job.deadline)
         wake_at.extend(job.kill_at for job in self._jobs.values() if job.kill_at)
         if self._jobs:
@@ -2718,7 +2724,7 @@ class LocalAgent:
         """Ask for due runs; queue new ones for launch. True when any were found."""
         assert self.backend is not None
         self.logger.debug("Querying for ready flow runs...")
-        before = utcnow() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
+        before = _utcnow() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
         try:
             run_ids = self.backend.get_runs_in_queue(self.labels, before)
             new_ids = [run_id for run_id in run_ids if run_id not in self._jobs and run_id not in self._pending]
@@ -2744,7 +2750,7 @@ class LocalAgent:
     def _launch_due(self) -> None:
         """Claim and launch each queued run whose start time has come, in start order."""
         for run in sorted(self._pending.values(), key=lambda run: run.start_time):
-            if self._stop_signal or run.start_time > utcnow():
+            if self._stop_signal or run.start_time > _utcnow():
                 break
             del self._pending[run.id]
             self._deploy(run)
@@ -2759,7 +2765,7 @@ class LocalAgent:
         try:
             if run.problem:
                 raise FlowStorageError(f"the API's record of this run is unusable: {run.problem}")
-            locate_flow_file(run.flow_name, run.storage)
+            _locate_flow_file(run.flow_name, run.storage)
             job = self._launch(run, version)
         except (FlowStorageError, OSError) as exc:
             message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
@@ -2885,7 +2891,7 @@ class LocalAgent:
     def _finish(self, job: _Job, returncode: int) -> None:
         """Decide and report how a run ended, from how its process ended."""
         run, pid = job.run, job.process.pid
-        how = describe_exit(returncode)
+        how = _describe_exit(returncode)
         if returncode != 0:
             self.logger.info("Process PID %d returned non-zero exit code %s (%s)", pid, returncode, how)
         if job.stopping == "timeout":
@@ -2921,7 +2927,7 @@ class LocalAgent:
         """Give a run the agent stopped at shutdown back to the queue, for another agent."""
         message = f"The agent on host {_hostname()} shut down before this run finished; rescheduled."
         self._run_log(job.run.id, f"{message} (its process {how})", level="WARNING")
-        self._set_final(job.run.id, make_state("Scheduled", message, start_time=utcnow()), None)
+        self._set_final(job.run.id, make_state("Scheduled", message, start_time=_utcnow()), None)
 
     def _record_result(self, run_id: str, state_type: str) -> None:
         self.results[run_id] = state_type
@@ -3243,7 +3249,7 @@ def _parse_when(text: str) -> datetime:
     match = re.fullmatch(r"\+(\d+(?:\.\d+)?)([smhd])", text.strip())
     if match:
         unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return utcnow() + timedelta(seconds=float(match.group(1)) * unit)
+        return _utcnow() + timedelta(seconds=float(match.group(1)) * unit)
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -3292,7 +3298,7 @@ def _cmd_start(args: Any) -> int:
 
 
 def _cmd_execute_flow_run(args: Any) -> int:
-    return execute_flow_run(resolve_settings({}))
+    return _execute_flow_run(resolve_settings({}))
 
 
 def _cmd_run(args: Any) -> int:
@@ -3331,7 +3337,7 @@ def _cmd_flows(args: Any) -> int:
 
 def _format_log_line(line: LogLine) -> str:
     try:
-        stamp = _short_time(parse_time(line.timestamp))
+        stamp = _short_time(_parse_time(line.timestamp))
     except ValueError:
         stamp = line.timestamp
     return f"[{stamp}] {line.level} - {line.name} | {line.message}"
@@ -3362,9 +3368,9 @@ def _cmd_cancel(args: Any) -> int:
     return 0
 
 
-def explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None = None) -> list[str]:
+def _explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None = None) -> list[str]:
     """Why an agent with ``agent_labels`` on this host would not take ``run`` (empty: it would)."""
-    now = now or utcnow()
+    now = now or _utcnow()
     reasons = []
     if run.state not in SCHEDULED_STATES:
         reasons.append(f"it is {run.state}, not Scheduled")
@@ -3377,7 +3383,7 @@ def explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None 
         wait = int((run.start_time - now).total_seconds())
         reasons.append(f"it is not due yet: due in {wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s at {_short_time(run.start_time)} UTC")
     try:
-        locate_flow_file(run.flow_name, run.storage)
+        _locate_flow_file(run.flow_name, run.storage)
     except FlowStorageError as exc:
         reasons.append(str(exc))
     return reasons
@@ -3397,7 +3403,7 @@ def _cmd_why(args: Any) -> int:
     if not runs:
         print("  there are no Scheduled flow runs.")
     for run in runs:
-        reasons = explain_run(run, labels)
+        reasons = _explain_run(run, labels)
         verdict = "would run it" if not reasons else "would not run it: " + "; ".join(reasons)
         print(f"  {run.id} ({run.flow_name}, labels {run.labels}): {verdict}")
     return 0
@@ -3417,7 +3423,10 @@ def _seconds(text: str) -> float:
 
 
 def _env_pair(text: str) -> str:
-    _split_env_pair(text, "--env")
+    try:
+        _split_env_pair(text, "--env")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     return text
 
 

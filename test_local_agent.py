@@ -747,6 +747,84 @@ def test_read_only_database_gives_one_clear_line(seeded_db: tuple[World, Path]) 
     assert _snapshot(path) == before
 
 
+# --- The command line and the module ---------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["start", "--bogus"],
+    ["start", "--max-polls", "many"],
+    ["start", "--timeout", "-5"],
+    ["start", "-e", "NO_EQUALS_SIGN"],
+    ["start", "--limit"],
+    ["run"],
+    ["run", "flow", "--param", "novalue"],
+    ["logs"],
+    ["nonsense"],
+    [],
+    ["execute"],
+])
+def test_usage_errors_exit_2_with_one_line(args: list[str], clean_env: dict[str, str]) -> None:
+    result = run_cli(*args, env=clean_env)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_zero_limits_and_polls_are_refused(clean_env: dict[str, str]) -> None:
+    for args in (["--max-polls", "0"], ["--limit", "0"]):
+        result = run_cli("start", *args, env=clean_env)
+        assert result.returncode == 1 and "must be at least 1" in result.stderr
+
+
+def test_version_and_help(clean_env: dict[str, str]) -> None:
+    assert run_cli("--version", env=clean_env, check=True).stdout.strip() == f"local_agent {la.__version__}"
+    help_text = run_cli("start", "--help", env=clean_env, check=True).stdout
+    for flag in ("--token", "--key", "--api", "--label", "--name", "--env", "--import-path", "--show-flow-logs",
+                 "--no-hostname-label", "--max-polls", "--max-poll-interval", "--agent-address",
+                 "--no-cloud-logs", "--log-level", "--verbose", "--once", "--limit", "--timeout", "--grace"):
+        assert flag in help_text
+
+
+def test_python_dash_m_and_main_in_process(clean_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    module = subprocess.run([sys.executable, "-m", "local_agent", "--version"], cwd=AGENT.parent, env=clean_env,
+                            capture_output=True, text=True, timeout=60)
+    assert module.stdout.strip() == f"local_agent {la.__version__}"
+    assert la.main(["runs"]) == 0
+    assert capsys.readouterr().out.startswith("ID")
+    with pytest.raises(SystemExit) as exit_info:
+        la.main(["start", "--bogus"])
+    assert exit_info.value.code == 2
+
+
+def test_importing_the_module_has_no_side_effects() -> None:
+    probe = textwrap.dedent("""
+        import logging, signal, sys
+        before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), logging.getLogger().handlers[:])
+        import local_agent
+        after = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), logging.getLogger().handlers[:])
+        heavy = [name for name in ("sqlite3", "http.client", "ssl", "argparse", "pickle") if name in sys.modules]
+        print(before == after, heavy)
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], cwd=AGENT.parent, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "True []", result.stderr
+
+
+def test_all_matches_the_public_names() -> None:
+    import inspect
+
+    public = {
+        name for name, value in vars(la).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+        and getattr(value, "__module__", la.__name__) == la.__name__
+        and (inspect.isclass(value) or inspect.isfunction(value))
+    }
+    documented = set(la.__all__) - {"context"}
+    assert public == documented, (public - documented, documented - public)
+    for name in la.__all__:
+        doc = getattr(la, name).__doc__
+        assert doc and doc.strip(), f"{name} has no docstring"
+
+
 # --- The Prefect API protocol ------------------------------------------------------------
 
 
