@@ -2549,7 +2549,7 @@ class LocalAgent:
         restore = self._install_signal_handlers()
         try:
             if self._connect():
-                self.logger.info("Agent successfully connected to %s", self.backend.location)  # type: ignore[union-attr]
+                self.logger.info("Agent successfully connected to %s", self.backend.location)
                 self._start_http_endpoint()
                 self.logger.info("Waiting for flow runs...")
                 self._loop()
