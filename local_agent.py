@@ -1123,7 +1123,7 @@ _GET_RUNS_IN_QUEUE = """mutation($input: get_runs_in_queue_input!) {
     }
 }"""
 _FLOW_RUN_METADATA = """query {
-    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } }, { state: { _eq: "Running" }, task_runs: { _state_start_time: { _lte: %(now3)s } } }] }) {
+    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } }, { state: { _eq: "Running" }, task_runs: { state_start_time: { _lte: %(now3)s } } }] }) {
         id
         version
         state
@@ -1140,7 +1140,7 @@ _FLOW_RUN_METADATA = """query {
             id
             storage
         }
-        task_runs(where: { _state_start_time: { _lte: %(now3)s } }) {
+        task_runs(where: { state_start_time: { _lte: %(now3)s } }) {
             version
             id
             serialized_state
@@ -1634,10 +1634,10 @@ CREATE TABLE flow_run (
     id TEXT PRIMARY KEY, flow_id TEXT NOT NULL REFERENCES flow(id), name TEXT NOT NULL,
     labels TEXT NOT NULL, parameters TEXT NOT NULL, context TEXT NOT NULL,
     idempotency_key TEXT UNIQUE, scheduled_start_time TEXT NOT NULL, state TEXT NOT NULL,
-    serialized_state TEXT NOT NULL, state_message TEXT, _state_start_time TEXT NOT NULL,
+    serialized_state TEXT NOT NULL, state_message TEXT, state_start_time TEXT NOT NULL,
     state_timestamp TEXT NOT NULL, version INTEGER NOT NULL, heartbeat TEXT, agent_id TEXT,
     start_time TEXT, end_time TEXT, created TEXT NOT NULL, updated TEXT NOT NULL);
-CREATE INDEX flow_run_queue ON flow_run(state, _state_start_time);
+CREATE INDEX flow_run_queue ON flow_run(state, state_start_time);
 CREATE INDEX flow_run_by_flow ON flow_run(flow_id, scheduled_start_time);
 CREATE TABLE flow_run_state (
     id INTEGER PRIMARY KEY, flow_run_id TEXT NOT NULL REFERENCES flow_run(id),
@@ -1824,8 +1824,8 @@ class SQLiteBackend(Backend):
         self._note_agent_queried()
         placeholders = ",".join("?" * len(SCHEDULED_STATES))
         cursor = self._db().execute(
-            f"SELECT id, labels FROM flow_run WHERE state IN ({placeholders}) AND _state_start_time <= ? "
-            "ORDER BY _state_start_time, id",
+            f"SELECT id, labels FROM flow_run WHERE state IN ({placeholders}) AND state_start_time <= ? "
+            "ORDER BY state_start_time, id",
             (*sorted(SCHEDULED_STATES), _format_time(before)),
         )
         # Unlike Server's fixed window of 75, read on until 25 fit: other labels never starve us.
@@ -1906,7 +1906,7 @@ class SQLiteBackend(Backend):
         start = _state_start_time(state)
         db.execute(
             """UPDATE flow_run SET version = ?, state = ?, serialized_state = ?, state_message = ?,
-                   _state_start_time = ?, state_timestamp = ?, updated = ?,
+                   state_start_time = ?, state_timestamp = ?, updated = ?,
                    heartbeat = CASE WHEN ? THEN ? ELSE heartbeat END,
                    agent_id = CASE WHEN ? THEN ? ELSE agent_id END,
                    start_time = CASE WHEN ? AND start_time IS NULL THEN ? ELSE start_time END,
@@ -2059,14 +2059,17 @@ class SQLiteBackend(Backend):
             run_labels = sorted(labels if labels is not None else json.loads(flow["labels"]))
             db.execute(
                 "INSERT INTO flow_run (id, flow_id, name, labels, parameters, context, idempotency_key, "
-                "scheduled_start_time, state, serialized_state, _state_start_time, state_timestamp, version, "
-                "created, updated) VALUES (?, ?, ?, ?, ?, '{}', ?, ?, 'Pending', '{}', ?, ?, 0, ?, ?)",
+                "scheduled_start_time, state, serialized_state, state_start_time, state_timestamp, version, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, '{}', ?, ?, 'Pending', '{}', ?, ?, -1, ?, ?)",
                 (
                     run_id, flow_id, f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}",
                     json.dumps(run_labels), json.dumps(dict(parameters)), idempotency_key,
                     _format_time(start), _format_time(start), now, now, now,
                 ),
             )
+            # Like Server: the run is written Pending (version 0), then Scheduled (version 1).
+            pending = make_state("Pending", "Flow run created")
+            self._apply_state(db, run_id, 0, pending, json.dumps(pending))
             self._apply_state(db, run_id, 1, state, json.dumps(state))
             return run_id
 
