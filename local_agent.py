@@ -2497,6 +2497,20 @@ class _Job:
     kill_at: float | None = None
 
 
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def _redactor(settings: Settings) -> Callable[[str], str]:
+    """A function that blanks the token and secret-looking ``--env`` values out of text."""
+    secrets = [settings.token] if settings.token else []
+    secrets += [value for key, value in settings.env.items() if _SECRET_NAME.search(key)]
+    secrets = sorted({secret for secret in secrets if len(secret) >= 4}, key=len, reverse=True)
+    if not secrets:
+        return lambda text: text
+    pattern = re.compile("|".join(re.escape(secret) for secret in secrets))
+    return lambda text: pattern.sub("[REDACTED]", text)
+
+
 def _describe_exit(returncode: int) -> str:
     """Say how a process ended, naming the signal that killed it."""
     if returncode >= 0:
@@ -2537,6 +2551,7 @@ class LocalAgent:
         self._shipper: _LogShipper | None = None
         self._output_lock = threading.Lock()
         self._http: Any = None
+        self._redact = _redactor(self.settings)
 
     # Public controls.
 
@@ -2862,6 +2877,7 @@ class LocalAgent:
 
     def _collect(self, job: _Job, line: LogLine) -> None:
         """Keep a line for the failure message, echo it with ``-f``, ship it to the run log."""
+        line.message = self._redact(line.message)
         shown = line.message if line.name == "output" else _format_log_line(line)
         job.tail.append(shown)
         if self.settings.show_flow_logs:

@@ -2372,6 +2372,7 @@ class RecordedRequest:
     roots: list[str]  # root field names (not aliases) of the operation
     status: int  # HTTP status answered; 0 when the connection was dropped
     time: float  # time.time() on arrival
+    variables_as_text: bool = False  # whether variables came JSON-encoded in a string, as Prefect sends them
 
 
 @dataclass(frozen=True)
@@ -2401,6 +2402,7 @@ class _Body:
     variables: dict[str, Any] | None = None
     operation_name: str | None = None
     problem: str | None = None  # why the body cannot be run (HTTP 400)
+    variables_as_text: bool = False
 
 
 def _decode_body(raw: bytes) -> _Body:
@@ -2420,7 +2422,8 @@ def _decode_body(raw: bytes) -> _Body:
     if variables is not None and not isinstance(variables, dict):
         return _Body(query, problem="Variables are invalid JSON.")
     name = payload.get("operationName")
-    return _Body(query, variables, name if isinstance(name, str) else None)
+    as_text = isinstance(payload.get("variables"), str)
+    return _Body(query, variables, name if isinstance(name, str) else None, variables_as_text=as_text)
 
 
 @dataclass
@@ -2803,7 +2806,9 @@ class PrefectServerDouble:
         roots = self._root_names(body)
         reply = _Reply(0, None) if self._stopped else self._answer(body, roots, headers)
         query = sys.intern(body.query)  # agents resend the same few documents
-        record = RecordedRequest(handler.path, headers, query, body.variables, roots, reply.status, arrived)
+        record = RecordedRequest(
+            handler.path, headers, query, body.variables, roots, reply.status, arrived, body.variables_as_text
+        )
         with self._lock:
             self._requests.append(record)
         handler.reply(reply)

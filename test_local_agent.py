@@ -835,6 +835,186 @@ def test_all_matches_the_public_names() -> None:
 # --- The Prefect API protocol ------------------------------------------------------------
 
 
+# --- The Prefect API protocol ------------------------------------------------------------
+
+
+@pytest.fixture
+def api_world(tmp_path: Path, clean_env: dict[str, str], flows_dir: Path, server: Any) -> World:
+    return World("graphql", tmp_path, clean_env, flows_dir, server)
+
+
+def test_start_up_and_poll_follow_prefect_1x(api_world: World, test_flows: Any) -> None:
+    server = api_world.server
+    run_id = api_world.run(api_world.flow(test_flows.hello))
+    result = api_world.agent("--once")
+    assert result.returncode == 0, result.stderr
+    agent_calls = [request for request in server.requests if "local-agent" in request.headers.get("user-agent", "")
+                   and request.headers.get("x-prefect-heartbeat-id") is None]
+    roots = [request.roots[0] for request in agent_calls]
+    assert roots[:5] == ["tenant", "register_agent", "hello", "get_runs_in_queue", "flow_run"]
+    registration = agent_calls[1].variables["input"]
+    assert registration == {"type": "LocalAgent", "name": "agent", "labels": ["test", "local"],
+                            "tenant_id": server.tenant_id, "agent_config_id": None}
+    agent_id = server.agents()[0]["id"]
+    after_registration = [r for r in server.requests[2:] if r.roots[0] in ("hello", "get_runs_in_queue")]
+    assert all(r.headers.get("x-prefect-agent-id") == agent_id for r in after_registration)
+    assert all(r.variables_as_text for r in agent_calls)  # sent as a JSON string, like Prefect
+    claim = next(r for r in server.root_calls("set_flow_run_states") if r.variables["input"]["states"][0]["state"]["type"] == "Submitted")
+    submitted = claim.variables["input"]["states"][0]
+    assert submitted["version"] == 1 and submitted["state"]["state"]["type"] == "Scheduled"
+    assert server.run(run_id)["agent_id"] == agent_id
+    poll = server.root_calls("get_runs_in_queue")[0].variables["input"]
+    assert poll["labels"] == ["test", "local"] and poll["tenant_id"] == server.tenant_id
+
+
+def test_polls_prefetch_ten_seconds_ahead(api_world: World) -> None:
+    before_start = datetime.now(timezone.utc)
+    api_world.agent("--max-polls", "1")
+    sent = la._parse_time(api_world.server.root_calls("get_runs_in_queue")[0].variables["input"]["before"])
+    assert 9.5 < (sent - before_start).total_seconds() < 12
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "config"])
+def test_token_reaches_the_api_and_never_the_output(api_world: World, test_flows: Any, tmp_path: Path,
+                                                    source: str) -> None:
+    run_id = api_world.run(api_world.flow(test_flows.show_env), parameters={"key": "PREFECT__CLOUD__AUTH_TOKEN"})
+    env, args = dict(api_world.env), ["--once", "-v", "-f"]
+    if source == "flag":
+        args += ["-t", TOKEN]
+    elif source == "env":
+        env["PREFECT__CLOUD__API_KEY"] = TOKEN
+    else:
+        config = tmp_path / "config.toml"
+        config.write_text(f'[cloud.agent]\nauth_token = "{TOKEN}"\n')
+        config.chmod(0o600)
+        env["PREFECT__USER_CONFIG_PATH"] = str(config)
+    result = api_world.agent(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    expected = {"flag": "the --token flag", "env": "environment variable PREFECT__CLOUD__API_KEY",
+                "config": f"config file {tmp_path / 'config.toml'} (cloud.agent.auth_token)"}[source]
+    assert f"Token: given by {expected}" in result.stderr
+    headers = [request.headers.get("authorization") for request in api_world.server.requests]
+    assert headers and all(header == f"Bearer {TOKEN}" for header in headers)  # the child's writes too
+    assert api_world.state(run_id) == "Success"
+    # The flow printed the variable it got through the environment: the agent blanked it out.
+    assert "PREFECT__CLOUD__AUTH_TOKEN=[REDACTED]" in api_world.logs(run_id)
+
+
+def test_cloud_key_uses_auth_info_and_a_bad_key_is_one_clear_line(tmp_path: Path, clean_env: dict[str, str],
+                                                                  flows_dir: Path) -> None:
+    with PrefectServerDouble(cloud=True, require_token=TOKEN) as cloud:
+        world = World("graphql", tmp_path, clean_env, flows_dir, cloud)
+        good = world.agent("--max-polls", "1", "-k", TOKEN)
+        assert good.returncode == 0, good.stderr
+        assert [r.roots[0] for r in cloud.requests[:3]] == ["auth_info", "register_agent", "hello"]
+        assert all(r.headers.get("x-prefect-tenant-id") == cloud.tenant_id for r in cloud.requests[1:])
+        bad = world.agent("--max-polls", "1", "-k", "wrong-key")
+        assert bad.returncode == 1
+        errors = [line for line in bad.stderr.splitlines() if "error" in line.lower()]
+        assert errors == [f"local_agent: error: the API at {cloud.url} refused the token: AuthenticationError: Forbidden"]
+        assert "wrong-key" not in bad.stdout + bad.stderr
+
+
+def test_agent_address_serves_health_and_poke(api_world: World, test_flows: Any) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agent = subprocess.Popen(
+        [sys.executable, str(AGENT), "start", "--api", api_world.api, "-l", "test", "--no-hostname-label",
+         "--agent-address", f"http://127.0.0.1:{port}", "--max-poll-interval", "60", "--max-polls", "4"],
+        env=api_world.env, cwd=api_world.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        health = None
+        deadline = time.monotonic() + 20
+        while health is None and time.monotonic() < deadline:
+            try:
+                health = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).read()
+            except OSError:
+                time.sleep(0.1)
+        assert health == b"{}"
+        server = api_world.server
+        assert server.wait_for(lambda: len(server.root_calls("get_runs_in_queue")) >= 3, timeout=20)
+        # Backed off now (0.25 + 0.5 + 1 s, then 2 s): a poke makes it poll at once.
+        run_id = api_world.run(api_world.flow(test_flows.noop))
+        poked_at = time.monotonic()
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/api/poke", timeout=2).read() == b"{}"
+        assert server.wait_for(lambda: server.run(run_id)["state"] != "Scheduled", timeout=20)
+        assert time.monotonic() - poked_at < 1.0
+        assert agent.wait(timeout=30) == 0
+    finally:
+        agent.kill()
+        agent.communicate()
+    assert api_world.state(run_id) == "Success"
+
+
+def test_api_errors_never_kill_the_loop(api_world: World, test_flows: Any) -> None:
+    server = api_world.server
+    run_id = api_world.run(api_world.flow(test_flows.hello))
+    server.fail_next(2, status=500, only_root="get_runs_in_queue")
+    server.fail_next(1, body=b"<html>proxy error</html>", status=200, only_root="get_runs_in_queue")
+    server.fail_next(1, graphql_error="Unable to complete operation. An internal API error occurred.",
+                     code="API_ERROR", only_root="flow_run")
+    result = api_world.agent("--max-polls", "8", "--max-poll-interval", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert api_world.state(run_id) == "Success"
+    assert "answered HTTP 500" in result.stderr and "not JSON" in result.stderr
+    assert result.stderr.count("The API answers again.") >= 1
+
+
+def test_deploy_registers_a_flow_that_server_accepts_and_the_agent_runs(
+    api_world: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = api_world.server
+    for key, value in api_world.env.items():
+        monkeypatch.setenv(key, value)
+    flow = la.Flow("Deployed Flow", test_flows.hello)
+    flow_id = flow.deploy("My Project", labels=["test"], api=server.url)
+    assert flow.deploy("My Project", api=server.url) == flow_id  # unchanged: the same version
+    stored = server.flow(flow_id)
+    assert stored["storage"]["type"] == "Local"
+    assert stored["storage"]["flows"] == {"Deployed Flow": str(api_world.storage_dir / "deployed-flow.prefect")}
+    assert sorted(stored["run_config"]["labels"]) == ["deployed-flow", "local", "test"]
+    run_id = la.create_flow_run("Deployed Flow", {"name": "API"}, labels=["test"], api=server.url)
+    assert server.run(run_id)["parameters"] == {"name": "API"}
+    assert la.list_flows(api=server.url)[0].name == "Deployed Flow"
+    api_world.agent("--once")
+    assert api_world.state(run_id) == "Success"
+    assert "Hello, API!" in [line.message for line in la.get_run_logs(run_id, api=server.url)]
+    assert [run.id for run in la.list_flow_runs(state="Success", api=server.url)] == [run_id]
+
+
+def test_commands_work_against_the_api(api_world: World, test_flows: Any) -> None:
+    api_world.flow(test_flows.hello, labels=("test",))
+    env = {**api_world.env, "PREFECT__CLOUD__API": api_world.api}
+    run_id = run_cli("run", "hello", "--param", "name=Server", env=env, check=True).stdout.strip()
+    assert api_world.server.run(run_id)["labels"] == ["test"]
+    why = run_cli("why", run_id, env=env, check=True).stdout
+    assert "lacks label(s) test" in why
+    api_world.agent("--once")
+    assert run_id in run_cli("runs", "--flow", "hello", env=env, check=True).stdout
+    assert "Hello, Server!" in run_cli("logs", run_id, env=env, check=True).stdout
+    assert "hello" in run_cli("flows", env=env, check=True).stdout
+    other = api_world.run(api_world.flow(test_flows.noop))
+    assert run_cli("cancel", other, env=env, check=True).stdout.strip() == "Cancelled"
+
+
+def test_two_agents_on_server_run_each_run_once(api_world: World, test_flows: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "starts.txt"
+    flow_id = api_world.flow(test_flows.record_start)
+    run_ids = [api_world.run(flow_id, parameters={"path": str(marker)}) for _ in range(40)]
+    command = [sys.executable, str(AGENT), "start", "--api", api_world.api, "-l", "test", "--no-hostname-label",
+               "--once"]
+    agents = [subprocess.Popen(command + ["-n", f"agent-{n}"], env=api_world.env, cwd=api_world.cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    errors = [agent.communicate(timeout=120)[1] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], errors
+    assert len(marker.read_text().split()) == 40
+    assert all(api_world.state(run_id) == "Success" for run_id in run_ids)
+
+
 # --- The Prefect Server double itself ---------------------------------------------------
 #
 # The double stands in for Prefect Server in the tests above, so it is tested on its own:
