@@ -114,7 +114,6 @@ OUTPUT_TAIL_LINES = 20
 #: Longer output lines are split; a run's log keeps at most this much of its output.
 MAX_LINE_BYTES = 16 * 1024
 MAX_RUN_LOG_BYTES = 10_000_000
-DOCS_URL = "https://github.com/local-agent/local_agent#readme"
 SCHEDULED_STATES = frozenset({"Scheduled", "Paused", "Resume", "Retrying", "Queued"})
 FINAL_STATES = frozenset(
     {
@@ -212,6 +211,12 @@ def _hostname() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def _docs_location() -> str:
+    """The README beside this file, where there is one (a vendored copy may have none)."""
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+    return readme if os.path.isfile(readme) else "the README.md of local_agent"
 
 
 def _describe_exception(exc: BaseException) -> str:
@@ -2476,6 +2481,8 @@ def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = No
 KILL_GRACE_SECONDS = 10.0
 #: Seconds between checks of the runs this agent owns (cancellation).
 WATCH_SECONDS = 5.0
+#: How long ``--once`` waits out an API that does not answer before it exits 1.
+ONCE_API_PATIENCE_SECONDS = 60.0
 _AGENT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
 
@@ -2548,6 +2555,8 @@ class LocalAgent:
         self._hurry = threading.Event()
         self._stop_signal = 0
         self._api_problem = ""
+        self._api_down_since = 0.0
+        self._gave_up = False
         self._shipper: _LogShipper | None = None
         self._output_lock = threading.Lock()
         self._http: Any = None
@@ -2562,7 +2571,7 @@ class LocalAgent:
             self.backend = open_backend(self.settings)  # bad settings or files fail before the banner
         print(BANNER, flush=True)
         self.logger.info("Starting LocalAgent with labels %s", self.labels)
-        self.logger.info("Agent documentation can be found at %s", DOCS_URL)
+        self.logger.info("Agent documentation can be found at %s", _docs_location())
         self._log_settings()
         restore = self._install_signal_handlers()
         try:
@@ -2646,7 +2655,7 @@ class LocalAgent:
 
     def _connect(self) -> bool:
         """Open the backend and register, retrying while the API is down; False if stopped."""
-        attempts = 0
+        attempts, started = 0, time.monotonic()
         while not self._stop.is_set():
             try:
                 if self.backend is None:
@@ -2661,9 +2670,10 @@ class LocalAgent:
                     raise
                 self._api_failed(exc)
             attempts += 1
-            if self.settings.max_polls is not None and attempts >= self.settings.max_polls:
+            out_of_patience = self.settings.once and time.monotonic() - started > ONCE_API_PATIENCE_SECONDS
+            if out_of_patience or (self.settings.max_polls is not None and attempts >= self.settings.max_polls):
                 self.logger.error("Giving up: the API did not answer after %d attempt(s).", attempts)
-                self.stop()
+                self._gave_up = True
                 break
             self._wake.wait(self._backoff(attempts))
             self._wake.clear()
@@ -2701,8 +2711,15 @@ class LocalAgent:
         if self.settings.max_polls is not None and polls >= self.settings.max_polls:
             self.logger.debug("Reached the maximum of %d poll(s).", polls)
             return True
-        # --once: stop when a poll finds nothing new and nothing is left to launch.
-        return self.settings.once and not found and not self._pending and not self._api_problem
+        if not self.settings.once:
+            return False
+        # --once: stop when a poll finds nothing new and nothing is left to launch, or when
+        # the API has been failing for too long to wait on (cron should hear about it).
+        if self._api_down_since and time.monotonic() - self._api_down_since > ONCE_API_PATIENCE_SECONDS:
+            self.logger.error("Giving up: the API has not answered for %g s.", ONCE_API_PATIENCE_SECONDS)
+            self._gave_up = True
+            return True
+        return not found and not self._pending and not self._api_problem
 
     def _backoff(self, empty_polls: int) -> float:
         interval = POLL_BACKOFF[min(empty_polls, len(POLL_BACKOFF) - 1)]
@@ -3050,6 +3067,8 @@ class LocalAgent:
 
         if self._stop_signal == signal.SIGINT:
             return 130
+        if self._gave_up:
+            return 1
         if self.settings.once and any(state != "Success" for state in self.results.values()):
             return 1
         return 0
@@ -3058,6 +3077,7 @@ class LocalAgent:
 
     def _api_failed(self, exc: AgentError) -> None:
         """Log an API problem once per change, not on every retry."""
+        self._api_down_since = self._api_down_since or time.monotonic()
         text = str(exc)
         if text != self._api_problem:
             self._api_problem = text
@@ -3065,6 +3085,7 @@ class LocalAgent:
             self.logger.log(level, "%s; retrying", text)
 
     def _api_recovered(self) -> None:
+        self._api_down_since = 0.0
         if self._api_problem:
             self.logger.info("The API answers again.")
             self._api_problem = ""
