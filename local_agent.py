@@ -357,6 +357,7 @@ _OPTIONS = (
     _Option("grace", ("cloud.agent.grace",), _as_number, 30.0),
     _Option("request_timeout", ("cloud.request_timeout",), _as_number, REQUEST_TIMEOUT_SECONDS),
     _Option("allow_insecure_http", ("cloud.agent.allow_insecure_http",), _as_bool, False),
+    _Option("subreaper", ("cloud.agent.subreaper",), _as_bool, False),
 )
 
 
@@ -389,6 +390,7 @@ class Settings:
     grace: float = 30.0
     request_timeout: float = REQUEST_TIMEOUT_SECONDS
     allow_insecure_http: bool = False
+    subreaper: bool = False
     once: bool = False
     #: Where each setting came from, e.g. ``{"token": "environment variable PREFECT__..."}``.
     sources: dict[str, str] = field(default_factory=dict)
@@ -949,6 +951,8 @@ class FlowRun:
     updated: datetime | None = None
     #: Why this row cannot be run as it stands (a malformed API answer), or "".
     problem: str = ""
+    #: When it was read (``time.monotonic()``), to tell a stale prefetched row.
+    fetched: float = field(default_factory=time.monotonic)
 
     @property
     def start_time(self) -> datetime:
@@ -1009,6 +1013,14 @@ class Backend:
     ) -> None:
         """Write a state; raise StateUpdateFailed when another writer won."""
         raise NotImplementedError
+
+    def claim_flow_run(self, run: FlowRun, submitted: Mapping[str, Any]) -> int | None:
+        """Write ``submitted`` at the version read; the new version, or None if another writer won."""
+        try:
+            self.set_flow_run_state(run.id, submitted, run.version)
+        except StateUpdateFailed:
+            return None
+        return run.version + 1
 
     def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
         """Append log lines (``flow_run_id``, ``timestamp``, ``level``, ``name``, ``message``)."""
@@ -1170,6 +1182,18 @@ _RUN_FIELDS = """id
         }"""
 _FLOW_RUN_BY_PK = "query {\n    flow_run_by_pk(id: %s) {\n        " + _RUN_FIELDS + "\n    }\n}"
 _FLOW_RUN_LIST = "query {\n    flow_run(%s) {\n        " + _RUN_FIELDS + "\n    }\n}"
+_CLAIM_VIEW = """query {
+    flow_run_by_pk(id: %s) {
+        state
+        version
+        states {
+            id
+            state
+            timestamp
+            serialized_state
+        }
+    }
+}"""
 _SET_FLOW_RUN_STATES = """mutation($input: set_flow_run_states_input!) {
     set_flow_run_states(input: $input) {
         states {
@@ -1458,6 +1482,60 @@ class GraphQLBackend(Backend):
         if status not in (None, "SUCCESS"):
             message = states[0].get("message") or status
             raise StateUpdateFailed(f"State update failed for flow run ID {run_id}: {message}")
+
+    #: Seconds between a claim and its read-back: longer than a write takes to commit, so a
+    #: claim that sorts before ours but was not yet visible cannot be missed.
+    CLAIM_SETTLE_SECONDS = 0.2
+
+    def claim_flow_run(self, run: FlowRun, submitted: Mapping[str, Any]) -> int | None:
+        """Claim on an API that does not lock versions (Prefect Server): write, then read back.
+
+        The rule: among the Submitted states after the run's last Scheduled-family state,
+        ordered by the server's timestamp (then id), the first one wins. Every claimant reads
+        the same history, so all agree on one winner; a loser whose Submitted became the
+        run's current state puts back the state before it. A claim written twice (a retry
+        after a lost answer) is found by its token, so it still counts.
+        """
+        token = submitted["context"]["claim"]
+        if time.monotonic() - run.fetched > 1.0:  # a prefetched row may have gone stale
+            view = self._claim_view(run.id)
+            if view is None or view.get("state") not in SCHEDULED_STATES:
+                return None
+        try:
+            self.set_flow_run_state(run.id, submitted, run.version)
+        except StateUpdateFailed:
+            pass  # Server's 30-s guard: another claim, or our own earlier write; the read-back decides
+        except APIError as exc:
+            if not exc.transient:
+                raise
+            # The write may have landed without our hearing: the read-back decides.
+        time.sleep(self.CLAIM_SETTLE_SECONDS)
+        view = _retry_api(lambda: self._claim_view(run.id), 30.0)
+        return None if view is None else self._settle_claim(run.id, view, token)
+
+    def _claim_view(self, run_id: str) -> dict[str, Any] | None:
+        view = self.graphql(_CLAIM_VIEW % json.dumps(run_id)).get("flow_run_by_pk")
+        return None if view is None else _expect(view, dict, "flow_run_by_pk")
+
+    def _settle_claim(self, run_id: str, view: Mapping[str, Any], token: str) -> int | None:
+        """Apply the claim rule to a run's state history; our version if we won."""
+        rows = [_expect(row, dict, "a state row") for row in _expect(view.get("states"), list, "states")]
+        rows.sort(key=lambda row: (_parse_time_or_now(str(row.get("timestamp"))), str(row.get("id"))))
+        last_scheduled = max((i for i, row in enumerate(rows) if row.get("state") in SCHEDULED_STATES), default=-1)
+        claims = [row for row in rows[last_scheduled + 1:] if row.get("state") == "Submitted"]
+
+        def is_ours(row: Mapping[str, Any]) -> bool:
+            state = _json_field(row.get("serialized_state"))
+            return isinstance(state, dict) and (state.get("context") or {}).get("claim") == token
+
+        if claims and is_ours(claims[0]):
+            return int(view["version"]) if isinstance(view.get("version"), int) else None
+        if len(rows) >= 2 and is_ours(rows[-1]):
+            # We lost, and our Submitted now hides the winner's state: put that state back.
+            previous = _json_field(rows[-2].get("serialized_state"))
+            if isinstance(previous, dict):
+                self.set_flow_run_state(run_id, previous, None)
+        return None
 
     def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
         answer = self.graphql(_WRITE_RUN_LOGS, {"input": {"logs": [dict(log) for log in logs]}})
@@ -2159,93 +2237,199 @@ def _check_required_parameters(declared: Any, given: Mapping[str, Any]) -> None:
 # --- Run logs ----------------------------------------------------------------------------
 
 
-class _LogShipper:
-    """Sends run-log lines to the backend from a background thread.
+class _Outbox:
+    """API writes that must not be lost — run-log lines and states — delivered in order.
 
-    A line is sent as soon as it is queued; lines queued while a send is under way go
-    together in the next one, so batches grow exactly when the API is the bottleneck.
+    A background thread sends entries as soon as they arrive; entries queued while a send
+    is under way go together in the next one, so batches grow exactly when the API is the
+    bottleneck. While the API cannot take them they wait, retried about once a second.
+    With a spool file (the agent's) they also survive a restart of the process; the spool
+    keeps at most MAX_SPOOL_BYTES, dropping the oldest log lines first, never a state.
     """
 
-    #: Seconds between retries while the API cannot take lines, and the most lines kept.
-    RETRY_SECONDS = 1.0
-    MAX_QUEUED = 10_000
     BATCH = 500
+    MAX_SPOOL_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, spool: Path | None = None) -> None:
+        import collections
+
         self._backend = backend
-        self._queue: list[dict[str, Any]] = []
+        self._spool = spool
+        self._entries: collections.deque[dict[str, Any]] = collections.deque()
+        self._bytes = 0
+        self._sent_since_rewrite = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self.dropped = 0
+        self.failing = ""
+        if spool is not None and spool.exists():
+            self._load_spool(spool)
 
-    def put(self, run_id: str, message: str, *, level: str = "INFO", name: str = "agent",
+    def log(self, run_id: str, message: str, *, level: str = "INFO", name: str = "agent",
             timestamp: datetime | None = None) -> None:
         """Queue one line for a run's log."""
-        line = {
-            "flow_run_id": run_id,
-            "timestamp": _format_time(timestamp or _utcnow()),
-            "level": level,
-            "name": name,
-            "message": message,
-        }
-        with self._lock:
-            if len(self._queue) >= self.MAX_QUEUED:
-                del self._queue[0]  # the oldest line goes first; count what was lost
-                self.dropped += 1
-            self._queue.append(line)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
-                self._thread.start()
+        self._add({"k": "log", "r": run_id, "t": _format_time(timestamp or _utcnow()), "l": level,
+                   "n": name, "m": message})
+
+    def state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
+        """Queue a state write."""
+        self._add({"k": "state", "r": run_id, "s": dict(state), "v": version})
+
+    @property
+    def pending(self) -> int:
+        """How many entries wait to be delivered."""
+        return len(self._entries)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for everything to be delivered; True if it was."""
         self._wake.set()
-
-    def _run(self) -> None:
-        while not self._closed.is_set():
-            self._wake.wait(self.RETRY_SECONDS)
-            self._wake.clear()
-            self._send_some()
-
-    def _send_some(self) -> bool:
-        """Send queued lines in batches; False when the backend would not take them."""
-        while True:
-            with self._lock:
-                batch = self._queue[: self.BATCH]
-            if not batch:
-                return True
-            try:
-                self._backend.write_run_logs(batch)
-            except AgentError as exc:
-                if getattr(exc, "transient", False):
-                    return False  # keep them for the next round
-                logging.getLogger(__name__).warning("dropped %d run-log line(s): %s", len(batch), exc)
-                self.dropped += len(batch)
-            with self._lock:
-                del self._queue[: len(batch)]
+        return self._idle.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread after sending what is queued, trying for up to ``timeout`` s."""
+        """Deliver what can be delivered within ``timeout``; the spool keeps the rest."""
+        self.flush(timeout)
         self._closed.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
-        deadline = time.monotonic() + timeout
-        while not self._send_some() and time.monotonic() < deadline:
-            time.sleep(0.2)
+            self._thread.join(2.0)
+
+    def _add(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._entries.append(entry)
+            self._bytes += len(line)
+            self._idle.clear()
+            if self._spool is not None:
+                with open(self._spool, "a", encoding="utf-8") as spool:
+                    spool.write(line)
+                if self._bytes > self.MAX_SPOOL_BYTES:
+                    self._shed()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _shed(self) -> None:
+        """Drop the oldest log lines until the spool fits again (states are kept)."""
+        kept = []
+        for entry in self._entries:
+            if self._bytes > self.MAX_SPOOL_BYTES * 0.9 and entry["k"] == "log":
+                self._bytes -= len(json.dumps(entry, separators=(",", ":"))) + 1
+                self.dropped += 1
+                continue
+            kept.append(entry)
+        self._entries.clear()
+        self._entries.extend(kept)
+        logging.getLogger(__name__).warning(
+            "the spool of undelivered API writes is full: dropped %d old log line(s) so far", self.dropped)
+        self._rewrite_spool()
+
+    def _load_spool(self, spool: Path) -> None:
+        """Take over what a previous run of the agent could not deliver."""
+        try:
+            lines = spool.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the spool file {spool}: {exc.strerror or exc}") from None
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash mid-write
+            if isinstance(entry, dict) and entry.get("k") in ("log", "state"):
+                self._entries.append(entry)
+                self._bytes += len(line) + 1
+        if self._entries:
+            self._idle.clear()
+            self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+            self._thread.start()
+
+    def _rewrite_spool(self) -> None:
+        """Replace the spool file with what is still undelivered (called under the lock)."""
+        if self._spool is None:
+            return
+        temporary = self._spool.with_suffix(".tmp")
+        with open(temporary, "w", encoding="utf-8") as spool:
+            spool.writelines(json.dumps(entry, separators=(",", ":")) + "\n" for entry in self._entries)
+        os.replace(temporary, self._spool)
+        self._sent_since_rewrite = 0
+
+    def _run(self) -> None:
+        import random
+
+        while not self._closed.is_set():
+            if self._deliver_some():
+                self._wake.wait()
+            else:  # the API is failing: try again within a second, jittered
+                self._wake.wait(random.uniform(0.5, 1.0))
+            self._wake.clear()
+
+    def _deliver_some(self) -> bool:
+        """Deliver entries in order until none are left (True) or the API fails (False)."""
+        while True:
+            with self._lock:
+                batch = self._next_batch()
+                if not batch:
+                    self._bytes = 0
+                    if self._spool is not None and self._spool.exists():
+                        self._spool.write_bytes(b"")
+                    self._idle.set()
+                    return True
+            try:
+                self._send(batch)
+                self.failing = ""
+            except AgentError as exc:
+                if getattr(exc, "transient", False):
+                    self.failing = str(exc)
+                    return False
+                # Refused for good (another writer won, or a malformed line): do not block the rest.
+                logging.getLogger(__name__).warning("dropped %d undeliverable API write(s): %s", len(batch), exc)
+            with self._lock:
+                for _ in batch:
+                    self._bytes -= len(json.dumps(self._entries.popleft(), separators=(",", ":"))) + 1
+                self._sent_since_rewrite += len(batch)
+                if self._entries and self._sent_since_rewrite > 1000:
+                    self._rewrite_spool()  # a long backlog: do not resend all of it after a crash
+
+    def _next_batch(self) -> list[dict[str, Any]]:
+        """The head state alone, or the run of log lines at the head (up to BATCH)."""
+        if not self._entries:
+            return []
+        if self._entries[0]["k"] == "state":
+            return [self._entries[0]]
+        batch: list[dict[str, Any]] = []
+        for entry in self._entries:
+            if entry["k"] != "log" or len(batch) == self.BATCH:
+                break
+            batch.append(entry)
+        return batch
+
+    def _send(self, batch: list[dict[str, Any]]) -> None:
+        if batch[0]["k"] == "state":
+            entry = batch[0]
+            self._backend.set_flow_run_state(entry["r"], entry["s"], entry["v"])
+            return
+        self._backend.write_run_logs([
+            {"flow_run_id": e["r"], "timestamp": e["t"], "level": e["l"], "name": e["n"], "message": e["m"]}
+            for e in batch
+        ])
 
 
 class _RunLogHandler(logging.Handler):
     """A logging handler that puts records into a run's log."""
 
-    def __init__(self, shipper: _LogShipper, run_id: str) -> None:
+    def __init__(self, outbox: _Outbox, run_id: str) -> None:
         super().__init__()
-        self._shipper = shipper
+        self._outbox = outbox
         self._run_id = run_id
         self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._shipper.put(
+            self._outbox.log(
                 self._run_id,
                 self.format(record),
                 level=record.levelname if record.levelname in _LOG_LEVELS else "INFO",
@@ -2323,71 +2507,100 @@ def _parse_output_line(text: str) -> LogLine:
     return LogLine(_format_time(_utcnow()), "INFO", "output", text)
 
 
+def _retry_api(call: Callable[[], _T], patience: float) -> _T:
+    """Call the API, retrying transient failures for up to ``patience`` seconds."""
+    deadline, delay = time.monotonic() + patience, 0.5
+    while True:
+        try:
+            return call()
+        except APIError as exc:
+            if not exc.transient or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 4.0)
+
+
+#: Exit codes of ``execute flow-run``: a final state was reported (or handed to the agent
+#: through the result file), or the flow could not even be loaded (Failed was reported).
+_EXIT_REPORTED, _EXIT_NOT_RUN, _EXIT_UNREPORTED = 0, 1, 3
+
+
 class _FlowRunProcess:
-    """``execute flow-run``: load the run's flow, run it, report its state and logs."""
+    """``execute flow-run``: load the run's flow, run it, report its state and logs.
+
+    Under an agent (``LOCAL_AGENT_RESULT_FILE`` set) its log records go to stdout for the
+    agent to ship, and a final state it cannot deliver is left in the result file for the
+    agent to deliver. Alone, it ships its own logs.
+    """
+
+    #: Seconds to wait out an API outage before giving up on it.
+    PATIENCE_SECONDS = 60.0
 
     def __init__(
-        self, backend: Backend, run_id: str, *, cloud_logs: bool, level: str, collected: bool = False
+        self, backend: Backend, run_id: str, *, cloud_logs: bool, level: str, result_file: str = ""
     ) -> None:
         self.backend = backend
         self.run_id = run_id
-        #: Under an agent, records go to stdout and the agent ships them; alone, we do.
-        self.collected = collected
-        self.shipper = _LogShipper(backend) if cloud_logs and not collected else None
+        self.result_file = result_file
+        self.outbox = _Outbox(backend) if cloud_logs and not result_file else None
         self.logger = logging.getLogger("flow_runner")
         self._level = level
         self._done = threading.Event()
 
     def run(self) -> int:
-        """Run the flow once; 0 when a final state was reported for it."""
+        """Run the flow once; the exit code."""
         self._install_logging()
         try:
             return self._run()
+        except APIError as exc:
+            self.logger.error("Giving up on flow run %s: %s", self.run_id, exc)
+            return _EXIT_UNREPORTED
         finally:
             self._done.set()
-            if self.shipper is not None:
-                self.shipper.close()
+            if self.outbox is not None:
+                self.outbox.close(self.PATIENCE_SECONDS)
 
     def _install_logging(self) -> None:
         root = logging.getLogger()
         root.setLevel(self._level)
-        if self.collected:
+        if self.result_file:
             root.addHandler(_RecordLineHandler(sys.stdout))
             return
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(_utc_formatter(_CHILD_FORMAT))
         root.addHandler(console)
-        if self.shipper is not None:
-            root.addHandler(_RunLogHandler(self.shipper, self.run_id))
+        if self.outbox is not None:
+            root.addHandler(_RunLogHandler(self.outbox, self.run_id))
 
     def _run(self) -> int:
-        run = self.backend.get_flow_run(self.run_id)
+        run = _retry_api(lambda: self.backend.get_flow_run(self.run_id), self.PATIENCE_SECONDS)
         if run is None:
             self.logger.error("Flow run %s not found", self.run_id)
-            return 1
+            return _EXIT_NOT_RUN
         if is_final(run.state):
             self.logger.info("Flow run %s has already finished (%s); nothing to do.", run.id, run.state)
-            return 0
+            return _EXIT_REPORTED
         try:
             path, directory = _locate_flow_file(run.flow_name, run.storage)
             flow = load_flow(path, directory)
             _share_context(flow_run_id=run.id, flow_id=run.flow_id, flow_name=run.flow_name,
                            parameters=dict(run.parameters), logger=logging.getLogger("flow"))
         except FlowStorageError as exc:
-            return self._fail_to_load(run, str(exc))
+            return self._fail_to_load(str(exc))
         except BaseException as exc:  # the flow's own modules may fail to import
             self.logger.error("Failed to load flow %r", run.flow_name, exc_info=True)
-            return self._fail_to_load(run, "Failed to load flow: " + _describe_exception(exc))
+            return self._fail_to_load("Failed to load flow: " + _describe_exception(exc))
+        running = make_state("Running", "Running flow.")
         try:
-            self.backend.set_flow_run_state(run.id, make_state("Running", "Running flow."), run.version)
+            _retry_api(lambda: self.backend.set_flow_run_state(run.id, running, run.version), self.PATIENCE_SECONDS)
         except StateUpdateFailed as exc:
             self.logger.warning("Not running flow run %s: its state changed (%s)", run.id, exc)
-            return 1
+            return _EXIT_NOT_RUN
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         self.logger.info("Beginning flow run %r", run.flow_name)
         final = self._call(flow, run)
         self.logger.info("Flow run %s: %s", final["type"].upper(), final["message"])
-        return 0 if self._report(final) else 3
+        return _EXIT_REPORTED if self._report(final) else _EXIT_UNREPORTED
 
     def _call(self, flow: Any, run: FlowRun) -> dict[str, Any]:
         """Call the flow; its outcome as a final state."""
@@ -2400,25 +2613,30 @@ class _FlowRunProcess:
             return make_state("Failed", failure)
         return make_state("Success", "All reference tasks succeeded.")
 
-    def _fail_to_load(self, run: FlowRun, message: str) -> int:
+    def _fail_to_load(self, message: str) -> int:
         self.logger.error("%s", message)
         self._report(make_state("Failed", _one_line(message)))
-        return 1
+        return _EXIT_NOT_RUN
 
     def _report(self, state: dict[str, Any]) -> bool:
-        """Write the final state, retrying a flaky API for a while; True once it is written."""
-        deadline = time.monotonic() + 60
-        delay = 0.5
-        while True:
-            try:
-                self.backend.set_flow_run_state(self.run_id, state, None)
+        """Deliver the final state, or leave it in the result file for the agent."""
+        self._write_result(state, delivered=False)
+        # Under an agent a short wait is enough: the agent delivers whatever is left.
+        patience = 10.0 if self.result_file else self.PATIENCE_SECONDS
+        try:
+            _retry_api(lambda: self.backend.set_flow_run_state(self.run_id, state, None), patience)
+        except APIError as exc:
+            if self.result_file:
+                self.logger.warning("Could not report %s (%s); the agent will deliver it", state["type"], exc)
                 return True
-            except APIError as exc:
-                if not exc.transient or time.monotonic() + delay > deadline:
-                    self.logger.error("Could not report state %s: %s", state["type"], exc)
-                    return False
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            self.logger.error("Could not report state %s: %s", state["type"], exc)
+            return False
+        self._write_result(state, delivered=True)
+        return True
+
+    def _write_result(self, state: dict[str, Any], *, delivered: bool) -> None:
+        if self.result_file:
+            _write_json_atomically(Path(self.result_file), {"state": state, "delivered": delivered})
 
     def _heartbeat(self) -> None:
         while not self._done.wait(HEARTBEAT_SECONDS):
@@ -2426,6 +2644,13 @@ class _FlowRunProcess:
                 self.backend.heartbeat(self.run_id)
             except AgentError as exc:
                 self.logger.debug("Heartbeat failed: %s", exc)
+
+
+def _write_json_atomically(path: Path, data: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _share_context(**values: Any) -> None:
@@ -2469,41 +2694,30 @@ def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = No
     try:
         level = _as_level(environ.get("PREFECT__LOGGING__LEVEL", "INFO"), "PREFECT__LOGGING__LEVEL")
         cloud_logs = _as_bool(environ.get("PREFECT__LOGGING__LOG_TO_CLOUD", "true"), "PREFECT__LOGGING__LOG_TO_CLOUD")
-        collected = environ.get("LOCAL_AGENT_COLLECTS_LOGS") == "1"
-        return _FlowRunProcess(backend, run_id, cloud_logs=cloud_logs, level=level, collected=collected).run()
+        result_file = environ.get("LOCAL_AGENT_RESULT_FILE", "")
+        return _FlowRunProcess(backend, run_id, cloud_logs=cloud_logs, level=level, result_file=result_file).run()
     finally:
         backend.close()
 
 
 # --- The agent (parent side) -------------------------------------------------------------
+#
+# Files under <home>/agents/<name>-<hash of API>/, so a restarted agent finds its runs:
+#   lock            held while the agent runs (one agent per name, API and home directory)
+#   ledger.json     the runs it owns: pid, process start time, version, output offset, ...
+#   spool.jsonl     API writes (states, log lines) it could not deliver yet
+#   runs/ID.out     a flow-run process's stdout and stderr, tailed into the run's log
+#   runs/ID.result  the final state the process reported, or could not report
 
 #: Seconds between SIGTERM and SIGKILL when a flow-run process must stop.
 KILL_GRACE_SECONDS = 10.0
 #: Seconds between checks of the runs this agent owns (cancellation).
 WATCH_SECONDS = 5.0
+#: Seconds between reads of running processes' output.
+OUTPUT_POLL_SECONDS = 0.1
 #: How long ``--once`` waits out an API that does not answer before it exits 1.
 ONCE_API_PATIENCE_SECONDS = 60.0
 _AGENT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
-
-
-@dataclass
-class _Job:
-    """A flow-run process this agent started and watches."""
-
-    run: FlowRun
-    version: int
-    process: Any  # subprocess.Popen[bytes]
-    started: float
-    reader: threading.Thread | None = None
-    tail: Any = None  # collections.deque[str]
-    deadline: float | None = None
-    logged_bytes: int = 0
-    dropped_lines: int = 0
-    #: Why the agent is stopping it ("timeout", "cancel", "shutdown"), or "".
-    stopping: str = ""
-    kill_at: float | None = None
-
-
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
@@ -2518,8 +2732,10 @@ def _redactor(settings: Settings) -> Callable[[str], str]:
     return lambda text: pattern.sub("[REDACTED]", text)
 
 
-def _describe_exit(returncode: int) -> str:
+def _describe_exit(returncode: int | None) -> str:
     """Say how a process ended, naming the signal that killed it."""
+    if returncode is None:
+        return "ended while no agent watched it (its exit status is unknown)"
     if returncode >= 0:
         return f"exited with code {returncode}"
     import signal
@@ -2534,6 +2750,91 @@ def _describe_exit(returncode: int) -> str:
     if number == signal.SIGSEGV:
         return f"crashed with a segmentation fault ({name})"
     return f"was killed by {name}"
+
+
+def _process_start_ticks(pid: int) -> str:
+    """The process's start time from /proc (Linux), to tell it from a later one with its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _process_alive(pid: int, start_ticks: str) -> bool:
+    """Whether ``pid`` still runs and is the same process (not a zombie, not a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return not start_ticks  # someone else's process now holds that pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return not start_ticks
+    return fields[0] != b"Z" and (not start_ticks or fields[19].decode() == start_ticks)
+
+
+@dataclass
+class _Job:
+    """A flow-run process this agent owns: started by it, or adopted after a restart."""
+
+    run_id: str
+    flow_name: str
+    version: int | None
+    pid: int
+    out_path: Path
+    result_path: Path
+    started_at: float  # time.time() at launch
+    process: Any = None  # the Popen, or None when adopted from a previous start
+    start_ticks: str = ""
+    offset: int = 0
+    partial: bytes = b""
+    tail: Any = None  # collections.deque[str]: the last lines, for a failure message
+    deadline: float | None = None  # time.monotonic() past which it is stopped
+    logged_bytes: int = 0
+    dropped_lines: int = 0
+    #: Why the agent is stopping it ("timeout", "cancel", "shutdown"), or "".
+    stopping: str = ""
+    kill_at: float | None = None
+    returncode: int | None = None
+    exited: bool = False
+    adopted: bool = False
+
+    def __post_init__(self) -> None:
+        import collections
+
+        self.tail = collections.deque(maxlen=OUTPUT_TAIL_LINES)
+
+    def has_exited(self) -> bool:
+        """Whether the process has ended (reaping it if it is our child)."""
+        if not self.exited:
+            if self.process is not None:
+                self.returncode = self.process.poll()
+                self.exited = self.returncode is not None
+            else:
+                self.exited = not _process_alive(self.pid, self.start_ticks)
+        return self.exited
+
+    def ledger_entry(self) -> dict[str, Any]:
+        return {
+            "flow_name": self.flow_name, "version": self.version, "pid": self.pid,
+            "start_ticks": self.start_ticks, "started_at": self.started_at, "offset": self.offset,
+            "stopping": self.stopping,
+        }
+
+    @classmethod
+    def from_ledger(cls, run_id: str, entry: Mapping[str, Any], runs_dir: Path) -> _Job:
+        job = cls(
+            run_id=run_id, flow_name=str(entry.get("flow_name", "")), version=entry.get("version"),
+            pid=int(entry["pid"]), out_path=runs_dir / f"{run_id}.out", result_path=runs_dir / f"{run_id}.result",
+            started_at=float(entry.get("started_at", time.time())), start_ticks=str(entry.get("start_ticks", "")),
+            offset=int(entry.get("offset", 0)), stopping=str(entry.get("stopping", "")), adopted=True,
+        )
+        return job
 
 
 class LocalAgent:
@@ -2557,9 +2858,12 @@ class LocalAgent:
         self._api_problem = ""
         self._api_down_since = 0.0
         self._gave_up = False
-        self._shipper: _LogShipper | None = None
-        self._output_lock = threading.Lock()
+        self._outbox: _Outbox | None = None
+        self._directory = Path()
+        self._lock_file: Any = None
+        self._ledger_saved_at = 0.0
         self._http: Any = None
+        self._subreaper = False
         self._redact = _redactor(self.settings)
 
     # Public controls.
@@ -2567,22 +2871,24 @@ class LocalAgent:
     def start(self) -> int:
         """Run until stopped, ``--max-polls`` is reached or (``--once``) the queue is empty."""
         self._setup_logging()
-        if self.backend is None:
-            self.backend = open_backend(self.settings)  # bad settings or files fail before the banner
-        print(BANNER, flush=True)
-        self.logger.info("Starting LocalAgent with labels %s", self.labels)
-        self.logger.info("Agent documentation can be found at %s", _docs_location())
-        self._log_settings()
-        restore = self._install_signal_handlers()
         try:
-            if self._connect():
-                self.logger.info("Agent successfully connected to %s", self.backend.location)
-                self._start_http_endpoint()
-                self.logger.info("Waiting for flow runs...")
-                self._loop()
-            self._drain()
+            self._open()  # bad settings and files fail here, before the banner
+            print(BANNER, flush=True)
+            self.logger.info("Starting LocalAgent with labels %s", self.labels)
+            self.logger.info("Agent documentation can be found at %s", _docs_location())
+            self._log_settings()
+            restore = self._install_signal_handlers()
+            try:
+                self._adopt_previous_runs()
+                if self._connect():
+                    self.logger.info("Agent successfully connected to %s", self._backend().location)
+                    self._start_http_endpoint()
+                    self.logger.info("Waiting for flow runs...")
+                    self._loop()
+                self._drain()
+            finally:
+                restore()
         finally:
-            restore()
             self._close()
         return self._exit_code()
 
@@ -2599,7 +2905,24 @@ class LocalAgent:
         self._poll_now = True
         self._wake.set()
 
+    def status(self) -> dict[str, Any]:
+        """What the agent is doing, for ``/api/status``."""
+        return {
+            "agent_id": self.agent_id, "name": self.settings.name, "labels": self.labels,
+            "running": {run_id: job.pid for run_id, job in self._jobs.items()},
+            "waiting": sorted(self._pending), "undelivered": self._outbox.pending if self._outbox else 0,
+            "api_problem": self._api_problem,
+        }
+
     # Start-up.
+
+    def _backend(self) -> Backend:
+        assert self.backend is not None, "the agent has not opened its backend"
+        return self.backend
+
+    def _outbox_(self) -> _Outbox:
+        assert self._outbox is not None, "the agent has not opened its outbox"
+        return self._outbox
 
     def _setup_logging(self) -> None:
         """Attach the seed's stderr handler unless the application configured logging."""
@@ -2612,6 +2935,25 @@ class LocalAgent:
         for logger in (self.logger, logging.getLogger(__name__)):
             logger.addHandler(handler)
             logger.setLevel(self.settings.level)
+
+    def _open(self) -> None:
+        """Open the backend, lock this agent's directory, load its spool and ledger."""
+        import hashlib
+
+        if self.backend is None:
+            self.backend = open_backend(self.settings)
+        key = hashlib.sha1(self.settings.api.encode("utf-8")).hexdigest()[:8]
+        self._directory = self.settings.home / "agents" / f"{slugify(self.settings.name)}-{key}"
+        try:
+            (self._directory / "runs").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the agent's directory {self._directory}: {exc.strerror or exc}") from None
+        self._lock_file = _lock_agent_directory(self._directory, self.settings)
+        self._outbox = _Outbox(self.backend, self._directory / "spool.jsonl")
+        if self._outbox.pending:
+            self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
+        if self.settings.subreaper or os.getpid() == 1:
+            self._subreaper = _become_subreaper()
 
     def _log_settings(self) -> None:
         settings = self.settings
@@ -2628,6 +2970,7 @@ class LocalAgent:
         debug("Import paths: %s", settings.import_paths)
         debug("Show flow logs: %s", settings.show_flow_logs)
         debug("Limit: %s, timeout: %s, grace: %s s", settings.limit, settings.timeout, settings.grace)
+        debug("Agent directory: %s%s", self._directory, " (child subreaper)" if self._subreaper else "")
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         """Drain on SIGTERM and SIGINT (main thread only); return a function that undoes it."""
@@ -2653,16 +2996,30 @@ class LocalAgent:
 
         return restore
 
+    def _adopt_previous_runs(self) -> None:
+        """Take back the runs a previous start of this agent owned (after a crash or kill)."""
+        for run_id, entry in _read_ledger(self._directory / "ledger.json", self.logger).items():
+            try:
+                job = _Job.from_ledger(run_id, entry, self._directory / "runs")
+            except (KeyError, TypeError, ValueError):
+                self.logger.warning("Ignoring a damaged ledger entry for flow run %s", run_id)
+                continue
+            if self.settings.timeout:
+                job.deadline = time.monotonic() + job.started_at + self.settings.timeout - time.time()
+            self._jobs[run_id] = job
+            if _process_alive(job.pid, job.start_ticks):
+                self.logger.info("Adopting flow run %s (PID %d), left running by this agent's last start",
+                                 run_id, job.pid)
+                self._run_log(run_id, f"Agent {self.settings.name} restarted and adopted process PID {job.pid}")
+        self._save_ledger()
+
     def _connect(self) -> bool:
-        """Open the backend and register, retrying while the API is down; False if stopped."""
+        """Register with the backend, retrying while the API is down; False if stopped."""
         attempts, started = 0, time.monotonic()
         while not self._stop.is_set():
             try:
-                if self.backend is None:
-                    self.backend = open_backend(self.settings)
-                self.agent_id = self.backend.connect(self.settings.name, self.labels)
+                self.agent_id = self._backend().connect(self.settings.name, self.labels)
                 self.logger.debug("Assigned agent id: %s", self.agent_id)
-                self._shipper = _LogShipper(self.backend)
                 self._api_recovered()
                 return True
             except APIError as exc:
@@ -2675,7 +3032,8 @@ class LocalAgent:
                 self.logger.error("Giving up: the API did not answer after %d attempt(s).", attempts)
                 self._gave_up = True
                 break
-            self._wake.wait(self._backoff(attempts))
+            self._tend_jobs()  # adopted runs keep being watched meanwhile
+            self._wake.wait(self._poll_interval(attempts))
             self._wake.clear()
         return False
 
@@ -2686,23 +3044,21 @@ class LocalAgent:
     # The loop.
 
     def _loop(self) -> None:
-        """Reap, enforce limits, launch what is due, poll; sleep until something happens."""
-        assert self.backend is not None
+        """Tend processes, launch what is due, poll; sleep until something happens."""
         polls = empty_polls = 0
         next_poll = next_watch = time.monotonic()
         while not self._stop.is_set():
-            self._reap()                                  # 1. report processes that ended
-            self._enforce_deadlines()                     # 2. stop overdue ones
-            if time.monotonic() >= next_watch:            # 3. notice cancelled runs
+            self._tend_jobs()                             # 1. output, exits, deadlines
+            if time.monotonic() >= next_watch:            # 2. notice cancelled runs
                 self._watch_owned_runs()
                 next_watch = time.monotonic() + WATCH_SECONDS
-            self._launch_due()                            # 4. claim and start due runs
+            self._launch_due()                            # 3. claim and start due runs
             if (self._poll_now or time.monotonic() >= next_poll) and self._free_slots() > 0:
-                self._poll_now = False                    # 5. look for new runs
+                self._poll_now = False                    # 4. look for new runs
                 found = self._poll()
                 polls += 1
                 empty_polls = 0 if found else empty_polls + 1
-                next_poll = time.monotonic() + self._backoff(empty_polls)
+                next_poll = time.monotonic() + self._poll_interval(empty_polls)
                 if self._finished_polling(polls, found):
                     break
             self._sleep_until(next_poll, next_watch)
@@ -2721,7 +3077,12 @@ class LocalAgent:
             return True
         return not found and not self._pending and not self._api_problem
 
-    def _backoff(self, empty_polls: int) -> float:
+    def _poll_interval(self, empty_polls: int) -> float:
+        """Prefect's backoff while idle; about a second, jittered, while the API is failing."""
+        if self._api_problem:
+            import random
+
+            return random.uniform(0.5, 1.0)  # so the agent resumes within a second of the API's return
         interval = POLL_BACKOFF[min(empty_polls, len(POLL_BACKOFF) - 1)]
         return min(interval, max(self.settings.max_poll_interval, POLL_BACKOFF[0]))
 
@@ -2733,15 +3094,12 @@ class LocalAgent:
         if self._pending:
             due = min(run.start_time for run in self._pending.values())
             wake_at.append(now + max(0.0, (due - _utcnow()).total_seconds()))
-        wake_at.extend(job.deadline for job in self._jobs.values() if job.deadline)
-        wake_at.extend(job.kill_at for job in self._jobs.values() if job.kill_at)
         if self._jobs:
-            wake_at.append(now + 1.0)  # a process whose output pipe a grandchild holds open
+            wake_at.append(now + OUTPUT_POLL_SECONDS)
         timeout = max(0.0, min(wake_at) - now)
         if timeout > 0 and not self._wake.is_set():
-            assert self.backend is not None
             try:
-                if self.backend.wait_for_change(timeout, self._wake):
+                if self._backend().wait_for_change(timeout, self._wake):
                     self._poll_now = True
             except AgentError as exc:
                 self._api_failed(exc)
@@ -2757,11 +3115,11 @@ class LocalAgent:
 
     def _poll(self) -> bool:
         """Ask for due runs; queue new ones for launch. True when any were found."""
-        assert self.backend is not None
+        backend = self._backend()
         self.logger.debug("Querying for ready flow runs...")
         before = _utcnow() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
         try:
-            run_ids = self.backend.get_runs_in_queue(self.labels, before)
+            run_ids = backend.get_runs_in_queue(self.labels, before)
             new_ids = [run_id for run_id in run_ids if run_id not in self._jobs and run_id not in self._pending]
             if not new_ids:
                 self.logger.debug("No ready flow runs found.")
@@ -2769,7 +3127,7 @@ class LocalAgent:
                 return False
             self.logger.debug("Found %d ready flow run(s): %s", len(new_ids), new_ids)
             self.logger.debug("Retrieving metadata for %d flow run(s)...", len(new_ids))
-            runs = self.backend.get_flow_runs(new_ids)
+            runs = backend.get_flow_runs(new_ids)
         except APIError as exc:
             self._api_failed(exc)
             return False
@@ -2792,7 +3150,6 @@ class LocalAgent:
 
     def _deploy(self, run: FlowRun) -> None:
         """Claim one run, check its flow file, start its process; fail it if that cannot be done."""
-        assert self.backend is not None
         self.logger.info("Deploying flow run %s", run.id)
         version = self._claim(run)
         if version is None:
@@ -2809,48 +3166,57 @@ class LocalAgent:
             self._set_final(run.id, make_state("Failed", message), version)
             return
         self._jobs[run.id] = job
-        self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.process.pid)
-        self._run_log(run.id, f"Submitted for execution: PID: {job.process.pid}")
+        self._save_ledger()
+        self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.pid)
+        self._run_log(run.id, f"Submitted for execution: PID: {job.pid}")
 
     def _claim(self, run: FlowRun) -> int | None:
-        """Write Submitted at the version read; the new version, or None if another agent won."""
-        assert self.backend is not None
+        """Write Submitted, naming this agent; the run's new version, or None if another agent won."""
         self.logger.debug("Updating flow run %s state from %s -> Submitted...", run.id, run.state)
-        state = make_state("Submitted", "Submitted for execution", previous=run.serialized_state)
+        who = f"agent {self.settings.name} ({self.agent_id or 'unregistered'}) on {_hostname()}"
+        context = {"agent_id": self.agent_id, "agent_name": self.settings.name, "claim": uuid.uuid4().hex}
+        state = make_state("Submitted", f"Submitted for execution by {who}", previous=run.serialized_state,
+                           context=context)
         try:
-            self.backend.set_flow_run_state(run.id, state, run.version)
-        except StateUpdateFailed as exc:
-            self.logger.debug("Updating flow run %s state failed: %s", run.id, exc)
-            return None
+            version = self._backend().claim_flow_run(run, state)
         except APIError as exc:
             self.logger.error("Could not claim flow run %s: %s", run.id, exc)
             return None
-        return run.version + 1
+        if version is None:
+            self.logger.debug("Flow run %s was taken by another agent", run.id)
+            return None
+        self._run_log(run.id, f"Claimed by {who}")
+        return version
 
     # Launching and watching processes.
 
     def _launch(self, run: FlowRun, version: int) -> _Job:
-        import collections
         import subprocess
 
-        process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "execute", "flow-run"],
-            env=self._child_environment(run),
-            cwd=os.getcwd(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopped as one, deaf to our Ctrl-C
-        )
-        job = _Job(run=run, version=version, process=process, started=time.monotonic(),
-                   tail=collections.deque(maxlen=OUTPUT_TAIL_LINES))
+        runs_dir = self._directory / "runs"
+        job = _Job(run_id=run.id, flow_name=run.flow_name, version=version, pid=0,
+                   out_path=runs_dir / f"{run.id}.out", result_path=runs_dir / f"{run.id}.result",
+                   started_at=time.time())
+        job.result_path.unlink(missing_ok=True)
+        # Output goes to a file, not a pipe: nothing can block on it, and the process
+        # outlives the agent without losing a byte; the agent tails the file.
+        with open(job.out_path, "wb") as output:
+            job.process = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "execute", "flow-run"],
+                env=self._child_environment(run, job),
+                cwd=os.getcwd(),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as one, deaf to our Ctrl-C
+            )
+        job.pid = job.process.pid
+        job.start_ticks = _process_start_ticks(job.pid)
         if self.settings.timeout:
-            job.deadline = job.started + self.settings.timeout
-        job.reader = threading.Thread(target=self._read_output, args=(job,), name=f"output-{process.pid}", daemon=True)
-        job.reader.start()
+            job.deadline = time.monotonic() + self.settings.timeout
         return job
 
-    def _child_environment(self, run: FlowRun) -> dict[str, str]:
+    def _child_environment(self, run: FlowRun, job: _Job) -> dict[str, str]:
         """``os.environ``, then ``--env``, then the variables the flow-run process needs."""
         settings = self.settings
         python_path = [os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH", "")]), *settings.import_paths]
@@ -2868,7 +3234,7 @@ class LocalAgent:
             "PREFECT__CLOUD__REQUEST_TIMEOUT": str(settings.request_timeout),
             "PYTHONPATH": os.pathsep.join(python_path),
             "PYTHONUNBUFFERED": "1",  # output reaches the run log as it happens
-            "LOCAL_AGENT_COLLECTS_LOGS": "1",
+            "LOCAL_AGENT_RESULT_FILE": str(job.result_path),
         }
         if settings.tenant_id:
             fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
@@ -2880,108 +3246,132 @@ class LocalAgent:
             environment["PREFECT__CLOUD__AUTH_TOKEN"] = settings.token
         return environment
 
-    def _read_output(self, job: _Job) -> None:
-        """Drain a process's output into the run's log, from its first byte to its last."""
-        stream = job.process.stdout
-        # readline's limit splits an endless line, so no line can exhaust memory.
-        for raw in iter(lambda: stream.readline(MAX_LINE_BYTES), b""):
-            self._collect(job, _parse_output_line(raw.decode("utf-8", "replace").rstrip("\r\n")))
-        stream.close()
-        if job.dropped_lines:
-            self._run_log(job.run.id, f"{job.dropped_lines} line(s) of output were not logged: a run's "
-                          f"log keeps at most {MAX_RUN_LOG_BYTES // 1_000_000} MB", level="WARNING")
-        self._wake.set()
+    def _tend_jobs(self) -> None:
+        """Ship new output, report processes that ended, enforce deadlines, save the ledger."""
+        for run_id, job in list(self._jobs.items()):
+            exited = job.has_exited()
+            self._pump(job, to_the_end=exited)
+            if exited:
+                del self._jobs[run_id]
+                self._finish(job)
+                self._save_ledger()
+                if self.settings.limit is not None:
+                    self._poll_now = True  # a slot is free
+        self._enforce_deadlines()
+        if self._subreaper:
+            _reap_orphans({job.pid for job in self._jobs.values() if job.process is not None})
+        if self._jobs and time.monotonic() - self._ledger_saved_at > 2.0:
+            self._save_ledger()  # output offsets move on
+
+    def _pump(self, job: _Job, *, to_the_end: bool = False) -> None:
+        """Read what a process wrote since last time into its run's log."""
+        try:
+            with open(job.out_path, "rb") as output:
+                output.seek(job.offset)
+                while True:
+                    data = output.read(1024 * 1024)
+                    if not data:
+                        break
+                    job.offset += len(data)
+                    self._split_output(job, job.partial + data)
+                    if not to_the_end:
+                        break  # a flood is read in slices, between the loop's other duties
+        except FileNotFoundError:
+            return
+        if to_the_end and job.partial:
+            self._collect(job, _parse_output_line(job.partial.decode("utf-8", "replace")))
+            job.partial = b""
+
+    def _split_output(self, job: _Job, data: bytes) -> None:
+        lines = data.split(b"\n")
+        job.partial = lines.pop()
+        while len(job.partial) > MAX_LINE_BYTES:  # an endless line is split, never held whole
+            lines.append(job.partial[:MAX_LINE_BYTES])
+            job.partial = job.partial[MAX_LINE_BYTES:]
+        for raw in lines:
+            for start in range(0, max(len(raw), 1), MAX_LINE_BYTES):
+                self._collect(job, _parse_output_line(raw[start:start + MAX_LINE_BYTES].decode("utf-8", "replace")))
 
     def _collect(self, job: _Job, line: LogLine) -> None:
         """Keep a line for the failure message, echo it with ``-f``, ship it to the run log."""
-        line.message = self._redact(line.message)
+        line.message = self._redact(line.message.rstrip("\r"))
         shown = line.message if line.name == "output" else _format_log_line(line)
         job.tail.append(shown)
         if self.settings.show_flow_logs:
-            with self._output_lock:
-                sys.stdout.write(shown + "\n")
-                sys.stdout.flush()
-        if not self.settings.cloud_logs or self._shipper is None:
+            sys.stdout.write(shown + "\n")
+            sys.stdout.flush()
+        if not self.settings.cloud_logs:
             return
         job.logged_bytes += len(line.message)
         if job.logged_bytes > MAX_RUN_LOG_BYTES:
             job.dropped_lines += 1
             return
-        timestamp = _parse_time_or_now(line.timestamp)
         level = line.level if line.level in _LOG_LEVELS else "INFO"
-        self._shipper.put(job.run.id, line.message, level=level, name=line.name, timestamp=timestamp)
+        self._outbox_().log(job.run_id, line.message, level=level, name=line.name,
+                            timestamp=_parse_time_or_now(line.timestamp))
 
-    def _reap(self) -> None:
-        """Report every process that has ended."""
-        for run_id, job in list(self._jobs.items()):
-            returncode = job.process.poll()
-            if returncode is None:
-                continue
-            if job.reader is not None:
-                job.reader.join(timeout=1.0)  # collect its last lines
-            del self._jobs[run_id]
-            self._finish(job, returncode)
-            if self.settings.limit is not None:
-                self._poll_now = True  # a slot is free
-
-    def _finish(self, job: _Job, returncode: int) -> None:
-        """Decide and report how a run ended, from how its process ended."""
-        run, pid = job.run, job.process.pid
-        how = _describe_exit(returncode)
-        if returncode != 0:
-            self.logger.info("Process PID %d returned non-zero exit code %s (%s)", pid, returncode, how)
-        if job.stopping == "timeout":
+    def _finish(self, job: _Job) -> None:
+        """Decide and report how a run ended, from its result file and how its process ended."""
+        how = _describe_exit(job.returncode) if job.process is not None or not job.adopted else _describe_exit(None)
+        if job.returncode:
+            self.logger.info("Process PID %d returned non-zero exit code %s (%s)", job.pid, job.returncode, how)
+        if job.dropped_lines:
+            self._run_log(job.run_id, f"{job.dropped_lines} line(s) of output were not logged: a run's log "
+                          f"keeps at most {MAX_RUN_LOG_BYTES // 1_000_000} MB", level="WARNING")
+        self._run_log(job.run_id, f"Flow-run process PID {job.pid} {how}")
+        result = _read_result(job.result_path)
+        if result is not None:
+            state, delivered = result
+            if state is not None and not delivered:
+                self._outbox_().state(job.run_id, state, None)  # the process could not deliver it
+            self._record_result(job.run_id, state["type"] if state else "NotRun")
+        elif job.stopping == "timeout":
             message = f"Flow run timed out after {self.settings.timeout:g} s; its process {how}."
-            self._set_final(run.id, make_state("Failed", message), None)
+            self._set_final(job.run_id, make_state("Failed", message), None)
         elif job.stopping == "cancel":
-            self._set_final(run.id, make_state("Cancelled", f"Flow run was cancelled; its process {how}."), None)
+            self._set_final(job.run_id, make_state("Cancelled", f"Flow run was cancelled; its process {how}."), None)
         elif job.stopping == "shutdown":
             self._hand_back(job, how)
-        elif returncode != 0 or self.settings.once:
-            self._settle(job, how)
+        else:
+            self._fail_unfinished(job, how)
+        job.out_path.unlink(missing_ok=True)
+        job.result_path.unlink(missing_ok=True)
 
-    def _settle(self, job: _Job, how: str) -> None:
-        """Read back a finished run; fail it when its process left it unfinished."""
-        assert self.backend is not None
-        try:
-            current = self.backend.get_flow_run(job.run.id)
-        except APIError as exc:
-            self.logger.error("Could not read back flow run %s: %s", job.run.id, exc)
-            return
-        if current is not None and is_final(current.state):
-            self._record_result(job.run.id, current.state)
-            return
+    def _fail_unfinished(self, job: _Job, how: str) -> None:
+        """Fail a run whose process ended without a final state, saying how and what it said last."""
         last = " | ".join(line for line in job.tail if line.strip())[-1500:]
-        message = (
-            f"Flow-run process PID {job.process.pid} on host {_hostname()} {how} before reporting a "
-            f"final state." + (f" Last output: {last}" if last else "")
-        )
-        self._run_log(job.run.id, message, level="ERROR")
-        self._set_final(job.run.id, make_state("Failed", _one_line(message, 2000)), current.version if current else None)
+        if job.adopted and job.process is None and job.returncode is None:
+            what = f"The agent on host {_hostname()} restarted and the flow-run process PID {job.pid} was lost: it {how}."
+        else:
+            what = f"Flow-run process PID {job.pid} on host {_hostname()} {how} before reporting a final state."
+        message = what + (f" Last output: {last}" if last else "")
+        self._run_log(job.run_id, message, level="ERROR")
+        self._set_final(job.run_id, make_state("Failed", _one_line(message, 2000)), None)
 
     def _hand_back(self, job: _Job, how: str) -> None:
         """Give a run the agent stopped at shutdown back to the queue, for another agent."""
         message = f"The agent on host {_hostname()} shut down before this run finished; rescheduled."
-        self._run_log(job.run.id, f"{message} (its process {how})", level="WARNING")
-        self._set_final(job.run.id, make_state("Scheduled", message, start_time=_utcnow()), None)
+        self._run_log(job.run_id, f"{message} (its process {how})", level="WARNING")
+        self._set_final(job.run_id, make_state("Scheduled", message, start_time=_utcnow()), None)
 
     def _record_result(self, run_id: str, state_type: str) -> None:
         self.results[run_id] = state_type
         self.logger.info("Flow run %s finished: %s", run_id, state_type)
 
     def _set_final(self, run_id: str, state: dict[str, Any], version: int | None) -> None:
-        assert self.backend is not None
         self._record_result(run_id, state["type"])
-        try:
-            self.backend.set_flow_run_state(run_id, state, version)
-        except StateUpdateFailed as exc:
-            self.logger.debug("Flow run %s moved on before we could write %s: %s", run_id, state["type"], exc)
-        except APIError as exc:
-            self.logger.error("Could not set flow run %s to %s: %s", run_id, state["type"], exc)
+        self._outbox_().state(run_id, state, version)
 
     def _run_log(self, run_id: str, message: str, *, level: str = "INFO") -> None:
-        if self._shipper is not None:
-            self._shipper.put(run_id, message, level=level, name=self.settings.name)
+        self._outbox_().log(run_id, message, level=level, name=self.settings.name)
+
+    def _save_ledger(self) -> None:
+        entries = {run_id: job.ledger_entry() for run_id, job in self._jobs.items()}
+        try:
+            _write_json_atomically(self._directory / "ledger.json", entries)
+        except OSError as exc:
+            self.logger.error("Could not save the ledger in %s: %s", self._directory, exc)
+        self._ledger_saved_at = time.monotonic()
 
     # Limits, cancellation and shutdown.
 
@@ -2990,41 +3380,35 @@ class LocalAgent:
         for job in self._jobs.values():
             if job.deadline is not None and now >= job.deadline and not job.stopping:
                 self.logger.warning("Flow run %s timed out after %g s; stopping PID %d",
-                                    job.run.id, self.settings.timeout, job.process.pid)
+                                    job.run_id, self.settings.timeout, job.pid)
+                self._run_log(job.run_id, f"Timed out after {self.settings.timeout:g} s: stopping process PID {job.pid}",
+                              level="ERROR")
                 self._terminate(job, "timeout")
             if job.kill_at is not None and now >= job.kill_at:
-                self._signal_group(job, "SIGKILL")
+                _signal_group(job.pid, "SIGKILL")
                 job.kill_at = None
 
     def _watch_owned_runs(self) -> None:
         """Stop the processes of runs that were cancelled in the API."""
         if not self._jobs:
             return
-        assert self.backend is not None
         try:
-            current = self.backend.list_flow_runs(run_ids=list(self._jobs), limit=len(self._jobs))
+            current = self._backend().list_flow_runs(run_ids=list(self._jobs), limit=len(self._jobs))
         except APIError as exc:
             self.logger.debug("Could not check owned runs: %s", exc)
             return
         for run in current:
             job = self._jobs.get(run.id)
             if job is not None and run.state in ("Cancelling", "Cancelled") and not job.stopping:
-                self.logger.info("Flow run %s was cancelled; stopping PID %d", run.id, job.process.pid)
-                self._run_log(run.id, f"Cancellation requested: stopping process PID {job.process.pid}")
+                self.logger.info("Flow run %s was cancelled; stopping PID %d", run.id, job.pid)
+                self._run_log(run.id, f"Cancellation requested: stopping process PID {job.pid}")
                 self._terminate(job, "cancel")
 
     def _terminate(self, job: _Job, why: str) -> None:
         job.stopping = why
-        self._signal_group(job, "SIGTERM")
+        _signal_group(job.pid, "SIGTERM")
         job.kill_at = time.monotonic() + KILL_GRACE_SECONDS
-
-    def _signal_group(self, job: _Job, signal_name: str) -> None:
-        import signal
-
-        try:
-            os.killpg(job.process.pid, getattr(signal, signal_name))
-        except (ProcessLookupError, PermissionError):
-            pass  # already gone
+        self._save_ledger()
 
     def _drain(self) -> None:
         """Finish what was taken: launch prefetched runs when due and wait for all processes.
@@ -3047,20 +3431,24 @@ class LocalAgent:
                         self._terminate(job, "shutdown")
                     if self._hurry.is_set() and (job.kill_at or 0) > time.monotonic() + 1:
                         job.kill_at = time.monotonic() + 1.0
-            self._reap()
-            self._enforce_deadlines()
+            self._tend_jobs()
             self._launch_due()
-            self._wake.wait(0.1)
+            self._wake.wait(OUTPUT_POLL_SECONDS)
             self._wake.clear()
 
     def _close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
-        if self._shipper is not None:
-            self._shipper.close()
+        if self._outbox is not None:
+            self._outbox.close(timeout=10.0)
+            if self._outbox.pending:
+                self.logger.warning("%d API write(s) could not be delivered; they are kept in %s for the next start",
+                                    self._outbox.pending, self._directory / "spool.jsonl")
         if self.backend is not None:
             self.backend.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
 
     def _exit_code(self) -> int:
         import signal
@@ -3091,8 +3479,91 @@ class LocalAgent:
             self._api_problem = ""
 
 
+def _read_ledger(path: Path, logger: logging.Logger) -> dict[str, Any]:
+    """The runs a previous start of the agent owned; a damaged ledger is set aside, not fatal."""
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.error("The ledger %s is damaged (%s); moved aside to %s.bad", path, exc, path.name)
+        os.replace(path, path.with_name(path.name + ".bad"))
+        return {}
+    return ledger if isinstance(ledger, dict) else {}
+
+
+def _read_result(path: Path) -> tuple[dict[str, Any] | None, bool] | None:
+    """A flow-run process's final state and whether it delivered it, or None if it left none."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        state = result["state"]
+        return (state if isinstance(state, dict) else None), bool(result.get("delivered"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _lock_agent_directory(directory: Path, settings: Settings) -> Any:
+    """Hold the agent directory's lock: one agent per name, API and home directory."""
+    handle = open(directory / "lock", "a+", encoding="utf-8")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as with Prefect's agent
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"an agent named {settings.name!r} is already running for {settings.api} with home "
+            f"directory {settings.home} (PID {holder}); stop it or give this one another --name"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _signal_group(pid: int, signal_name: str) -> None:
+    """Signal a flow-run process's whole group; one that is gone already is fine."""
+    import signal
+
+    try:
+        os.killpg(pid, getattr(signal, signal_name))
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _become_subreaper() -> bool:
+    """Adopt orphaned grandchildren (Linux), so none is left a zombie; True if it worked."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans(own_children: set[int]) -> None:
+    """Reap exited processes that were re-parented to us, leaving our own children to Popen."""
+    while True:
+        try:
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except (ChildProcessError, OSError):
+            return
+        if found is None or found.si_pid in own_children:
+            return  # nothing exited, or it is ours: Popen.poll() reaps it on the next round
+        try:
+            os.waitpid(found.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+
+
 def _serve_agent_address(agent: LocalAgent, address: str) -> Any:
-    """Serve ``GET /api/health`` and ``GET /api/poke`` on ``--agent-address``."""
+    """Serve ``GET /api/health``, ``/api/poke`` and ``/api/status`` on ``--agent-address``."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import urlsplit
 
@@ -3102,12 +3573,13 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> Any:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-            if self.path.rstrip("/") == "/api/poke":
+            path = self.path.rstrip("/")
+            if path == "/api/poke":
                 agent.poke()
-            elif self.path.rstrip("/") != "/api/health":
+            elif path not in ("/api/health", "/api/status"):
                 self.send_error(404)
                 return
-            body = b"{}"
+            body = json.dumps(agent.status()).encode() if path == "/api/status" else b"{}"
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -3512,6 +3984,7 @@ def _build_parser() -> Any:
     start.add_argument("--timeout", type=_seconds, help="stop a flow run after this many seconds")
     start.add_argument("--grace", type=_seconds, help="seconds to let flow runs finish after SIGTERM (default: 30)")
     start.add_argument("--allow-insecure-http", action="store_true", default=None, help="allow a token over plain http to another host")
+    start.add_argument("--subreaper", action="store_true", default=None, help="adopt and reap orphaned grandchildren (automatic as PID 1)")
     start.set_defaults(func=_cmd_start)
 
     execute = commands.add_parser("execute", help="internal: what the agent runs in each flow-run process")

@@ -453,7 +453,10 @@ def test_flow_run_goes_from_scheduled_to_success_with_its_logs(world: World, tes
     assert result.returncode == 0, result.stderr
     assert world.history(run_id) == ["Pending", "Scheduled", "Submitted", "Running", "Success"]
     logs = world.logs(run_id)
-    assert logs[0].startswith("Submitted for execution: PID: ")
+    assert logs[0].startswith(f"Claimed by agent agent (") and logs[0].endswith(f") on {HOST}")
+    assert logs[1].startswith("Submitted for execution: PID: ")
+    pid = logs[1].split()[-1]
+    assert logs[-1] == f"Flow-run process PID {pid} exited with code 0"
     assert "Hello, tests!" in logs
     assert "printed by the flow" in logs
     assert f"Deploying flow run {run_id}" in result.stderr
