@@ -1530,11 +1530,15 @@ class GraphQLBackend(Backend):
 
         if claims and is_ours(claims[0]):
             return int(view["version"]) if isinstance(view.get("version"), int) else None
-        if len(rows) >= 2 and is_ours(rows[-1]):
-            # We lost, and our Submitted now hides the winner's state: put that state back.
-            previous = _json_field(rows[-2].get("serialized_state"))
-            if isinstance(previous, dict):
-                self.set_flow_run_state(run_id, previous, None)
+        if rows and is_ours(rows[-1]):
+            # We lost, and our Submitted now hides the run's real state: put back the latest
+            # state that is not a losing claim (the winner's claim, its Running, Success ...).
+            losers = {id(row) for row in claims[1:]}
+            for row in reversed(rows[:-1]):
+                previous = _json_field(row.get("serialized_state"))
+                if id(row) not in losers and isinstance(previous, dict):
+                    self.set_flow_run_state(run_id, previous, None)
+                    break
         return None
 
     def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
@@ -2250,13 +2254,15 @@ class _Outbox:
     BATCH = 500
     MAX_SPOOL_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, backend: Backend, spool: Path | None = None) -> None:
+    def __init__(self, backend: Backend, spool: Path | None = None, logger: logging.Logger | None = None) -> None:
         import collections
 
         self._backend = backend
         self._spool = spool
+        self._logger = logger or logging.getLogger(__name__)
         self._entries: collections.deque[dict[str, Any]] = collections.deque()
         self._bytes = 0
+        self._held = 0
         self._sent_since_rewrite = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -2270,10 +2276,29 @@ class _Outbox:
             self._load_spool(spool)
 
     def log(self, run_id: str, message: str, *, level: str = "INFO", name: str = "agent",
-            timestamp: datetime | None = None) -> None:
-        """Queue one line for a run's log."""
-        self._add({"k": "log", "r": run_id, "t": _format_time(timestamp or _utcnow()), "l": level,
-                   "n": name, "m": message})
+            timestamp: datetime | None = None, offset: int | None = None) -> None:
+        """Queue one line for a run's log; a line read from output at ``offset`` waits for release()."""
+        entry: dict[str, Any] = {"k": "log", "r": run_id, "t": _format_time(timestamp or _utcnow()), "l": level,
+                                 "n": name, "m": message}
+        if offset is not None:
+            entry["o"] = offset
+        self._add(entry, hold=offset is not None)
+
+    def release(self) -> None:
+        """Let held lines go, once the offsets they were read up to are saved in the ledger.
+
+        Lines read from a process's output are held until then, so every delivered line is
+        at or below the saved offset, and every line above it is still in the spool: after a
+        crash, reading on from the larger of the two resends nothing and loses nothing.
+        """
+        with self._lock:
+            self._held = 0
+        self._wake.set()
+
+    def resume_offset(self, run_id: str) -> int:
+        """The furthest output offset of a run that the spool holds lines up to."""
+        with self._lock:
+            return max((int(e.get("o", 0)) for e in self._entries if e["r"] == run_id and e["k"] == "log"), default=0)
 
     def state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
         """Queue a state write."""
@@ -2285,8 +2310,8 @@ class _Outbox:
         return len(self._entries)
 
     def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for everything to be delivered; True if it was."""
-        self._wake.set()
+        """Release held lines and wait up to ``timeout`` s for everything to be delivered."""
+        self.release()
         return self._idle.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -2297,10 +2322,12 @@ class _Outbox:
         if self._thread is not None:
             self._thread.join(2.0)
 
-    def _add(self, entry: dict[str, Any]) -> None:
+    def _add(self, entry: dict[str, Any], hold: bool = False) -> None:
         line = json.dumps(entry, separators=(",", ":")) + "\n"
         with self._lock:
             self._entries.append(entry)
+            if hold or self._held:
+                self._held += 1  # order is kept: nothing after a held line goes before it
             self._bytes += len(line)
             self._idle.clear()
             if self._spool is not None:
@@ -2324,8 +2351,8 @@ class _Outbox:
             kept.append(entry)
         self._entries.clear()
         self._entries.extend(kept)
-        logging.getLogger(__name__).warning(
-            "the spool of undelivered API writes is full: dropped %d old log line(s) so far", self.dropped)
+        self._logger.warning("The spool of undelivered API writes is full: dropped %d old log line(s) so far",
+                             self.dropped)
         self._rewrite_spool()
 
     def _load_spool(self, spool: Path) -> None:
@@ -2373,20 +2400,25 @@ class _Outbox:
             with self._lock:
                 batch = self._next_batch()
                 if not batch:
-                    self._bytes = 0
-                    if self._spool is not None and self._spool.exists():
-                        self._spool.write_bytes(b"")
-                    self._idle.set()
+                    if not self._entries:
+                        self._bytes = 0
+                        if self._spool is not None and self._spool.exists():
+                            self._spool.write_bytes(b"")
+                        self._idle.set()
                     return True
             try:
                 self._send(batch)
-                self.failing = ""
+                if self.failing:
+                    self.failing = ""
+                    self._logger.info("The API takes writes again; delivering %d held back", self.pending)
             except AgentError as exc:
                 if getattr(exc, "transient", False):
+                    if str(exc) != self.failing:  # once per change, not once per retry
+                        self._logger.warning("Holding %d API write(s) back: %s; retrying", self.pending, exc)
                     self.failing = str(exc)
                     return False
                 # Refused for good (another writer won, or a malformed line): do not block the rest.
-                logging.getLogger(__name__).warning("dropped %d undeliverable API write(s): %s", len(batch), exc)
+                self._logger.warning("Dropped %d undeliverable API write(s): %s", len(batch), exc)
             with self._lock:
                 for _ in batch:
                     self._bytes -= len(json.dumps(self._entries.popleft(), separators=(",", ":"))) + 1
@@ -2395,14 +2427,15 @@ class _Outbox:
                     self._rewrite_spool()  # a long backlog: do not resend all of it after a crash
 
     def _next_batch(self) -> list[dict[str, Any]]:
-        """The head state alone, or the run of log lines at the head (up to BATCH)."""
-        if not self._entries:
+        """The head state alone, or the run of log lines at the head (up to BATCH), not held."""
+        ready = len(self._entries) - self._held
+        if ready <= 0:
             return []
         if self._entries[0]["k"] == "state":
             return [self._entries[0]]
         batch: list[dict[str, Any]] = []
-        for entry in self._entries:
-            if entry["k"] != "log" or len(batch) == self.BATCH:
+        for index, entry in enumerate(self._entries):
+            if index == ready or entry["k"] != "log" or len(batch) == self.BATCH:
                 break
             batch.append(entry)
         return batch
@@ -2622,7 +2655,7 @@ class _FlowRunProcess:
         """Deliver the final state, or leave it in the result file for the agent."""
         self._write_result(state, delivered=False)
         # Under an agent a short wait is enough: the agent delivers whatever is left.
-        patience = 10.0 if self.result_file else self.PATIENCE_SECONDS
+        patience = 3.0 if self.result_file else self.PATIENCE_SECONDS
         try:
             _retry_api(lambda: self.backend.set_flow_run_state(self.run_id, state, None), patience)
         except APIError as exc:
@@ -2819,10 +2852,15 @@ class _Job:
                 self.exited = not _process_alive(self.pid, self.start_ticks)
         return self.exited
 
+    @property
+    def line_offset(self) -> int:
+        """Where the output's last complete line ends: a restart reads on from here."""
+        return self.offset - len(self.partial)
+
     def ledger_entry(self) -> dict[str, Any]:
         return {
             "flow_name": self.flow_name, "version": self.version, "pid": self.pid,
-            "start_ticks": self.start_ticks, "started_at": self.started_at, "offset": self.offset,
+            "start_ticks": self.start_ticks, "started_at": self.started_at, "offset": self.line_offset,
             "stopping": self.stopping,
         }
 
@@ -2861,7 +2899,6 @@ class LocalAgent:
         self._outbox: _Outbox | None = None
         self._directory = Path()
         self._lock_file: Any = None
-        self._ledger_saved_at = 0.0
         self._http: Any = None
         self._subreaper = False
         self._redact = _redactor(self.settings)
@@ -2949,7 +2986,7 @@ class LocalAgent:
         except OSError as exc:
             raise ConfigError(f"cannot create the agent's directory {self._directory}: {exc.strerror or exc}") from None
         self._lock_file = _lock_agent_directory(self._directory, self.settings)
-        self._outbox = _Outbox(self.backend, self._directory / "spool.jsonl")
+        self._outbox = _Outbox(self.backend, self._directory / "spool.jsonl", self.logger)
         if self._outbox.pending:
             self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
         if self.settings.subreaper or os.getpid() == 1:
@@ -3006,6 +3043,7 @@ class LocalAgent:
                 continue
             if self.settings.timeout:
                 job.deadline = time.monotonic() + job.started_at + self.settings.timeout - time.time()
+            job.offset = max(job.offset, self._outbox_().resume_offset(run_id))
             self._jobs[run_id] = job
             if _process_alive(job.pid, job.start_ticks):
                 self.logger.info("Adopting flow run %s (PID %d), left running by this agent's last start",
@@ -3248,9 +3286,12 @@ class LocalAgent:
 
     def _tend_jobs(self) -> None:
         """Ship new output, report processes that ended, enforce deadlines, save the ledger."""
+        read_any = False
         for run_id, job in list(self._jobs.items()):
             exited = job.has_exited()
+            offset = job.offset
             self._pump(job, to_the_end=exited)
+            read_any = read_any or job.offset != offset
             if exited:
                 del self._jobs[run_id]
                 self._finish(job)
@@ -3260,8 +3301,9 @@ class LocalAgent:
         self._enforce_deadlines()
         if self._subreaper:
             _reap_orphans({job.pid for job in self._jobs.values() if job.process is not None})
-        if self._jobs and time.monotonic() - self._ledger_saved_at > 2.0:
-            self._save_ledger()  # output offsets move on
+        if read_any:
+            self._save_ledger()
+            self._outbox_().release()  # see _Outbox.release: after the ledger, never before
 
     def _pump(self, job: _Job, *, to_the_end: bool = False) -> None:
         """Read what a process wrote since last time into its run's log."""
@@ -3308,7 +3350,7 @@ class LocalAgent:
             return
         level = line.level if line.level in _LOG_LEVELS else "INFO"
         self._outbox_().log(job.run_id, line.message, level=level, name=line.name,
-                            timestamp=_parse_time_or_now(line.timestamp))
+                            timestamp=_parse_time_or_now(line.timestamp), offset=job.line_offset)
 
     def _finish(self, job: _Job) -> None:
         """Decide and report how a run ended, from its result file and how its process ended."""
@@ -3371,7 +3413,6 @@ class LocalAgent:
             _write_json_atomically(self._directory / "ledger.json", entries)
         except OSError as exc:
             self.logger.error("Could not save the ledger in %s: %s", self._directory, exc)
-        self._ledger_saved_at = time.monotonic()
 
     # Limits, cancellation and shutdown.
 
@@ -3417,9 +3458,13 @@ class LocalAgent:
         before their process groups are stopped and their runs handed back.
         """
         grace_end: float | None = None
+        next_watch = time.monotonic() + WATCH_SECONDS
         if self._jobs or self._pending:
             self.logger.info("Waiting for %d flow run(s) to finish", len(self._jobs) + len(self._pending))
         while self._jobs or self._pending:
+            if time.monotonic() >= next_watch:
+                self._watch_owned_runs()
+                next_watch = time.monotonic() + WATCH_SECONDS
             if self._stop_signal and grace_end is None:
                 self._pending.clear()  # never claimed: they stay Scheduled for another agent
                 grace_end = time.monotonic() + self.settings.grace
@@ -3441,7 +3486,7 @@ class LocalAgent:
             self._http.shutdown()
             self._http.server_close()
         if self._outbox is not None:
-            self._outbox.close(timeout=10.0)
+            self._outbox.close(timeout=2.0 if self._outbox.failing else 10.0)  # the spool keeps the rest
             if self._outbox.pending:
                 self.logger.warning("%d API write(s) could not be delivered; they are kept in %s for the next start",
                                     self._outbox.pending, self._directory / "spool.jsonl")

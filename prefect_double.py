@@ -2438,6 +2438,7 @@ class _Fault:
     graphql_error: str | None
     code: str | None
     only_root: str | None
+    after_processing: bool = False  # serve the request (its effects happen), then fail the answer
 
     def applies_to(self, roots: list[str]) -> bool:
         return self.remaining > 0 and (self.only_root is None or self.only_root in roots)
@@ -2766,6 +2767,7 @@ class PrefectServerDouble:
         graphql_error: str | None = None,
         code: str | None = None,
         only_root: str | None = None,
+        after_processing: bool = False,
     ) -> None:
         """Make the next ``n`` POSTs (selecting ``only_root``, if given) fail.
 
@@ -2773,8 +2775,10 @@ class PrefectServerDouble:
         is hung up on (``drop_connection``), answered with ``status``/``body`` (raw), or
         with a GraphQL error ``graphql_error`` (HTTP 200, ``extensions.code`` = ``code``,
         default ``INTERNAL_SERVER_ERROR``); with none of these it is then served normally.
+        With ``after_processing`` the request is served first (a write takes effect) and
+        only its answer is replaced: the client cannot tell whether it landed.
         """
-        fault = _Fault(n, status, body, delay, drop_connection, graphql_error, code, only_root)
+        fault = _Fault(n, status, body, delay, drop_connection, graphql_error, code, only_root, after_processing)
         with self._lock:
             self._faults.append(fault)
 
@@ -2823,7 +2827,13 @@ class PrefectServerDouble:
             time.sleep(fault.delay)
             injected = fault.reply(roots)
             if injected is not None:
+                if fault.after_processing and body.problem is None:
+                    self._answer_normally(body, headers)  # the write happens; its answer is lost
                 return injected
+        return self._answer_normally(body, headers)
+
+    def _answer_normally(self, body: _Body, headers: dict[str, str]) -> _Reply:
+        """The GraphQL pipeline: parse, validate, execute."""
         if body.problem is not None:
             return _json_reply(400, {"errors": [{"message": body.problem}]})
         try:

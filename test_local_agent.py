@@ -97,6 +97,38 @@ def record_start(path):
 
 def noop():
     pass
+
+
+def segfault():
+    import ctypes
+    ctypes.string_at(0)
+
+
+def interval(path, seconds=0.5):
+    start = time.time()
+    time.sleep(seconds)
+    with open(path, "a") as handle:
+        handle.write("%r %r\\n" % (start, time.time()))
+
+
+def spawn_and_sleep(pid_file, seconds=60):
+    import subprocess
+    child = subprocess.Popen(["sleep", "120"])  # in the flow's process group
+    with open(pid_file, "w") as handle:
+        handle.write("%d %d" % (os.getpid(), child.pid))
+    time.sleep(seconds)
+
+
+def talk_slowly(seconds=3.0):
+    print("before the wait", flush=True)
+    local_agent.context["logger"].info("logged before the wait")
+    time.sleep(seconds)
+    print("after the wait", flush=True)
+
+
+def orphan_maker():
+    import subprocess
+    subprocess.Popen(["sh", "-c", "sleep 0.5"])  # outlives the flow-run process
 '''
 
 
@@ -1016,6 +1048,261 @@ def test_two_agents_on_server_run_each_run_once(api_world: World, test_flows: An
     assert [agent.returncode for agent in agents] == [0, 0], errors
     assert len(marker.read_text().split()) == 40
     assert all(api_world.state(run_id) == "Success" for run_id in run_ids)
+
+
+# --- Never lose or double a run -------------------------------------------------------
+
+
+def _agent_process(world: World, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(AGENT), "start", "--api", world.api, "-l", "test", "--no-hostname-label", *args],
+        env=env or world.env, cwd=world.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_fenced_claims_run_each_run_once_on_a_server_without_locks(
+    tmp_path: Path, clean_env: dict[str, str], flows_dir: Path, test_flows: Any
+) -> None:
+    # An older Server (before 2021-10) has no duplicate-Submitted guard and never checks versions.
+    with PrefectServerDouble(submitted_guard_seconds=0) as server:
+        world = World("graphql", tmp_path, clean_env, flows_dir, server)
+        marker = tmp_path / "starts.txt"
+        flow_id = world.flow(test_flows.record_start)
+        run_ids = [world.run(flow_id, parameters={"path": str(marker)}) for _ in range(60)]
+        agents = [_agent_process(world, "--once", "-n", f"agent-{n}") for n in range(4)]
+        errors = [agent.communicate(timeout=180)[1] for agent in agents]
+        assert [agent.returncode for agent in agents] == [0, 0, 0, 0], errors
+        assert len(marker.read_text().split()) == 60  # no run executed twice, none lost
+        claims = 0
+        for run_id in run_ids:
+            history = world.history(run_id)
+            assert history.count("Running") == 1 and history[-1] == "Success", history
+            claims += history.count("Submitted")
+        print(f"\n4 agents x 60 runs on a lock-less Server: {claims - 60} losing claims, 0 duplicates, 0 lost")
+
+
+def test_a_claim_whose_answer_was_lost_still_counts(api_world: World, test_flows: Any) -> None:
+    server = api_world.server
+    run_id = api_world.run(api_world.flow(test_flows.hello))
+    # The Submitted write lands but the connection drops before the answer: the agent
+    # cannot tell, writes it again (Server refuses: already submitted), and reads back.
+    server.fail_next(1, drop_connection=True, only_root="set_flow_run_states", after_processing=True)
+    result = api_world.agent("--once")
+    assert result.returncode == 0, result.stderr
+    assert api_world.history(run_id)[-3:] == ["Submitted", "Running", "Success"]
+
+
+def test_agent_killed_mid_run_adopts_the_run_on_restart(world: World, test_flows: Any) -> None:
+    run_id = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 3.0})
+    agent = _agent_process(world)
+    assert world.wait_for(lambda: world.state(run_id) == "Running", timeout=30)
+    assert world.wait_for(lambda: "logged before the wait" in world.logs(run_id), timeout=10)
+    agent.kill()  # kill -9: no drain, no goodbye
+    agent.communicate()
+    restarted = world.agent("--once")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "Adopting flow run" in restarted.stderr
+    assert world.state(run_id) == "Success"
+    logs = world.logs(run_id)
+    assert "after the wait" in logs  # written while no agent was watching, shipped after
+    assert logs.count("before the wait") == 1
+    assert any(line.startswith("Agent agent restarted and adopted process PID") for line in logs)
+
+
+def test_process_lost_while_the_agent_was_down_fails_the_run(world: World, test_flows: Any,
+                                                             tmp_path: Path) -> None:
+    pids = tmp_path / "pids.txt"
+    run_id = world.run(world.flow(test_flows.spawn_and_sleep), parameters={"pid_file": str(pids)})
+    agent = _agent_process(world)
+    assert world.wait_for(lambda: pids.exists() and pids.read_text().strip() != "", timeout=30)
+    agent.kill()
+    agent.communicate()
+    flow_pid = int(pids.read_text().split()[0])
+    os.killpg(flow_pid, signal.SIGKILL)
+    restarted = world.agent("--once")
+    assert restarted.returncode == 1  # --once: the run it settled did not succeed
+    assert world.state(run_id) == "Failed"
+    assert f"restarted and the flow-run process PID {flow_pid} was lost" in world.message(run_id)
+
+
+@pytest.mark.parametrize("mode", ["500", "drop"])
+def test_an_outage_in_a_burst_loses_nothing(api_world: World, test_flows: Any, mode: str) -> None:
+    server = api_world.server
+    flow_id = api_world.flow(test_flows.talk_slowly)
+    run_ids = [api_world.run(flow_id, parameters={"seconds": 3.0}) for _ in range(8)]
+    agent = _agent_process(api_world)
+    try:
+        assert server.wait_for(lambda: all("before the wait" in api_world.logs(r) for r in run_ids), timeout=60)
+        server.set_down(True, mode=mode)  # the flows print again while it is down: the agent must hold it
+        time.sleep(5)
+        late = api_world.run(flow_id, parameters={"seconds": 0.0})  # created while the agent cannot see it
+        server.set_down(False)
+        back = time.monotonic()
+        assert server.wait_for(lambda: len(server.requests) and server.requests[-1].status == 200, timeout=10)
+        resumed = time.monotonic() - back
+        run_ids.append(late)
+        assert server.wait_for(lambda: all(server.run(r)["state"] == "Success" for r in run_ids), timeout=90)
+
+        def complete(run_id: str) -> bool:
+            logs = api_world.logs(run_id)
+            return logs.count("before the wait") == 1 and logs.count("after the wait") == 1
+
+        assert server.wait_for(lambda: all(complete(run_id) for run_id in run_ids), timeout=30)
+    finally:
+        agent.terminate()
+        _, errors = agent.communicate(timeout=60)
+    assert agent.returncode == 0, errors
+    assert "Holding" in errors and "The API takes writes again" in errors and "The API answers again." in errors
+    print(f"\noutage ({mode}) mid-burst: runs lost 0, log lines lost 0, resumed in {resumed:.2f} s")
+    assert resumed <= 1.5
+
+
+def test_each_way_a_flow_run_process_can_die_ends_failed_with_the_reason(
+    world: World, test_flows: Any, flows_dir: Path
+) -> None:
+    (flows_dir / "breaks_on_import.py").write_text("def flow():\n    pass\n")
+    breaks = importlib.import_module("breaks_on_import")
+    runs = {
+        "exception": world.run(world.flow(test_flows.fail)),
+        "sys.exit": world.run(world.flow(test_flows.exit_code), parameters={"code": 3}),
+        "os._exit": world.run(world.flow(test_flows.hard_exit), parameters={"code": 7}),
+        "SIGKILL": world.run(world.flow(test_flows.kill_self), parameters={"signal_number": 9}),
+        "segfault": world.run(world.flow(test_flows.segfault)),
+        "missing file": world.run(world.flow(test_flows.noop, name="gone")),
+        "corrupt file": world.run(world.flow(test_flows.noop, name="corrupt")),
+        "import error": world.run(world.flow(breaks.flow, name="breaks")),
+        "hang": world.run(world.flow(test_flows.sleep), parameters={"seconds": 60}),
+    }
+    (world.storage_dir / "gone.prefect").unlink()
+    (world.storage_dir / "corrupt.prefect").write_bytes(b"\x80\x04not a pickle")
+    (flows_dir / "breaks_on_import.py").write_text("raise ImportError('broken on purpose')\n")
+    started = time.monotonic()
+    result = world.agent("--once", "--timeout", "3")
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    expected = {
+        "exception": "ValueError: boom from the flow",
+        "sys.exit": "SystemExit: 3",
+        "os._exit": "exited with code 7",
+        "SIGKILL": "killed by SIGKILL (the out-of-memory killer may have ended it)",
+        "segfault": "crashed with a segmentation fault (SIGSEGV)",
+        "missing file": f"does not exist on host {HOST}",
+        "corrupt file": "is corrupt or unreadable here",
+        "import error": "ImportError: broken on purpose",
+        "hang": "timed out after 3 s",
+    }
+    for mode, run_id in runs.items():
+        assert world.state(run_id) == "Failed", mode
+        assert expected[mode] in world.message(run_id), (mode, world.message(run_id))
+    assert "about to exit hard" in world.message(runs["os._exit"])  # the last output lines
+
+
+def test_limit_never_runs_more_than_the_free_slots(world: World, test_flows: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "intervals.txt"
+    flow_id = world.flow(test_flows.interval)
+    for _ in range(6):
+        world.run(flow_id, parameters={"path": str(marker), "seconds": 0.6})
+    result = world.agent("--once", "--limit", "2")
+    assert result.returncode == 0, result.stderr
+    intervals = [tuple(map(float, line.split())) for line in marker.read_text().splitlines()]
+    assert len(intervals) == 6
+    most = max(sum(start <= moment < end for start, end in intervals) for moment, _ in intervals)
+    assert most == 2
+
+
+def test_cancelling_a_running_run_stops_its_process_group(world: World, test_flows: Any, tmp_path: Path) -> None:
+    pids = tmp_path / "pids.txt"
+    run_id = world.run(world.flow(test_flows.spawn_and_sleep), parameters={"pid_file": str(pids)})
+    agent = _agent_process(world, "--once")
+    assert world.wait_for(lambda: pids.exists() and pids.read_text().strip() != "", timeout=30)
+    flow_pid, grandchild = map(int, pids.read_text().split())
+    cancelled_at = time.monotonic()
+    assert run_cli("cancel", run_id, "--api", world.api, env=world.env, check=True).stdout.strip() == "Cancelling"
+    _, errors = agent.communicate(timeout=60)
+    assert time.monotonic() - cancelled_at < 15
+    assert world.state(run_id) == "Cancelled", errors
+    assert not _alive(flow_pid) and not _alive(grandchild)
+    assert any("Cancellation requested" in line for line in world.logs(run_id))
+
+
+def test_sigterm_drains_then_hands_unfinished_runs_back(world: World, test_flows: Any, tmp_path: Path) -> None:
+    pids = tmp_path / "pids.txt"
+    slow = world.run(world.flow(test_flows.spawn_and_sleep), parameters={"pid_file": str(pids)})
+    quick = world.run(world.flow(test_flows.sleep), parameters={"seconds": 1.0})
+    agent = _agent_process(world, "--grace", "3")
+    assert world.wait_for(lambda: world.state(quick) == "Running" and pids.exists() and pids.read_text(), timeout=30)
+    flow_pid, grandchild = map(int, pids.read_text().split())
+    agent.send_signal(signal.SIGTERM)
+    _, errors = agent.communicate(timeout=60)
+    assert agent.returncode == 0, errors
+    assert world.state(quick) == "Success"  # finished within the grace period
+    assert world.state(slow) == "Scheduled"  # handed back for another agent
+    assert "shut down before this run finished" in world.message(slow)
+    assert not _alive(flow_pid) and not _alive(grandchild)  # no orphans left behind
+    # A second signal skips the grace period. (A fresh run: on Server, the one handed back
+    # cannot be claimed again until 30 s after its first claim, by Server's guard.)
+    pids = tmp_path / "pids-2.txt"
+    second = world.run(world.flow(test_flows.spawn_and_sleep), parameters={"pid_file": str(pids)})
+    agent = _agent_process(world, "--grace", "60")
+    assert world.wait_for(lambda: pids.exists() and pids.read_text().strip() != "", timeout=30)
+    stopped_at = time.monotonic()
+    agent.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    agent.send_signal(signal.SIGTERM)
+    agent.communicate(timeout=60)
+    assert time.monotonic() - stopped_at < 10
+    assert world.state(second) == "Scheduled"
+
+
+def test_undelivered_writes_wait_in_the_spool_for_the_next_start(api_world: World, test_flows: Any) -> None:
+    server = api_world.server
+    run_id = api_world.run(api_world.flow(test_flows.talk_slowly), parameters={"seconds": 2.0})
+    agent = _agent_process(api_world)
+    assert server.wait_for(lambda: server.run(run_id)["state"] == "Running", timeout=30)
+    server.set_down(True)
+    time.sleep(3.5)  # the flow finishes while the API is down
+    agent.terminate()
+    _, errors = agent.communicate(timeout=60)
+    assert "could not be delivered; they are kept in" in errors
+    assert "after the wait" not in api_world.logs(run_id)
+    server.set_down(False)
+    again = api_world.agent("--max-polls", "2")
+    assert "left over from the last run" in again.stderr
+    assert server.wait_for(lambda: "after the wait" in api_world.logs(run_id), timeout=10)
+    assert api_world.state(run_id) == "Success"
+
+
+def test_subreaper_reaps_orphaned_grandchildren(embedded: World, test_flows: Any) -> None:
+    embedded.run(embedded.flow(test_flows.orphan_maker))
+    agent = _agent_process(embedded, "--subreaper", "--max-polls", "20")
+    try:
+        deadline = time.monotonic() + 20
+        zombies: list[int] = []
+        while time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.5)
+            children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(int(p)) == agent.pid]
+            zombies = [pid for pid in children if not _alive(pid)]
+            if embedded.db.list_flow_runs()[0].state == "Success" and not children:
+                break
+        assert zombies == []
+    finally:
+        agent.kill()
+        agent.communicate()
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
 
 
 # --- The Prefect Server double itself ---------------------------------------------------

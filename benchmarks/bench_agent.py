@@ -1,0 +1,1076 @@
+#!/usr/bin/env python3
+"""Benchmark of local_agent (issue 5): start-up, idle cost, dispatch latency, per-run overhead,
+bursts, growth, and this machine's limit for starting bare interpreters.
+
+    python3 benchmarks/bench_agent.py [--quick] [--keep] [--out DIR]
+
+Stdlib only. Starts the Prefect Server double (prefect_double.py) and embedded SQLite
+databases itself, contacts 127.0.0.1 only, and runs every measurement in one process run so
+ratios are fair. Prints the machine and a table (metric, median, p95, target, met?) and writes
+everything, samples included, to ``benchmarks/results/<timestamp>.json``. The default run
+takes about five minutes on 2 cores; ``--quick`` about one and a half (smaller counts, 10 s
+idle, one dispatch round). The targets are benchmark results, never timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import local_agent as la  # noqa: E402
+from prefect_double import PrefectServerDouble  # noqa: E402
+
+AGENT = ROOT / "local_agent.py"
+PYTHON = sys.executable  # the real interpreter (a pyenv `python3` shim would add ~50 ms a start)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LABEL = "bench"
+MB = 1024 * 1024
+
+# The flow every run executes: a module the flow-run process imports from its working
+# directory. It appends "run-id imported-at called-at" to $BENCH_STARTS_FILE.
+FLOWS_MODULE = "bench_flows"
+FLOWS_SOURCE = '''"""The no-op flow of benchmarks/bench_agent.py."""
+import os
+import time
+
+IMPORTED = time.time()
+
+
+def noop():
+    path = os.environ.get("BENCH_STARTS_FILE")
+    if path:
+        line = "%s %r %r\\n" % (os.environ.get("PREFECT__CONTEXT__FLOW_RUN_ID", "?"), IMPORTED, time.time())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+'''
+
+
+# --- Small helpers ----------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default); None for no values."""
+    data = sorted(v for v in values if v is not None)
+    if not data:
+        return None
+    k = (len(data) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"n": len(values), "median": percentile(values, 0.5), "p95": percentile(values, 0.95),
+            "min": min(values) if values else None, "max": max(values) if values else None,
+            "samples": [round(v, 6) for v in values]}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.02) -> Any:
+    """Call ``predicate`` until it returns something truthy or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
+
+
+def sleep_until(moment: float) -> None:
+    """Sleep until wall-clock ``moment`` (time.time())."""
+    delay = moment - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid`` in bytes ({} when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            text = handle.read()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float | None:
+    """User + system CPU seconds ``pid`` has used, or (``children``) its reaped children have."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    first = 13 if children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / CLOCK_TICKS
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "implementation": platform.python_implementation(),
+            "executable": PYTHON, "platform": platform.platform(), "agent_version": la.__version__}
+
+
+def to_epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    try:
+        return la._parse_time(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
+def utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, timezone.utc)
+
+
+# --- Scenarios: one backend, one home, agents --------------------------------------------
+
+
+class Agent:
+    """One agent process with its own home directory; output goes to files."""
+
+    def __init__(self, scenario: Scenario, name: str, args: list[str], verbose: bool = False) -> None:
+        self.scenario = scenario
+        self.name = name
+        self.home = scenario.dir / f"home-{name}"
+        self.stdout = scenario.dir / f"{name}.out"
+        self.stderr = scenario.dir / f"{name}.err"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
+        env.update(PREFECT__HOME_DIR=str(self.home), PREFECT__USER_CONFIG_PATH=str(scenario.config),
+                   BENCH_STARTS_FILE=str(scenario.starts_file))
+        command = [PYTHON, str(AGENT), "start", "--api", scenario.api, "-l", LABEL, "--no-hostname-label",
+                   "-n", name, *args, *(["-v"] if verbose else [])]
+        self.started = time.time()
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            self.process = subprocess.Popen(command, env=env, cwd=scenario.project, stdin=subprocess.DEVNULL,
+                                            stdout=out, stderr=err)
+        self.pid = self.process.pid
+        RUNNING.append(self)
+
+    def rss(self) -> int | None:
+        return proc_status(self.pid).get("VmRSS")
+
+    def hwm(self) -> int | None:
+        return proc_status(self.pid).get("VmHWM")
+
+    def cpu(self) -> float | None:
+        return cpu_seconds(self.pid)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self in RUNNING:
+            RUNNING.remove(self)
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return "\n".join(self.stderr.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+RUNNING: list[Agent] = []
+
+
+class Scenario:
+    """A backend (the embedded database or its own Prefect double) with the no-op flow."""
+
+    def __init__(self, root: Path, name: str, kind: str, project: Path) -> None:
+        self.kind = kind
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir(parents=True)
+        self.project = project
+        self.starts_file = self.dir / "starts.txt"
+        self.config = self.dir / "config.toml"  # empty: the user's ~/.prefect/config.toml must not count
+        self.config.write_text("")
+        import bench_flows  # type: ignore[import-not-found]
+
+        flow = la.Flow("noop", bench_flows.noop)
+        path = la.store_flow(flow, self.dir / "flows")
+        self.double: PrefectServerDouble | None = None
+        if kind == "sqlite":
+            self.db_path = self.dir / "local_agent.db"
+            self.api = f"sqlite:///{self.db_path}"
+            self.db = la.SQLiteBackend(str(self.db_path))
+            project_id = self.db.ensure_project("bench")
+            self.flow_id = self.db.register_flow(project_id, la.serialize_flow(flow, path, [LABEL]))
+            self._sql = sqlite3.connect(str(self.db_path), timeout=15, isolation_level=None)
+        else:
+            self.double = PrefectServerDouble().start()
+            self.api = self.double.url
+            self.flow_id = self.double.add_flow("noop", la.local_storage("noop", path), labels=[LABEL])
+            # Time the double's own work per request (it shares this process and its GIL), so
+            # API results can be read net of the double. An instance attribute shadows the method.
+            self.service_seconds = 0.0
+            serve = self.double._serve
+
+            def timed_serve(handler: Any) -> None:
+                began = time.perf_counter()
+                try:
+                    serve(handler)
+                finally:
+                    self.service_seconds += time.perf_counter() - began
+
+            self.double._serve = timed_serve  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        if self.double is not None:
+            self.double.stop()
+        else:
+            self._sql.close()
+            self.db.close()
+
+    # Runs.
+
+    def add_run(self, due: float | None = None) -> str:
+        """Create a run, due at ``due`` (epoch seconds) or now."""
+        when = utc(due) if due is not None else None
+        if self.double is not None:
+            return self.double.add_flow_run(self.flow_id, scheduled_start_time=when)
+        return self.db.create_flow_run(self.flow_id, parameters={}, labels=None, scheduled_start_time=when,
+                                       idempotency_key=uuid.uuid4().hex)
+
+    def final(self, run_id: str) -> tuple[str, float | None]:
+        """The run's state and, once final, when it became so (epoch seconds)."""
+        if self.double is not None:
+            row = self.double.run(run_id)
+            return row["state"], to_epoch(row.get("state_timestamp"))
+        run = self.db.get_flow_run(run_id)
+        if run is None:
+            return "missing", None
+        return run.state, (run.updated.timestamp() if run.updated else None)
+
+    def log_times(self, run_id: str) -> dict[str, float]:
+        """When the agent logged the claim and the launch of a run (epoch seconds)."""
+        if self.double is not None:
+            lines = [(row.get("message") or "", row.get("timestamp")) for row in self.double.logs(run_id)]
+        else:
+            lines = [(line.message, line.timestamp) for line in self.db.get_run_logs(run_id)]
+        found: dict[str, float] = {}
+        for message, stamp in lines:
+            moment = to_epoch(stamp)
+            if moment is None:
+                continue
+            if message.startswith("Claimed by") and "claimed" not in found:
+                found["claimed"] = moment
+            elif message.startswith("Submitted for execution") and "launched" not in found:
+                found["launched"] = moment
+        return found
+
+    def state_times(self, run_id: str) -> dict[str, float]:
+        """When the run first entered each state, from its state history (epoch seconds)."""
+        if self.double is not None:
+            rows = [(state["type"], state["timestamp"]) for state in self.double.states(run_id)]
+        else:
+            rows = self._sql.execute("SELECT state, timestamp FROM flow_run_state WHERE flow_run_id = ? "
+                                     "ORDER BY version", (run_id,)).fetchall()
+        found: dict[str, float] = {}
+        for state, stamp in rows:
+            moment = to_epoch(stamp)
+            if moment is not None:
+                found.setdefault(state, moment)
+        return found
+
+    def many_state_times(self, run_ids: list[str]) -> dict[str, dict[str, float]]:
+        if self.double is not None:
+            return {run_id: self.state_times(run_id) for run_id in run_ids}
+        wanted = set(run_ids)
+        found: dict[str, dict[str, float]] = {run_id: {} for run_id in run_ids}
+        for run_id, state, stamp in self._sql.execute(
+                "SELECT flow_run_id, state, timestamp FROM flow_run_state ORDER BY flow_run_id, version"):
+            if run_id in wanted:
+                moment = to_epoch(stamp)
+                if moment is not None:
+                    found[run_id].setdefault(state, moment)
+        return found
+
+    def flow_starts(self) -> dict[str, tuple[float, float]]:
+        """run id -> (flow module imported, flow called), from the flows' own records."""
+        result = {}
+        try:
+            text = self.starts_file.read_text()
+        except OSError:
+            return result
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                result[parts[0]] = (float(parts[1]), float(parts[2]))
+        return result
+
+    def state_counts(self) -> dict[str, int]:
+        """How many runs are in each state (cheap: one query or one pass under the double's lock)."""
+        if self.double is not None:
+            counts: dict[str, int] = {}
+            with self.double._lock:  # read-only peek, to keep the bench process light
+                for row in self.double._server.db.tables["flow_run"].rows.values():
+                    counts[row["state"]] = counts.get(row["state"], 0) + 1
+            return counts
+        return {state: count for state, count in
+                self._sql.execute("SELECT state, COUNT(*) FROM flow_run GROUP BY state").fetchall()}
+
+    def last_final_time(self, state: str = "Success") -> float | None:
+        if self.double is not None:
+            with self.double._lock:
+                times = [row["state_timestamp"] for row in self.double._server.db.tables["flow_run"].rows.values()
+                         if row["state"] == state]
+            return max(times).timestamp() if times else None
+        (value,) = self._sql.execute("SELECT MAX(updated) FROM flow_run WHERE state = ?", (state,)).fetchone()
+        return to_epoch(value)
+
+    def wait_final(self, run_id: str, timeout: float) -> tuple[str, float | None]:
+        result = wait_until(lambda: (lambda s: s if la.is_final(s[0]) else None)(self.final(run_id)), timeout, 0.01)
+        return result or self.final(run_id)
+
+    # Agents.
+
+    def first_poll_after(self, since: float) -> float | None:
+        """Arrival time of the first get_runs_in_queue request after ``since`` (the double only)."""
+        assert self.double is not None
+        for request in self.double.requests:
+            if request.time >= since and "get_runs_in_queue" in request.roots:
+                return request.time
+        return None
+
+
+# --- 7. The limit: bare interpreter starts ------------------------------------------------
+
+
+def bare_starts(count: int, parallelism: int) -> tuple[float, list[float]]:
+    """Start and finish ``count`` bare ``python -c pass`` processes, ``parallelism`` at a time.
+
+    Returns (processes per second, the wall time of each process).
+    """
+    lock = threading.Lock()
+    remaining = [count]
+    durations: list[float] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if remaining[0] == 0:
+                    return
+                remaining[0] -= 1
+            began = time.perf_counter()
+            subprocess.run([PYTHON, "-c", "pass"], stdin=subprocess.DEVNULL, check=True)
+            took = time.perf_counter() - began
+            with lock:
+                durations.append(took)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(parallelism)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return count / (time.perf_counter() - began), durations
+
+
+# --- 1. Start-up -------------------------------------------------------------------------
+
+
+def parse_log_time(line: str) -> float | None:
+    """The epoch time of an agent log line ("2026-11-25 16:29:51,335 - ...", local time)."""
+    try:
+        moment = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+        return moment + int(line[20:23]) / 1000
+    except (ValueError, IndexError):
+        return None
+
+
+def startup_samples(scenario: Scenario, count: int) -> list[float]:
+    """Process start -> first poll sent, for agents run with --max-polls 1."""
+    samples = []
+    for i in range(count):
+        agent = Agent(scenario, f"startup{i}", ["--max-polls", "1"], verbose=scenario.double is None)
+        began = agent.started
+        try:
+            agent.process.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        agent.stop()
+        if scenario.double is not None:
+            first = scenario.first_poll_after(began)
+        else:
+            first = None
+            for line in agent.stderr.read_text(errors="replace").splitlines():
+                if "Querying for ready flow runs" in line:
+                    first = parse_log_time(line)
+                    break
+        if first is None:
+            print(f"  start-up sample {i} ({scenario.kind}): no poll seen; {agent.log_tail()}", file=sys.stderr)
+            continue
+        samples.append(first - began)
+    return samples
+
+
+# --- Dispatch samples --------------------------------------------------------------------
+
+
+class Sample:
+    """One run whose dispatch is measured: created (or due) at ``reference``."""
+
+    def __init__(self, scenario: Scenario, case: str, reference: float, run_id: str, created: float) -> None:
+        self.scenario = scenario
+        self.case = case
+        self.reference = reference
+        self.run_id = run_id
+        self.created = created
+        self.result: dict[str, Any] = {}
+
+    def resolve(self, starts: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        """Times from the reference (due or created) to each step, in seconds."""
+        state, final_at = self.scenario.final(self.run_id)
+        logs = self.scenario.log_times(self.run_id)
+        states = self.scenario.state_times(self.run_id)
+        imported, called = starts.get(self.run_id, (None, None))
+        launched = logs.get("launched", imported)
+
+        def since(moment: float | None) -> float | None:
+            return None if moment is None else moment - self.reference
+
+        self.result = {
+            "run_id": self.run_id, "case": self.case, "state": state, "reference": self.reference,
+            "created": self.created,
+            "to_submitted_state": since(states.get("Submitted")),  # the claim, as the API recorded it
+            "to_claim_logged": since(logs.get("claimed")),  # the agent's "Claimed by" line (after the claim)
+            "to_launch": since(launched),  # "Submitted for execution: PID" (Popen has returned)
+            "to_flow_import": since(imported),  # the flow's module imported in the flow-run process
+            "to_running_state": since(states.get("Running")),
+            "to_flow_call": since(called),
+            "to_final": since(final_at) if la.is_final(state) else None,
+        }
+        return self.result
+
+
+def create_sample(scenario: Scenario, case: str, lead: float | None) -> Sample:
+    """An ad-hoc run (lead None: due now) or one scheduled ``lead`` seconds ahead."""
+    created = time.time()
+    due = None if lead is None else created + lead
+    run_id = scenario.add_run(due)
+    return Sample(scenario, case, due if due is not None else created, run_id, created)
+
+
+# --- The benchmark -----------------------------------------------------------------------
+
+
+class IdleSampler(threading.Thread):
+    """Samples the idle agents' CPU time at fixed moments, whatever the main thread does."""
+
+    def __init__(self, agents: dict[str, Agent], seconds: float, windows: int = 6) -> None:
+        super().__init__(name="idle-sampler", daemon=True)
+        self.agents = agents
+        self.seconds = seconds
+        self.windows = windows
+        self.start_time = time.time()
+        self.rss_start = {key: agent.rss() for key, agent in agents.items()}
+        self.marks = {key: [(self.start_time, agent.cpu())] for key, agent in agents.items()}
+        self.rss_end: dict[str, int | None] = {}
+        self.end_time = self.start_time
+
+    def run(self) -> None:
+        for k in range(1, self.windows + 1):
+            sleep_until(self.start_time + k * self.seconds / self.windows)
+            for key, agent in self.agents.items():
+                self.marks[key].append((time.time(), agent.cpu()))
+        self.end_time = time.time()
+        self.rss_end = {key: agent.rss() for key, agent in self.agents.items()}
+
+    def result(self) -> dict[str, Any]:
+        idle = {}
+        for key in self.agents:
+            marks = self.marks[key]
+            percents = [100 * (c1 - c0) / (t1 - t0) for (t0, c0), (t1, c1) in zip(marks, marks[1:])
+                        if c0 is not None and c1 is not None and t1 > t0]
+            first, last = marks[0][1], marks[-1][1]
+            idle[key] = {"rss_after_start": self.rss_start[key], "rss_after_idle": self.rss_end.get(key),
+                         "cpu_seconds": None if first is None or last is None else last - first,
+                         "seconds": self.end_time - self.start_time, "cpu_percent_windows": summary(percents)}
+        return idle
+
+
+class Bench:
+    #: Length of one dispatch round (see dispatch_rounds).
+    PERIOD = 30.0
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.root = Path(tempfile.mkdtemp(prefix="bench_agent-"))
+        self.project = self.root / "project"
+        self.project.mkdir()
+        (self.project / f"{FLOWS_MODULE}.py").write_text(FLOWS_SOURCE)
+        sys.path.insert(0, str(self.project))
+        self.scenarios: list[Scenario] = []
+        self.results: dict[str, Any] = {}
+        self.notes: list[str] = []
+        q = self.quick
+        self.idle_seconds = 12.0 if q else 60.0
+        self.bare_count = 60 if q else 150
+        self.bare_adjacent_count = 30 if q else 80
+        self.startup_count = 4 if q else 10
+        self.rounds = 1 if q else 3
+        self.burst_count = 50 if q else 500
+        self.growth_total = 200 if q else 1000
+        self.api_burst_count = 30 if q else 100
+
+    def scenario(self, name: str, kind: str) -> Scenario:
+        scenario = Scenario(self.root, name, kind, self.project)
+        self.scenarios.append(scenario)
+        return scenario
+
+    def log(self, message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    def run(self) -> dict[str, Any]:
+        began = time.time()
+        self.results["machine"] = machine()
+        self.results["mode"] = "quick" if self.quick else "default"
+        self.results["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            self.first_phase()
+            self.burst_phase()
+        finally:
+            for agent in list(RUNNING):
+                agent.stop(5)
+            for scenario in self.scenarios:
+                scenario.close()
+            if self.args.keep:
+                self.log(f"kept the scenario files (agent logs) in {self.root}")
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+        self.results["duration_seconds"] = round(time.time() - began, 1)
+        self.results["notes"] = self.notes
+        return self.results
+
+    # Phase 1: idle agents, the bare limit, start-up, dispatch and per-run overhead.
+
+    def first_phase(self) -> None:
+        """Six agents start together, each on its own backend:
+
+        - idle-api, idle-embedded: never given work; RSS and CPU over the idle window.
+        - api-default, api-mpi1, embedded: dispatch latency samples (dispatch_rounds).
+        - api-mpi1 (between its dispatch samples) and warm-embedded: per-run overhead.
+
+        While the idle window runs, the bare limit and the start-up samples are measured
+        (CPU time is each process's own, so the idle agents' figures are unaffected by it).
+        """
+        scenarios = {key: self.scenario(key, kind) for key, kind in (
+            ("idle-api", "api"), ("idle-embedded", "sqlite"), ("api-default", "api"), ("api-mpi1", "api"),
+            ("embedded", "sqlite"), ("warm-embedded", "sqlite"))}
+        self.log("starting six agents: two stay idle, four take the dispatch and overhead samples")
+        agents = {
+            "idle-api": Agent(scenarios["idle-api"], "idle-api", []),
+            "idle-embedded": Agent(scenarios["idle-embedded"], "idle-embedded", []),
+            "api-default": Agent(scenarios["api-default"], "api-default", []),
+            "api-mpi1": Agent(scenarios["api-mpi1"], "api-mpi1", ["--max-poll-interval", "1"]),
+            "embedded": Agent(scenarios["embedded"], "embedded", []),
+            "warm-embedded": Agent(scenarios["warm-embedded"], "warm-embedded", []),
+        }
+        t0 = time.time()
+        apis = [s for s in scenarios.values() if s.double is not None]
+        wait_until(lambda: all(s.first_poll_after(0) for s in apis) or not all(a.alive() for a in agents.values()),
+                   20)
+        sleep_until(t0 + 2.0)
+        for agent in agents.values():
+            if not agent.alive():
+                raise SystemExit(f"agent {agent.name} exited:\n{agent.log_tail(20)}")
+        idle_requests = len(scenarios["idle-api"].double.requests)
+        sampler = IdleSampler({"api": agents["idle-api"], "embedded": agents["idle-embedded"]}, self.idle_seconds)
+        sampler.start()
+
+        self.bare_phase()
+        self.startup_phase()
+        self.dispatch_rounds(scenarios, agents, not_before=t0 + 18.0)
+
+        sampler.join(self.idle_seconds + 5)
+        idle = sampler.result()
+        requests = len(scenarios["idle-api"].double.requests) - idle_requests
+        idle["api"]["requests_per_minute"] = 60 * requests / max(1.0, time.time() - sampler.start_time)
+        self.results["idle"] = idle
+        for agent in agents.values():
+            agent.stop()
+
+    def bare_phase(self) -> None:
+        self.log(f"bare limit: {PYTHON} -c pass")
+        singles = []
+        for _ in range(max(10, self.bare_count // 5)):
+            began = time.perf_counter()
+            subprocess.run([PYTHON, "-c", "pass"], stdin=subprocess.DEVNULL, check=True)
+            singles.append(time.perf_counter() - began)
+        no_site = []  # context: this interpreter's start without site-packages (.pth files)
+        for _ in range(10):
+            began = time.perf_counter()
+            subprocess.run([PYTHON, "-S", "-c", "pass"], stdin=subprocess.DEVNULL, check=True)
+            no_site.append(time.perf_counter() - began)
+        rss = {}
+        for key, flags in (("default", []), ("no_site", ["-S"])):
+            text = subprocess.run([PYTHON, *flags, "-c", "print(open('/proc/self/status').read())"],
+                                  capture_output=True, text=True, check=True).stdout
+            rss[key] = next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("VmRSS"))
+        rates = {}
+        for parallelism in (1, 2, 4):
+            rate, _ = bare_starts(self.bare_count, parallelism)
+            rates[parallelism] = rate
+        self.results["bare"] = {"single_start": summary(singles), "single_start_no_site": summary(no_site),
+                                "rss": rss, "rate": rates, "count": self.bare_count}
+        self.log(f"  one start {percentile(singles, 0.5) * 1000:.1f} ms; "
+                 + ", ".join(f"parallelism {p}: {r:.1f}/s" for p, r in rates.items()))
+
+    def startup_phase(self) -> None:
+        self.log("start-up samples")
+        api = self.scenario("startup-api", "api")
+        emb = self.scenario("startup-embedded", "sqlite")
+        self.results["startup"] = {"api": summary(startup_samples(api, self.startup_count)),
+                                   "embedded": summary(startup_samples(emb, self.startup_count))}
+
+    def dispatch_rounds(self, scenarios: dict[str, Scenario], agents: dict[str, Agent], not_before: float) -> None:
+        """Rounds of 30 s, each with (offsets in seconds):
+
+        0.0 ad-hoc run on api-default, 0.5 on embedded, 1.0 on api-mpi1: case (b), each agent
+            idle for >= 16.5 s before (its poll interval at the cap: 10 s, or 1 s);
+        1.5 on api-default a run due in 11.5-12 s, 3.0 on embedded one due in 10.5-11 s: case (a);
+        5, 8, 11 more ad-hoc runs on api-mpi1 (idle >= 2 s, its interval at the 1 s cap);
+        14.5 a warm-up run on api-mpi1 and warm-embedded, then from 15.5 to 27 one run every
+            1.5 s on each (embedded 0.75 s later), each due 1.2 s after it is created (so it
+            is prefetched) and final before the next: the per-run overhead, due -> Success.
+        """
+        import random
+
+        rng = random.Random(5)
+        start = max(time.time() + 0.5, not_before)
+        self.log(f"dispatch and per-run overhead: {self.rounds} round(s) of {self.PERIOD:.0f} s")
+        api10, api1 = scenarios["api-default"], scenarios["api-mpi1"]
+        emb, warm = scenarios["embedded"], scenarios["warm-embedded"]
+        samples: list[Sample] = []
+        windows: list[tuple[float, float]] = []
+        for r in range(self.rounds):
+            t = start + r * self.PERIOD
+            plan: list[tuple[float, Scenario, str, float | None]] = [
+                (0.0, api10, "b_api_default", None),
+                (0.5, emb, "b_embedded", None),
+                (1.0, api1, "b_api_mpi1", None),
+                (1.5, api10, "a_api", 11.5 + rng.uniform(0, 0.5)),
+                (3.0, emb, "a_embedded", 10.5 + rng.uniform(0, 0.5)),
+                (5.0, api1, "b_api_mpi1", None),
+                (8.0, api1, "b_api_mpi1", None),
+                (11.0, api1, "b_api_mpi1", None),
+                (14.5, api1, "warmup", 0.3),
+                (14.6, warm, "warmup", 0.3),
+            ]
+            for k in range(8):
+                plan.append((15.5 + 1.5 * k, api1, "overhead_api", 1.2))
+                plan.append((16.25 + 1.5 * k, warm, "overhead_embedded", 1.2))
+            plan.sort(key=lambda item: item[0])
+            for offset, scenario, case, lead in plan:
+                jitter = rng.uniform(0, 0.2) if case.startswith(("a_", "b_")) else 0.0
+                sleep_until(t + offset + jitter)
+                if case == "overhead_api" and not windows or (case == "overhead_api" and windows[-1][1]):
+                    windows.append((time.time(), 0.0))
+                samples.append(create_sample(scenario, case, lead))
+            windows[-1] = (windows[-1][0], t + 28.0)
+            for agent in agents.values():
+                if not agent.alive():
+                    raise SystemExit(f"agent {agent.name} exited during the dispatch rounds:\n{agent.log_tail(20)}")
+        sleep_until(start + self.rounds * self.PERIOD - 1.5)
+        for sample in samples:
+            sample.scenario.wait_final(sample.run_id, 15)
+        time.sleep(0.3)  # the agents' last log lines
+        starts = {id(s): s.flow_starts() for s in (api10, api1, emb, warm)}
+        by_case: dict[str, list[dict[str, Any]]] = {}
+        for sample in samples:
+            if sample.case != "warmup":
+                by_case.setdefault(sample.case, []).append(sample.resolve(starts[id(sample.scenario)]))
+
+        def steps(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            keys = ("to_submitted_state", "to_claim_logged", "to_launch", "to_flow_import", "to_running_state",
+                    "to_flow_call", "to_final")
+            return {key: summary([r[key] for r in rows if r[key] is not None]) for key in keys}
+
+        dispatch = {}
+        for case in ("a_api", "a_embedded", "b_api_default", "b_api_mpi1", "b_embedded"):
+            rows = by_case.get(case, [])
+            dispatch[case] = {
+                **steps(rows),
+                "not_success": sum(1 for r in rows if r["state"] != "Success"),
+                # A scheduled run whose claim the API recorded before it was due started early.
+                "early": sum(1 for r in rows if case.startswith("a_") and r["to_submitted_state"] is not None
+                             and r["to_submitted_state"] < 0),
+                "runs": rows,
+            }
+        self.results["dispatch"] = dispatch
+        overhead = {}
+        for key, case in (("api", "overhead_api"), ("embedded", "overhead_embedded")):
+            rows = by_case.get(case, [])
+            overhead[key] = {**steps(rows), "not_success": sum(1 for r in rows if r["state"] != "Success"),
+                             "late_pickups": sum(1 for r in rows if (r["to_submitted_state"] or 0) > 0.05),
+                             "runs": rows}
+        # API requests during the overhead windows of api-mpi1 (its polls every <= 1 s included).
+        requests = [q for q in api1.double.requests if any(a <= q.time <= b for a, b in windows)]
+        overhead["api"]["requests"] = count_requests(requests, len(by_case.get("overhead_api", [])))
+        overhead["api"]["note"] = "agent: api-mpi1 (--max-poll-interval 1); requests counted in the overhead windows"
+        self.results["overhead"] = overhead
+
+    # Phase 2: bursts and growth, one agent at a time, nothing else running.
+
+    def burst_phase(self) -> None:
+        bursts: dict[str, Any] = {}
+        for limit in (1, 4):
+            scenario = self.scenario(f"burst-embedded-l{limit}", "sqlite")
+            agent = Agent(scenario, f"burst{limit}", ["--limit", str(limit)])
+            time.sleep(1.0)
+            bursts[f"embedded_l{limit}"] = self.burst(scenario, agent, self.burst_count, limit)
+            agent.stop()
+        # --limit 2: the growth agent: 10 runs, then the burst, then the rest up to growth_total.
+        scenario = self.scenario("growth-embedded-l2", "sqlite")
+        agent = Agent(scenario, "growth", ["--limit", "2"])
+        time.sleep(1.0)
+        self.log("growth: 10 runs (embedded, --limit 2)")
+        first = self.batch(scenario, agent, 10)
+        time.sleep(1.5)
+        rss10 = agent.rss()
+        bursts["embedded_l2"] = self.burst(scenario, agent, self.burst_count, 2)
+        rest = self.growth_total - 10 - self.burst_count
+        self.log(f"growth: {rest} more runs")
+        tail = self.batch(scenario, agent, rest)
+        time.sleep(1.5)
+        rss_all = agent.rss()
+        agent.stop()
+        finished = first["finished"] + bursts["embedded_l2"]["finished"] + tail["finished"]
+        self.results["growth"] = {
+            "runs": finished, "rss_after_10": rss10, "rss_after_all": rss_all,
+            "growth_bytes": None if rss10 is None or rss_all is None else rss_all - rss10,
+            "note": "one embedded agent with --limit 2: 10 runs, the --limit 2 burst, then the rest; "
+                    "RSS read 1.5 s after each batch was final"}
+        # The API backend, --limit 2 (fewer runs: the double scans every run on each poll).
+        scenario = self.scenario("burst-api-l2", "api")
+        agent = Agent(scenario, "burst-api", ["--limit", "2"])
+        wait_until(lambda: scenario.first_poll_after(0), 10)
+        first_request = len(scenario.double.requests)
+        service0 = scenario.service_seconds
+        bursts["api_l2"] = self.burst(scenario, agent, self.api_burst_count, 2)
+        bursts["api_l2"]["requests"] = count_requests(scenario.double.requests[first_request:], self.api_burst_count)
+        bursts["api_l2"]["double_service_seconds_per_run"] = (scenario.service_seconds - service0) / max(
+            1, self.api_burst_count)
+        agent.stop()
+        self.results["burst"] = bursts
+
+    def bare_rate(self, parallelism: int) -> float:
+        rate, _ = bare_starts(self.bare_adjacent_count, parallelism)
+        return rate
+
+    def burst(self, scenario: Scenario, agent: Agent, count: int, limit: int) -> dict[str, Any]:
+        """``count`` runs due at once; runs/s against the bare rate measured just before and after."""
+        self.log(f"burst: {count} runs on {scenario.name} with --limit {limit}")
+        before = self.bare_rate(limit)
+        result = self.batch(scenario, agent, count)
+        after = self.bare_rate(limit)
+        result["bare_rate_adjacent"] = {"before": before, "after": after, "used": max(before, after)}
+        if result["runs_per_second"]:
+            result["fraction_of_bare"] = result["runs_per_second"] / max(before, after)
+        self.log(f"  {result['runs_per_second'] or 0:.2f} runs/s (bare {max(before, after):.1f}/s), "
+                 f"peak RSS {result['peak_rss'] / MB:.1f} MB")
+        return result
+
+    def batch(self, scenario: Scenario, agent: Agent, count: int) -> dict[str, Any]:
+        """Queue ``count`` runs all due at one moment; wait (bounded) until they are final."""
+        peak = [agent.rss() or 0]
+        stop = threading.Event()
+
+        def sample_rss() -> None:
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], agent.rss() or 0)
+
+        final_before = sum(n for s, n in scenario.state_counts().items() if la.is_final(s))
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
+        due = time.time() + 0.5 + count * 0.004  # after the last one is created
+        created = time.time()
+        run_ids = [scenario.add_run(due) for _ in range(count)]
+        creation = time.time() - created
+        if time.time() > due:
+            self.notes.append(f"{scenario.name}: creating {count} runs took {creation:.2f} s, past their due time")
+        cpu0, own0, children0 = agent.cpu(), time.process_time(), cpu_seconds(agent.pid, children=True)
+        timeout = 60 + count * 1.0
+
+        def done() -> bool:
+            return sum(n for s, n in scenario.state_counts().items() if la.is_final(s)) - final_before >= count
+
+        wait_until(done, timeout, 0.1)
+        stop.set()
+        sampler.join()
+        cpu1, children1 = agent.cpu(), cpu_seconds(agent.pid, children=True)
+        times = scenario.many_state_times(run_ids)
+        finals = [max(v for k, v in t.items() if la.is_final(k)) for t in times.values()
+                  if any(la.is_final(k) for k in t)]
+        successes = sum(1 for t in times.values() if "Success" in t)
+        elapsed = max(finals) - due if finals else None
+        result = {"runs": count, "finished": len(finals), "success": successes, "creation_seconds": creation,
+                  "seconds": elapsed,
+                  "runs_per_second": count / elapsed if elapsed and len(finals) >= count else None,
+                  "peak_rss": peak[0], "vm_hwm": agent.hwm(),
+                  "agent_cpu_seconds_per_run": None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / count,
+                  "flow_run_process_cpu_seconds_per_run": None if children0 is None or children1 is None
+                  else (children1 - children0) / count,
+                  "bench_process_cpu_seconds_per_run": (time.process_time() - own0) / count,
+                  "timed_out": len(finals) < count, "phases": run_phases(times)}
+        return result
+
+
+def run_phases(times: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Medians of the steps of each run (from the state history), and the agent's turnaround:
+    the gap between one run's final state and the next claim (Submitted), in time order."""
+    claim_to_running = [t["Running"] - t["Submitted"] for t in times.values() if "Running" in t and "Submitted" in t]
+    running_to_success = [t["Success"] - t["Running"] for t in times.values() if "Success" in t and "Running" in t]
+    claims = sorted(t["Submitted"] for t in times.values() if "Submitted" in t)
+    finals = sorted(t["Success"] for t in times.values() if "Success" in t)
+    gaps = []
+    for final in finals:  # for each finished run, the next claim after it
+        index = bisect.bisect_left(claims, final)
+        if index < len(claims):
+            gaps.append(claims[index] - final)
+    return {"submitted_to_running": summary(claim_to_running)["median"],
+            "running_to_success": summary(running_to_success)["median"],
+            "success_to_next_submitted": summary(gaps)["median"],
+            "success_to_next_submitted_p95": summary(gaps)["p95"]}
+
+
+def count_requests(requests: list[Any], runs: int) -> dict[str, Any]:
+    """API requests per run: the agent's (x-prefect-agent-id) vs the flow-run processes'."""
+    agent: dict[str, int] = {}
+    child: dict[str, int] = {}
+    sent = {"agent": 0, "flow_run": 0}  # request bytes (query + variables), roughly
+    for request in requests:
+        is_agent = "x-prefect-agent-id" in request.headers
+        side = agent if is_agent else child
+        name = "+".join(request.roots) or "?"
+        side[name] = side.get(name, 0) + 1
+        size = len(request.query) + len(json.dumps(request.variables)) if request.variables else len(request.query)
+        sent["agent" if is_agent else "flow_run"] += size
+    polls = agent.get("get_runs_in_queue", 0)
+    agent_total = sum(agent.values())
+    per = (lambda n: n / runs) if runs else (lambda n: None)
+    return {"runs": runs, "agent_per_run": per(agent_total), "agent_polls_per_run": per(polls),
+            "agent_other_per_run": per(agent_total - polls), "flow_run_per_run": per(sum(child.values())),
+            "agent_bytes_per_run": per(sent["agent"]), "flow_run_bytes_per_run": per(sent["flow_run"]),
+            "agent_by_root": agent, "flow_run_by_root": child}
+
+
+# --- Report ------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    rows: list[list[str]] = []
+    missed: list[str] = []
+
+    def fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
+        if value is None:
+            return "-"
+        return f"{value * scale:.{digits}f}"
+
+    parent = [""]
+
+    def add(metric: str, median: Any, p95: Any, target: str = "", met: bool | None = None, scale: float = 1.0,
+            digits: int = 3) -> None:
+        verdict = "" if met is None else ("yes" if met else "NO")
+        if not metric.startswith(" "):
+            parent[0] = metric
+        if met is False:
+            missed.append(metric if not metric.startswith(" ") else f"{parent[0]}: {metric.strip()}")
+        rows.append([metric, fmt(median, scale, digits), fmt(p95, scale, digits), target, verdict])
+
+    def check(value: Any, ok: Callable[[float], bool]) -> bool | None:
+        return None if value is None else ok(value)
+
+    bare = results.get("bare", {})
+    one = bare.get("single_start", {})
+    bare_median = one.get("median")
+    add("bare `python -c pass` start (s)", one.get("median"), one.get("p95"))
+    no_site = bare.get("single_start_no_site", {})
+    add("  context: with -S, no site-packages .pth (s)", no_site.get("median"), no_site.get("p95"))
+    for key, label in (("default", "bare interpreter RSS (MB)"), ("no_site", "  context: with -S (MB)")):
+        add(label, bare.get("rss", {}).get(key), None, scale=1 / MB, digits=1)
+    for p, rate in bare.get("rate", {}).items():
+        add(f"bare starts/s, parallelism {p}", rate, None, digits=1)
+
+    for key, label in (("api", "API"), ("embedded", "embedded")):
+        s = results.get("startup", {}).get(key, {})
+        add(f"start-up to first poll, {label} (s)", s.get("median"), s.get("p95"), "<= 0.25",
+            check(s.get("median"), lambda v: v <= 0.25))
+
+    idle = results.get("idle", {})
+    for key, label, limit in (("api", "API", 25), ("embedded", "embedded", 20)):
+        entry = idle.get(key, {})
+        secs = entry.get("seconds", 0)
+        for when in ("rss_after_start", "rss_after_idle"):
+            value = entry.get(when)
+            name = f"idle RSS {'after start' if when == 'rss_after_start' else f'after {secs:.0f} s idle'}, {label} (MB)"
+            add(name, value, None, f"<= {limit}", check(value, lambda v, m=limit: v <= m * MB), scale=1 / MB,
+                digits=1)
+    for key, label in (("api", "API"), ("embedded", "embedded")):
+        entry = idle.get(key)
+        if not entry:
+            continue
+        windows = entry.get("cpu_percent_windows", {})
+        seconds = entry.get("seconds") or 0
+        add(f"idle CPU, {label} (% of a core, {windows.get('n', 0)} windows of {seconds / 6:.0f} s)",
+            windows.get("median"), windows.get("p95"), "<= 0.2", check(windows.get("median"), lambda v: v <= 0.2),
+            digits=2)
+        add(f"  idle CPU seconds over {seconds:.0f} s, {label}", entry.get("cpu_seconds"), None, digits=2)
+    if idle.get("api", {}).get("requests_per_minute") is not None:
+        add("  idle API requests per minute", idle["api"]["requests_per_minute"], None, digits=1)
+
+    dispatch = results.get("dispatch", {})
+    for case, label, limit, target in (
+        ("a_api", "(a) scheduled, API: due -> launched", 0.1, "<= 0.1"),
+        ("a_embedded", "(a) scheduled, embedded: due -> launched", 0.1, "<= 0.1"),
+        ("b_api_default", "(b) ad-hoc, API default: created -> launched", 10.0, "<= 10 (poll)"),
+        ("b_api_mpi1", "(b) ad-hoc, API --max-poll-interval 1: created -> launched", 1.0, "<= 1 (poll)"),
+        ("b_embedded", "(b) ad-hoc, embedded: created -> launched", 0.1, "<= 0.1"),
+    ):
+        entry = dispatch.get(case)
+        if not entry:
+            continue
+        launch = entry.get("to_launch", {})
+        add(f"dispatch {label} (s, n={launch.get('n', 0)})", launch.get("median"), launch.get("p95"), target,
+            check(launch.get("median"), lambda v, m=limit: v <= m))
+        flow = entry.get("to_flow_import", {})
+        add("  same, to the flow's module imported in the flow-run process (s)", flow.get("median"), flow.get("p95"))
+    if dispatch:
+        early = sum(dispatch.get(c, {}).get("early", 0) for c in ("a_api", "a_embedded"))
+        add("scheduled runs claimed before they were due (count)", early, None, "0", early == 0, digits=0)
+
+    overhead = results.get("overhead", {})
+    for key, label in (("api", "API"), ("embedded", "embedded")):
+        entry = overhead.get(key)
+        if not entry:
+            continue
+        final = entry.get("to_final", {})
+        add(f"per-run overhead, {label}: due -> Success, warm (s, n={final.get('n', 0)})", final.get("median"),
+            final.get("p95"))
+        ratio_median = final.get("median") / bare_median if final.get("median") and bare_median else None
+        ratio_p95 = final.get("p95") / bare_median if final.get("p95") and bare_median else None
+        add(f"  as a multiple of one bare start, {label}", ratio_median, ratio_p95, "<= 3",
+            check(ratio_median, lambda v: v <= 3), digits=1)
+        requests = entry.get("requests")
+        if requests:
+            add("  API requests per run: agent, polls excluded", requests["agent_other_per_run"], None, digits=1)
+            add("  API requests per run: agent polls (interval <= 1 s)", requests["agent_polls_per_run"], None,
+                digits=1)
+            add("  API requests per run: flow-run process", requests["flow_run_per_run"], None, digits=1)
+
+    for key, label in (("embedded_l1", "embedded --limit 1"), ("embedded_l2", "embedded --limit 2"),
+                       ("embedded_l4", "embedded --limit 4"), ("api_l2", "API --limit 2")):
+        entry = results.get("burst", {}).get(key)
+        if not entry:
+            continue
+        add(f"burst of {entry['runs']}, {label} (runs/s)", entry.get("runs_per_second"), None, digits=2)
+        fraction = entry.get("fraction_of_bare")
+        bare_used = entry.get("bare_rate_adjacent", {}).get("used")
+        add(f"  as % of bare starts/s at that parallelism ({bare_used or 0:.1f}/s)",
+            None if fraction is None else 100 * fraction, None, ">= 70", check(fraction, lambda v: v >= 0.7),
+            digits=0)
+        add("  agent peak RSS (MB)", entry.get("peak_rss"), None, scale=1 / MB, digits=1)
+        add("  CPU per run: agent / flow-run process (s)", entry.get("agent_cpu_seconds_per_run"),
+            entry.get("flow_run_process_cpu_seconds_per_run"))
+        requests = entry.get("requests")
+        if requests:
+            add("  API requests per run: agent, polls excluded", requests["agent_other_per_run"], None, digits=1)
+            add("  API requests per run: agent polls", requests["agent_polls_per_run"], None, digits=1)
+            add("  API requests per run: flow-run process", requests["flow_run_per_run"], None, digits=1)
+            add("  the double's own service time per run (s, in this process)",
+                entry.get("double_service_seconds_per_run"), None)
+
+    growth = results.get("growth")
+    if growth:
+        add(f"growth: RSS after {growth['runs']} runs - after 10 (MB)", growth.get("growth_bytes"), None, "< 2",
+            check(growth.get("growth_bytes"), lambda v: v < 2 * MB), scale=1 / MB, digits=2)
+    return rows, missed
+
+
+def render(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['affinity']} usable), "
+             f"{m['implementation']} {m['python']} ({m['executable']}), local_agent {m['agent_version']}",
+             f"Mode: {results['mode']}, {results.get('duration_seconds', '?')} s"]
+    rows, missed = table(results)
+    headers = ["metric", "median", "p95", "target", "met?"]
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:3], widths[1:3])),
+                                row[3].ljust(widths[3]), row[4]]))
+    lines.append("")
+    lines.append("Missed targets:" + ("".join(f"\n  - {m}" for m in missed) if missed else " none"))
+    for note in results.get("notes", []):
+        lines.append(f"Note: {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts, 10 s idle, one dispatch round")
+    parser.add_argument("--keep", action="store_true", help="keep the scenario directories (agent logs)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                        help="directory for the JSON results (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    print(render({"machine": machine(), "mode": "quick" if args.quick else "default"}).split("\n")[0], flush=True)
+    results = Bench(args).run()
+    results["table"], results["missed"] = table(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{datetime.now().strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(render(results))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
