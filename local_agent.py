@@ -146,16 +146,16 @@ class ConfigError(AgentError):
     """A setting, flag, config file or environment variable is missing or wrong."""
 
 
-class AuthError(AgentError):
-    """The API refused the token or key."""
-
-
 class APIError(AgentError):
     """The API could not be reached or gave an answer we cannot use."""
 
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class AuthError(APIError):
+    """The API refused the token or key."""
 
 
 class StateUpdateFailed(APIError):
@@ -260,9 +260,9 @@ def _as_number(value: Any, where: str) -> float:
     return number
 
 
-def _as_count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)):
-        raise ConfigError(f"{where} must be a whole number >= 0, got {value!r}")
+def _as_positive(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)) or int(value) < 1:
+        raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
     return int(value)
 
 
@@ -312,6 +312,45 @@ def _as_env(value: Any, where: str) -> dict[str, str]:
     return {key: str(item) for key, item in table.items()}
 
 
+def _as_api(value: Any, where: str) -> str:
+    """An API URL: ``http(s)://HOST[:PORT]`` or ``sqlite:///PATH``; empty means the default."""
+    url = _as_str(value, where)
+    if not url:
+        return ""
+    if url.startswith("sqlite:"):
+        _sqlite_path(url)  # rejects a URL without a path
+        return url
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # a bad port
+        valid = False
+    if not valid:
+        raise ConfigError(
+            f"{where} {url!r} is not a valid API URL: use http(s)://HOST[:PORT] for a Prefect API "
+            "or sqlite:///PATH for the embedded database"
+        )
+    return url.rstrip("/")
+
+
+def _as_address(value: Any, where: str) -> str:
+    """``--agent-address``: ``[http://]HOST:PORT``."""
+    address = _as_str(value, where)
+    if not address:
+        return ""
+    from urllib.parse import urlsplit
+
+    try:
+        port = urlsplit(address if "://" in address else "http://" + address).port
+    except ValueError:
+        port = None
+    if not port:
+        raise ConfigError(f"{where} {address!r} needs a port, like http://127.0.0.1:8080")
+    return address
+
+
 def _split_env_pair(item: Any, where: str) -> tuple[str, str]:
     """Split ``KEY=VALUE`` on the first ``=``, so values may contain ``=``."""
     key, sep, val = str(item).partition("=")
@@ -338,7 +377,7 @@ class _Option:
 _OPTIONS = (
     # The token: the agent key first, as Prefect 0.8 read it, then the client's own names.
     _Option("token", ("cloud.agent.auth_token", "cloud.auth_token", "cloud.api_key"), _as_str, ""),
-    _Option("api", ("cloud.api",), _as_str, ""),
+    _Option("api", ("cloud.api",), _as_api, ""),
     _Option("tenant_id", ("cloud.tenant_id",), _as_str, ""),
     _Option("name", ("cloud.agent.name",), _as_str, DEFAULT_AGENT_NAME),
     _Option("labels", ("cloud.agent.labels",), _as_labels, []),
@@ -349,10 +388,10 @@ _OPTIONS = (
     _Option("show_flow_logs", ("cloud.agent.show_flow_logs",), _as_bool, False),
     _Option("hostname_label", ("cloud.agent.hostname_label",), _as_bool, True),
     _Option("cloud_logs", ("cloud.send_flow_run_logs",), _as_bool, True),
-    _Option("agent_address", ("cloud.agent.agent_address",), _as_str, ""),
-    _Option("max_polls", ("cloud.agent.max_polls",), _as_count, None),
+    _Option("agent_address", ("cloud.agent.agent_address",), _as_address, ""),
+    _Option("max_polls", ("cloud.agent.max_polls",), _as_positive, None),
     _Option("max_poll_interval", ("cloud.agent.max_poll_interval",), _as_number, POLL_BACKOFF[-1]),
-    _Option("limit", ("cloud.agent.limit",), _as_count, None),
+    _Option("limit", ("cloud.agent.limit",), _as_positive, None),
     _Option("timeout", ("cloud.agent.timeout",), _as_number, None),
     _Option("grace", ("cloud.agent.grace",), _as_number, 30.0),
     _Option("request_timeout", ("cloud.request_timeout",), _as_number, REQUEST_TIMEOUT_SECONDS),
@@ -508,25 +547,13 @@ def _config_lookup(config: Mapping[str, Any], dotted_key: str) -> Any:
 
 
 def _finish_api(settings: Settings) -> None:
-    """Default the API (Cloud with a token, else the embedded database) and normalise it."""
+    """Default the API: Prefect Cloud with a token, else the embedded database."""
     if not settings.api:
         if settings.token:
             settings.api = PREFECT_CLOUD_API
         else:
             settings.api = "sqlite:///" + str(settings.home / "local_agent.db")
             settings.sources.setdefault("api", "the default (embedded database)")
-    if settings.api.startswith("sqlite:"):
-        _sqlite_path(settings.api)  # reject a URL without a path now
-        return
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(settings.api)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"API URL {settings.api!r} is not valid: use http(s)://HOST[:PORT] for a Prefect API "
-            "or sqlite:///PATH for the embedded database"
-        )
-    settings.api = settings.api.rstrip("/")
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -1100,7 +1127,7 @@ def _sqlite_path(url: str) -> str:
     """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` → the file path."""
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
     if not path:
-        raise ConfigError(f"API URL {url!r} is not valid: it names no database file; use sqlite:///PATH/TO/FILE.db")
+        raise ConfigError(f"{url!r} is not a valid API URL: it names no database file; use sqlite:///PATH/TO/FILE.db")
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -3846,12 +3873,7 @@ def _command_settings(args: Any) -> Settings:
 
 def _cmd_start(args: Any) -> int:
     flags = {key: value for key, value in vars(args).items() if key not in ("func", "command")}
-    settings = resolve_settings(flags)
-    if settings.max_polls == 0:
-        raise ConfigError("--max-polls must be at least 1")
-    if settings.limit == 0:
-        raise ConfigError("--limit must be at least 1")
-    return LocalAgent(settings).start()
+    return LocalAgent(resolve_settings(flags)).start()
 
 
 def _cmd_execute_flow_run(args: Any) -> int:
@@ -3972,19 +3994,20 @@ def _nonnegative_int(text: str) -> int:
     return int(text)
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(text)
-    return value
+def _flag_type(convert: Callable[[Any, str], Any], what: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that checks a flag's value the way its setting is checked."""
 
+    def parse(text: str) -> Any:
+        import argparse
 
-def _env_pair(text: str) -> str:
-    try:
-        _split_env_pair(text, "--env")
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
-    return text
+        try:
+            convert(text, "the value")
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text  # resolve_settings converts it again, from the one place that does
+
+    parse.__name__ = what
+    return parse
 
 
 def _build_parser() -> Any:
@@ -3995,10 +4018,10 @@ def _build_parser() -> Any:
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     _nonnegative_int.__name__ = "whole number"
-    _seconds.__name__ = "number of seconds"
     _parse_when.__name__ = "time"
     _parse_param.__name__ = "KEY=JSON"
-    _env_pair.__name__ = "KEY=VALUE"
+    positive, seconds = _flag_type(_as_positive, "whole number"), _flag_type(_as_number, "number of seconds")
+    api_url = _flag_type(_as_api, "URL")
 
     parser = Parser(prog="local_agent", description="A Prefect-style Local Agent in one file.")
     parser.add_argument("--version", action="version", version=f"local_agent {__version__}")
@@ -4006,7 +4029,7 @@ def _build_parser() -> Any:
     commands.required = True
 
     def backend_options(command: Any) -> None:
-        command.add_argument("-a", "--api", help="API URL, or sqlite:///PATH for the embedded database")
+        command.add_argument("-a", "--api", type=api_url, help="API URL, or sqlite:///PATH for the embedded database")
         command.add_argument("-t", "--token", "-k", "--key", dest="token", help="API token or key")
         command.add_argument("--tenant-id", help="tenant to use (Prefect Cloud)")
 
@@ -4014,20 +4037,23 @@ def _build_parser() -> Any:
     backend_options(start)
     start.add_argument("-l", "--label", dest="labels", action="append", help="a label (repeatable)")
     start.add_argument("-n", "--name", help="agent name (default: agent)")
-    start.add_argument("-e", "--env", action="append", type=_env_pair, help="KEY=VAL for flow runs (repeatable)")
+    start.add_argument("-e", "--env", action="append", type=_flag_type(_split_env_pair, "KEY=VALUE"),
+                       help="KEY=VAL for flow runs (repeatable)")
     start.add_argument("-p", "--import-path", dest="import_paths", action="append", help="add to flow runs' PYTHONPATH (repeatable)")
     start.add_argument("-f", "--show-flow-logs", action="store_true", default=None, help="show flow-run output")
     start.add_argument("--no-hostname-label", dest="hostname_label", action="store_false", default=None, help="do not add the host name label")
-    start.add_argument("--max-polls", type=_nonnegative_int, help="stop after this many polls")
-    start.add_argument("--max-poll-interval", type=_seconds, help="longest wait between polls (default: 10)")
-    start.add_argument("--agent-address", help="serve /api/health and /api/poke here, e.g. http://127.0.0.1:8080")
+    start.add_argument("--max-polls", type=positive, help="stop after this many polls")
+    start.add_argument("--max-poll-interval", type=seconds, help="longest wait between polls (default: 10)")
+    start.add_argument("--agent-address", type=_flag_type(_as_address, "address"),
+                       help="serve /api/health, /api/poke and /api/status here, e.g. http://127.0.0.1:8080")
     start.add_argument("--no-cloud-logs", dest="cloud_logs", action="store_false", default=None, help="do not send flow-run logs to the API")
-    start.add_argument("--log-level", dest="level", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    start.add_argument("--log-level", dest="level", type=_flag_type(_as_level, "level"),
+                       help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     start.add_argument("-v", "--verbose", dest="level", action="store_const", const="DEBUG", help="same as --log-level DEBUG")
     start.add_argument("--once", action="store_true", default=None, help="run what is due now, wait for it, exit 0 if all succeeded")
-    start.add_argument("--limit", type=_nonnegative_int, help="run at most this many flow runs at once")
-    start.add_argument("--timeout", type=_seconds, help="stop a flow run after this many seconds")
-    start.add_argument("--grace", type=_seconds, help="seconds to let flow runs finish after SIGTERM (default: 30)")
+    start.add_argument("--limit", type=positive, help="run at most this many flow runs at once")
+    start.add_argument("--timeout", type=seconds, help="stop a flow run after this many seconds")
+    start.add_argument("--grace", type=seconds, help="seconds to let flow runs finish after SIGTERM (default: 30)")
     start.add_argument("--allow-insecure-http", action="store_true", default=None, help="allow a token over plain http to another host")
     start.add_argument("--subreaper", action="store_true", default=None, help="adopt and reap orphaned grandchildren (automatic as PID 1)")
     start.set_defaults(func=_cmd_start)

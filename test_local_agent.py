@@ -329,10 +329,13 @@ def test_no_token_and_no_api_means_the_embedded_database(clean_env: dict[str, st
     ("PREFECT__CLOUD__AGENT__LABELS", "[1, 2]", "must be a list of strings"),
     ("PREFECT__CLOUD__AGENT__LEVEL", "LOUD", "must be one of DEBUG"),
     ("PREFECT__CLOUD__AGENT__LIMIT", "-1", "must be a whole number"),
+    ("PREFECT__CLOUD__AGENT__MAX_POLLS", "0", "must be a whole number >= 1"),
+    ("PREFECT__CLOUD__AGENT__AGENT_ADDRESS", "localhost", "needs a port"),
+    ("PREFECT__HOME_DIR", "/dev/null/home", "cannot create"),
     ("PREFECT__CLOUD__AGENT__TIMEOUT", "soon", "must be a number"),
     ("PREFECT__CLOUD__AGENT__SHOW_FLOW_LOGS", "maybe", "must be true or false"),
-    ("PREFECT__CLOUD__API", "ftp://host", "is not valid"),
-    ("PREFECT__CLOUD__API", "sqlite://", "is not valid"),
+    ("PREFECT__CLOUD__API", "ftp://host", "is not a valid API URL"),
+    ("PREFECT__CLOUD__API", "sqlite://", "is not a valid API URL"),
     ("PREFECT__USER_CONFIG_PATH", "/nonexistent/config.toml", "does not exist"),
 ])
 def test_bad_settings_give_one_clear_line(clean_env: dict[str, str], variable: str, value: str,
@@ -804,18 +807,19 @@ def test_read_only_database_gives_one_clear_line(seeded_db: tuple[World, Path]) 
     ["nonsense"],
     [],
     ["execute"],
+    ["start", "--max-polls", "0"],
+    ["start", "--limit", "0"],
+    ["start", "--api", "ftp://host"],
+    ["start", "--log-level", "LOUD"],
+    ["start", "--agent-address", "localhost"],
+    ["run", "flow", "--at", "tomorrow"],
+    ["runs", "--limit", "x"],
 ])
 def test_usage_errors_exit_2_with_one_line(args: list[str], clean_env: dict[str, str]) -> None:
     result = run_cli(*args, env=clean_env)
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "error:" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_zero_limits_and_polls_are_refused(clean_env: dict[str, str]) -> None:
-    for args in (["--max-polls", "0"], ["--limit", "0"]):
-        result = run_cli("start", *args, env=clean_env)
-        assert result.returncode == 1 and "must be at least 1" in result.stderr
 
 
 def test_version_and_help(clean_env: dict[str, str]) -> None:
@@ -1295,6 +1299,75 @@ def test_subreaper_reaps_orphaned_grandchildren(embedded: World, test_flows: Any
     finally:
         agent.kill()
         agent.communicate()
+
+
+_API_FAULTS = {
+    "HTTP 500": ({"status": 500}, "answered HTTP 500"),
+    "HTTP 502 HTML": ({"status": 502, "body": b"<html>Bad Gateway</html>"}, "answered HTTP 502 with a body that is not JSON"),
+    "HTTP 401": ({"status": 401}, "refused the token (HTTP 401)"),
+    "HTTP 403": ({"status": 403}, "refused the token (HTTP 403)"),
+    "HTTP 400": ({"status": 400, "body": b'{"errors": [{"message": "Cannot query field"}]}'}, "rejected the request (HTTP 400): Cannot query field"),
+    "not JSON": ({"status": 200, "body": b"proxy says hello"}, "answered HTTP 200 with a body that is not JSON"),
+    "GraphQL error": ({"graphql_error": "Unable to complete operation.", "code": "API_ERROR"}, "API error: Unable to complete operation."),
+    "no data": ({"status": 200, "body": b'{"data": {}}'}, "malformed API answer: get_runs_in_queue is NoneType"),
+    "wrong type": ({"status": 200, "body": b'{"data": {"get_runs_in_queue": {"flow_run_ids": "x"}}}'}, "malformed API answer: flow_run_ids is str"),
+    "null data": ({"status": 200, "body": b'{"data": null}'}, "malformed API answer: the answer's data is NoneType"),
+    "dropped": ({"drop_connection": True}, "lost the connection to"),
+    "too slow": ({"delay": 2.5}, "timed out"),
+    "huge body": ({"status": 200, "body": b" " * (33 * 1024 * 1024)}, "sent an answer over 33554432 bytes"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(_API_FAULTS))
+def test_bad_api_answers_are_one_clear_line_and_lose_no_run(api_world: World, test_flows: Any, fault: str) -> None:
+    """The bad-input matrix, API part: each answer is named once, and the run still runs."""
+    options, message = _API_FAULTS[fault]
+    run_id = api_world.run(api_world.flow(test_flows.hello))
+    api_world.server.fail_next(2, only_root="get_runs_in_queue", **options)
+    env = {**api_world.env, "PREFECT__CLOUD__REQUEST_TIMEOUT": "1"}
+    result = api_world.agent("--once", env=env)
+    assert result.returncode == 0, result.stderr
+    assert api_world.state(run_id) == "Success"
+    problems = [line for line in result.stderr.splitlines() if "retrying" in line]
+    assert len(problems) == 1 and message in problems[0], problems  # once per change, not per retry
+    assert "Traceback" not in result.stderr
+
+
+_BAD_STORAGE = {
+    "no storage": (None, "has no storage; register it with Local storage"),
+    "S3": ({"type": "S3", "bucket": "b"}, "uses S3 storage; this agent runs only Local storage"),
+    "no type": ({"flows": {}}, "uses unknown storage"),
+    "no flows": ({"type": "Local", "directory": "/tmp"}, "names no file for it"),
+    "flows not a table": ({"type": "Local", "directory": "/tmp", "flows": ["x"]}, "names no file for it"),
+    "outside its directory": ({"type": "Local", "directory": "/tmp/flows", "flows": {"hello": "/etc/passwd"}},
+                              "is outside its storage directory /tmp/flows; refusing to load it"),
+    "climbs out": ({"type": "Local", "directory": "/tmp/flows", "flows": {"hello": "/tmp/flows/../../etc/passwd"}},
+                   "is outside its storage directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_STORAGE))
+def test_bad_storage_fails_the_run_with_a_clear_message(api_world: World, test_flows: Any, case: str) -> None:
+    """The bad-input matrix, storage part: the run ends Failed saying what is wrong; nothing is unpickled."""
+    storage, message = _BAD_STORAGE[case]
+    run_id = api_world.run(api_world.flow(test_flows.hello, storage=storage))
+    result = api_world.agent("--once")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert api_world.state(run_id) == "Failed"
+    assert message in api_world.message(run_id), api_world.message(run_id)
+
+
+def test_a_stored_object_that_cannot_run_fails_clearly(api_world: World) -> None:
+    import pickle
+
+    api_world.storage_dir.mkdir(parents=True, exist_ok=True)
+    flow_file = api_world.storage_dir / "not-runnable.prefect"
+    flow_file.write_bytes(pickle.dumps({"name": "not runnable"}))  # a dict: no run(), not callable
+    storage = la.local_storage("not runnable", str(flow_file))
+    run_id = api_world.run(api_world.server.add_flow("not runnable", storage, labels=["test"]))
+    api_world.agent("--once")
+    assert api_world.state(run_id) == "Failed"
+    assert "the stored dict is not callable and has no run()" in api_world.message(run_id)
 
 
 def _parent_of(pid: int) -> int:

@@ -286,6 +286,13 @@ class Scenario:
             return "missing", None
         return run.state, (run.updated.timestamp() if run.updated else None)
 
+    def final_message(self, run_id: str) -> tuple[str, str]:
+        if self.double is not None:
+            row = self.double.run(run_id)
+            return str(row["state"]), str(row.get("state_message") or "")
+        run = self.db.get_flow_run(run_id)
+        return ("missing", "") if run is None else (run.state, run.state_message or "")
+
     def log_times(self, run_id: str) -> dict[str, float]:
         """When the agent logged the claim and the launch of a run (epoch seconds)."""
         if self.double is not None:
@@ -849,6 +856,15 @@ class Bench:
         finals = [max(v for k, v in t.items() if la.is_final(k)) for t in times.values()
                   if any(la.is_final(k) for k in t)]
         successes = sum(1 for t in times.values() if "Success" in t)
+        failures = []
+        for run_id, steps in times.items():
+            if "Success" not in steps and len(failures) < 5:
+                state, message = scenario.final_message(run_id)
+                failures.append({"run_id": run_id, "state": state, "message": message[:500],
+                                 "states": sorted(steps, key=steps.__getitem__)})
+        if successes < count:
+            self.notes.append(f"{scenario.name}: {count - successes} of {count} runs did not succeed; first: "
+                              + "; ".join(f"{f['state']}: {f['message'][:200]}" for f in failures[:2]))
         elapsed = max(finals) - due if finals else None
         result = {"runs": count, "finished": len(finals), "success": successes, "creation_seconds": creation,
                   "seconds": elapsed,
@@ -858,7 +874,7 @@ class Bench:
                   "flow_run_process_cpu_seconds_per_run": None if children0 is None or children1 is None
                   else (children1 - children0) / count,
                   "bench_process_cpu_seconds_per_run": (time.process_time() - own0) / count,
-                  "timed_out": len(finals) < count, "phases": run_phases(times)}
+                  "timed_out": len(finals) < count, "phases": run_phases(times), "failures": failures}
         return result
 
 
