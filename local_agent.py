@@ -1041,13 +1041,17 @@ class Backend:
         """Write a state; raise StateUpdateFailed when another writer won."""
         raise NotImplementedError
 
-    def claim_flow_run(self, run: FlowRun, submitted: Mapping[str, Any]) -> int | None:
-        """Write ``submitted`` at the version read; the new version, or None if another writer won."""
-        try:
-            self.set_flow_run_state(run.id, submitted, run.version)
-        except StateUpdateFailed:
-            return None
-        return run.version + 1
+    def claim_flow_runs(self, claims: Sequence[tuple[FlowRun, Mapping[str, Any]]]) -> list[int | None]:
+        """Write each run's Submitted state at the version read; per run, its new version or
+        None if another writer won. An error that is not a lost race is raised."""
+        versions: list[int | None] = []
+        for run, submitted in claims:
+            try:
+                self.set_flow_run_state(run.id, submitted, run.version)
+                versions.append(run.version + 1)
+            except StateUpdateFailed:
+                versions.append(None)
+        return versions
 
     def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
         """Append log lines (``flow_run_id``, ``timestamp``, ``level``, ``name``, ``message``)."""
@@ -1210,7 +1214,8 @@ _RUN_FIELDS = """id
 _FLOW_RUN_BY_PK = "query {\n    flow_run_by_pk(id: %s) {\n        " + _RUN_FIELDS + "\n    }\n}"
 _FLOW_RUN_LIST = "query {\n    flow_run(%s) {\n        " + _RUN_FIELDS + "\n    }\n}"
 _CLAIM_VIEW = """query {
-    flow_run_by_pk(id: %s) {
+    flow_run(where: { id: { _in: %s } }) {
+        id
         state
         version
         states {
@@ -1514,35 +1519,45 @@ class GraphQLBackend(Backend):
     #: claim that sorts before ours but was not yet visible cannot be missed.
     CLAIM_SETTLE_SECONDS = 0.2
 
-    def claim_flow_run(self, run: FlowRun, submitted: Mapping[str, Any]) -> int | None:
+    def claim_flow_runs(self, claims: Sequence[tuple[FlowRun, Mapping[str, Any]]]) -> list[int | None]:
         """Claim on an API that does not lock versions (Prefect Server): write, then read back.
 
         The rule: among the Submitted states after the run's last Scheduled-family state,
         ordered by the server's timestamp (then id), the first one wins. Every claimant reads
         the same history, so all agree on one winner; a loser whose Submitted became the
-        run's current state puts back the state before it. A claim written twice (a retry
-        after a lost answer) is found by its token, so it still counts.
+        run's current state puts back the last state that is not a losing claim. A claim
+        written twice (a retry after a lost answer) is found by its token, so it still counts.
+        One read-back, after one settle delay, serves a whole batch.
         """
-        token = submitted["context"]["claim"]
-        if time.monotonic() - run.fetched > 1.0:  # a prefetched row may have gone stale
-            view = self._claim_view(run.id)
-            if view is None or view.get("state") not in SCHEDULED_STATES:
-                return None
-        try:
-            self.set_flow_run_state(run.id, submitted, run.version)
-        except StateUpdateFailed:
-            pass  # Server's 30-s guard: another claim, or our own earlier write; the read-back decides
-        except APIError as exc:
-            if not exc.transient:
-                raise
-            # The write may have landed without our hearing: the read-back decides.
+        stale = [run.id for run, _ in claims if time.monotonic() - run.fetched > 1.0]
+        current = self._claim_views(stale) if stale else {}
+        written = []
+        for run, submitted in claims:
+            view = current.get(run.id)
+            if run.id in stale and (view is None or view.get("state") not in SCHEDULED_STATES):
+                continue  # a prefetched row gone stale: someone else has it, or it changed
+            try:
+                self.set_flow_run_state(run.id, submitted, run.version)
+            except StateUpdateFailed:
+                pass  # Server's 30-s guard: another claim, or our own earlier write; the read-back decides
+            except APIError as exc:
+                if not exc.transient:
+                    raise
+                # The write may have landed without our hearing: the read-back decides.
+            written.append(run.id)
+        if not written:
+            return [None] * len(claims)
         time.sleep(self.CLAIM_SETTLE_SECONDS)
-        view = _retry_api(lambda: self._claim_view(run.id), 30.0)
-        return None if view is None else self._settle_claim(run.id, view, token)
+        views = _retry_api(lambda: self._claim_views(written), 30.0)
+        return [
+            self._settle_claim(run.id, views[run.id], submitted["context"]["claim"]) if run.id in views else None
+            for run, submitted in claims
+        ]
 
-    def _claim_view(self, run_id: str) -> dict[str, Any] | None:
-        view = self.graphql(_CLAIM_VIEW % json.dumps(run_id)).get("flow_run_by_pk")
-        return None if view is None else _expect(view, dict, "flow_run_by_pk")
+    def _claim_views(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        rows = _expect(self.graphql(_CLAIM_VIEW % json.dumps(list(run_ids))).get("flow_run"), list, "flow_run")
+        views = [_expect(row, dict, "flow_run") for row in rows]
+        return {str(view.get("id")): view for view in views}
 
     def _settle_claim(self, run_id: str, view: Mapping[str, Any], token: str) -> int | None:
         """Apply the claim rule to a run's state history; our version if we won."""
@@ -3206,19 +3221,20 @@ class LocalAgent:
         return bool(runs)
 
     def _launch_due(self) -> None:
-        """Claim and launch each queued run whose start time has come, in start order."""
-        for run in sorted(self._pending.values(), key=lambda run: run.start_time):
-            if self._stop_signal or run.start_time > _utcnow():
-                break
-            del self._pending[run.id]
-            self._deploy(run)
-
-    def _deploy(self, run: FlowRun) -> None:
-        """Claim one run, check its flow file, start its process; fail it if that cannot be done."""
-        self.logger.info("Deploying flow run %s", run.id)
-        version = self._claim(run)
-        if version is None:
+        """Claim the queued runs whose start time has come, then launch them in start order."""
+        now = _utcnow()
+        due = sorted((run for run in self._pending.values() if run.start_time <= now), key=lambda run: run.start_time)
+        if self._stop_signal or not due:
             return
+        for run in due:
+            del self._pending[run.id]
+            self.logger.info("Deploying flow run %s", run.id)
+        for run, version in zip(due, self._claim(due)):
+            if version is not None:
+                self._deploy(run, version)
+
+    def _deploy(self, run: FlowRun, version: int) -> None:
+        """Check a claimed run's flow file and start its process; fail it if that cannot be done."""
         try:
             if run.problem:
                 raise FlowStorageError(f"the API's record of this run is unusable: {run.problem}")
@@ -3235,23 +3251,26 @@ class LocalAgent:
         self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.pid)
         self._run_log(run.id, f"Submitted for execution: PID: {job.pid}")
 
-    def _claim(self, run: FlowRun) -> int | None:
-        """Write Submitted, naming this agent; the run's new version, or None if another agent won."""
-        self.logger.debug("Updating flow run %s state from %s -> Submitted...", run.id, run.state)
+    def _claim(self, runs: Sequence[FlowRun]) -> list[int | None]:
+        """Write Submitted, naming this agent; per run its new version, or None if another agent won."""
         who = f"agent {self.settings.name} ({self.agent_id or 'unregistered'}) on {_hostname()}"
-        context = {"agent_id": self.agent_id, "agent_name": self.settings.name, "claim": uuid.uuid4().hex}
-        state = make_state("Submitted", f"Submitted for execution by {who}", previous=run.serialized_state,
-                           context=context)
+        claims = []
+        for run in runs:
+            self.logger.debug("Updating flow run %s state from %s -> Submitted...", run.id, run.state)
+            context = {"agent_id": self.agent_id, "agent_name": self.settings.name, "claim": uuid.uuid4().hex}
+            claims.append((run, make_state("Submitted", f"Submitted for execution by {who}",
+                                           previous=run.serialized_state, context=context)))
         try:
-            version = self._backend().claim_flow_run(run, state)
+            versions = self._backend().claim_flow_runs(claims)
         except APIError as exc:
-            self.logger.error("Could not claim flow run %s: %s", run.id, exc)
-            return None
-        if version is None:
-            self.logger.debug("Flow run %s was taken by another agent", run.id)
-            return None
-        self._run_log(run.id, f"Claimed by {who}")
-        return version
+            self.logger.error("Could not claim flow run(s) %s: %s", [run.id for run in runs], exc)
+            return [None] * len(runs)
+        for run, version in zip(runs, versions):
+            if version is None:
+                self.logger.debug("Flow run %s was taken by another agent", run.id)
+            else:
+                self._run_log(run.id, f"Claimed by {who}")
+        return versions
 
     # Launching and watching processes.
 
