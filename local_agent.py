@@ -2837,8 +2837,27 @@ def _process_start_ticks(pid: int) -> str:
         return ""
 
 
+def _find_flow_run_process(run_id: str, result_file: str) -> int:
+    """The pid of a live flow-run process for this run that this agent started, or 0 (Linux)."""
+    marker = f"LOCAL_AGENT_RESULT_FILE={result_file}".encode()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if marker in environ.read().split(b"\0") and _process_alive(pid, ""):
+                    return pid
+        except OSError:
+            continue
+    return 0
+
+
 def _process_alive(pid: int, start_ticks: str) -> bool:
     """Whether ``pid`` still runs and is the same process (not a zombie, not a reused pid)."""
+    if pid <= 0:  # 0 and -1 would name process groups, not a process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -2943,6 +2962,8 @@ class LocalAgent:
         self._lock_file: Any = None
         self._http: Any = None
         self._subreaper = False
+        #: Claims written (or about to be) whose process has not started: run id -> claim token.
+        self._unlaunched: dict[str, str] = {}
         self._redact = _redactor(self.settings)
 
     # Public controls.
@@ -3077,7 +3098,9 @@ class LocalAgent:
 
     def _adopt_previous_runs(self) -> None:
         """Take back the runs a previous start of this agent owned (after a crash or kill)."""
-        for run_id, entry in _read_ledger(self._directory / "ledger.json", self.logger).items():
+        ledger = _read_ledger(self._directory / "ledger.json", self.logger)
+        self._unlaunched = dict(ledger.get("claims") or {})
+        for run_id, entry in (ledger.get("runs") or {}).items():
             try:
                 job = _Job.from_ledger(run_id, entry, self._directory / "runs")
             except (KeyError, TypeError, ValueError):
@@ -3091,7 +3114,38 @@ class LocalAgent:
                 self.logger.info("Adopting flow run %s (PID %d), left running by this agent's last start",
                                  run_id, job.pid)
                 self._run_log(run_id, f"Agent {self.settings.name} restarted and adopted process PID {job.pid}")
+        for run_id in list(self._unlaunched):
+            self._adopt_unlaunched(run_id)
         self._save_ledger()
+
+    def _adopt_unlaunched(self, run_id: str) -> None:
+        """A claim the last start wrote without recording a process: find the process, if any."""
+        runs_dir = self._directory / "runs"
+        job = _Job(run_id=run_id, flow_name="", version=None, pid=0, out_path=runs_dir / f"{run_id}.out",
+                   result_path=runs_dir / f"{run_id}.result", started_at=time.time(), adopted=True)
+        job.pid = _find_flow_run_process(run_id, str(job.result_path))
+        if job.pid:
+            job.start_ticks = _process_start_ticks(job.pid)
+        elif not job.result_path.exists():
+            return  # never started: _settle_unlaunched decides, once the API answers
+        del self._unlaunched[run_id]
+        self._jobs[run_id] = job  # a live process is watched; one that ended is settled next round
+        self.logger.info("Adopting flow run %s, started by this agent's last start just before it stopped", run_id)
+
+    def _settle_unlaunched(self) -> None:
+        """Hand back runs a killed agent claimed but never started, if its claim still stands."""
+        for run_id, token in list(self._unlaunched.items()):
+            try:
+                run = self._backend().get_flow_run(run_id)
+            except APIError:
+                return  # try again next round
+            if run is not None and run.state == "Submitted" and (run.serialized_state.get("context") or {}).get(
+                    "claim") == token:
+                message = f"The agent on host {_hostname()} stopped after claiming this run and before starting it; rescheduled."
+                self._run_log(run_id, message, level="WARNING")
+                self._set_final(run_id, make_state("Scheduled", message, start_time=_utcnow()), run.version)
+            del self._unlaunched[run_id]
+            self._save_ledger()
 
     def _connect(self) -> bool:
         """Register with the backend, retrying while the API is down; False if stopped."""
@@ -3132,9 +3186,11 @@ class LocalAgent:
             if time.monotonic() >= next_watch:            # 2. notice cancelled runs
                 self._watch_owned_runs()
                 next_watch = time.monotonic() + WATCH_SECONDS
-            self._launch_due()                            # 3. claim and start due runs
+            if self._unlaunched and not self._pending:    # 3. claims a killed start left behind
+                self._settle_unlaunched()
+            self._launch_due()                            # 4. claim and start due runs
             if (self._poll_now or time.monotonic() >= next_poll) and self._free_slots() > 0:
-                self._poll_now = False                    # 4. look for new runs
+                self._poll_now = False                    # 5. look for new runs
                 found = self._poll()
                 polls += 1
                 empty_polls = 0 if found else empty_polls + 1
@@ -3245,8 +3301,10 @@ class LocalAgent:
             self.logger.error("Deployment of flow run %s aborted: %s", run.id, message)
             self._run_log(run.id, message, level="ERROR")
             self._set_final(run.id, make_state("Failed", message), version)
+            self._unlaunched.pop(run.id, None)
             return
         self._jobs[run.id] = job
+        self._unlaunched.pop(run.id, None)
         self._save_ledger()
         self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.pid)
         self._run_log(run.id, f"Submitted for execution: PID: {job.pid}")
@@ -3260,14 +3318,18 @@ class LocalAgent:
             context = {"agent_id": self.agent_id, "agent_name": self.settings.name, "claim": uuid.uuid4().hex}
             claims.append((run, make_state("Submitted", f"Submitted for execution by {who}",
                                            previous=run.serialized_state, context=context)))
+            self._unlaunched[run.id] = context["claim"]
+        self._save_ledger()  # before the claim: an agent killed now finds it on restart
         try:
             versions = self._backend().claim_flow_runs(claims)
         except APIError as exc:
             self.logger.error("Could not claim flow run(s) %s: %s", [run.id for run in runs], exc)
-            return [None] * len(runs)
+            versions = [None] * len(runs)  # a claim that did land is settled by _settle_unlaunched
+            return versions
         for run, version in zip(runs, versions):
             if version is None:
                 self.logger.debug("Flow run %s was taken by another agent", run.id)
+                del self._unlaunched[run.id]
             else:
                 self._run_log(run.id, f"Claimed by {who}")
         return versions
@@ -3454,7 +3516,10 @@ class LocalAgent:
         self._outbox_().log(run_id, message, level=level, name=self.settings.name)
 
     def _save_ledger(self) -> None:
-        entries = {run_id: job.ledger_entry() for run_id, job in self._jobs.items()}
+        entries = {
+            "runs": {run_id: job.ledger_entry() for run_id, job in self._jobs.items()},
+            "claims": self._unlaunched,
+        }
         try:
             _write_json_atomically(self._directory / "ledger.json", entries)
         except OSError as exc:
@@ -3580,7 +3645,7 @@ def _read_ledger(path: Path, logger: logging.Logger) -> dict[str, Any]:
         logger.error("The ledger %s is damaged (%s); moved aside to %s.bad", path, exc, path.name)
         os.replace(path, path.with_name(path.name + ".bad"))
         return {}
-    return ledger if isinstance(ledger, dict) else {}
+    return ledger if isinstance(ledger, dict) and isinstance(ledger.get("runs", {}), dict) else {}
 
 
 def _read_result(path: Path) -> tuple[dict[str, Any] | None, bool] | None:
@@ -3621,6 +3686,8 @@ def _signal_group(pid: int, signal_name: str) -> None:
     """Signal a flow-run process's whole group; one that is gone already is fine."""
     import signal
 
+    if pid <= 0:  # never our own group (0) or every process (-1)
+        return
     try:
         os.killpg(pid, getattr(signal, signal_name))
     except (ProcessLookupError, PermissionError):

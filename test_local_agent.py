@@ -1136,6 +1136,28 @@ def test_process_lost_while_the_agent_was_down_fails_the_run(world: World, test_
     assert f"restarted and the flow-run process PID {flow_pid} was lost" in world.message(run_id)
 
 
+def test_a_claim_left_unstarted_by_a_killed_agent_is_handed_back(embedded: World, test_flows: Any) -> None:
+    import hashlib
+
+    run_id = embedded.run(embedded.flow(test_flows.hello))
+    run = embedded.db.get_flow_run(run_id)
+    assert run is not None
+    # What an agent killed between writing its claim and starting the process leaves behind.
+    token = "f" * 32
+    claim = la.make_state("Submitted", "Submitted for execution by agent agent", previous=run.serialized_state,
+                          context={"claim": token})
+    embedded.db.set_flow_run_state(run_id, claim, run.version)
+    directory = (embedded.storage_dir.parent / "agents" /
+                 f"agent-{hashlib.sha1(embedded.api.encode()).hexdigest()[:8]}")
+    directory.mkdir(parents=True)
+    (directory / "ledger.json").write_text(json.dumps({"runs": {}, "claims": {run_id: token}}))
+    result = embedded.agent("--max-polls", "3")
+    assert result.returncode == 0, result.stderr
+    history = embedded.history(run_id)
+    assert history[-5:] == ["Submitted", "Scheduled", "Submitted", "Running", "Success"], history
+    assert any("stopped after claiming this run and before starting it" in line for line in embedded.logs(run_id))
+
+
 @pytest.mark.parametrize("mode", ["500", "drop"])
 def test_an_outage_in_a_burst_loses_nothing(api_world: World, test_flows: Any, mode: str) -> None:
     server = api_world.server

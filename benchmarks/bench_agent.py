@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,6 +129,84 @@ def cpu_seconds(pid: int, children: bool = False) -> float | None:
     return (int(fields[first]) + int(fields[first + 1])) / CLOCK_TICKS
 
 
+def system_busy() -> tuple[float, float]:
+    """(CPU seconds all CPUs spent busy, seconds stolen by the hypervisor) since boot."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
+def own_tree_cpu() -> float:
+    """CPU seconds used by this process and its descendants, live or reaped."""
+    parents: dict[int, int] = {}
+    totals: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        totals[pid] = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+    me = os.getpid()
+    total = 0.0
+    for pid in totals:
+        ancestor, hops = pid, 0
+        while ancestor not in (me, 0, 1) and hops < 64:
+            ancestor, hops = parents.get(ancestor, 0), hops + 1
+        if ancestor == me:
+            total += totals[pid]
+    return total
+
+
+class Phase:
+    """Wall time of a phase and the CPU that processes outside this benchmark used meanwhile."""
+
+    def __init__(self, bench: Any, name: str) -> None:
+        self.bench = bench
+        self.name = name
+
+    def __enter__(self) -> Phase:
+        self.wall = time.time()
+        self.busy, self.steal = system_busy()
+        self.own = own_tree_cpu()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        wall = time.time() - self.wall
+        busy, steal = system_busy()
+        own = own_tree_cpu()
+        foreign = max(0.0, (busy - self.busy) - (own - self.own))
+        entry = {"seconds": wall, "foreign_cpu_seconds": foreign, "steal_seconds": steal - self.steal,
+                 "own_cpu_seconds": own - self.own}
+        self.bench.results.setdefault("phases", {})[self.name] = entry
+        cores = os.cpu_count() or 1
+        if wall > 0 and (foreign / (wall * cores) > 0.05 or (steal - self.steal) / (wall * cores) > 0.05):
+            self.bench.notes.append(
+                f"phase {self.name}: other processes used {foreign:.1f} CPU-s and the hypervisor stole "
+                f"{steal - self.steal:.1f} s over {wall:.0f} s ({100 * foreign / (wall * cores):.0f}% / "
+                f"{100 * (steal - self.steal) / (wall * cores):.0f}% of the machine): its results are perturbed")
+
+
+def agent_version() -> dict[str, Any]:
+    """Which local_agent.py is measured: the checkout's commit and the file's own hash."""
+    import hashlib
+
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "local_agent.py"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"commit": commit, "local_agent_modified": dirty,
+            "local_agent_sha256": hashlib.sha256(AGENT.read_bytes()).hexdigest()[:16]}
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     try:
@@ -141,7 +219,9 @@ def machine() -> dict[str, Any]:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "implementation": platform.python_implementation(),
-            "executable": PYTHON, "platform": platform.platform(), "agent_version": la.__version__}
+            "executable": PYTHON, "platform": platform.platform(), "agent_version": la.__version__,
+            # Both change what a process start costs: no bytecode cache, and the site .pth files.
+            "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", "")}
 
 
 def to_epoch(value: Any) -> float | None:
@@ -229,7 +309,7 @@ class Scenario:
         self.starts_file = self.dir / "starts.txt"
         self.config = self.dir / "config.toml"  # empty: the user's ~/.prefect/config.toml must not count
         self.config.write_text("")
-        import bench_flows  # type: ignore[import-not-found]
+        import bench_flows
 
         flow = la.Flow("noop", bench_flows.noop)
         path = la.store_flow(flow, self.dir / "flows")
@@ -258,6 +338,12 @@ class Scenario:
                     self.service_seconds += time.perf_counter() - began
 
             self.double._serve = timed_serve  # type: ignore[method-assign]
+
+    @property
+    def api_double(self) -> PrefectServerDouble:
+        """The double (API scenarios only)."""
+        assert self.double is not None, f"{self.name} is not an API scenario"
+        return self.double
 
     def close(self) -> None:
         if self.double is not None:
@@ -339,7 +425,7 @@ class Scenario:
 
     def flow_starts(self) -> dict[str, tuple[float, float]]:
         """run id -> (flow module imported, flow called), from the flows' own records."""
-        result = {}
+        result: dict[str, tuple[float, float]] = {}
         try:
             text = self.starts_file.read_text()
         except OSError:
@@ -577,10 +663,12 @@ class Bench:
     def run(self) -> dict[str, Any]:
         began = time.time()
         self.results["machine"] = machine()
+        self.results["agent"] = agent_version()
         self.results["mode"] = "quick" if self.quick else "default"
         self.results["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
-            self.first_phase()
+            with Phase(self, "idle, bare limit, start-up, dispatch, overhead"):
+                self.first_phase()
             self.burst_phase()
         finally:
             for agent in list(RUNNING):
@@ -592,6 +680,9 @@ class Bench:
             else:
                 shutil.rmtree(self.root, ignore_errors=True)
         self.results["duration_seconds"] = round(time.time() - began, 1)
+        if agent_version()["local_agent_sha256"] != self.results["agent"]["local_agent_sha256"]:
+            self.notes.append("local_agent.py changed during this run: agents started at different times ran "
+                              "different code; run again")
         self.results["notes"] = self.notes
         return self.results
 
@@ -627,7 +718,7 @@ class Bench:
         for agent in agents.values():
             if not agent.alive():
                 raise SystemExit(f"agent {agent.name} exited:\n{agent.log_tail(20)}")
-        idle_requests = len(scenarios["idle-api"].double.requests)
+        idle_requests = len(scenarios["idle-api"].api_double.requests)
         sampler = IdleSampler({"api": agents["idle-api"], "embedded": agents["idle-embedded"]}, self.idle_seconds)
         sampler.start()
 
@@ -637,7 +728,7 @@ class Bench:
 
         sampler.join(self.idle_seconds + 5)
         idle = sampler.result()
-        requests = len(scenarios["idle-api"].double.requests) - idle_requests
+        requests = len(scenarios["idle-api"].api_double.requests) - idle_requests
         idle["api"]["requests_per_minute"] = 60 * requests / max(1.0, time.time() - sampler.start_time)
         self.results["idle"] = idle
         for agent in agents.values():
@@ -666,7 +757,7 @@ class Bench:
             rates[parallelism] = rate
         self.results["bare"] = {"single_start": summary(singles), "single_start_no_site": summary(no_site),
                                 "rss": rss, "rate": rates, "count": self.bare_count}
-        self.log(f"  one start {percentile(singles, 0.5) * 1000:.1f} ms; "
+        self.log(f"  one start {(percentile(singles, 0.5) or 0) * 1000:.1f} ms; "
                  + ", ".join(f"parallelism {p}: {r:.1f}/s" for p, r in rates.items()))
 
     def startup_phase(self) -> None:
@@ -717,8 +808,8 @@ class Bench:
             for offset, scenario, case, lead in plan:
                 jitter = rng.uniform(0, 0.2) if case.startswith(("a_", "b_")) else 0.0
                 sleep_until(t + offset + jitter)
-                if case == "overhead_api" and not windows or (case == "overhead_api" and windows[-1][1]):
-                    windows.append((time.time(), 0.0))
+                if case == "overhead_api" and (not windows or windows[-1][1]):
+                    windows.append((time.time(), 0.0))  # this round's overhead window opens
                 samples.append(create_sample(scenario, case, lead))
             windows[-1] = (windows[-1][0], t + 28.0)
             for agent in agents.values():
@@ -758,7 +849,7 @@ class Bench:
                              "late_pickups": sum(1 for r in rows if (r["to_submitted_state"] or 0) > 0.05),
                              "runs": rows}
         # API requests during the overhead windows of api-mpi1 (its polls every <= 1 s included).
-        requests = [q for q in api1.double.requests if any(a <= q.time <= b for a, b in windows)]
+        requests = [q for q in api1.api_double.requests if any(a <= q.time <= b for a, b in windows)]
         overhead["api"]["requests"] = count_requests(requests, len(by_case.get("overhead_api", [])))
         overhead["api"]["note"] = "agent: api-mpi1 (--max-poll-interval 1); requests counted in the overhead windows"
         self.results["overhead"] = overhead
@@ -771,7 +862,8 @@ class Bench:
             scenario = self.scenario(f"burst-embedded-l{limit}", "sqlite")
             agent = Agent(scenario, f"burst{limit}", ["--limit", str(limit)])
             time.sleep(1.0)
-            bursts[f"embedded_l{limit}"] = self.burst(scenario, agent, self.burst_count, limit)
+            with Phase(self, f"burst embedded --limit {limit}"):
+                bursts[f"embedded_l{limit}"] = self.burst(scenario, agent, self.burst_count, limit)
             agent.stop()
         # --limit 2: the growth agent: 10 runs, then the burst, then the rest up to growth_total.
         scenario = self.scenario("growth-embedded-l2", "sqlite")
@@ -781,10 +873,12 @@ class Bench:
         first = self.batch(scenario, agent, 10)
         time.sleep(1.5)
         rss10 = agent.rss()
-        bursts["embedded_l2"] = self.burst(scenario, agent, self.burst_count, 2)
+        with Phase(self, "burst embedded --limit 2"):
+            bursts["embedded_l2"] = self.burst(scenario, agent, self.burst_count, 2)
         rest = self.growth_total - 10 - self.burst_count
         self.log(f"growth: {rest} more runs")
-        tail = self.batch(scenario, agent, rest)
+        with Phase(self, "growth, the rest"):
+            tail = self.batch(scenario, agent, rest)
         time.sleep(1.5)
         rss_all = agent.rss()
         agent.stop()
@@ -798,10 +892,12 @@ class Bench:
         scenario = self.scenario("burst-api-l2", "api")
         agent = Agent(scenario, "burst-api", ["--limit", "2"])
         wait_until(lambda: scenario.first_poll_after(0), 10)
-        first_request = len(scenario.double.requests)
+        first_request = len(scenario.api_double.requests)
         service0 = scenario.service_seconds
-        bursts["api_l2"] = self.burst(scenario, agent, self.api_burst_count, 2)
-        bursts["api_l2"]["requests"] = count_requests(scenario.double.requests[first_request:], self.api_burst_count)
+        with Phase(self, "burst API --limit 2"):
+            bursts["api_l2"] = self.burst(scenario, agent, self.api_burst_count, 2)
+        requests = scenario.api_double.requests[first_request:]
+        bursts["api_l2"]["requests"] = count_requests(requests, self.api_burst_count)
         bursts["api_l2"]["double_service_seconds_per_run"] = (scenario.service_seconds - service0) / max(
             1, self.api_burst_count)
         agent.stop()
@@ -856,7 +952,7 @@ class Bench:
         finals = [max(v for k, v in t.items() if la.is_final(k)) for t in times.values()
                   if any(la.is_final(k) for k in t)]
         successes = sum(1 for t in times.values() if "Success" in t)
-        failures = []
+        failures: list[dict[str, Any]] = []
         for run_id, steps in times.items():
             if "Success" not in steps and len(failures) < 5:
                 state, message = scenario.final_message(run_id)
@@ -943,6 +1039,9 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
     def check(value: Any, ok: Callable[[float], bool]) -> bool | None:
         return None if value is None else ok(value)
 
+    def at_most(bound: float) -> Callable[[float], bool]:
+        return lambda value: value <= bound
+
     bare = results.get("bare", {})
     one = bare.get("single_start", {})
     bare_median = one.get("median")
@@ -960,13 +1059,14 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
             check(s.get("median"), lambda v: v <= 0.25))
 
     idle = results.get("idle", {})
-    for key, label, limit in (("api", "API", 25), ("embedded", "embedded", 20)):
+    for key, label, rss_limit in (("api", "API", 25), ("embedded", "embedded", 20)):
         entry = idle.get(key, {})
         secs = entry.get("seconds", 0)
         for when in ("rss_after_start", "rss_after_idle"):
             value = entry.get(when)
-            name = f"idle RSS {'after start' if when == 'rss_after_start' else f'after {secs:.0f} s idle'}, {label} (MB)"
-            add(name, value, None, f"<= {limit}", check(value, lambda v, m=limit: v <= m * MB), scale=1 / MB,
+            moment = "after start" if when == "rss_after_start" else f"after {secs:.0f} s idle"
+            name = f"idle RSS {moment}, {label} (MB)"
+            add(name, value, None, f"<= {rss_limit}", check(value, at_most(rss_limit * MB)), scale=1 / MB,
                 digits=1)
     for key, label in (("api", "API"), ("embedded", "embedded")):
         entry = idle.get(key)
@@ -994,7 +1094,7 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
             continue
         launch = entry.get("to_launch", {})
         add(f"dispatch {label} (s, n={launch.get('n', 0)})", launch.get("median"), launch.get("p95"), target,
-            check(launch.get("median"), lambda v, m=limit: v <= m))
+            check(launch.get("median"), at_most(limit)))
         flow = entry.get("to_flow_import", {})
         add("  same, to the flow's module imported in the flow-run process (s)", flow.get("median"), flow.get("p95"))
     if dispatch:
@@ -1052,8 +1152,12 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['affinity']} usable), "
-             f"{m['implementation']} {m['python']} ({m['executable']}), local_agent {m['agent_version']}",
-             f"Mode: {results['mode']}, {results.get('duration_seconds', '?')} s"]
+             f"{m['implementation']} {m['python']} ({m['executable']}), local_agent {m['agent_version']}"
+             + (", PYTHONDONTWRITEBYTECODE set" if m.get("PYTHONDONTWRITEBYTECODE") else ""),
+             f"Mode: {results['mode']}, {results.get('duration_seconds', '?')} s; local_agent.py at "
+             f"{results.get('agent', {}).get('commit', '?')}"
+             f"{' (modified)' if results.get('agent', {}).get('local_agent_modified') else ''}, "
+             f"sha256 {results.get('agent', {}).get('local_agent_sha256', '?')}"]
     rows, missed = table(results)
     headers = ["metric", "median", "p95", "target", "met?"]
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
