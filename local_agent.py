@@ -45,8 +45,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = [
-    "AgentError",
     "APIError",
+    "AgentError",
     "AuthError",
     "Backend",
     "ConfigError",
@@ -89,10 +89,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 # --- Constants ---------------------------------------------------------------------------
 
@@ -158,7 +159,7 @@ class AuthError(APIError):
     """The API refused the token or key."""
 
 
-class StateUpdateFailed(APIError):
+class StateUpdateFailed(APIError):  # noqa: N818 (named after the API's own "State update failed")
     """The API refused a state write because another writer got there first."""
 
 
@@ -747,7 +748,7 @@ class Flow:
         owner = sys.modules.get(getattr(self.fn, "__module__", "") or "")
         qualname = getattr(self.fn, "__qualname__", "")
         if owner is not None and qualname and _lookup(owner, qualname) is self:
-            return _reference_to(str(getattr(self.fn, "__module__")), qualname, self.name)
+            return _reference_to(str(self.fn.__module__), qualname, self.name)
         return (Flow, (self.name, self.fn, self.labels))
 
 
@@ -1171,7 +1172,8 @@ _GET_RUNS_IN_QUEUE = """mutation($input: get_runs_in_queue_input!) {
     }
 }"""
 _FLOW_RUN_METADATA = """query {
-    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } }, { state: { _eq: "Running" }, task_runs: { state_start_time: { _lte: %(now3)s } } }] }) {
+    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } },
+             { state: { _eq: "Running" }, task_runs: { state_start_time: { _lte: %(now3)s } } }] }) {
         id
         version
         state
@@ -1509,7 +1511,8 @@ class GraphQLBackend(Backend):
     def set_flow_run_state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
         update = {"flow_run_id": run_id, "version": version, "state": dict(state)}
         answer = self.graphql(_SET_FLOW_RUN_STATES, {"input": {"states": [update]}})
-        states = _expect(_expect(answer.get("set_flow_run_states"), dict, "set_flow_run_states").get("states"), list, "states")
+        payload = _expect(answer.get("set_flow_run_states"), dict, "set_flow_run_states")
+        states = _expect(payload.get("states"), list, "states")
         status = states[0].get("status") if states and isinstance(states[0], dict) else None
         if status not in (None, "SUCCESS"):
             message = states[0].get("message") or status
@@ -1677,7 +1680,8 @@ class GraphQLBackend(Backend):
     def get_run_logs(self, run_id: str, offset: int = 0) -> list[LogLine]:
         rows = _expect(self.graphql(_LOG_QUERY % (json.dumps(run_id), int(offset))).get("log"), list, "log")
         return [
-            LogLine(str(row.get("timestamp", "")), str(row.get("level", "")), str(row.get("name") or ""), str(row.get("message") or ""))
+            LogLine(str(row.get("timestamp", "")), str(row.get("level", "")), str(row.get("name") or ""),
+                    str(row.get("message") or ""))
             for row in (_expect(row, dict, "log") for row in rows)
         ]
 
@@ -1787,8 +1791,16 @@ INSERT INTO queue_version VALUES (1, 0);
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _RUN_SELECT = """SELECT r.*, f.name AS flow_name, f.storage AS flow_storage
 FROM flow_run r JOIN flow f ON f.id = r.flow_id"""
-_ADJECTIVES = "amber brave calm dapper eager fuzzy gentle hasty icy jolly keen lucky merry nimble odd proud quick rosy sunny tidy witty zesty".split()
-_ANIMALS = "ant bat cat dog eel fish gnu hare ibis jay koala lark mole newt owl puma quail ram seal toad vole wolf yak".split()
+_ADJECTIVES = ("amber", "brave", "calm", "dapper", "eager", "fuzzy", "gentle", "hasty", "icy", "jolly", "keen",
+               "lucky", "merry", "nimble", "odd", "proud", "quick", "rosy", "sunny", "tidy", "witty", "zesty")
+_ANIMALS = ("ant", "bat", "cat", "dog", "eel", "fish", "gnu", "hare", "ibis", "jay", "koala", "lark", "mole",
+            "newt", "owl", "puma", "quail", "ram", "seal", "toad", "vole", "wolf", "yak")
+
+
+def _known_level(level: Any) -> str:
+    """A log level the API accepts; anything else is INFO."""
+    text = str(level or "INFO").upper()
+    return text if text in _LOG_LEVELS else "INFO"
 
 
 def labels_match(run_labels: Sequence[str], agent_labels: Sequence[str]) -> bool:
@@ -2065,7 +2077,7 @@ class SQLiteBackend(Backend):
             (
                 str(log["flow_run_id"]),
                 str(log.get("timestamp") or now),
-                str(log.get("level") or "INFO").upper() if str(log.get("level") or "INFO").upper() in _LOG_LEVELS else "INFO",
+                _known_level(log.get("level")),
                 str(log.get("name") or ""),
                 str(log.get("message") or ""),
             )
@@ -3141,7 +3153,8 @@ class LocalAgent:
                 return  # try again next round
             if run is not None and run.state == "Submitted" and (run.serialized_state.get("context") or {}).get(
                     "claim") == token:
-                message = f"The agent on host {_hostname()} stopped after claiming this run and before starting it; rescheduled."
+                message = (f"The agent on host {_hostname()} stopped after claiming this run and before "
+                           "starting it; rescheduled.")
                 self._run_log(run_id, message, level="WARNING")
                 self._set_final(run_id, make_state("Scheduled", message, start_time=_utcnow()), run.version)
             del self._unlaunched[run_id]
@@ -3491,7 +3504,8 @@ class LocalAgent:
         """Fail a run whose process ended without a final state, saying how and what it said last."""
         last = " | ".join(line for line in job.tail if line.strip())[-1500:]
         if job.adopted and job.process is None and job.returncode is None:
-            what = f"The agent on host {_hostname()} restarted and the flow-run process PID {job.pid} was lost: it {how}."
+            what = (f"The agent on host {_hostname()} restarted and the flow-run process PID {job.pid} "
+                    f"was lost: it {how}.")
         else:
             what = f"Flow-run process PID {job.pid} on host {_hostname()} {how} before reporting a final state."
         message = what + (f" Last output: {last}" if last else "")
@@ -3533,7 +3547,8 @@ class LocalAgent:
             if job.deadline is not None and now >= job.deadline and not job.stopping:
                 self.logger.warning("Flow run %s timed out after %g s; stopping PID %d",
                                     job.run_id, self.settings.timeout, job.pid)
-                self._run_log(job.run_id, f"Timed out after {self.settings.timeout:g} s: stopping process PID {job.pid}",
+                self._run_log(job.run_id,
+                              f"Timed out after {self.settings.timeout:g} s: stopping process PID {job.pid}",
                               level="ERROR")
                 self._terminate(job, "timeout")
             if job.kill_at is not None and now >= job.kill_at:
@@ -3660,7 +3675,7 @@ def _read_result(path: Path) -> tuple[dict[str, Any] | None, bool] | None:
 
 def _lock_agent_directory(directory: Path, settings: Settings) -> Any:
     """Hold the agent directory's lock: one agent per name, API and home directory."""
-    handle = open(directory / "lock", "a+", encoding="utf-8")
+    handle = open(directory / "lock", "a+", encoding="utf-8")  # noqa: SIM115 (held for the agent's life)
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock, as with Prefect's agent
@@ -3730,7 +3745,7 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> Any:
         raise ConfigError(f"--agent-address {address!r} needs a port, like http://127.0.0.1:8080")
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_GET(self) -> None:
             path = self.path.rstrip("/")
             if path == "/api/poke":
                 agent.poke()
@@ -3983,7 +3998,8 @@ def _cmd_run(args: Any) -> int:
 def _cmd_runs(args: Any) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         runs = backend.list_flow_runs(flow_name=args.flow, state=args.state, limit=args.count)
-    rows = [(run.id, run.flow_name, run.state, _short_time(run.scheduled_start_time), _short_time(run.updated)) for run in runs]
+    rows = [(run.id, run.flow_name, run.state, _short_time(run.scheduled_start_time), _short_time(run.updated))
+            for run in runs]
     print(_format_table(("ID", "FLOW", "STATE", "SCHEDULED (UTC)", "UPDATED (UTC)"), rows))
     return 0
 
@@ -4043,10 +4059,12 @@ def _explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None
         reasons.append("it has no labels, and only an agent with no labels takes such a run")
     missing = [label for label in run.labels if label not in agent_labels]
     if missing:
-        reasons.append(f"the agent lacks label(s) {', '.join(missing)} (start it with " + " ".join(f"-l {m}" for m in missing) + ")")
+        flags = " ".join(f"-l {label}" for label in missing)
+        reasons.append(f"the agent lacks label(s) {', '.join(missing)} (start it with {flags})")
     if run.start_time > now:
         wait = int((run.start_time - now).total_seconds())
-        reasons.append(f"it is not due yet: due in {wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s at {_short_time(run.start_time)} UTC")
+        due_in = f"{wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s"
+        reasons.append(f"it is not due yet: due in {due_in} at {_short_time(run.start_time)} UTC")
     try:
         _locate_flow_file(run.flow_name, run.storage)
     except FlowStorageError as exc:
@@ -4125,29 +4143,37 @@ def _build_parser() -> Any:
     start.add_argument("-n", "--name", help="agent name (default: agent)")
     start.add_argument("-e", "--env", action="append", type=_flag_type(_split_env_pair, "KEY=VALUE"),
                        help="KEY=VAL for flow runs (repeatable)")
-    start.add_argument("-p", "--import-path", dest="import_paths", action="append", help="add to flow runs' PYTHONPATH (repeatable)")
+    start.add_argument("-p", "--import-path", dest="import_paths", action="append",
+                       help="add to flow runs' PYTHONPATH (repeatable)")
     start.add_argument("-f", "--show-flow-logs", action="store_true", default=None, help="show flow-run output")
-    start.add_argument("--no-hostname-label", dest="hostname_label", action="store_false", default=None, help="do not add the host name label")
+    start.add_argument("--no-hostname-label", dest="hostname_label", action="store_false", default=None,
+                       help="do not add the host name label")
     start.add_argument("--max-polls", type=positive, help="stop after this many polls")
     start.add_argument("--max-poll-interval", type=seconds, help="longest wait between polls (default: 10)")
     start.add_argument("--agent-address", type=_flag_type(_as_address, "address"),
                        help="serve /api/health, /api/poke and /api/status here, e.g. http://127.0.0.1:8080")
-    start.add_argument("--no-cloud-logs", dest="cloud_logs", action="store_false", default=None, help="do not send flow-run logs to the API")
+    start.add_argument("--no-cloud-logs", dest="cloud_logs", action="store_false", default=None,
+                       help="do not send flow-run logs to the API")
     start.add_argument("--log-level", dest="level", type=_flag_type(_as_level, "level"),
                        help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
-    start.add_argument("-v", "--verbose", dest="level", action="store_const", const="DEBUG", help="same as --log-level DEBUG")
-    start.add_argument("--once", action="store_true", default=None, help="run what is due now, wait for it, exit 0 if all succeeded")
+    start.add_argument("-v", "--verbose", dest="level", action="store_const", const="DEBUG",
+                       help="same as --log-level DEBUG")
+    start.add_argument("--once", action="store_true", default=None,
+                       help="run what is due now, wait for it, exit 0 if all succeeded")
     start.add_argument("--limit", type=positive, help="run at most this many flow runs at once")
     start.add_argument("--timeout", type=seconds, help="stop a flow run after this many seconds")
     start.add_argument("--grace", type=seconds, help="seconds to let flow runs finish after SIGTERM (default: 30)")
-    start.add_argument("--allow-insecure-http", action="store_true", default=None, help="allow a token over plain http to another host")
-    start.add_argument("--subreaper", action="store_true", default=None, help="adopt and reap orphaned grandchildren (automatic as PID 1)")
+    start.add_argument("--allow-insecure-http", action="store_true", default=None,
+                       help="allow a token over plain http to another host")
+    start.add_argument("--subreaper", action="store_true", default=None,
+                       help="adopt and reap orphaned grandchildren (automatic as PID 1)")
     start.set_defaults(func=_cmd_start)
 
     execute = commands.add_parser("execute", help="internal: what the agent runs in each flow-run process")
     execute_commands = execute.add_subparsers(dest="what", metavar="flow-run", parser_class=Parser)
     execute_commands.required = True
-    execute_commands.add_parser("flow-run", help="run the flow run named by PREFECT__CONTEXT__FLOW_RUN_ID").set_defaults(func=_cmd_execute_flow_run)
+    flow_run = execute_commands.add_parser("flow-run", help="run the flow run named by PREFECT__CONTEXT__FLOW_RUN_ID")
+    flow_run.set_defaults(func=_cmd_execute_flow_run)
 
     run = commands.add_parser("run", help="create a flow run and print its id")
     backend_options(run)
@@ -4161,7 +4187,8 @@ def _build_parser() -> Any:
     backend_options(runs)
     runs.add_argument("--flow", help="only this flow's runs")
     runs.add_argument("--state", help="only runs in this state, e.g. Failed")
-    runs.add_argument("--limit", dest="count", type=_nonnegative_int, default=20, help="how many (default: %(default)s)")
+    runs.add_argument("--limit", dest="count", type=_nonnegative_int, default=20,
+                      help="how many (default: %(default)s)")
     runs.set_defaults(func=_cmd_runs)
 
     logs = commands.add_parser("logs", help="print a flow run's log")

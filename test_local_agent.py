@@ -233,7 +233,8 @@ class World:
             return [line.message for line in self.db.get_run_logs(run_id)]
         return [log["message"] for log in self.server.logs(run_id)]
 
-    def agent(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def agent(self, *args: str, env: dict[str, str] | None = None,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run ``start --api API -l test --no-hostname-label ARGS`` to completion."""
         return run_cli("start", "--api", self.api, "-l", "test", "--no-hostname-label", *args,
                        env=env or self.env, cwd=self.cwd, timeout=timeout)
@@ -254,7 +255,8 @@ def server() -> Iterator[Any]:
 
 
 @pytest.fixture(params=["sqlite", "graphql"])
-def world(request: pytest.FixtureRequest, tmp_path: Path, clean_env: dict[str, str], flows_dir: Path) -> Iterator[World]:
+def world(request: pytest.FixtureRequest, tmp_path: Path, clean_env: dict[str, str],
+          flows_dir: Path) -> Iterator[World]:
     """Each agent behaviour test runs against the embedded backend and the Prefect double."""
     if request.param == "sqlite":
         yield World("sqlite", tmp_path, clean_env, flows_dir)
@@ -488,7 +490,7 @@ def test_flow_run_goes_from_scheduled_to_success_with_its_logs(world: World, tes
     assert result.returncode == 0, result.stderr
     assert world.history(run_id) == ["Pending", "Scheduled", "Submitted", "Running", "Success"]
     logs = world.logs(run_id)
-    assert logs[0].startswith(f"Claimed by agent agent (") and logs[0].endswith(f") on {HOST}")
+    assert logs[0].startswith("Claimed by agent agent (") and logs[0].endswith(f") on {HOST}")
     assert logs[1].startswith("Submitted for execution: PID: ")
     pid = logs[1].split()[-1]
     assert logs[-1] == f"Flow-run process PID {pid} exited with code 0"
@@ -697,8 +699,9 @@ def test_three_agents_share_one_database_and_run_each_run_once(embedded: World, 
     marker = tmp_path / "starts.txt"
     flow_id = embedded.flow(test_flows.record_start)
     run_ids = [embedded.run(flow_id, parameters={"path": str(marker)}) for _ in range(150)]
-    command = [sys.executable, str(AGENT), "start", "--api", embedded.api, "-l", "test", "--no-hostname-label", "--once"]
-    agents = [subprocess.Popen(command + ["-n", f"agent-{n}"], env=embedded.env, cwd=embedded.cwd,
+    command = [sys.executable, str(AGENT), "start", "--api", embedded.api, "-l", "test", "--no-hostname-label",
+               "--once"]
+    agents = [subprocess.Popen([*command, "-n", f"agent-{n}"], env=embedded.env, cwd=embedded.cwd,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in range(3)]
     errors = [agent.communicate(timeout=240)[1] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0, 0], errors
@@ -898,7 +901,8 @@ def test_start_up_and_poll_follow_prefect_1x(api_world: World, test_flows: Any) 
     after_registration = [r for r in server.requests[2:] if r.roots[0] in ("hello", "get_runs_in_queue")]
     assert all(r.headers.get("x-prefect-agent-id") == agent_id for r in after_registration)
     assert all(r.variables_as_text for r in agent_calls)  # sent as a JSON string, like Prefect
-    claim = next(r for r in server.root_calls("set_flow_run_states") if r.variables["input"]["states"][0]["state"]["type"] == "Submitted")
+    writes = server.root_calls("set_flow_run_states")
+    claim = next(r for r in writes if r.variables["input"]["states"][0]["state"]["type"] == "Submitted")
     submitted = claim.variables["input"]["states"][0]
     assert submitted["version"] == 1 and submitted["state"]["state"]["type"] == "Scheduled"
     assert server.run(run_id)["agent_id"] == agent_id
@@ -951,7 +955,8 @@ def test_cloud_key_uses_auth_info_and_a_bad_key_is_one_clear_line(tmp_path: Path
         bad = world.agent("--max-polls", "1", "-k", "wrong-key")
         assert bad.returncode == 1
         errors = [line for line in bad.stderr.splitlines() if "error" in line.lower()]
-        assert errors == [f"local_agent: error: the API at {cloud.url} refused the token: AuthenticationError: Forbidden"]
+        refused = f"the API at {cloud.url} refused the token: AuthenticationError: Forbidden"
+        assert errors == [f"local_agent: error: {refused}"]
         assert "wrong-key" not in bad.stdout + bad.stderr
 
 
@@ -1046,7 +1051,7 @@ def test_two_agents_on_server_run_each_run_once(api_world: World, test_flows: An
     run_ids = [api_world.run(flow_id, parameters={"path": str(marker)}) for _ in range(40)]
     command = [sys.executable, str(AGENT), "start", "--api", api_world.api, "-l", "test", "--no-hostname-label",
                "--once"]
-    agents = [subprocess.Popen(command + ["-n", f"agent-{n}"], env=api_world.env, cwd=api_world.cwd,
+    agents = [subprocess.Popen([*command, "-n", f"agent-{n}"], env=api_world.env, cwd=api_world.cwd,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in range(2)]
     errors = [agent.communicate(timeout=120)[1] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], errors
@@ -1325,14 +1330,18 @@ def test_subreaper_reaps_orphaned_grandchildren(embedded: World, test_flows: Any
 
 _API_FAULTS = {
     "HTTP 500": ({"status": 500}, "answered HTTP 500"),
-    "HTTP 502 HTML": ({"status": 502, "body": b"<html>Bad Gateway</html>"}, "answered HTTP 502 with a body that is not JSON"),
+    "HTTP 502 HTML": ({"status": 502, "body": b"<html>Bad Gateway</html>"},
+                      "answered HTTP 502 with a body that is not JSON"),
     "HTTP 401": ({"status": 401}, "refused the token (HTTP 401)"),
     "HTTP 403": ({"status": 403}, "refused the token (HTTP 403)"),
-    "HTTP 400": ({"status": 400, "body": b'{"errors": [{"message": "Cannot query field"}]}'}, "rejected the request (HTTP 400): Cannot query field"),
+    "HTTP 400": ({"status": 400, "body": b'{"errors": [{"message": "Cannot query field"}]}'},
+                 "rejected the request (HTTP 400): Cannot query field"),
     "not JSON": ({"status": 200, "body": b"proxy says hello"}, "answered HTTP 200 with a body that is not JSON"),
-    "GraphQL error": ({"graphql_error": "Unable to complete operation.", "code": "API_ERROR"}, "API error: Unable to complete operation."),
+    "GraphQL error": ({"graphql_error": "Unable to complete operation.", "code": "API_ERROR"},
+                      "API error: Unable to complete operation."),
     "no data": ({"status": 200, "body": b'{"data": {}}'}, "malformed API answer: get_runs_in_queue is NoneType"),
-    "wrong type": ({"status": 200, "body": b'{"data": {"get_runs_in_queue": {"flow_run_ids": "x"}}}'}, "malformed API answer: flow_run_ids is str"),
+    "wrong type": ({"status": 200, "body": b'{"data": {"get_runs_in_queue": {"flow_run_ids": "x"}}}'},
+                   "malformed API answer: flow_run_ids is str"),
     "null data": ({"status": 200, "body": b'{"data": null}'}, "malformed API answer: the answer's data is NoneType"),
     "dropped": ({"drop_connection": True}, "lost the connection to"),
     "too slow": ({"delay": 2.5}, "timed out"),

@@ -18,7 +18,6 @@ Scenarios (real agent processes against real SQLite files and the Prefect Server
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -26,7 +25,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable

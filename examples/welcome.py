@@ -12,7 +12,7 @@ import sys
 # Run from a clean clone without installing: find local_agent.py one directory up.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-import local_agent  # noqa: E402
+import local_agent
 
 
 @local_agent.Flow("Welcome Flow")
