@@ -4024,19 +4024,26 @@ def _format_log_line(line: LogLine) -> str:
     return f"[{stamp}] {line.level} - {line.name} | {line.message}"
 
 
+#: ``logs --follow`` stops once the run is final and no line has come for this long.
+FOLLOW_LULL_SECONDS = 2.0
+
+
 def _cmd_logs(args: Any) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         run = backend.get_flow_run(args.run_id)
         if run is None:
             raise AgentError(f"there is no flow run {args.run_id} in the {backend.location}")
-        shown = 0
+        shown, quiet_since = 0, time.monotonic()
         while True:
-            finished = is_final(run.state) if run else True
+            finished = run is None or is_final(run.state)
             lines = backend.get_run_logs(args.run_id, shown)
             for line in lines:
                 print(_format_log_line(line), flush=True)
             shown += len(lines)
-            if not args.follow or (finished and not lines):
+            if lines:
+                quiet_since = time.monotonic()
+            # The last lines may reach the API a moment after the final state: wait for a lull.
+            if not args.follow or (finished and time.monotonic() - quiet_since > FOLLOW_LULL_SECONDS):
                 return 0
             time.sleep(0.5)
             run = backend.get_flow_run(args.run_id)
