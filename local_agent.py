@@ -1158,19 +1158,16 @@ def _json_field(value: Any) -> Any:
 # The documents below are the ones Prefect 1.x clients send (snake_case dialect). Queries
 # whose arguments Prefect renders inline keep them inline, with values quoted by json.dumps.
 
+def _mutation(root: str, selection: str) -> str:
+    """A mutation in the shape Prefect 1.x sends: ``<root>`` called with ``$input: <root>_input!``."""
+    return f"mutation($input: {root}_input!) {{\n    {root}(input: $input) {{\n        {selection}\n    }}\n}}"
+
+
 _TENANT_QUERY = "query {\n    tenant {\n        id\n    }\n}"
 _AUTH_INFO_QUERY = "query {\n    auth_info {\n        tenant_id\n    }\n}"
 _HELLO_QUERY = "query {\n    hello\n}"
-_REGISTER_AGENT = """mutation($input: register_agent_input!) {
-    register_agent(input: $input) {
-        id
-    }
-}"""
-_GET_RUNS_IN_QUEUE = """mutation($input: get_runs_in_queue_input!) {
-    get_runs_in_queue(input: $input) {
-        flow_run_ids
-    }
-}"""
+_REGISTER_AGENT = _mutation("register_agent", "id")
+_GET_RUNS_IN_QUEUE = _mutation("get_runs_in_queue", "flow_run_ids")
 _FLOW_RUN_METADATA = """query {
     flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } },
              { state: { _eq: "Running" }, task_runs: { state_start_time: { _lte: %(now3)s } } }] }) {
@@ -1228,36 +1225,18 @@ _CLAIM_VIEW = """query {
         }
     }
 }"""
-_SET_FLOW_RUN_STATES = """mutation($input: set_flow_run_states_input!) {
-    set_flow_run_states(input: $input) {
-        states {
-            id
-            status
-            message
-        }
-    }
-}"""
-_WRITE_RUN_LOGS = """mutation($input: write_run_logs_input!) {
-    write_run_logs(input: $input) {
-        success
-    }
-}"""
+_SET_FLOW_RUN_STATES = _mutation(
+    "set_flow_run_states", "states {\n            id\n            status\n            message\n        }"
+)
+_WRITE_RUN_LOGS = _mutation("write_run_logs", "success")
 _HEARTBEAT = """mutation {
     update_flow_run_heartbeat(input: { flow_run_id: %s }) {
         success
     }
 }"""
 _PROJECT_QUERY = "query {\n    project(where: { name: { _eq: %s } }) {\n        id\n    }\n}"
-_CREATE_PROJECT = """mutation($input: create_project_input!) {
-    create_project(input: $input) {
-        id
-    }
-}"""
-_CREATE_FLOW = """mutation($input: create_flow_from_compressed_string_input!) {
-    create_flow_from_compressed_string(input: $input) {
-        id
-    }
-}"""
+_CREATE_PROJECT = _mutation("create_project", "id")
+_CREATE_FLOW = _mutation("create_flow_from_compressed_string", "id")
 _FLOW_FIELDS = """id
         name
         version
@@ -1268,11 +1247,7 @@ _FLOW_FIELDS = """id
             name
         }"""
 _FLOW_LIST = "query {\n    flow(%s) {\n        " + _FLOW_FIELDS + "\n    }\n}"
-_CREATE_FLOW_RUN = """mutation($input: create_flow_run_input!) {
-    create_flow_run(input: $input) {
-        id
-    }
-}"""
+_CREATE_FLOW_RUN = _mutation("create_flow_run", "id")
 _LOG_QUERY = """query {
     log(where: { flow_run_id: { _eq: %s } }, order_by: [{ created: asc }, { id: asc }], offset: %d) {
         timestamp
@@ -1281,11 +1256,7 @@ _LOG_QUERY = """query {
         message
     }
 }"""
-_CANCEL_FLOW_RUN = """mutation($input: cancel_flow_run_input!) {
-    cancel_flow_run(input: $input) {
-        state
-    }
-}"""
+_CANCEL_FLOW_RUN = _mutation("cancel_flow_run", "state")
 
 
 class _HTTPTransport:
