@@ -24,6 +24,14 @@ variable, then the TOML config file (``PREFECT__USER_CONFIG_PATH``, default
 ``cloud.api``; with a token and no API it is Prefect Cloud, with neither it is the embedded
 database ``<home_dir>/local_agent.db`` (``sqlite:///PATH`` selects another file).
 
+Each run is a process ``python local_agent.py execute flow-run`` in its own session, with
+``PREFECT__CLOUD__API``, ``PREFECT__CONTEXT__FLOW_RUN_ID``, ``PREFECT__CONTEXT__FLOW_ID``, the
+token (``PREFECT__CLOUD__AUTH_TOKEN``, only in its environment) and ``PYTHONPATH`` (the agent's
+working directory and ``--import-path``); inside, ``local_agent.context`` holds ``logger``,
+``flow_run_id``, ``flow_id``, ``flow_name`` and ``parameters``. The agent keeps a ledger, a
+spool of undelivered writes and the runs' output under ``<home_dir>/agents/``, so a restart or
+an API outage loses no run and no log line.
+
 Exit codes: 0 success, 1 runtime error (a clear one-line message on stderr), 2 usage
 error, 130 interrupted. ``start --once`` exits 1 when any run it took did not succeed.
 
