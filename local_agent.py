@@ -222,10 +222,75 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
+def _short_hash(data: bytes) -> str:
+    """A short stable digest for names (not security): CRC-32 and length, in hex.
+
+    hashlib would load OpenSSL, 3 MB more in every process, for names that need no strength.
+    """
+    import zlib
+
+    return f"{zlib.crc32(data):08x}{len(data) & 0xFFFF:04x}"
+
+
+def _source_file() -> str:
+    """This module's source file, also when it runs from its compiled copy (see _compiled_copy)."""
+    if __file__.endswith(".pyc") and os.environ.get("LOCAL_AGENT_SOURCE"):
+        return os.environ["LOCAL_AGENT_SOURCE"]
+    return os.path.abspath(__file__)
+
+
 def _docs_location() -> str:
     """The README beside this file, where there is one (a vendored copy may have none)."""
-    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+    readme = os.path.join(os.path.dirname(_source_file()), "README.md")
     return readme if os.path.isfile(readme) else "the README.md of local_agent"
+
+
+def _compiled_copy(cache_dir: Path) -> str:
+    """A bytecode copy of this file in ``cache_dir``, made once per version of the source.
+
+    Python compiles a script it runs every time (about 35 ms and 8 MB for this file), and never
+    caches it; imports are cached only where Python may write ``__pycache__``. The agent runs
+    itself and every flow-run process from this copy instead. "" when it cannot be made.
+    """
+    import importlib.util
+    import py_compile
+
+    if __file__.endswith(".pyc"):
+        return os.path.abspath(__file__)
+    try:
+        source = _source_file()
+        digest = _short_hash(Path(source).read_bytes())
+        tag = sys.implementation.cache_tag or "python"
+        target = cache_dir / f"local_agent-{digest}.{tag}.pyc"
+        if not target.exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            py_compile.compile(source, cfile=str(temporary), doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            os.replace(temporary, target)
+        return str(target) if target.read_bytes()[:4] == importlib.util.MAGIC_NUMBER else ""
+    except (OSError, py_compile.PyCompileError):
+        return ""
+
+
+def _run_from_compiled_copy(settings: Settings) -> None:
+    """Replace this process with the same command run from the compiled copy (see _compiled_copy).
+
+    Only for ``python local_agent.py start ...``: a long-running agent then starts from
+    bytecode, saving the memory the compiler keeps. Nothing is open yet; the pid stays the same.
+    """
+    orig_argv = getattr(sys, "orig_argv", None)  # Python 3.10+
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if __name__ != "__main__" or not __file__.endswith(".py") or not orig_argv or script != _source_file():
+        return
+    options = orig_argv[1:len(orig_argv) - len(sys.argv)]  # the interpreter's own options, e.g. -X ...
+    compiled = _compiled_copy(settings.home / "cache")
+    if not compiled or os.environ.get("LOCAL_AGENT_SOURCE"):
+        return  # no copy, or we came from one already
+    os.environ["LOCAL_AGENT_SOURCE"] = script
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *options, compiled, *sys.argv[1:]])
 
 
 def _describe_exception(exc: BaseException) -> str:
@@ -694,9 +759,7 @@ def slugify(name: str) -> str:
     text = _DIGIT_COMMA.sub("", text)
     text = _DASHES.sub("-", _DISALLOWED.sub("-", text)).strip("-")
     if not text:  # a name with no Latin letters or digits: keep it unique all the same
-        import hashlib
-
-        text = "flow-" + hashlib.sha1(name.encode("utf-8")).hexdigest()[:10]
+        text = "flow-" + _short_hash(name.encode("utf-8"))
     return text
 
 
@@ -804,10 +867,9 @@ def _import_object(module: str, qualname: str, script: str = "") -> Any:
 
 def _import_script(path: str) -> Any:
     """Import a script file once per process under a private name, so its guard holds."""
-    import hashlib
     import importlib.util
 
-    name = "_local_agent_script_" + hashlib.sha1(path.encode("utf-8")).hexdigest()[:12]
+    name = "_local_agent_script_" + _short_hash(path.encode("utf-8"))
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -938,7 +1000,6 @@ def local_storage(flow_name: str, path: str) -> dict[str, Any]:
 
 def _locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
     """Check a run's storage is Local with a file inside its directory; return (path, dir)."""
-    host = _hostname()
     if not isinstance(storage, Mapping):
         raise FlowStorageError(f"flow {flow_name!r} has no storage; register it with Local storage")
     kind = storage.get("type")
@@ -959,7 +1020,7 @@ def _locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
         )
     if not os.path.isfile(real_path):
         raise FlowStorageError(
-            f"flow file {path} does not exist on host {host}: store the flow on this machine "
+            f"flow file {path} does not exist on host {_hostname()}: store the flow on this machine "
             "or run the agent where it was stored"
         )
     return real_path, real_dir
@@ -1027,6 +1088,8 @@ class Backend:
 
     #: A short description for log lines, e.g. ``Prefect API at http://host:4200``.
     location = ""
+    #: How long before a run's start the agent claims it, so a slow claim still launches on time.
+    claim_lead_seconds = 0.0
 
     def connect(self, agent_name: str, labels: Sequence[str]) -> str:
         """Register the agent and check the API answers; return the agent id."""
@@ -1500,6 +1563,7 @@ class GraphQLBackend(Backend):
     #: Seconds between a claim and its read-back: longer than a write takes to commit, so a
     #: claim that sorts before ours but was not yet visible cannot be missed.
     CLAIM_SETTLE_SECONDS = 0.2
+    claim_lead_seconds = CLAIM_SETTLE_SECONDS + 0.1
 
     def claim_flow_runs(self, claims: Sequence[tuple[FlowRun, Mapping[str, Any]]]) -> list[int | None]:
         """Claim on an API that does not lock versions (Prefect Server): write, then read back.
@@ -1793,7 +1857,7 @@ class SQLiteBackend(Backend):
     """The embedded backend: Prefect Server's records in one SQLite file."""
 
     #: How often an idle agent looks for new work in the file, in seconds.
-    CHANGE_CHECK_SECONDS = 0.05
+    CHANGE_CHECK_SECONDS = 0.1
 
     def __init__(self, path: str, *, busy_timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
         self.path = os.path.abspath(path)
@@ -2286,6 +2350,7 @@ class _Outbox:
 
     BATCH = 500
     MAX_SPOOL_BYTES = 64 * 1024 * 1024
+    GATHER_SECONDS = 0.05
 
     def __init__(self, backend: Backend, spool: Path | None = None, logger: logging.Logger | None = None) -> None:
         import collections
@@ -2423,6 +2488,8 @@ class _Outbox:
         while not self._closed.is_set():
             if self._deliver_some():
                 self._wake.wait()
+                # A run's lines come in bursts: gather them into one request, not one each.
+                self._closed.wait(self.GATHER_SECONDS)
             else:  # the API is failing: try again within a second, jittered
                 self._wake.wait(random.uniform(0.5, 1.0))
             self._wake.clear()
@@ -2939,7 +3006,9 @@ class LocalAgent:
         #: Final state of every run this agent took, by run id (read by ``--once``).
         self.results: dict[str, str] = {}
         self._jobs: dict[str, _Job] = {}
+        #: Runs fetched ahead of their start; runs claimed ahead of it (with their new version).
         self._pending: dict[str, FlowRun] = {}
+        self._claimed: dict[str, tuple[FlowRun, int]] = {}
         self._wake = threading.Event()
         self._poll_now = False
         self._stop = threading.Event()
@@ -2952,9 +3021,12 @@ class LocalAgent:
         self._directory = Path()
         self._lock_file: Any = None
         self._http: Any = None
+        self._program = _source_file()  # what flow-run processes run: this file, or its compiled copy
         self._subreaper = False
-        #: Claims written (or about to be) whose process has not started: run id -> claim token.
+        #: Claims written (or about to be) whose process has not started: run id -> claim token;
+        #: and those the last start of this agent left so (settled once the API answers).
         self._unlaunched: dict[str, str] = {}
+        self._inherited_claims: dict[str, str] = {}
         self._redact = _redactor(self.settings)
 
     # Public controls.
@@ -3001,7 +3073,8 @@ class LocalAgent:
         return {
             "agent_id": self.agent_id, "name": self.settings.name, "labels": self.labels,
             "running": {run_id: job.pid for run_id, job in self._jobs.items()},
-            "waiting": sorted(self._pending), "undelivered": self._outbox.pending if self._outbox else 0,
+            "waiting": sorted(self._pending.keys() | self._claimed.keys()),
+            "undelivered": self._outbox.pending if self._outbox else 0,
             "api_problem": self._api_problem,
         }
 
@@ -3029,17 +3102,16 @@ class LocalAgent:
 
     def _open(self) -> None:
         """Open the backend, lock this agent's directory, load its spool and ledger."""
-        import hashlib
-
         if self.backend is None:
             self.backend = open_backend(self.settings)
-        key = hashlib.sha1(self.settings.api.encode("utf-8")).hexdigest()[:8]
+        key = _short_hash(self.settings.api.encode("utf-8"))
         self._directory = self.settings.home / "agents" / f"{slugify(self.settings.name)}-{key}"
         try:
             (self._directory / "runs").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the agent's directory {self._directory}: {exc.strerror or exc}") from None
         self._lock_file = _lock_agent_directory(self._directory, self.settings)
+        self._program = _compiled_copy(self.settings.home / "cache") or _source_file()
         self._outbox = _Outbox(self.backend, self._directory / "spool.jsonl", self.logger)
         if self._outbox.pending:
             self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
@@ -3090,7 +3162,7 @@ class LocalAgent:
     def _adopt_previous_runs(self) -> None:
         """Take back the runs a previous start of this agent owned (after a crash or kill)."""
         ledger = _read_ledger(self._directory / "ledger.json", self.logger)
-        self._unlaunched = dict(ledger.get("claims") or {})
+        self._inherited_claims = dict(ledger.get("claims") or {})
         for run_id, entry in (ledger.get("runs") or {}).items():
             try:
                 job = _Job.from_ledger(run_id, entry, self._directory / "runs")
@@ -3105,7 +3177,7 @@ class LocalAgent:
                 self.logger.info("Adopting flow run %s (PID %d), left running by this agent's last start",
                                  run_id, job.pid)
                 self._run_log(run_id, f"Agent {self.settings.name} restarted and adopted process PID {job.pid}")
-        for run_id in list(self._unlaunched):
+        for run_id in list(self._inherited_claims):
             self._adopt_unlaunched(run_id)
         self._save_ledger()
 
@@ -3118,14 +3190,14 @@ class LocalAgent:
         if job.pid:
             job.start_ticks = _process_start_ticks(job.pid)
         elif not job.result_path.exists():
-            return  # never started: _settle_unlaunched decides, once the API answers
-        del self._unlaunched[run_id]
+            return  # never started: _settle_inherited_claims decides, once the API answers
+        del self._inherited_claims[run_id]
         self._jobs[run_id] = job  # a live process is watched; one that ended is settled next round
         self.logger.info("Adopting flow run %s, started by this agent's last start just before it stopped", run_id)
 
-    def _settle_unlaunched(self) -> None:
+    def _settle_inherited_claims(self) -> None:
         """Hand back runs a killed agent claimed but never started, if its claim still stands."""
-        for run_id, token in list(self._unlaunched.items()):
+        for run_id, token in list(self._inherited_claims.items()):
             try:
                 run = self._backend().get_flow_run(run_id)
             except APIError:
@@ -3136,7 +3208,7 @@ class LocalAgent:
                            "starting it; rescheduled.")
                 self._run_log(run_id, message, level="WARNING")
                 self._set_final(run_id, make_state("Scheduled", message, start_time=_utcnow()), run.version)
-            del self._unlaunched[run_id]
+            del self._inherited_claims[run_id]
             self._save_ledger()
 
     def _connect(self) -> bool:
@@ -3178,8 +3250,8 @@ class LocalAgent:
             if time.monotonic() >= next_watch:            # 2. notice cancelled runs
                 self._watch_owned_runs()
                 next_watch = time.monotonic() + WATCH_SECONDS
-            if self._unlaunched and not self._pending:    # 3. claims a killed start left behind
-                self._settle_unlaunched()
+            if self._inherited_claims:                    # 3. claims a killed start left behind
+                self._settle_inherited_claims()
             self._launch_due()                            # 4. claim and start due runs
             if (self._poll_now or time.monotonic() >= next_poll) and self._free_slots() > 0:
                 self._poll_now = False                    # 5. look for new runs
@@ -3203,7 +3275,7 @@ class LocalAgent:
             self.logger.error("Giving up: the API has not answered for %g s.", ONCE_API_PATIENCE_SECONDS)
             self._gave_up = True
             return True
-        return not found and not self._pending and not self._api_problem
+        return not found and not self._pending and not self._claimed and not self._api_problem
 
     def _poll_interval(self, empty_polls: int) -> float:
         """Prefect's backoff while idle; about a second, jittered, while the API is failing."""
@@ -3219,9 +3291,11 @@ class LocalAgent:
         wake_at = [next_watch]
         if self._free_slots() > 0:
             wake_at.append(next_poll)
-        if self._pending:
-            due = min(run.start_time for run in self._pending.values())
-            wake_at.append(now + max(0.0, (due - _utcnow()).total_seconds()))
+        lead = self._backend().claim_lead_seconds
+        starts = [run.start_time - timedelta(seconds=lead) for run in self._pending.values()]
+        starts += [run.start_time for run, _ in self._claimed.values()]
+        if starts:
+            wake_at.append(now + max(0.0, (min(starts) - _utcnow()).total_seconds()))
         if self._jobs:
             wake_at.append(now + OUTPUT_POLL_SECONDS)
         timeout = max(0.0, min(wake_at) - now)
@@ -3237,7 +3311,7 @@ class LocalAgent:
     def _free_slots(self) -> int:
         if self.settings.limit is None:
             return sys.maxsize
-        return self.settings.limit - len(self._jobs) - len(self._pending)
+        return self.settings.limit - len(self._jobs) - len(self._pending) - len(self._claimed)
 
     # Polling and claiming.
 
@@ -3248,7 +3322,9 @@ class LocalAgent:
         before = _utcnow() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
         try:
             run_ids = backend.get_runs_in_queue(self.labels, before)
-            new_ids = [run_id for run_id in run_ids if run_id not in self._jobs and run_id not in self._pending]
+            taken = self._jobs.keys() | self._pending.keys() | self._claimed.keys()
+            # Read metadata only for runs there is room for; the rest stay queued for others.
+            new_ids = [run_id for run_id in run_ids if run_id not in taken][: self._free_slots()]
             if not new_ids:
                 self.logger.debug("No ready flow runs found.")
                 self._api_recovered()
@@ -3269,17 +3345,29 @@ class LocalAgent:
         return bool(runs)
 
     def _launch_due(self) -> None:
-        """Claim the queued runs whose start time has come, then launch them in start order."""
-        now = _utcnow()
-        due = sorted((run for run in self._pending.values() if run.start_time <= now), key=lambda run: run.start_time)
-        if self._stop_signal or not due:
+        """Claim queued runs as their start nears, and launch each at its start time, in order.
+
+        A backend whose claims take time to settle (Prefect Server) has them made that much
+        early, so the launch itself is on time; nothing is launched before its start time.
+        """
+        if self._stop_signal:
             return
-        for run in due:
+        lead = timedelta(seconds=self._backend().claim_lead_seconds)
+        now = _utcnow()
+        near = sorted((run for run in self._pending.values() if run.start_time <= now + lead),
+                      key=lambda run: run.start_time)
+        for run in near:
             del self._pending[run.id]
-            self.logger.info("Deploying flow run %s", run.id)
-        for run, version in zip(due, self._claim(due)):
+        for run, version in zip(near, self._claim(near) if near else []):
             if version is not None:
-                self._deploy(run, version)
+                self._claimed[run.id] = (run, version)
+        now = _utcnow()
+        for run, version in sorted(self._claimed.values(), key=lambda item: item[0].start_time):
+            if run.start_time > now:
+                break
+            del self._claimed[run.id]
+            self.logger.info("Deploying flow run %s", run.id)
+            self._deploy(run, version)
 
     def _deploy(self, run: FlowRun, version: int) -> None:
         """Check a claimed run's flow file and start its process; fail it if that cannot be done."""
@@ -3316,8 +3404,8 @@ class LocalAgent:
             versions = self._backend().claim_flow_runs(claims)
         except APIError as exc:
             self.logger.error("Could not claim flow run(s) %s: %s", [run.id for run in runs], exc)
-            versions = [None] * len(runs)  # a claim that did land is settled by _settle_unlaunched
-            return versions
+            # A claim that did land stays in the ledger: the next start settles it.
+            return [None] * len(runs)
         for run, version in zip(runs, versions):
             if version is None:
                 self.logger.debug("Flow run %s was taken by another agent", run.id)
@@ -3340,7 +3428,7 @@ class LocalAgent:
         # outlives the agent without losing a byte; the agent tails the file.
         with open(job.out_path, "wb") as output:
             job.process = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "execute", "flow-run"],
+                [sys.executable, self._program, "execute", "flow-run"],
                 env=self._child_environment(run, job),
                 cwd=os.getcwd(),
                 stdin=subprocess.DEVNULL,
@@ -3350,6 +3438,9 @@ class LocalAgent:
             )
         job.pid = job.process.pid
         job.start_ticks = _process_start_ticks(job.pid)
+        # A thread waits on the process, so the loop hears of its end at once, not on its next round.
+        threading.Thread(target=_wait_then_wake, args=(job.process, self._wake), name=f"wait-{job.pid}",
+                         daemon=True).start()
         if self.settings.timeout:
             job.deadline = time.monotonic() + self.settings.timeout
         return job
@@ -3511,7 +3602,7 @@ class LocalAgent:
     def _save_ledger(self) -> None:
         entries = {
             "runs": {run_id: job.ledger_entry() for run_id, job in self._jobs.items()},
-            "claims": self._unlaunched,
+            "claims": {**self._inherited_claims, **self._unlaunched},
         }
         try:
             _write_json_atomically(self._directory / "ledger.json", entries)
@@ -3564,14 +3655,20 @@ class LocalAgent:
         """
         grace_end: float | None = None
         next_watch = time.monotonic() + WATCH_SECONDS
-        if self._jobs or self._pending:
-            self.logger.info("Waiting for %d flow run(s) to finish", len(self._jobs) + len(self._pending))
-        while self._jobs or self._pending:
+        if self._jobs or self._pending or self._claimed:
+            self.logger.info("Waiting for %d flow run(s) to finish",
+                             len(self._jobs) + len(self._pending) + len(self._claimed))
+        while self._jobs or self._pending or self._claimed:
             if time.monotonic() >= next_watch:
                 self._watch_owned_runs()
                 next_watch = time.monotonic() + WATCH_SECONDS
             if self._stop_signal and grace_end is None:
                 self._pending.clear()  # never claimed: they stay Scheduled for another agent
+                for run, version in self._claimed.values():  # claimed, not started: hand them back
+                    message = f"The agent on host {_hostname()} shut down before starting this run; rescheduled."
+                    self._set_final(run.id, make_state("Scheduled", message, start_time=_utcnow()), version)
+                    self._unlaunched.pop(run.id, None)
+                self._claimed.clear()
                 grace_end = time.monotonic() + self.settings.grace
                 if self._jobs:
                     self.logger.info("Giving %d flow run(s) up to %g s to finish", len(self._jobs), self.settings.grace)
@@ -3627,6 +3724,11 @@ class LocalAgent:
         if self._api_problem:
             self.logger.info("The API answers again.")
             self._api_problem = ""
+
+
+def _wait_then_wake(process: Any, wake: threading.Event) -> None:
+    process.wait()
+    wake.set()
 
 
 def _read_ledger(path: Path, logger: logging.Logger) -> dict[str, Any]:
@@ -3953,7 +4055,9 @@ def _command_settings(args: Any) -> Settings:
 
 def _cmd_start(args: Any) -> int:
     flags = {key: value for key, value in vars(args).items() if key not in ("func", "command")}
-    return LocalAgent(resolve_settings(flags)).start()
+    settings = resolve_settings(flags)
+    _run_from_compiled_copy(settings)
+    return LocalAgent(settings).start()
 
 
 def _cmd_execute_flow_run(args: Any) -> int:
@@ -4206,13 +4310,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if __name__ == "__main__":
         # `import local_agent` inside a flow must find this very module, not a second copy.
         sys.modules.setdefault("local_agent", sys.modules[__name__])
+    if list(sys.argv[1:] if argv is None else argv) == ["execute", "flow-run"]:
+        return _guarded(_cmd_execute_flow_run, None)  # every run starts here: skip argparse
     args = _build_parser().parse_args(argv)
     if args.func is not _cmd_execute_flow_run and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_AGENT_FORMAT))
         logging.getLogger().addHandler(handler)
+    return _guarded(args.func, args)
+
+
+def _guarded(command: Callable[[Any], int], args: Any) -> int:
+    """Run a command; an AgentError becomes one line on stderr and its exit code."""
     try:
-        return int(args.func(args))
+        return int(command(args))
     except AgentError as exc:
         print(f"local_agent: error: {exc}", file=sys.stderr)
         return exc.exit_code

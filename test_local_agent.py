@@ -1142,8 +1142,6 @@ def test_process_lost_while_the_agent_was_down_fails_the_run(world: World, test_
 
 
 def test_a_claim_left_unstarted_by_a_killed_agent_is_handed_back(embedded: World, test_flows: Any) -> None:
-    import hashlib
-
     run_id = embedded.run(embedded.flow(test_flows.hello))
     run = embedded.db.get_flow_run(run_id)
     assert run is not None
@@ -1152,8 +1150,7 @@ def test_a_claim_left_unstarted_by_a_killed_agent_is_handed_back(embedded: World
     claim = la.make_state("Submitted", "Submitted for execution by agent agent", previous=run.serialized_state,
                           context={"claim": token})
     embedded.db.set_flow_run_state(run_id, claim, run.version)
-    directory = (embedded.storage_dir.parent / "agents" /
-                 f"agent-{hashlib.sha1(embedded.api.encode()).hexdigest()[:8]}")
+    directory = embedded.storage_dir.parent / "agents" / f"agent-{la._short_hash(embedded.api.encode())}"
     directory.mkdir(parents=True)
     (directory / "ledger.json").write_text(json.dumps({"runs": {}, "claims": {run_id: token}}))
     result = embedded.agent("--max-polls", "3")
