@@ -96,7 +96,6 @@ import re
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -207,6 +206,13 @@ def _parse_time_or_now(text: str) -> datetime:
         return _parse_time(text)
     except ValueError:
         return _utcnow()
+
+
+def _new_id() -> str:
+    """A random UUID, the form of Prefect's ids (uuid is imported only where one is made)."""
+    import uuid
+
+    return str(uuid.uuid4())
 
 
 def _one_line(text: str, limit: int = 500) -> str:
@@ -1994,7 +2000,7 @@ class SQLiteBackend(Backend):
             ).fetchone()
             if row:
                 return str(row["id"])
-            agent_id = str(uuid.uuid4())
+            agent_id = _new_id()
             db.execute(
                 "INSERT INTO agent (id, name, type, labels, created) VALUES (?, ?, 'LocalAgent', ?, ?)",
                 (agent_id, agent_name, labels_json, _format_time(_utcnow())),
@@ -2157,7 +2163,7 @@ class SQLiteBackend(Backend):
             row = db.execute("SELECT id FROM project WHERE name = ?", (name,)).fetchone()
             if row:
                 return str(row["id"])
-            project_id = str(uuid.uuid4())
+            project_id = _new_id()
             db.execute(
                 "INSERT INTO project (id, name, created) VALUES (?, ?, ?)", (project_id, name, _format_time(_utcnow()))
             )
@@ -2181,7 +2187,7 @@ class SQLiteBackend(Backend):
             ).fetchone()
             if latest and latest["idempotency_key"] == key:
                 return str(latest["id"])
-            flow_id = str(uuid.uuid4())
+            flow_id = _new_id()
             db.execute("UPDATE flow SET archived = 1 WHERE project_id = ? AND name = ?", (project_id, name))
             db.execute(
                 "INSERT INTO flow (id, project_id, name, version, storage, run_config, labels, parameters, "
@@ -2239,7 +2245,7 @@ class SQLiteBackend(Backend):
             if flow["archived"]:
                 raise APIError(f"Flow {flow_id} is archived.")
             _check_required_parameters(json.loads(flow["parameters"]), parameters)
-            run_id, now = str(uuid.uuid4()), _format_time(_utcnow())
+            run_id, now = _new_id(), _format_time(_utcnow())
             run_labels = sorted(labels if labels is not None else json.loads(flow["labels"]))
             db.execute(
                 "INSERT INTO flow_run (id, flow_id, name, labels, parameters, context, idempotency_key, "
@@ -3395,7 +3401,7 @@ class LocalAgent:
         claims = []
         for run in runs:
             self.logger.debug("Updating flow run %s state from %s -> Submitted...", run.id, run.state)
-            context = {"agent_id": self.agent_id, "agent_name": self.settings.name, "claim": uuid.uuid4().hex}
+            context = {"agent_id": self.agent_id, "agent_name": self.settings.name, "claim": os.urandom(16).hex()}
             claims.append((run, make_state("Submitted", f"Submitted for execution by {who}",
                                            previous=run.serialized_state, context=context)))
             self._unlaunched[run.id] = context["claim"]
@@ -3958,7 +3964,7 @@ def create_flow_run(
             parameters=dict(parameters or {}),
             labels=None if labels is None else list(labels),
             scheduled_start_time=scheduled_start_time,
-            idempotency_key=uuid.uuid4().hex,
+            idempotency_key=os.urandom(16).hex(),
         )
 
 

@@ -867,9 +867,13 @@ class Bench:
             dispatch[case] = {
                 **steps(rows),
                 "not_success": sum(1 for r in rows if r["state"] != "Success"),
-                # A scheduled run whose claim the API recorded before it was due started early.
-                "early": sum(1 for r in rows if case.startswith("a_") and r["to_submitted_state"] is not None
-                             and r["to_submitted_state"] < 0),
+                # A scheduled run whose flow-run process started before it was due started early.
+                # (On Prefect Server the claim is written up to 0.3 s early by design, so that its
+                # read-back does not delay the launch; that is counted apart.)
+                "early": sum(1 for r in rows if case.startswith("a_") and r["to_launch"] is not None
+                             and min(r["to_launch"], r["to_flow_import"] or 0) < 0),
+                "claimed_early": sum(1 for r in rows if case.startswith("a_") and r["to_submitted_state"] is not None
+                                     and r["to_submitted_state"] < 0),
                 "runs": rows,
             }
         self.results["dispatch"] = dispatch
@@ -1130,7 +1134,9 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
         add("  same, to the flow's module imported in the flow-run process (s)", flow.get("median"), flow.get("p95"))
     if dispatch:
         early = sum(dispatch.get(c, {}).get("early", 0) for c in ("a_api", "a_embedded"))
-        add("scheduled runs claimed before they were due (count)", early, None, "0", early == 0, digits=0)
+        add("scheduled runs started before they were due (count)", early, None, "0", early == 0, digits=0)
+        claimed = sum(dispatch.get(c, {}).get("claimed_early", 0) for c in ("a_api", "a_embedded"))
+        add("  context: claims written before due (Server: up to 0.3 s, by design)", claimed, None, digits=0)
 
     overhead = results.get("overhead", {})
     for key, label in (("api", "API"), ("embedded", "embedded")):
