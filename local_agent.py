@@ -1054,8 +1054,6 @@ class FlowRun:
     updated: datetime | None = None
     #: Why this row cannot be run as it stands (a malformed API answer), or "".
     problem: str = ""
-    #: When it was read (``time.monotonic()``), to tell a stale prefetched row.
-    fetched: float = field(default_factory=time.monotonic)
 
     @property
     def start_time(self) -> datetime:
@@ -1577,17 +1575,18 @@ class GraphQLBackend(Backend):
         The rule: among the Submitted states after the run's last Scheduled-family state,
         ordered by the server's timestamp (then id), the first one wins. Every claimant reads
         the same history, so all agree on one winner; a loser whose Submitted became the
-        run's current state puts back the last state that is not a losing claim. A claim
-        written twice (a retry after a lost answer) is found by its token, so it still counts.
-        One read-back, after one settle delay, serves a whole batch.
+        run's current state puts the winner's final state back if the winner has finished. A
+        claim written twice (a retry after a lost answer) is found by its token, so it still
+        counts. One read before and one read-back after one settle delay serve a whole batch.
         """
-        stale = [run.id for run, _ in claims if time.monotonic() - run.fetched > 1.0]
-        current = self._claim_views(stale) if stale else {}
+        # Read the runs again just before writing: one taken (or cancelled) since they were
+        # fetched is left alone, so a late claim rarely lands on a run that has moved on.
+        current = self._claim_views([run.id for run, _ in claims])
         written = []
         for run, submitted in claims:
             view = current.get(run.id)
-            if run.id in stale and (view is None or view.get("state") not in SCHEDULED_STATES):
-                continue  # a prefetched row gone stale: someone else has it, or it changed
+            if view is None or view.get("state") not in SCHEDULED_STATES:
+                continue
             try:
                 self.set_flow_run_state(run.id, submitted, run.version)
             except StateUpdateFailed:
@@ -1625,14 +1624,14 @@ class GraphQLBackend(Backend):
         if claims and is_ours(claims[0]):
             return int(view["version"]) if isinstance(view.get("version"), int) else None
         if rows and is_ours(rows[-1]):
-            # We lost, and our Submitted now hides the run's real state: put back the latest
-            # state that is not a losing claim (the winner's claim, its Running, Success ...).
+            # We lost, and our Submitted hides the run's real state. If the winner has finished,
+            # put its final state back; if it is still running, its next write does that, and a
+            # copy of its Running written now could land after its Success.
             losers = {id(row) for row in claims[1:]}
-            for row in reversed(rows[:-1]):
-                previous = _json_field(row.get("serialized_state"))
-                if id(row) not in losers and isinstance(previous, dict):
-                    self.set_flow_run_state(run_id, previous, None)
-                    break
+            real = next((row for row in reversed(rows[:-1]) if id(row) not in losers), None)
+            previous = _json_field(real.get("serialized_state")) if real else None
+            if isinstance(previous, dict) and is_final(str(previous.get("type"))):
+                self.set_flow_run_state(run_id, previous, None)
         return None
 
     def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
@@ -3090,7 +3089,7 @@ class LocalAgent:
         assert self.backend is not None, "the agent has not opened its backend"
         return self.backend
 
-    def _outbox_(self) -> _Outbox:
+    def _api_writes(self) -> _Outbox:
         assert self._outbox is not None, "the agent has not opened its outbox"
         return self._outbox
 
@@ -3177,7 +3176,7 @@ class LocalAgent:
                 continue
             if self.settings.timeout:
                 job.deadline = time.monotonic() + job.started_at + self.settings.timeout - time.time()
-            job.offset = max(job.offset, self._outbox_().resume_offset(run_id))
+            job.offset = max(job.offset, self._api_writes().resume_offset(run_id))
             self._jobs[run_id] = job
             if _process_alive(job.pid, job.start_ticks):
                 self.logger.info("Adopting flow run %s (PID %d), left running by this agent's last start",
@@ -3500,7 +3499,7 @@ class LocalAgent:
             _reap_orphans({job.pid for job in self._jobs.values() if job.process is not None})
         if read_any:
             self._save_ledger()
-            self._outbox_().release()  # see _Outbox.release: after the ledger, never before
+            self._api_writes().release()  # see _Outbox.release: after the ledger, never before
 
     def _pump(self, job: _Job, *, to_the_end: bool = False) -> None:
         """Read what a process wrote since last time into its run's log."""
@@ -3546,7 +3545,7 @@ class LocalAgent:
             job.dropped_lines += 1
             return
         level = line.level if line.level in _LOG_LEVELS else "INFO"
-        self._outbox_().log(job.run_id, line.message, level=level, name=line.name,
+        self._api_writes().log(job.run_id, line.message, level=level, name=line.name,
                             timestamp=_parse_time_or_now(line.timestamp), offset=job.line_offset)
 
     def _finish(self, job: _Job) -> None:
@@ -3562,7 +3561,7 @@ class LocalAgent:
         if result is not None:
             state, delivered = result
             if state is not None and not delivered:
-                self._outbox_().state(job.run_id, state, None)  # the process could not deliver it
+                self._api_writes().state(job.run_id, state, None)  # the process could not deliver it
             self._record_result(job.run_id, state["type"] if state else "NotRun")
         elif job.stopping == "timeout":
             message = f"Flow run timed out after {self.settings.timeout:g} s; its process {how}."
@@ -3600,10 +3599,10 @@ class LocalAgent:
 
     def _set_final(self, run_id: str, state: dict[str, Any], version: int | None) -> None:
         self._record_result(run_id, state["type"])
-        self._outbox_().state(run_id, state, version)
+        self._api_writes().state(run_id, state, version)
 
     def _run_log(self, run_id: str, message: str, *, level: str = "INFO") -> None:
-        self._outbox_().log(run_id, message, level=level, name=self.settings.name)
+        self._api_writes().log(run_id, message, level=level, name=self.settings.name)
 
     def _save_ledger(self) -> None:
         entries = {

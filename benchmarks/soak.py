@@ -208,9 +208,9 @@ def kill_and_restart(kind: str, runs: int) -> dict[str, Any]:
 def small_scale_cases() -> dict[str, Any]:
     """The 9 failure modes, SIGTERM drains and the bad-input matrix, through the test suite."""
     groups = {
-        "child failure modes (9, both backends)": "each_way",
-        "SIGTERM with running flows (both backends)": "sigterm",
-        "bad-input matrix": "usage_errors or bad_settings or bad_config or bad_api or bad_storage "
+        "the 9 child failure modes, all in one test per backend (tests)": "each_way",
+        "SIGTERM with running flows: drained, handed back, no orphans (tests, one per backend)": "sigterm",
+        "bad-input matrix (cases)": "usage_errors or bad_settings or bad_config or bad_api or bad_storage "
                             "or corrupt_database or newer_schema or locked_database or read_only_database "
                             "or cannot_run or token_is_not_sent or cloud_key",
     }
