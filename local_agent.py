@@ -97,10 +97,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 # --- Constants ---------------------------------------------------------------------------
 
@@ -444,8 +443,7 @@ def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-@dataclass(frozen=True)
-class _Option:
+class _Option(NamedTuple):
     """One setting: its field, its config keys (first wins) and how to read a value."""
 
     name: str
@@ -485,19 +483,21 @@ def _env_name(key: str) -> str:
     return "PREFECT__" + key.upper().replace(".", "__")
 
 
-@dataclass
 class Settings:
     """Everything the agent and the commands need, resolved once from all sources."""
 
+    # Plain classes rather than dataclasses here and below: the dataclasses module costs every
+    # flow-run process about 8 ms, and it fails when this file is loaded without registering
+    # itself in sys.modules (importlib.util.spec_from_file_location), as vendoring projects do.
     api: str = ""
-    token: str = field(default="", repr=False)
+    token: str = ""
     tenant_id: str = ""
     name: str = DEFAULT_AGENT_NAME
-    labels: list[str] = field(default_factory=list)
+    labels: list[str]
     level: str = "INFO"
     home_dir: str = "~/.prefect"
-    env: dict[str, str] = field(default_factory=dict)
-    import_paths: list[str] = field(default_factory=list)
+    env: dict[str, str]
+    import_paths: list[str]
     show_flow_logs: bool = False
     hostname_label: bool = True
     cloud_logs: bool = True
@@ -512,8 +512,19 @@ class Settings:
     subreaper: bool = False
     once: bool = False
     #: Where each setting came from, e.g. ``{"token": "environment variable PREFECT__..."}``.
-    sources: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str]
     config_path: str = ""
+
+    def __init__(self, **values: Any) -> None:
+        self.labels, self.env, self.import_paths, self.sources = [], {}, [], {}
+        for key, value in values.items():
+            if not hasattr(self, key):
+                raise TypeError(f"Settings has no setting {key!r}")
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        shown = {key: getattr(self, key) for key in self.__annotations__ if key != "token"}
+        return "Settings(" + ", ".join(f"{key}={value!r}" for key, value in shown.items()) + ")"
 
     @property
     def home(self) -> Path:
@@ -1035,25 +1046,36 @@ def _locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
 # --- Backends: the interface -------------------------------------------------------------
 
 
-@dataclass
 class FlowRun:
     """A flow run as the agent and the flow-run process see it, from either backend."""
 
-    id: str
-    version: int
-    state: str
-    serialized_state: dict[str, Any]
-    flow_id: str
-    flow_name: str
-    storage: Any = None
-    parameters: dict[str, Any] = field(default_factory=dict)
-    name: str = ""
-    labels: list[str] = field(default_factory=list)
-    scheduled_start_time: datetime | None = None
-    state_message: str | None = None
-    updated: datetime | None = None
-    #: Why this row cannot be run as it stands (a malformed API answer), or "".
-    problem: str = ""
+    def __init__(
+        self,
+        *,
+        id: str,
+        version: int,
+        state: str,
+        serialized_state: dict[str, Any],
+        flow_id: str,
+        flow_name: str,
+        storage: Any = None,
+        parameters: dict[str, Any] | None = None,
+        name: str = "",
+        labels: list[str] | None = None,
+        scheduled_start_time: datetime | None = None,
+        state_message: str | None = None,
+        updated: datetime | None = None,
+    ) -> None:
+        self.id, self.version, self.state, self.serialized_state = id, version, state, serialized_state
+        self.flow_id, self.flow_name, self.storage = flow_id, flow_name, storage
+        self.parameters = parameters if parameters is not None else {}
+        self.name, self.labels = name, labels if labels is not None else []
+        self.scheduled_start_time, self.state_message, self.updated = scheduled_start_time, state_message, updated
+        #: Why this row cannot be run as it stands (a malformed API answer), or "".
+        self.problem = ""
+
+    def __repr__(self) -> str:
+        return f"FlowRun(id={self.id!r}, flow_name={self.flow_name!r}, state={self.state!r}, version={self.version})"
 
     @property
     def start_time(self) -> datetime:
@@ -1061,20 +1083,18 @@ class FlowRun:
         return _state_start_time(self.serialized_state) or self.scheduled_start_time or _utcnow()
 
 
-@dataclass
-class FlowSummary:
+class FlowSummary(NamedTuple):
     """A registered flow, for listings and for creating runs by name."""
 
     id: str
     name: str
-    version: int = 1
-    project: str = ""
-    labels: list[str] = field(default_factory=list)
-    storage: Any = None
+    version: int
+    project: str
+    labels: list[str]
+    storage: Any
 
 
-@dataclass
-class LogLine:
+class LogLine(NamedTuple):
     """One line of a run's log."""
 
     timestamp: str
@@ -2935,36 +2955,32 @@ def _process_alive(pid: int, start_ticks: str) -> bool:
     return fields[0] != b"Z" and (not start_ticks or fields[19].decode() == start_ticks)
 
 
-@dataclass
 class _Job:
     """A flow-run process this agent owns: started by it, or adopted after a restart."""
 
-    run_id: str
-    flow_name: str
-    version: int | None
-    pid: int
-    out_path: Path
-    result_path: Path
-    started_at: float  # time.time() at launch
-    process: Any = None  # the Popen, or None when adopted from a previous start
-    start_ticks: str = ""
-    offset: int = 0
-    partial: bytes = b""
-    tail: Any = None  # collections.deque[str]: the last lines, for a failure message
-    deadline: float | None = None  # time.monotonic() past which it is stopped
-    logged_bytes: int = 0
-    dropped_lines: int = 0
-    #: Why the agent is stopping it ("timeout", "cancel", "shutdown"), or "".
-    stopping: str = ""
-    kill_at: float | None = None
-    returncode: int | None = None
-    exited: bool = False
-    adopted: bool = False
-
-    def __post_init__(self) -> None:
+    def __init__(self, run_id: str, *, flow_name: str, version: int | None, pid: int, runs_dir: Path,
+                 started_at: float, start_ticks: str = "", offset: int = 0, stopping: str = "",
+                 adopted: bool = False) -> None:
         import collections
 
-        self.tail = collections.deque(maxlen=OUTPUT_TAIL_LINES)
+        self.run_id, self.flow_name, self.version, self.pid = run_id, flow_name, version, pid
+        self.out_path = runs_dir / f"{run_id}.out"  # its stdout and stderr
+        self.result_path = runs_dir / f"{run_id}.result"  # the final state it reported, or could not
+        self.started_at = started_at  # time.time() at launch
+        self.process: Any = None  # the Popen, or None when adopted from a previous start
+        self.start_ticks = start_ticks
+        self.offset = offset  # how much of the output has been read
+        self.partial = b""  # a line not finished yet
+        self.tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)  # for failure messages
+        self.deadline: float | None = None  # time.monotonic() past which it is stopped
+        self.logged_bytes = 0
+        self.dropped_lines = 0
+        #: Why the agent is stopping it ("timeout", "cancel", "shutdown"), or "".
+        self.stopping = stopping
+        self.kill_at: float | None = None
+        self.returncode: int | None = None
+        self.exited = False
+        self.adopted = adopted
 
     def has_exited(self) -> bool:
         """Whether the process has ended (reaping it if it is our child)."""
@@ -2990,13 +3006,12 @@ class _Job:
 
     @classmethod
     def from_ledger(cls, run_id: str, entry: Mapping[str, Any], runs_dir: Path) -> _Job:
-        job = cls(
-            run_id=run_id, flow_name=str(entry.get("flow_name", "")), version=entry.get("version"),
-            pid=int(entry["pid"]), out_path=runs_dir / f"{run_id}.out", result_path=runs_dir / f"{run_id}.result",
-            started_at=float(entry.get("started_at", time.time())), start_ticks=str(entry.get("start_ticks", "")),
-            offset=int(entry.get("offset", 0)), stopping=str(entry.get("stopping", "")), adopted=True,
+        return cls(
+            run_id, flow_name=str(entry.get("flow_name", "")), version=entry.get("version"), pid=int(entry["pid"]),
+            runs_dir=runs_dir, started_at=float(entry.get("started_at", time.time())),
+            start_ticks=str(entry.get("start_ticks", "")), offset=int(entry.get("offset", 0)),
+            stopping=str(entry.get("stopping", "")), adopted=True,
         )
-        return job
 
 
 class LocalAgent:
@@ -3189,8 +3204,8 @@ class LocalAgent:
     def _adopt_unlaunched(self, run_id: str) -> None:
         """A claim the last start wrote without recording a process: find the process, if any."""
         runs_dir = self._directory / "runs"
-        job = _Job(run_id=run_id, flow_name="", version=None, pid=0, out_path=runs_dir / f"{run_id}.out",
-                   result_path=runs_dir / f"{run_id}.result", started_at=time.time(), adopted=True)
+        job = _Job(run_id, flow_name="", version=None, pid=0, runs_dir=runs_dir, started_at=time.time(),
+                   adopted=True)
         job.pid = _find_flow_run_process(run_id, str(job.result_path))
         if job.pid:
             job.start_ticks = _process_start_ticks(job.pid)
@@ -3425,8 +3440,7 @@ class LocalAgent:
         import subprocess
 
         runs_dir = self._directory / "runs"
-        job = _Job(run_id=run.id, flow_name=run.flow_name, version=version, pid=0,
-                   out_path=runs_dir / f"{run.id}.out", result_path=runs_dir / f"{run.id}.result",
+        job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=runs_dir,
                    started_at=time.time())
         job.result_path.unlink(missing_ok=True)
         # Output goes to a file, not a pipe: nothing can block on it, and the process
@@ -3532,7 +3546,7 @@ class LocalAgent:
 
     def _collect(self, job: _Job, line: LogLine) -> None:
         """Keep a line for the failure message, echo it with ``-f``, ship it to the run log."""
-        line.message = self._redact(line.message.rstrip("\r"))
+        line = line._replace(message=self._redact(line.message.rstrip("\r")))
         shown = line.message if line.name == "output" else _format_log_line(line)
         job.tail.append(shown)
         if self.settings.show_flow_logs:

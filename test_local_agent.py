@@ -856,6 +856,16 @@ def test_importing_the_module_has_no_side_effects() -> None:
     """)
     result = subprocess.run([sys.executable, "-c", probe], cwd=AGENT.parent, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "True []", result.stderr
+    # Loaded from its file without being registered in sys.modules, as vendoring tools do.
+    by_path = textwrap.dedent(f"""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("vendored_agent", {str(AGENT)!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        print(module.slugify("My Flow! v1"))
+    """)
+    loaded = subprocess.run([sys.executable, "-c", by_path], capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "my-flow-v1", loaded.stderr
 
 
 def test_all_matches_the_public_names() -> None:
