@@ -699,10 +699,7 @@ def test_three_agents_share_one_database_and_run_each_run_once(embedded: World, 
     marker = tmp_path / "starts.txt"
     flow_id = embedded.flow(test_flows.record_start)
     run_ids = [embedded.run(flow_id, parameters={"path": str(marker)}) for _ in range(150)]
-    command = [sys.executable, str(AGENT), "start", "--api", embedded.api, "-l", "test", "--no-hostname-label",
-               "--once"]
-    agents = [subprocess.Popen([*command, "-n", f"agent-{n}"], env=embedded.env, cwd=embedded.cwd,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in range(3)]
+    agents = [_agent_process(embedded, "--once", "-n", f"agent-{n}") for n in range(3)]
     errors = [agent.communicate(timeout=240)[1] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0, 0], errors
     assert len(marker.read_text().split()) == 150
@@ -1059,10 +1056,7 @@ def test_two_agents_on_server_run_each_run_once(api_world: World, test_flows: An
     marker = tmp_path / "starts.txt"
     flow_id = api_world.flow(test_flows.record_start)
     run_ids = [api_world.run(flow_id, parameters={"path": str(marker)}) for _ in range(40)]
-    command = [sys.executable, str(AGENT), "start", "--api", api_world.api, "-l", "test", "--no-hostname-label",
-               "--once"]
-    agents = [subprocess.Popen([*command, "-n", f"agent-{n}"], env=api_world.env, cwd=api_world.cwd,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in range(2)]
+    agents = [_agent_process(api_world, "--once", "-n", f"agent-{n}") for n in range(2)]
     errors = [agent.communicate(timeout=120)[1] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], errors
     assert len(marker.read_text().split()) == 40
