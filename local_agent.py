@@ -214,6 +214,19 @@ def _new_id() -> str:
     return str(uuid.uuid4())
 
 
+def _retry_api(call: Callable[[], _T], patience: float) -> _T:
+    """Call the API, retrying transient failures for up to ``patience`` seconds."""
+    deadline, delay = time.monotonic() + patience, 0.5
+    while True:
+        try:
+            return call()
+        except APIError as exc:
+            if not exc.transient or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 4.0)
+
+
 def _one_line(text: str, limit: int = 500) -> str:
     """Squash ``text`` onto one line of at most ``limit`` characters."""
     flat = " ".join(str(text).split())
@@ -2030,21 +2043,26 @@ class SQLiteBackend(Backend):
         return self._agent_id
 
     def get_runs_in_queue(self, labels: Sequence[str], before: datetime) -> list[str]:
+        import sqlite3
+
         self._note_agent_queried()
         placeholders = ",".join("?" * len(SCHEDULED_STATES))
-        cursor = self._db().execute(
-            f"SELECT id, labels FROM flow_run WHERE state IN ({placeholders}) AND state_start_time <= ? "
-            "ORDER BY state_start_time, id",
-            (*sorted(SCHEDULED_STATES), _format_time(before)),
-        )
         # Unlike Server's fixed window of 75, read on until 25 fit: other labels never starve us.
         found: list[str] = []
-        for row in cursor:
-            if labels_match(json.loads(row["labels"]), labels):
-                found.append(row["id"])
-                if len(found) == 25:
-                    break
-        cursor.close()
+        try:
+            cursor = self._db().execute(
+                f"SELECT id, labels FROM flow_run WHERE state IN ({placeholders}) AND state_start_time <= ? "
+                "ORDER BY state_start_time, id",
+                (*sorted(SCHEDULED_STATES), _format_time(before)),
+            )
+            for row in cursor:
+                if labels_match(json.loads(row["labels"]), labels):
+                    found.append(row["id"])
+                    if len(found) == 25:
+                        break
+            cursor.close()
+        except sqlite3.Error as exc:  # a locked file is a transient API error, like any other read's
+            raise self._error(exc) from None
         return found
 
     def _note_agent_queried(self) -> None:
@@ -2663,19 +2681,6 @@ def _parse_output_line(text: str) -> LogLine:
         except (ValueError, KeyError, TypeError):
             pass
     return LogLine(_format_time(_utcnow()), "INFO", "output", text)
-
-
-def _retry_api(call: Callable[[], _T], patience: float) -> _T:
-    """Call the API, retrying transient failures for up to ``patience`` seconds."""
-    deadline, delay = time.monotonic() + patience, 0.5
-    while True:
-        try:
-            return call()
-        except APIError as exc:
-            if not exc.transient or time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 4.0)
 
 
 #: Exit codes of ``execute flow-run``: a final state was reported (or handed to the agent
