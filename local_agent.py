@@ -47,6 +47,34 @@ Library use::
         hello.deploy("My Project")
         local_agent.create_flow_run("hello", {"name": "you"})
         hello.run_agent(once=True)
+
+A map of this file. Each section uses only the sections above it; read it top to bottom.
+
+ 1. Imports       the stdlib; modules kept out of the flow-run process are imported where used.
+ 2. Constants     every default, timing and limit (``POLL_BACKOFF``, ``WATCH_SECONDS``, ...).
+ 3. Errors        ``AgentError`` and its subclasses; ``main()`` maps them to exit codes.
+ 4. Settings      ``_OPTIONS``, the one table of settings (flag, config key, env variable,
+                  default, help); ``resolve_settings`` and its precedence (``_resolve_option``);
+                  refusing a token over plain http (``_check_token_safety``).
+ 5. States        time stamps, Prefect's state JSON (``make_state``), which states are final.
+ 6. Flow storage  ``slugify``, ``store_flow`` / ``load_flow`` (pickles confined to a directory;
+                  ``__main__`` objects stored by reference to their script), Local storage JSON
+                  and its check on this host (``_locate_flow_file``).
+ 7. Backends      ``FlowRun`` and the ``Backend`` interface; the label rule (``_label_mismatch``);
+                  ``GraphQLBackend`` (Prefect Server / Cloud 1.x; claims are fenced in
+                  ``GraphQLBackend.claim_flow_runs``); ``SQLiteBackend`` (the embedded default;
+                  version-checked claims in ``set_flow_run_state``); ``open_backend``; the
+                  ``_Outbox`` that delivers states and log lines in order and spools them.
+ 8. Flow-run process  ``execute flow-run``: ``_FlowRunProcess`` loads the run's flow, runs it,
+                  reports its final state (or leaves it in the result file for the agent).
+ 9. The agent     ``_Job`` (one process: start, output, signals), ``_decide_outcome`` (how a
+                  finished run is settled, a pure function), ``RunBook`` (every run the agent
+                  owns, its phase, its slots, the ledger), ``LocalAgent`` (``step()`` is the
+                  whole loop; ``_claim``, ``_start_run``, ``_tend_jobs``, drain and hand back).
+10. HTTP endpoint ``--agent-address``: health, poke and status (``_serve_agent_address``).
+11. Python API    ``Flow``, ``deploy``, ``run_agent``, ``create_flow_run`` and the listings.
+12. Command line  ``main``, the parser built from ``_OPTIONS``, one ``_cmd_*`` per command,
+                  ``why``'s explanations (``_explain_run``).
 """
 
 from __future__ import annotations
@@ -65,6 +93,7 @@ __all__ = [
     "GraphQLBackend",
     "LocalAgent",
     "LogLine",
+    "RunBook",
     "SQLiteBackend",
     "Settings",
     "StateUpdateFailed",
@@ -89,38 +118,62 @@ __all__ = [
     "store_flow",
 ]
 
+# --- 1. Imports --------------------------------------------------------------------------
+#
+# Importing this file must stay cheap: every flow-run process imports it, and so does every
+# flow that uses ``local_agent.context``. Modules that cost milliseconds and serve one path
+# only are imported where they are used, and named here for the type checker: sqlite3 (the
+# embedded backend), http.client (the GraphQL backend; it loads the email package), pickle
+# (storing and loading flows), subprocess, http.server and ctypes (the agent), argparse (the
+# command line), uuid, hashlib, base64, gzip and inspect (registration and new records).
+
+import ast
+import collections
+import importlib
+import importlib.util
+import io
 import json
 import logging
 import os
+import random
 import re
+import signal
 import sys
 import threading
 import time
+import types
+import unicodedata
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO, TypeVar
+from urllib.parse import urlsplit
 
-# --- Constants ---------------------------------------------------------------------------
+try:
+    import fcntl
+except ImportError:  # not POSIX: agents are not locked, as with Prefect's agent
+    fcntl = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    import argparse
+    import http.client
+    import pickle
+    import sqlite3
+    import subprocess
+    from http.server import ThreadingHTTPServer
+    from typing import NoReturn
+
+_T = TypeVar("_T")
+
+
+# --- 2. Constants ------------------------------------------------------------------------
 
 #: The Prefect core version whose wire formats (state and storage JSON) we produce.
 CORE_VERSION = "1.4.1"
 PREFECT_CLOUD_API = "https://api.prefect.io"
 DEFAULT_AGENT_NAME = "agent"
 LOCAL_STORAGE_LABEL = "local"
-#: Prefect's poll backoff table: seconds to wait after 0, 1, 2, ... empty polls in a row.
-POLL_BACKOFF = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
-#: Runs due within this window are fetched early and launched exactly when due.
-PREFETCH_SECONDS = 10.0
-HEARTBEAT_SECONDS = 30.0
-REQUEST_TIMEOUT_SECONDS = 15.0
-#: Most bytes an API answer may have before it is refused as malformed.
-MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-#: Lines of a child's output kept for the failure message when it dies.
-OUTPUT_TAIL_LINES = 20
-#: Longer output lines are split; a run's log keeps at most this much of its output.
-MAX_LINE_BYTES = 16 * 1024
-MAX_RUN_LOG_BYTES = 10_000_000
 SCHEDULED_STATES = frozenset({"Scheduled", "Paused", "Resume", "Retrying", "Queued"})
 FINAL_STATES = frozenset(
     {
@@ -128,6 +181,58 @@ FINAL_STATES = frozenset(
         "ValidationFailed", "Cancelled", "Looped", "Finished",
     }
 )
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# The agent's timings.
+#: Prefect's poll backoff table: seconds to wait after 0, 1, 2, ... empty polls in a row.
+POLL_BACKOFF = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
+#: Runs due within this window are fetched early and launched exactly when due.
+PREFETCH_SECONDS = 10.0
+HEARTBEAT_SECONDS = 30.0
+#: Seconds between SIGTERM and SIGKILL when a flow-run process must stop.
+KILL_GRACE_SECONDS = 10.0
+#: Seconds between checks of the runs this agent owns (cancellation).
+WATCH_SECONDS = 5.0
+#: Seconds between reads of running processes' output.
+OUTPUT_POLL_SECONDS = 0.1
+#: How long ``--once`` waits out an API that does not answer before it exits 1.
+ONCE_API_PATIENCE_SECONDS = 60.0
+#: How long a flow-run process waits out an API outage before giving up on it.
+FLOW_RUN_API_PATIENCE_SECONDS = 60.0
+#: ``logs --follow`` stops once the run is final and no line has come for this long.
+FOLLOW_LULL_SECONDS = 2.0
+
+# The APIs.
+REQUEST_TIMEOUT_SECONDS = 15.0
+#: Most bytes an API answer may have before it is refused as malformed.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: Servers drop idle keep-alive connections (Node's default: after 5 s); reconnect first.
+KEEPALIVE_IDLE_SECONDS = 4.0
+#: Seconds between a claim on Prefect Server and its read-back: longer than a write takes
+#: to commit, so a claim that sorts before ours but was not yet visible cannot be missed.
+CLAIM_SETTLE_SECONDS = 0.2
+#: How often an idle agent looks for new work in the embedded database, in seconds.
+DB_CHANGE_CHECK_SECONDS = 0.1
+
+# Run logs and the outbox of API writes.
+#: Lines of a child's output kept for the failure message when it dies.
+OUTPUT_TAIL_LINES = 20
+#: Longer output lines are split; a run's log keeps at most this much of its output.
+MAX_LINE_BYTES = 16 * 1024
+MAX_RUN_LOG_BYTES = 10_000_000
+#: Log lines sent in one request at most; undelivered writes a spool keeps at most.
+OUTBOX_BATCH = 500
+MAX_SPOOL_BYTES = 64 * 1024 * 1024
+#: A run's lines come in bursts: wait this long to send them in one request, not one each.
+OUTBOX_GATHER_SECONDS = 0.05
+
+_AGENT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+_CHILD_FORMAT = "[%(asctime)s] %(levelname)s - %(name)s | %(message)s"
+#: Starts a log record the flow-run process writes for its agent to collect (ASCII RS).
+_RECORD_MARK = "\x1e"
+#: Exit codes of ``execute flow-run``: a final state was reported (or handed to the agent
+#: through the result file), or the flow could not even be loaded (Failed was reported).
+_EXIT_REPORTED, _EXIT_NOT_RUN, _EXIT_UNREPORTED = 0, 1, 3
 BANNER = r"""
  _                    _     _                    _
 | |    ___   ___ __ _| |   / \   __ _  ___ _ __ | |_
@@ -137,10 +242,8 @@ BANNER = r"""
                                 |___/
 """
 
-_T = TypeVar("_T")
 
-
-# --- Errors ------------------------------------------------------------------------------
+# --- 3. Errors ---------------------------------------------------------------------------
 
 
 class AgentError(Exception):
@@ -173,142 +276,10 @@ class FlowStorageError(AgentError):
     """A flow cannot be stored, found or loaded."""
 
 
-# --- Small helpers -----------------------------------------------------------------------
-
-
-def _utcnow() -> datetime:
-    """Return the current time as an aware UTC datetime."""
-    return datetime.now(timezone.utc)
-
-
-_ISO_FRACTION = re.compile(r"\.(\d+)")
-
-
-def _parse_time(value: str) -> datetime:
-    """Parse an ISO 8601 timestamp (``Z`` or offset, any fraction) into aware UTC."""
-    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00").replace(" ", "T", 1)
-    # Python < 3.11 accepts only 3 or 6 fractional digits.
-    text = _ISO_FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
-
-
-def _format_time(moment: datetime) -> str:
-    """Format an aware datetime as fixed-width ISO 8601 UTC, so strings sort by time."""
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _parse_time_or_now(text: str) -> datetime:
-    try:
-        return _parse_time(text)
-    except ValueError:
-        return _utcnow()
-
-
-def _new_id() -> str:
-    """A random UUID, the form of Prefect's ids (uuid is imported only where one is made)."""
-    import uuid
-
-    return str(uuid.uuid4())
-
-
-def _retry_api(call: Callable[[], _T], patience: float) -> _T:
-    """Call the API, retrying transient failures for up to ``patience`` seconds."""
-    deadline, delay = time.monotonic() + patience, 0.5
-    while True:
-        try:
-            return call()
-        except APIError as exc:
-            if not exc.transient or time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 4.0)
-
-
 def _one_line(text: str, limit: int = 500) -> str:
     """Squash ``text`` onto one line of at most ``limit`` characters."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _hostname() -> str:
-    """Return this machine's host name (the label Local storage adds)."""
-    import socket
-
-    return socket.gethostname()
-
-
-def _short_hash(data: bytes) -> str:
-    """A short stable digest for names (not security): CRC-32 and length, in hex.
-
-    hashlib would load OpenSSL, 3 MB more in every process, for names that need no strength.
-    """
-    import zlib
-
-    return f"{zlib.crc32(data):08x}{len(data) & 0xFFFF:04x}"
-
-
-def _source_file() -> str:
-    """This module's source file, also when it runs from its compiled copy (see _compiled_copy)."""
-    if __file__.endswith(".pyc") and os.environ.get("LOCAL_AGENT_SOURCE"):
-        return os.environ["LOCAL_AGENT_SOURCE"]
-    return os.path.abspath(__file__)
-
-
-def _docs_location() -> str:
-    """The README beside this file, where there is one (a vendored copy may have none)."""
-    readme = os.path.join(os.path.dirname(_source_file()), "README.md")
-    return readme if os.path.isfile(readme) else "the README.md of local_agent"
-
-
-def _compiled_copy(cache_dir: Path) -> str:
-    """A bytecode copy of this file in ``cache_dir``, made once per version of the source.
-
-    Python compiles a script it runs every time (about 35 ms and 8 MB for this file), and never
-    caches it; imports are cached only where Python may write ``__pycache__``. The agent runs
-    itself and every flow-run process from this copy instead. "" when it cannot be made.
-    """
-    import importlib.util
-    import py_compile
-
-    if __file__.endswith(".pyc"):
-        return os.path.abspath(__file__)
-    try:
-        source = _source_file()
-        digest = _short_hash(Path(source).read_bytes())
-        tag = sys.implementation.cache_tag or "python"
-        target = cache_dir / f"local_agent-{digest}.{tag}.pyc"
-        if not target.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            py_compile.compile(source, cfile=str(temporary), doraise=True,
-                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-            os.replace(temporary, target)
-        return str(target) if target.read_bytes()[:4] == importlib.util.MAGIC_NUMBER else ""
-    except (OSError, py_compile.PyCompileError):
-        return ""
-
-
-def _run_from_compiled_copy(settings: Settings) -> None:
-    """Replace this process with the same command run from the compiled copy (see _compiled_copy).
-
-    Only for ``python local_agent.py start ...``: a long-running agent then starts from
-    bytecode, saving the memory the compiler keeps. Nothing is open yet; the pid stays the same.
-    """
-    orig_argv = getattr(sys, "orig_argv", None)  # Python 3.10+
-    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if __name__ != "__main__" or not __file__.endswith(".py") or not orig_argv or script != _source_file():
-        return
-    options = orig_argv[1:len(orig_argv) - len(sys.argv)]  # the interpreter's own options, e.g. -X ...
-    compiled = _compiled_copy(settings.home / "cache")
-    if not compiled or os.environ.get("LOCAL_AGENT_SOURCE"):
-        return  # no copy, or we came from one already
-    os.environ["LOCAL_AGENT_SOURCE"] = script
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *options, compiled, *sys.argv[1:]])
 
 
 def _describe_exception(exc: BaseException) -> str:
@@ -317,21 +288,32 @@ def _describe_exception(exc: BaseException) -> str:
     return _one_line(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
-# --- Settings ----------------------------------------------------------------------------
+# --- 4. Settings -------------------------------------------------------------------------
 #
 # Every setting has one name in each place: a flag, a config key such as ``cloud.agent.name``
-# and the environment variable derived from it (``PREFECT__CLOUD__AGENT__NAME``). One table
-# lists them; one function resolves them: flag, then environment, then config file, then
-# default.
+# and the environment variable derived from it (``PREFECT__CLOUD__AGENT__NAME``). One table,
+# _OPTIONS, declares each setting once: it drives Settings' defaults, the ``start`` flags and
+# their help, and the README's settings table is checked against it. One function resolves
+# them: flag, then environment, then config file, then default.
 
 
-def _as_str(value: Any, where: str) -> str:
+def _hostname() -> str:
+    """Return this machine's host name (the label Local storage adds)."""
+    return os.uname().nodename  # what socket.gethostname() answers on POSIX, without loading socket
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    """Return ``items`` without duplicates, in first-seen order."""
+    return list(dict.fromkeys(items))
+
+
+def _as_str(value: object, where: str) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ConfigError(f"{where} must be a string, got {type(value).__name__}")
     return str(value).strip()
 
 
-def _as_bool(value: Any, where: str) -> bool:
+def _as_bool(value: object, where: str) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -342,9 +324,9 @@ def _as_bool(value: Any, where: str) -> bool:
     raise ConfigError(f"{where} must be true or false, got {value!r}")
 
 
-def _as_number(value: Any, where: str) -> float:
+def _as_number(value: object, where: str) -> float:
     try:
-        number = float(value)
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not number >= 0 or number == float("inf"):
@@ -352,32 +334,30 @@ def _as_number(value: Any, where: str) -> float:
     return number
 
 
-def _as_positive(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)) or int(value) < 1:
+def _as_positive(value: object, where: str) -> int:
+    if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)) or int(str(value)) < 1:
         raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
-    return int(value)
+    return int(str(value))
 
 
-def _as_level(value: Any, where: str) -> str:
+def _as_level(value: object, where: str) -> str:
     level = _as_str(value, where).upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    if level not in _LOG_LEVELS:
         raise ConfigError(f"{where} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got {value!r}")
     return level
 
 
-def _literal(value: Any, where: str, example: str) -> Any:
+def _literal(value: object, where: str, example: str) -> object:
     """Read a list or table given as a Python/JSON literal string (Prefect's env form)."""
     if not isinstance(value, str):
         return value
-    import ast
-
     try:
         return ast.literal_eval(value.strip() or "[]")
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         raise ConfigError(f"{where} must be a literal like {example}, got {value!r}") from None
 
 
-def _as_labels(value: Any, where: str) -> list[str]:
+def _as_labels(value: object, where: str) -> list[str]:
     labels = _literal(value, where, "'[\"dev\", \"etl\"]'")
     if isinstance(labels, str):
         labels = [labels]
@@ -386,7 +366,7 @@ def _as_labels(value: Any, where: str) -> list[str]:
     return _unique(label.strip() for label in labels if label.strip())
 
 
-def _as_paths(value: Any, where: str) -> list[str]:
+def _as_paths(value: object, where: str) -> list[str]:
     paths = _literal(value, where, "'[\"/opt/flows\"]'")
     if isinstance(paths, str):
         paths = [paths]
@@ -395,7 +375,7 @@ def _as_paths(value: Any, where: str) -> list[str]:
     return [os.path.abspath(os.path.expanduser(path)) for path in paths]
 
 
-def _as_env(value: Any, where: str) -> dict[str, str]:
+def _as_env(value: object, where: str) -> dict[str, str]:
     if isinstance(value, (list, tuple)):
         return dict(_split_env_pair(item, where) for item in value)
     table = _literal(value, where, "'{\"KEY\": \"value\"}'")
@@ -404,7 +384,23 @@ def _as_env(value: Any, where: str) -> dict[str, str]:
     return {key: str(item) for key, item in table.items()}
 
 
-def _as_api(value: Any, where: str) -> str:
+def _split_env_pair(item: object, where: str) -> tuple[str, str]:
+    """Split ``KEY=VALUE`` on the first ``=``, so values may contain ``=``."""
+    key, sep, val = str(item).partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{where} takes KEY=VALUE, got {item!r}")
+    return key.strip(), val
+
+
+def _sqlite_path(url: str) -> str:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` → the file path."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if not path:
+        raise ConfigError(f"{url!r} is not a valid API URL: it names no database file; use sqlite:///PATH/TO/FILE.db")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _as_api(value: object, where: str) -> str:
     """An API URL: ``http(s)://HOST[:PORT]`` or ``sqlite:///PATH``; empty means the default."""
     url = _as_str(value, where)
     if not url:
@@ -412,8 +408,6 @@ def _as_api(value: Any, where: str) -> str:
     if url.startswith("sqlite:"):
         _sqlite_path(url)  # rejects a URL without a path
         return url
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(url)
         valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
@@ -427,13 +421,11 @@ def _as_api(value: Any, where: str) -> str:
     return url.rstrip("/")
 
 
-def _as_address(value: Any, where: str) -> str:
+def _as_address(value: object, where: str) -> str:
     """``--agent-address``: ``[http://]HOST:PORT``."""
     address = _as_str(value, where)
     if not address:
         return ""
-    from urllib.parse import urlsplit
-
     try:
         port = urlsplit(address if "://" in address else "http://" + address).port
     except ValueError:
@@ -443,51 +435,68 @@ def _as_address(value: Any, where: str) -> str:
     return address
 
 
-def _split_env_pair(item: Any, where: str) -> tuple[str, str]:
-    """Split ``KEY=VALUE`` on the first ``=``, so values may contain ``=``."""
-    key, sep, val = str(item).partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"{where} takes KEY=VALUE, got {item!r}")
-    return key.strip(), val
-
-
-def _unique(items: Iterable[str]) -> list[str]:
-    """Return ``items`` without duplicates, in first-seen order."""
-    return list(dict.fromkeys(items))
-
-
 class _Option(NamedTuple):
-    """One setting: its field, its config keys (first wins) and how to read a value."""
+    """One setting, declared once: its field, config keys (first wins), reader, default and flags."""
 
     name: str
     keys: tuple[str, ...]
     convert: Callable[[Any, str], Any]
     default: Any = None
+    #: The ``start`` flags (none: config and environment only), what they do, and how argparse
+    #: takes them: "store" (a value), "append" (repeatable), "true" or "false" (a switch).
+    flags: tuple[str, ...] = ()
+    help: str = ""
+    action: str = "store"
+    #: How the default reads in the help and the README, when "none", "true", ... would mislead.
+    shown_default: str = ""
+    #: Checks one value of a repeatable flag (``-e KEY=VALUE``); the whole list is read by ``convert``.
+    check_item: Callable[[Any, str], Any] | None = None
 
 
 _OPTIONS = (
     # The token: the agent key first, as Prefect 0.8 read it, then the client's own names.
-    _Option("token", ("cloud.agent.auth_token", "cloud.auth_token", "cloud.api_key"), _as_str, ""),
-    _Option("api", ("cloud.api",), _as_api, ""),
-    _Option("tenant_id", ("cloud.tenant_id",), _as_str, ""),
-    _Option("name", ("cloud.agent.name",), _as_str, DEFAULT_AGENT_NAME),
-    _Option("labels", ("cloud.agent.labels",), _as_labels, []),
-    _Option("level", ("cloud.agent.level",), _as_level, "INFO"),
+    _Option("token", ("cloud.agent.auth_token", "cloud.auth_token", "cloud.api_key"), _as_str, "",
+            ("-t", "--token", "-k", "--key"), "API token or key"),
+    _Option("api", ("cloud.api",), _as_api, "", ("-a", "--api"),
+            "API URL, or sqlite:///PATH for the embedded database",
+            shown_default="Prefect Cloud (`https://api.prefect.io`) with a token; else "
+                          "`sqlite:///<home_dir>/local_agent.db`"),
+    _Option("tenant_id", ("cloud.tenant_id",), _as_str, "", ("--tenant-id",), "tenant to use (Prefect Cloud)",
+            shown_default="Server's first tenant; Cloud: the key's"),
+    _Option("name", ("cloud.agent.name",), _as_str, DEFAULT_AGENT_NAME, ("-n", "--name"),
+            "agent name, also its logger's name"),
+    _Option("labels", ("cloud.agent.labels",), _as_labels, [], ("-l", "--label"), "a label (repeatable)", "append"),
+    _Option("level", ("cloud.agent.level",), _as_level, "INFO", ("--log-level",),
+            "DEBUG, INFO, WARNING or ERROR"),
     _Option("home_dir", ("home_dir",), _as_str, "~/.prefect"),
-    _Option("env", ("cloud.agent.env",), _as_env, {}),
-    _Option("import_paths", ("cloud.agent.import_paths",), _as_paths, []),
-    _Option("show_flow_logs", ("cloud.agent.show_flow_logs",), _as_bool, False),
-    _Option("hostname_label", ("cloud.agent.hostname_label",), _as_bool, True),
-    _Option("cloud_logs", ("cloud.send_flow_run_logs",), _as_bool, True),
-    _Option("agent_address", ("cloud.agent.agent_address",), _as_address, ""),
-    _Option("max_polls", ("cloud.agent.max_polls",), _as_positive, None),
-    _Option("max_poll_interval", ("cloud.agent.max_poll_interval",), _as_number, POLL_BACKOFF[-1]),
-    _Option("limit", ("cloud.agent.limit",), _as_positive, None),
-    _Option("timeout", ("cloud.agent.timeout",), _as_number, None),
-    _Option("grace", ("cloud.agent.grace",), _as_number, 30.0),
+    _Option("env", ("cloud.agent.env",), _as_env, {}, ("-e", "--env"), "KEY=VAL for flow runs (repeatable)",
+            "append", check_item=_split_env_pair),
+    _Option("import_paths", ("cloud.agent.import_paths",), _as_paths, [], ("-p", "--import-path"),
+            "add to flow runs' PYTHONPATH (repeatable)", "append"),
+    _Option("show_flow_logs", ("cloud.agent.show_flow_logs",), _as_bool, False, ("-f", "--show-flow-logs"),
+            "show flow-run output", "true"),
+    _Option("hostname_label", ("cloud.agent.hostname_label",), _as_bool, True, ("--no-hostname-label",),
+            "do not add the host name label", "false"),
+    _Option("cloud_logs", ("cloud.send_flow_run_logs",), _as_bool, True, ("--no-cloud-logs",),
+            "do not send flow-run logs to the API", "false"),
+    _Option("agent_address", ("cloud.agent.agent_address",), _as_address, "", ("--agent-address",),
+            "serve /api/health, /api/poke and /api/status here, e.g. http://127.0.0.1:8080"),
+    _Option("max_polls", ("cloud.agent.max_polls",), _as_positive, None, ("--max-polls",),
+            "stop after this many polls"),
+    _Option("max_poll_interval", ("cloud.agent.max_poll_interval",), _as_number, POLL_BACKOFF[-1],
+            ("--max-poll-interval",), "longest wait between polls"),
+    _Option("limit", ("cloud.agent.limit",), _as_positive, None, ("--limit",),
+            "run at most this many flow runs at once"),
+    _Option("timeout", ("cloud.agent.timeout",), _as_number, None, ("--timeout",),
+            "stop a flow run after this many seconds"),
+    _Option("grace", ("cloud.agent.grace",), _as_number, 30.0, ("--grace",),
+            "seconds to let flow runs finish after SIGTERM"),
     _Option("request_timeout", ("cloud.request_timeout",), _as_number, REQUEST_TIMEOUT_SECONDS),
-    _Option("allow_insecure_http", ("cloud.agent.allow_insecure_http",), _as_bool, False),
-    _Option("subreaper", ("cloud.agent.subreaper",), _as_bool, False),
+    _Option("allow_insecure_http", ("cloud.agent.allow_insecure_http",), _as_bool, False,
+            ("--allow-insecure-http",), "allow a token over plain http to another host", "true"),
+    _Option("subreaper", ("cloud.agent.subreaper",), _as_bool, False, ("--subreaper",),
+            "adopt and reap orphaned grandchildren (automatic as PID 1)", "true",
+            shown_default="false (true as PID 1)"),
 )
 
 
@@ -496,42 +505,63 @@ def _env_name(key: str) -> str:
     return "PREFECT__" + key.upper().replace(".", "__")
 
 
+def _default_text(option: _Option) -> str:
+    """How an option's default reads in ``--help`` and the README: ``none``, ``true``, ``30``, ``agent``."""
+    value = option.default
+    if option.shown_default:
+        return option.shown_default
+    if value is None or value == "" or value == {}:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "`[]`"
+    return f"`{value}`"
+
+
 class Settings:
     """Everything the agent and the commands need, resolved once from all sources."""
 
-    # Plain classes rather than dataclasses here and below: the dataclasses module costs every
-    # flow-run process about 8 ms, and it fails when this file is loaded without registering
-    # itself in sys.modules (importlib.util.spec_from_file_location), as vendoring projects do.
-    api: str = ""
-    token: str = ""
-    tenant_id: str = ""
-    name: str = DEFAULT_AGENT_NAME
+    # Each setting's type; its default is in _OPTIONS. Plain classes rather than dataclasses
+    # here and below: the dataclasses module costs every flow-run process about 8 ms, and it
+    # fails when this file is loaded without registering itself in sys.modules
+    # (importlib.util.spec_from_file_location), as vendoring projects do.
+    api: str
+    token: str
+    tenant_id: str
+    name: str
     labels: list[str]
-    level: str = "INFO"
-    home_dir: str = "~/.prefect"
+    level: str
+    home_dir: str
     env: dict[str, str]
     import_paths: list[str]
-    show_flow_logs: bool = False
-    hostname_label: bool = True
-    cloud_logs: bool = True
-    agent_address: str = ""
-    max_polls: int | None = None
-    max_poll_interval: float = POLL_BACKOFF[-1]
-    limit: int | None = None
-    timeout: float | None = None
-    grace: float = 30.0
-    request_timeout: float = REQUEST_TIMEOUT_SECONDS
-    allow_insecure_http: bool = False
-    subreaper: bool = False
-    once: bool = False
+    show_flow_logs: bool
+    hostname_label: bool
+    cloud_logs: bool
+    agent_address: str
+    max_polls: int | None
+    max_poll_interval: float
+    limit: int | None
+    timeout: float | None
+    grace: float
+    request_timeout: float
+    allow_insecure_http: bool
+    subreaper: bool
+    #: ``start --once``: take what is due now, finish it, exit (a flag, not a setting).
+    once: bool
     #: Where each setting came from, e.g. ``{"token": "environment variable PREFECT__..."}``.
     sources: dict[str, str]
-    config_path: str = ""
+    config_path: str
 
     def __init__(self, **values: Any) -> None:
-        self.labels, self.env, self.import_paths, self.sources = [], {}, [], {}
+        for option in _OPTIONS:  # a fresh list or table each time: defaults are never shared
+            default = option.default
+            setattr(self, option.name, type(default)(default) if isinstance(default, (list, dict)) else default)
+        self.once, self.sources, self.config_path = False, {}, ""
         for key, value in values.items():
-            if not hasattr(self, key):
+            if key not in self.__annotations__:
                 raise TypeError(f"Settings has no setting {key!r}")
             setattr(self, key, value)
 
@@ -668,8 +698,6 @@ def _check_token_safety(settings: Settings) -> None:
     if not settings.token:
         return
     config_path = Path(settings.config_path)
-    from urllib.parse import urlsplit
-
     parts = urlsplit(settings.api)
     host = parts.hostname or ""
     insecure = parts.scheme == "http" and host not in _LOOPBACK_HOSTS and not host.startswith("127.")
@@ -687,11 +715,46 @@ def _check_token_safety(settings: Settings) -> None:
             )
 
 
-# --- States ------------------------------------------------------------------------------
+# --- 5. States and time ------------------------------------------------------------------
 #
 # Prefect's serialized state JSON. Every state carries ``type``, ``message``, ``context``,
 # ``_result``, ``cached_inputs`` and ``__version__``; Scheduled-family states add
-# ``start_time`` and Submitted wraps the state it replaced in ``state``.
+# ``start_time`` and Submitted wraps the state it replaced in ``state``. Times are aware UTC.
+
+
+def _utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+_ISO_FRACTION = re.compile(r"\.(\d+)")
+
+
+def _parse_time(value: str) -> datetime:
+    """Parse an ISO 8601 timestamp (``Z`` or offset, any fraction) into aware UTC."""
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00").replace(" ", "T", 1)
+    # Python < 3.11 accepts only 3 or 6 fractional digits.
+    text = _ISO_FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def _format_time(moment: datetime) -> str:
+    """Format an aware datetime as fixed-width ISO 8601 UTC, so strings sort by time."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _parse_time_or_now(text: str) -> datetime:
+    try:
+        return _parse_time(text)
+    except ValueError:
+        return _utcnow()
+
+
+def _short_time(moment: datetime | None) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 
 def make_state(
@@ -734,12 +797,13 @@ def _state_start_time(serialized: Mapping[str, Any] | None) -> datetime | None:
         return None
 
 
-# --- Flow storage ------------------------------------------------------------------------
+# --- 6. Flow storage ---------------------------------------------------------------------
 #
 # Flows are pickled with the stdlib into ``<directory>/<slug>.prefect``, Local storage's
 # layout since Prefect 0.7. Functions and classes defined in a ``__main__`` script are
 # stored by reference to that script's file, since the flow-run process has a different
 # ``__main__``; the script must guard its side effects with ``if __name__ == "__main__":``.
+# Every function here is given its directory: this section reads no settings.
 
 _QUOTES = re.compile(r"'+")
 _DISALLOWED = re.compile(r"[^-a-zA-Z0-9]+")
@@ -753,10 +817,18 @@ _TRANSLITERATIONS = {
 }
 
 
+
+
+def _short_hash(data: bytes) -> str:
+    """A short stable digest for names (not security): CRC-32 and length, in hex.
+
+    hashlib would load OpenSSL, 3 MB more in every process, for names that need no strength.
+    """
+    return f"{zlib.crc32(data):08x}{len(data) & 0xFFFF:04x}"
+
+
 def _transliterate(text: str) -> str:
     """Approximate unidecode for Latin text: drop accents, spell out ligatures."""
-    import unicodedata
-
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(
         _TRANSLITERATIONS.get(char, char) for char in decomposed if not unicodedata.combining(char)
@@ -764,7 +836,7 @@ def _transliterate(text: str) -> str:
 
 
 def _decode_entity(match: re.Match[str]) -> str:
-    from html.entities import name2codepoint
+    from html.entities import name2codepoint  # a large table, for names only
 
     body = match.group(1)
     try:
@@ -779,8 +851,6 @@ def _decode_entity(match: re.Match[str]) -> str:
 
 def slugify(name: str) -> str:
     """Make a file-name slug the way python-slugify does (``My Flow! v1`` → ``my-flow-v1``)."""
-    import unicodedata
-
     text = _QUOTES.sub("-", name)
     text = _transliterate(text)
     text = _ENTITIES.sub(_decode_entity, text)
@@ -791,66 +861,6 @@ def slugify(name: str) -> str:
     if not text:  # a name with no Latin letters or digits: keep it unique all the same
         text = "flow-" + _short_hash(name.encode("utf-8"))
     return text
-
-
-class Flow:
-    """A named callable with labels: store it, deploy it, run it with an agent."""
-
-    def __init__(
-        self, name: str, fn: Callable[..., Any] | None = None, labels: Iterable[str] = ()
-    ) -> None:
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError("a Flow needs a non-empty name")
-        self.name = name
-        self.fn = fn
-        self.labels = _unique(labels)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the flow's function; the first call on a Flow without one makes it a decorator."""
-        if self.fn is None:
-            if len(args) == 1 and callable(args[0]) and not kwargs:
-                self.fn = args[0]
-                self.__doc__ = getattr(self.fn, "__doc__", None)
-                return self
-            raise TypeError(f"flow {self.name!r} has no function yet; use it as a decorator first")
-        return self.fn(*args, **kwargs)
-
-    def run(self, **parameters: Any) -> Any:
-        """Run the flow here and now with these parameters."""
-        if self.fn is None:
-            raise TypeError(f"flow {self.name!r} has no function to run")
-        return self.fn(**parameters)
-
-    def store(self, directory: str | os.PathLike[str] | None = None) -> str:
-        """Pickle the flow to ``<directory>/<slug>.prefect`` and return the path."""
-        return store_flow(self, directory)
-
-    def deploy(
-        self,
-        project_name: str,
-        labels: Iterable[str] | None = None,
-        *,
-        api: str | None = None,
-        token: str | None = None,
-    ) -> str:
-        """Store the flow and register it with the API; return the flow id."""
-        self.labels = _unique([*self.labels, *(labels or [])])  # run_agent() needs them too
-        return deploy(self, project_name, api=api, token=token)
-
-    def run_agent(self, **agent_options: Any) -> int:
-        """Run a LocalAgent here, with this flow's labels, until it stops."""
-        return run_agent(self, **agent_options)
-
-    def __repr__(self) -> str:
-        return f"<Flow {self.name!r}>"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # A decorated flow replaced its function in the module: pickle it by that name.
-        owner = sys.modules.get(getattr(self.fn, "__module__", "") or "")
-        qualname = getattr(self.fn, "__qualname__", "")
-        if owner is not None and qualname and _lookup(owner, qualname) is self:
-            return _reference_to(str(self.fn.__module__), qualname, self.name)
-        return (Flow, (self.name, self.fn, self.labels))
 
 
 def _lookup(owner: Any, qualname: str) -> Any:
@@ -885,8 +895,6 @@ def _reference_to(module: str, qualname: str, what: str) -> tuple[Any, ...]:
 
 def _import_object(module: str, qualname: str, script: str = "") -> Any:
     """Import ``qualname`` from a module, or from a script file that was ``__main__``."""
-    import importlib
-
     target = _import_script(script) if script else importlib.import_module(module)
     found = _lookup(target, qualname)
     if found is None:
@@ -897,8 +905,6 @@ def _import_object(module: str, qualname: str, script: str = "") -> Any:
 
 def _import_script(path: str) -> Any:
     """Import a script file once per process under a private name, so its guard holds."""
-    import importlib.util
-
     name = "_local_agent_script_" + _short_hash(path.encode("utf-8"))
     if name in sys.modules:
         return sys.modules[name]
@@ -922,17 +928,12 @@ def _flow_name(obj: Any) -> str:
     return name
 
 
-def _default_flows_dir() -> Path:
-    return resolve_settings().flows_dir
-
-
-def store_flow(obj: Any, directory: str | os.PathLike[str] | None = None) -> str:
+def store_flow(obj: Any, directory: str | os.PathLike[str]) -> str:
     """Pickle any named object to ``<directory>/<slug(name)>.prefect``; return the path."""
-    import io
     import pickle
 
     name = _flow_name(obj)
-    folder = Path(directory).expanduser().absolute() if directory else _default_flows_dir()
+    folder = Path(directory).expanduser().absolute()
     buffer = io.BytesIO()
     try:
         _script_aware_pickler(buffer).dump(obj)
@@ -956,8 +957,6 @@ def store_flow(obj: Any, directory: str | os.PathLike[str] | None = None) -> str
 
 def _reduce_main_reference(obj: Any) -> Any:
     """Pickle ``__main__`` functions and classes as imports from their script file."""
-    import types
-
     if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
         return _reference_to("__main__", obj.__qualname__, getattr(obj, "__name__", "?"))
     if isinstance(obj, types.FunctionType) and ("<lambda>" in obj.__qualname__ or "<locals>" in obj.__qualname__):
@@ -965,19 +964,21 @@ def _reduce_main_reference(obj: Any) -> Any:
     return NotImplemented
 
 
-def _script_aware_pickler(buffer: Any) -> Any:
+def _script_aware_pickler(buffer: io.BytesIO) -> pickle.Pickler:
     """A stdlib pickler that stores ``__main__`` objects by reference to their script."""
+    import pickle  # see Imports
+
+    class ScriptAwarePickler(pickle.Pickler):
+        reducer_override = staticmethod(_reduce_main_reference)
+
+    return ScriptAwarePickler(buffer, protocol=4)
+
+
+def load_flow(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Any:
+    """Unpickle a flow file, but only if it lies inside ``directory``."""
     import pickle
 
-    pickler = type("ScriptAwarePickler", (pickle.Pickler,), {"reducer_override": staticmethod(_reduce_main_reference)})
-    return pickler(buffer, protocol=4)
-
-
-def load_flow(path: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None) -> Any:
-    """Unpickle a flow file, but only if it lies inside ``directory`` (default: the flows dir)."""
-    import pickle
-
-    folder = os.path.realpath(directory if directory else _default_flows_dir())
+    folder = os.path.realpath(directory)
     real = os.path.realpath(path)
     if os.path.commonpath([folder, real]) != folder:
         raise FlowStorageError(
@@ -1056,7 +1057,14 @@ def _locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
     return real_path, real_dir
 
 
-# --- Backends: the interface -------------------------------------------------------------
+def _write_json_atomically(path: Path, data: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+# --- 7. Backends: the interface ----------------------------------------------------------
 
 
 class FlowRun:
@@ -1114,6 +1122,34 @@ class LogLine(NamedTuple):
     level: str
     name: str
     message: str
+
+
+def _format_log_line(line: LogLine) -> str:
+    try:
+        stamp = _short_time(_parse_time(line.timestamp))
+    except ValueError:
+        stamp = line.timestamp
+    return f"[{stamp}] {line.level} - {line.name} | {line.message}"
+
+
+def _label_mismatch(run_labels: Sequence[str], agent_labels: Sequence[str]) -> str:
+    """Why an agent with ``agent_labels`` may not take a run with ``run_labels`` ("" if it may).
+
+    Server's rule: a run's labels must all be the agent's; an unlabeled run only fits an
+    unlabeled agent.
+    """
+    if not run_labels:
+        return "it has no labels, and only an agent with no labels takes such a run" if agent_labels else ""
+    missing = [label for label in run_labels if label not in agent_labels]
+    if missing:
+        flags = " ".join(f"-l {label}" for label in missing)
+        return f"the agent lacks label(s) {', '.join(missing)} (start it with {flags})"
+    return ""
+
+
+def labels_match(run_labels: Sequence[str], agent_labels: Sequence[str]) -> bool:
+    """Whether an agent with ``agent_labels`` may take a run with ``run_labels`` (Server's rule)."""
+    return not _label_mismatch(run_labels, agent_labels)
 
 
 class Backend:
@@ -1226,22 +1262,17 @@ class Backend:
         """Release connections."""
 
 
-def open_backend(settings: Settings) -> Backend:
-    """The backend ``settings.api`` names: a Prefect GraphQL API or an SQLite file."""
-    if settings.api.startswith("sqlite:"):
-        return SQLiteBackend(_sqlite_path(settings.api), busy_timeout=settings.request_timeout)
-    _check_token_safety(settings)
-    return GraphQLBackend(
-        settings.api, settings.token, tenant_id=settings.tenant_id, timeout=settings.request_timeout
-    )
-
-
-def _sqlite_path(url: str) -> str:
-    """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` → the file path."""
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
-    if not path:
-        raise ConfigError(f"{url!r} is not a valid API URL: it names no database file; use sqlite:///PATH/TO/FILE.db")
-    return os.path.abspath(os.path.expanduser(path))
+def _retry_api(call: Callable[[], _T], patience: float) -> _T:
+    """Call the API, retrying transient failures for up to ``patience`` seconds."""
+    deadline, delay = time.monotonic() + patience, 0.5
+    while True:
+        try:
+            return call()
+        except APIError as exc:
+            if not exc.transient or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 4.0)
 
 
 def _expect(value: Any, kind: type[_T] | tuple[type, ...], what: str) -> _T:
@@ -1261,7 +1292,7 @@ def _json_field(value: Any) -> Any:
     return value
 
 
-# --- Backends: Prefect Server / Cloud 1.x over GraphQL -----------------------------------
+# --- 7a. Backends: Prefect Server / Cloud 1.x over GraphQL -------------------------------
 #
 # The documents below are the ones Prefect 1.x clients send (snake_case dialect). Queries
 # whose arguments Prefect renders inline keep them inline, with values quoted by json.dumps.
@@ -1370,12 +1401,7 @@ _CANCEL_FLOW_RUN = _mutation("cancel_flow_run", "state")
 class _HTTPTransport:
     """POSTs JSON over one keep-alive connection per thread (the stdlib ``http.client``)."""
 
-    #: Servers drop idle keep-alive connections (Node's default: after 5 s); reconnect first.
-    IDLE_SECONDS = 4.0
-
     def __init__(self, url: str, timeout: float) -> None:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(url)
         self.url = url
         self._https = parts.scheme == "https"
@@ -1414,12 +1440,12 @@ class _HTTPTransport:
             return response.status, data
         raise AssertionError("unreachable")
 
-    def _connection(self) -> tuple[Any, bool]:
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         import http.client
 
         connection = getattr(self._local, "connection", None)
         idle = time.monotonic() - getattr(self._local, "last_used", 0.0)
-        if connection is not None and idle < self.IDLE_SECONDS:
+        if connection is not None and idle < KEEPALIVE_IDLE_SECONDS:
             return connection, True
         self._drop()
         if self._https:
@@ -1597,9 +1623,6 @@ class GraphQLBackend(Backend):
             message = states[0].get("message") or status
             raise StateUpdateFailed(f"State update failed for flow run ID {run_id}: {message}")
 
-    #: Seconds between a claim and its read-back: longer than a write takes to commit, so a
-    #: claim that sorts before ours but was not yet visible cannot be missed.
-    CLAIM_SETTLE_SECONDS = 0.2
     claim_lead_seconds = CLAIM_SETTLE_SECONDS + 0.1
 
     def claim_flow_runs(self, claims: Sequence[tuple[FlowRun, Mapping[str, Any]]]) -> list[int | None]:
@@ -1631,7 +1654,7 @@ class GraphQLBackend(Backend):
             written.append(run.id)
         if not written:
             return [None] * len(claims)
-        time.sleep(self.CLAIM_SETTLE_SECONDS)
+        time.sleep(CLAIM_SETTLE_SECONDS)
         views = _retry_api(lambda: self._claim_views(written), 30.0)
         return [
             self._settle_claim(run.id, views[run.id], submitted["context"]["claim"]) if run.id in views else None
@@ -1827,7 +1850,7 @@ def _parse_flow_summary(row: Any) -> FlowSummary:
     )
 
 
-# --- Backends: the embedded SQLite database ----------------------------------------------
+# --- 7b. Backends: the embedded SQLite database ------------------------------------------
 #
 # The records Prefect Server keeps, in one SQLite file in WAL mode. Unlike Server it checks
 # versions: a state write names the version it read and fails if the run moved on, inside
@@ -1869,7 +1892,6 @@ CREATE TABLE agent (
 CREATE TABLE queue_version (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
 INSERT INTO queue_version VALUES (1, 0);
 """
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _RUN_SELECT = """SELECT r.*, f.name AS flow_name, f.storage AS flow_storage
 FROM flow_run r JOIN flow f ON f.id = r.flow_id"""
 _ADJECTIVES = ("amber", "brave", "calm", "dapper", "eager", "fuzzy", "gentle", "hasty", "icy", "jolly", "keen",
@@ -1878,24 +1900,21 @@ _ANIMALS = ("ant", "bat", "cat", "dog", "eel", "fish", "gnu", "hare", "ibis", "j
             "newt", "owl", "puma", "quail", "ram", "seal", "toad", "vole", "wolf", "yak")
 
 
-def _known_level(level: Any) -> str:
+def _new_id() -> str:
+    """A random UUID, the form of Prefect's ids (uuid is imported only where one is made)."""
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+def _known_level(level: object) -> str:
     """A log level the API accepts; anything else is INFO."""
     text = str(level or "INFO").upper()
     return text if text in _LOG_LEVELS else "INFO"
 
 
-def labels_match(run_labels: Sequence[str], agent_labels: Sequence[str]) -> bool:
-    """Server's rule: a run's labels must all be the agent's; an unlabeled run only fits an unlabeled agent."""
-    if not run_labels:
-        return not agent_labels
-    return set(run_labels) <= set(agent_labels)
-
-
 class SQLiteBackend(Backend):
     """The embedded backend: Prefect Server's records in one SQLite file."""
-
-    #: How often an idle agent looks for new work in the file, in seconds.
-    CHANGE_CHECK_SECONDS = 0.1
 
     def __init__(self, path: str, *, busy_timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
         self.path = os.path.abspath(path)
@@ -1909,7 +1928,7 @@ class SQLiteBackend(Backend):
 
     # Connections and transactions.
 
-    def _db(self) -> Any:
+    def _db(self) -> sqlite3.Connection:
         """This thread's connection, opened and checked on first use."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
@@ -1917,7 +1936,7 @@ class SQLiteBackend(Backend):
             self._local.connection = connection
         return connection
 
-    def _open(self) -> Any:
+    def _open(self) -> sqlite3.Connection:
         import sqlite3
 
         folder = os.path.dirname(self.path)
@@ -1945,7 +1964,7 @@ class SQLiteBackend(Backend):
             raise
         return connection
 
-    def _check_schema(self, connection: Any) -> None:
+    def _check_schema(self, connection: sqlite3.Connection) -> None:
         """Refuse a file that is not ours or was written by a newer release; change nothing."""
         version = connection.execute("PRAGMA user_version").fetchone()[0]
         application = connection.execute("PRAGMA application_id").fetchone()[0]
@@ -1961,7 +1980,7 @@ class SQLiteBackend(Backend):
                 f"local_agent {__version__} understands ({_SCHEMA_VERSION}): upgrade local_agent"
             )
 
-    def _create_schema(self, connection: Any) -> None:
+    def _create_schema(self, connection: sqlite3.Connection) -> None:
         connection.execute("BEGIN IMMEDIATE")
         try:
             if connection.execute("PRAGMA user_version").fetchone()[0] == 0:  # we won the race
@@ -2025,7 +2044,7 @@ class SQLiteBackend(Backend):
     def connect(self, agent_name: str, labels: Sequence[str]) -> str:
         labels_json = json.dumps(sorted(labels))
 
-        def register(db: Any) -> str:
+        def register(db: sqlite3.Connection) -> str:
             row = db.execute(
                 "SELECT id FROM agent WHERE name = ? AND type = 'LocalAgent' AND labels = ?",
                 (agent_name, labels_json),
@@ -2111,7 +2130,7 @@ class SQLiteBackend(Backend):
     def set_flow_run_state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
         serialized = json.dumps(dict(state))
 
-        def write(db: Any) -> None:
+        def write(db: sqlite3.Connection) -> None:
             row = db.execute("SELECT version FROM flow_run WHERE id = ?", (run_id,)).fetchone()
             if row is None:
                 raise APIError(f"there is no flow run with id {run_id}")
@@ -2125,7 +2144,7 @@ class SQLiteBackend(Backend):
         self._write(write)
 
     def _apply_state(
-        self, db: Any, run_id: str, new_version: int, state: Mapping[str, Any], serialized: str
+        self, db: sqlite3.Connection, run_id: str, new_version: int, state: Mapping[str, Any], serialized: str
     ) -> None:
         """Write a state row and move the run to it, with Server's side effects."""
         now = _format_time(_utcnow())
@@ -2190,13 +2209,13 @@ class SQLiteBackend(Backend):
             remaining = deadline - time.monotonic()
             if changed or remaining <= 0:
                 return changed
-            wake.wait(min(self.CHANGE_CHECK_SECONDS, remaining))
+            wake.wait(min(DB_CHANGE_CHECK_SECONDS, remaining))
         return False
 
     # Registration and the commands.
 
     def ensure_project(self, name: str) -> str:
-        def find_or_create(db: Any) -> str:
+        def find_or_create(db: sqlite3.Connection) -> str:
             row = db.execute("SELECT id FROM project WHERE name = ?", (name,)).fetchone()
             if row:
                 return str(row["id"])
@@ -2216,7 +2235,7 @@ class SQLiteBackend(Backend):
         name = str(serialized_flow["name"])
         labels = _serialized_flow_labels(serialized_flow)
 
-        def register(db: Any) -> str:
+        def register(db: sqlite3.Connection) -> str:
             latest = db.execute(
                 "SELECT id, version, idempotency_key FROM flow WHERE project_id = ? AND name = ? "
                 "ORDER BY version DESC LIMIT 1",
@@ -2267,12 +2286,10 @@ class SQLiteBackend(Backend):
         scheduled_start_time: datetime | None,
         idempotency_key: str,
     ) -> str:
-        import random
-
         start = scheduled_start_time or _utcnow()
         state = make_state("Scheduled", "Flow run scheduled.", start_time=start)
 
-        def create(db: Any) -> str:
+        def create(db: sqlite3.Connection) -> str:
             existing = db.execute("SELECT id FROM flow_run WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
             if existing:
                 return str(existing["id"])
@@ -2337,7 +2354,7 @@ class SQLiteBackend(Backend):
         return [LogLine(row["timestamp"], row["level"], row["name"], row["message"]) for row in rows]
 
     def cancel_flow_run(self, run_id: str) -> str:
-        def cancel(db: Any) -> str:
+        def cancel(db: sqlite3.Connection) -> str:
             row = db.execute("SELECT state, version FROM flow_run WHERE id = ?", (run_id,)).fetchone()
             if row is None:
                 raise APIError(f"there is no flow run with id {run_id}")
@@ -2378,7 +2395,17 @@ def _check_required_parameters(declared: Any, given: Mapping[str, Any]) -> None:
         raise APIError(f"Required parameters were not supplied: {sorted(missing)}")
 
 
-# --- Run logs ----------------------------------------------------------------------------
+# --- 7c. Backends: choosing one, and delivering writes to it -----------------------------
+
+
+def open_backend(settings: Settings) -> Backend:
+    """The backend ``settings.api`` names: a Prefect GraphQL API or an SQLite file."""
+    if settings.api.startswith("sqlite:"):
+        return SQLiteBackend(_sqlite_path(settings.api), busy_timeout=settings.request_timeout)
+    _check_token_safety(settings)
+    return GraphQLBackend(
+        settings.api, settings.token, tenant_id=settings.tenant_id, timeout=settings.request_timeout
+    )
 
 
 class _Outbox:
@@ -2391,13 +2418,7 @@ class _Outbox:
     keeps at most MAX_SPOOL_BYTES, dropping the oldest log lines first, never a state.
     """
 
-    BATCH = 500
-    MAX_SPOOL_BYTES = 64 * 1024 * 1024
-    GATHER_SECONDS = 0.05
-
     def __init__(self, backend: Backend, spool: Path | None = None, logger: logging.Logger | None = None) -> None:
-        import collections
-
         self._backend = backend
         self._spool = spool
         self._logger = logger or logging.getLogger(__name__)
@@ -2474,7 +2495,7 @@ class _Outbox:
             if self._spool is not None:
                 with open(self._spool, "a", encoding="utf-8") as spool:
                     spool.write(line)
-                if self._bytes > self.MAX_SPOOL_BYTES:
+                if self._bytes > MAX_SPOOL_BYTES:
                     self._shed()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
@@ -2485,7 +2506,7 @@ class _Outbox:
         """Drop the oldest log lines until the spool fits again (states are kept)."""
         kept = []
         for entry in self._entries:
-            if self._bytes > self.MAX_SPOOL_BYTES * 0.9 and entry["k"] == "log":
+            if self._bytes > MAX_SPOOL_BYTES * 0.9 and entry["k"] == "log":
                 self._bytes -= len(json.dumps(entry, separators=(",", ":"))) + 1
                 self.dropped += 1
                 continue
@@ -2526,13 +2547,11 @@ class _Outbox:
         self._sent_since_rewrite = 0
 
     def _run(self) -> None:
-        import random
-
         while not self._closed.is_set():
             if self._deliver_some():
                 self._wake.wait()
                 # A run's lines come in bursts: gather them into one request, not one each.
-                self._closed.wait(self.GATHER_SECONDS)
+                self._closed.wait(OUTBOX_GATHER_SECONDS)
             else:  # the API is failing: try again within a second, jittered
                 self._wake.wait(random.uniform(0.5, 1.0))
             self._wake.clear()
@@ -2578,7 +2597,7 @@ class _Outbox:
             return [self._entries[0]]
         batch: list[dict[str, Any]] = []
         for index, entry in enumerate(self._entries):
-            if index == ready or entry["k"] != "log" or len(batch) == self.BATCH:
+            if index == ready or entry["k"] != "log" or len(batch) == OUTBOX_BATCH:
                 break
             batch.append(entry)
         return batch
@@ -2616,7 +2635,7 @@ class _RunLogHandler(logging.Handler):
             self.handleError(record)
 
 
-# --- The flow-run process (child side) ---------------------------------------------------
+# --- 8. The flow-run process -------------------------------------------------------------
 
 
 class _Context(dict):  # type: ignore[type-arg]
@@ -2633,17 +2652,11 @@ class _Context(dict):  # type: ignore[type-arg]
 context = _Context()
 _IS_LOCAL_AGENT_MODULE = True  # lets the flow-run process find every loaded copy of this file
 
-_CHILD_FORMAT = "[%(asctime)s] %(levelname)s - %(name)s | %(message)s"
-
 
 def _utc_formatter(fmt: str) -> logging.Formatter:
     formatter = logging.Formatter(fmt)
     formatter.converter = time.gmtime
     return formatter
-
-
-#: Starts a log record the flow-run process writes for its agent to collect (ASCII RS).
-_RECORD_MARK = "\x1e"
 
 
 class _RecordLineHandler(logging.Handler):
@@ -2653,7 +2666,7 @@ class _RecordLineHandler(logging.Handler):
     and a record written just before a crash is not lost with the process.
     """
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: TextIO) -> None:
         super().__init__()
         self._stream = stream
         self.setFormatter(logging.Formatter("%(message)s"))
@@ -2683,11 +2696,6 @@ def _parse_output_line(text: str) -> LogLine:
     return LogLine(_format_time(_utcnow()), "INFO", "output", text)
 
 
-#: Exit codes of ``execute flow-run``: a final state was reported (or handed to the agent
-#: through the result file), or the flow could not even be loaded (Failed was reported).
-_EXIT_REPORTED, _EXIT_NOT_RUN, _EXIT_UNREPORTED = 0, 1, 3
-
-
 class _FlowRunProcess:
     """``execute flow-run``: load the run's flow, run it, report its state and logs.
 
@@ -2695,9 +2703,6 @@ class _FlowRunProcess:
     agent to ship, and a final state it cannot deliver is left in the result file for the
     agent to deliver. Alone, it ships its own logs.
     """
-
-    #: Seconds to wait out an API outage before giving up on it.
-    PATIENCE_SECONDS = 60.0
 
     def __init__(
         self, backend: Backend, run_id: str, *, cloud_logs: bool, level: str, result_file: str = ""
@@ -2721,7 +2726,7 @@ class _FlowRunProcess:
         finally:
             self._done.set()
             if self.outbox is not None:
-                self.outbox.close(self.PATIENCE_SECONDS)
+                self.outbox.close(FLOW_RUN_API_PATIENCE_SECONDS)
 
     def _install_logging(self) -> None:
         root = logging.getLogger()
@@ -2736,7 +2741,7 @@ class _FlowRunProcess:
             root.addHandler(_RunLogHandler(self.outbox, self.run_id))
 
     def _run(self) -> int:
-        run = _retry_api(lambda: self.backend.get_flow_run(self.run_id), self.PATIENCE_SECONDS)
+        run = _retry_api(lambda: self.backend.get_flow_run(self.run_id), FLOW_RUN_API_PATIENCE_SECONDS)
         if run is None:
             self.logger.error("Flow run %s not found", self.run_id)
             return _EXIT_NOT_RUN
@@ -2755,7 +2760,8 @@ class _FlowRunProcess:
             return self._fail_to_load("Failed to load flow: " + _describe_exception(exc))
         running = make_state("Running", "Running flow.")
         try:
-            _retry_api(lambda: self.backend.set_flow_run_state(run.id, running, run.version), self.PATIENCE_SECONDS)
+            _retry_api(lambda: self.backend.set_flow_run_state(run.id, running, run.version),
+                       FLOW_RUN_API_PATIENCE_SECONDS)
         except StateUpdateFailed as exc:
             self.logger.warning("Not running flow run %s: its state changed (%s)", run.id, exc)
             return _EXIT_NOT_RUN
@@ -2785,7 +2791,7 @@ class _FlowRunProcess:
         """Deliver the final state, or leave it in the result file for the agent."""
         self._write_result(state, delivered=False)
         # Under an agent a short wait is enough: the agent delivers whatever is left.
-        patience = 3.0 if self.result_file else self.PATIENCE_SECONDS
+        patience = 3.0 if self.result_file else FLOW_RUN_API_PATIENCE_SECONDS
         try:
             _retry_api(lambda: self.backend.set_flow_run_state(self.run_id, state, None), patience)
         except APIError as exc:
@@ -2809,13 +2815,6 @@ class _FlowRunProcess:
                 self.logger.debug("Heartbeat failed: %s", exc)
 
 
-def _write_json_atomically(path: Path, data: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _share_context(**values: Any) -> None:
     """Fill ``context`` in every loaded copy of this file (a vendored copy has its own)."""
     for module in list(sys.modules.values()):
@@ -2834,9 +2833,7 @@ def _call_flow(flow: Any, parameters: Mapping[str, Any]) -> str | None:
 
         state = flow.run(parameters=dict(parameters), runner_cls=FlowRunner)
         return None if not state.is_failed() else _one_line(str(state.message or "Prefect flow failed"))
-    if isinstance(flow, Flow):
-        flow.run(**parameters)
-    elif callable(flow):
+    if callable(flow):  # this file's Flow, a function, a class
         flow(**parameters)
     elif callable(getattr(flow, "run", None)):
         flow.run(**parameters)
@@ -2863,7 +2860,7 @@ def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = No
         backend.close()
 
 
-# --- The agent (parent side) -------------------------------------------------------------
+# --- 9. The agent ------------------------------------------------------------------------
 #
 # Files under <home>/agents/<name>-<hash of API>/, so a restarted agent finds its runs:
 #   lock            held while the agent runs (one agent per name, API and home directory)
@@ -2871,16 +2868,11 @@ def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = No
 #   spool.jsonl     API writes (states, log lines) it could not deliver yet
 #   runs/ID.out     a flow-run process's stdout and stderr, tailed into the run's log
 #   runs/ID.result  the final state the process reported, or could not report
+#
+# Reading order: _Job (one process and its output), _decide_outcome (how a finished run is
+# settled, a pure function), RunBook (every run the agent owns and its phase, the ledger),
+# then LocalAgent, whose step() is the whole loop on one screen.
 
-#: Seconds between SIGTERM and SIGKILL when a flow-run process must stop.
-KILL_GRACE_SECONDS = 10.0
-#: Seconds between checks of the runs this agent owns (cancellation).
-WATCH_SECONDS = 5.0
-#: Seconds between reads of running processes' output.
-OUTPUT_POLL_SECONDS = 0.1
-#: How long ``--once`` waits out an API that does not answer before it exits 1.
-ONCE_API_PATIENCE_SECONDS = 60.0
-_AGENT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
@@ -2895,14 +2887,75 @@ def _redactor(settings: Settings) -> Callable[[str], str]:
     return lambda text: pattern.sub("[REDACTED]", text)
 
 
+def _source_file() -> str:
+    """This module's source file, also when it runs from its compiled copy (see _compiled_copy)."""
+    if __file__.endswith(".pyc") and os.environ.get("LOCAL_AGENT_SOURCE"):
+        return os.environ["LOCAL_AGENT_SOURCE"]
+    return os.path.abspath(__file__)
+
+
+def _docs_location() -> str:
+    """The README beside this file, where there is one (a vendored copy may have none)."""
+    readme = os.path.join(os.path.dirname(_source_file()), "README.md")
+    return readme if os.path.isfile(readme) else "the README.md of local_agent"
+
+
+def _compiled_copy(cache_dir: Path) -> str:
+    """A bytecode copy of this file in ``cache_dir``, made once per version of the source.
+
+    Python compiles a script it runs every time (about 35 ms and 8 MB for this file), and never
+    caches it; imports are cached only where Python may write ``__pycache__``. The agent runs
+    itself and every flow-run process from this copy instead. "" when it cannot be made.
+    """
+    import py_compile  # only the agent compiles
+
+    if __file__.endswith(".pyc"):
+        return os.path.abspath(__file__)
+    try:
+        source = _source_file()
+        digest = _short_hash(Path(source).read_bytes())
+        tag = sys.implementation.cache_tag or "python"
+        target = cache_dir / f"local_agent-{digest}.{tag}.pyc"
+        if not target.exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            py_compile.compile(source, cfile=str(temporary), doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            os.replace(temporary, target)
+        return str(target) if target.read_bytes()[:4] == importlib.util.MAGIC_NUMBER else ""
+    except (OSError, py_compile.PyCompileError):
+        return ""
+
+
+def _run_from_compiled_copy(settings: Settings) -> None:
+    """Replace this process with the same command run from the compiled copy (see _compiled_copy).
+
+    Only for ``python local_agent.py start ...``: a long-running agent then starts from
+    bytecode, saving the memory the compiler keeps. Nothing is open yet; the pid stays the same.
+    """
+    orig_argv = getattr(sys, "orig_argv", None)  # Python 3.10+
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if __name__ != "__main__" or not __file__.endswith(".py") or not orig_argv or script != _source_file():
+        return
+    options = orig_argv[1:len(orig_argv) - len(sys.argv)]  # the interpreter's own options, e.g. -X ...
+    compiled = _compiled_copy(settings.home / "cache")
+    if not compiled or os.environ.get("LOCAL_AGENT_SOURCE"):
+        return  # no copy, or we came from one already
+    os.environ["LOCAL_AGENT_SOURCE"] = script
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *options, compiled, *sys.argv[1:]])
+
+
+# Processes.
+
+
 def _describe_exit(returncode: int | None) -> str:
     """Say how a process ended, naming the signal that killed it."""
     if returncode is None:
         return "ended while no agent watched it (its exit status is unknown)"
     if returncode >= 0:
         return f"exited with code {returncode}"
-    import signal
-
     number = -returncode
     try:
         name = signal.Signals(number).name
@@ -2960,24 +3013,63 @@ def _process_alive(pid: int, start_ticks: str) -> bool:
     return fields[0] != b"Z" and (not start_ticks or fields[19].decode() == start_ticks)
 
 
+def _signal_group(pid: int, signal_name: str) -> None:
+    """Signal a flow-run process's whole group; one that is gone already is fine."""
+    if pid <= 0:  # never our own group (0) or every process (-1)
+        return
+    try:
+        os.killpg(pid, getattr(signal, signal_name))
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _become_subreaper() -> bool:
+    """Adopt orphaned grandchildren (Linux), so none is left a zombie; True if it worked."""
+    try:
+        import ctypes  # only an agent that asks for it
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans(own_children: set[int]) -> None:
+    """Reap exited processes that were re-parented to us, leaving our own children to Popen."""
+    while True:
+        try:
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except (ChildProcessError, OSError):
+            return
+        if found is None or found.si_pid in own_children:
+            return  # nothing exited, or it is ours: Popen.poll() reaps it on the next round
+        try:
+            os.waitpid(found.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+
+
+def _wait_then_wake(process: subprocess.Popen[bytes], wake: threading.Event) -> None:
+    process.wait()
+    wake.set()
+
+
 class _Job:
-    """A flow-run process this agent owns: started by it, or adopted after a restart."""
+    """A flow-run process this agent owns, started by it or adopted after a restart, and its output."""
 
     def __init__(self, run_id: str, *, flow_name: str, version: int | None, pid: int, runs_dir: Path,
                  started_at: float, start_ticks: str = "", offset: int = 0, stopping: str = "",
                  adopted: bool = False) -> None:
-        import collections
-
         self.run_id, self.flow_name, self.version, self.pid = run_id, flow_name, version, pid
         self.out_path = runs_dir / f"{run_id}.out"  # its stdout and stderr
         self.result_path = runs_dir / f"{run_id}.result"  # the final state it reported, or could not
-        self.started_at = started_at  # time.time() at launch
-        self.process: Any = None  # the Popen, or None when adopted from a previous start
+        self.started_at = started_at  # wall-clock time at launch
+        self.process: subprocess.Popen[bytes] | None = None  # None when adopted from a previous start
         self.start_ticks = start_ticks
         self.offset = offset  # how much of the output has been read
         self.partial = b""  # a line not finished yet
         self.tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)  # for failure messages
-        self.deadline: float | None = None  # time.monotonic() past which it is stopped
+        self.deadline: float | None = None  # the agent's monotonic clock past which it is stopped
         self.logged_bytes = 0
         self.dropped_lines = 0
         #: Why the agent is stopping it ("timeout", "cancel", "shutdown"), or "".
@@ -2986,6 +3078,44 @@ class _Job:
         self.returncode: int | None = None
         self.exited = False
         self.adopted = adopted
+
+    def start(self, command: list[str], environment: dict[str, str]) -> None:
+        """Start the flow-run process in its own session, its output going to a file."""
+        import subprocess  # only the agent starts processes
+
+        self.result_path.unlink(missing_ok=True)
+        # Output goes to a file, not a pipe: nothing can block on it, and the process
+        # outlives the agent without losing a byte; the agent tails the file.
+        with open(self.out_path, "wb") as output:
+            self.process = subprocess.Popen(
+                command,
+                env=environment,
+                cwd=os.getcwd(),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as one, deaf to our Ctrl-C
+            )
+        self.pid = self.process.pid
+        self.start_ticks = _process_start_ticks(self.pid)
+
+    @classmethod
+    def from_ledger(cls, run_id: str, entry: Mapping[str, Any], runs_dir: Path) -> _Job:
+        """A job a previous start of the agent recorded in its ledger."""
+        return cls(
+            run_id, flow_name=str(entry.get("flow_name", "")), version=entry.get("version"), pid=int(entry["pid"]),
+            runs_dir=runs_dir, started_at=float(entry.get("started_at", time.time())),
+            start_ticks=str(entry.get("start_ticks", "")), offset=int(entry.get("offset", 0)),
+            stopping=str(entry.get("stopping", "")), adopted=True,
+        )
+
+    def ledger_entry(self) -> dict[str, Any]:
+        """What the ledger keeps of this job, so a restarted agent can adopt it."""
+        return {
+            "flow_name": self.flow_name, "version": self.version, "pid": self.pid,
+            "start_ticks": self.start_ticks, "started_at": self.started_at, "offset": self.line_offset,
+            "stopping": self.stopping,
+        }
 
     def has_exited(self) -> bool:
         """Whether the process has ended (reaping it if it is our child)."""
@@ -3002,56 +3132,327 @@ class _Job:
         """Where the output's last complete line ends: a restart reads on from here."""
         return self.offset - len(self.partial)
 
-    def ledger_entry(self) -> dict[str, Any]:
-        return {
-            "flow_name": self.flow_name, "version": self.version, "pid": self.pid,
-            "start_ticks": self.start_ticks, "started_at": self.started_at, "offset": self.line_offset,
-            "stopping": self.stopping,
-        }
+    @property
+    def how_it_ended(self) -> str:
+        """How the process ended, as far as this agent can know."""
+        watched = self.process is not None or not self.adopted
+        return _describe_exit(self.returncode if watched else None)
 
-    @classmethod
-    def from_ledger(cls, run_id: str, entry: Mapping[str, Any], runs_dir: Path) -> _Job:
-        return cls(
-            run_id, flow_name=str(entry.get("flow_name", "")), version=entry.get("version"), pid=int(entry["pid"]),
-            runs_dir=runs_dir, started_at=float(entry.get("started_at", time.time())),
-            start_ticks=str(entry.get("start_ticks", "")), offset=int(entry.get("offset", 0)),
-            stopping=str(entry.get("stopping", "")), adopted=True,
-        )
+    def read_output(self, *, to_the_end: bool = False) -> list[LogLine]:
+        """The lines the process wrote since the last read (a flood is read in slices)."""
+        lines: list[LogLine] = []
+        try:
+            with open(self.out_path, "rb") as output:
+                output.seek(self.offset)
+                while True:
+                    data = output.read(1024 * 1024)
+                    if not data:
+                        break
+                    self.offset += len(data)
+                    lines += self._split(self.partial + data)
+                    if not to_the_end:
+                        break  # the rest on the next round, between the loop's other duties
+        except FileNotFoundError:
+            return lines
+        if to_the_end and self.partial:
+            lines.append(_parse_output_line(self.partial.decode("utf-8", "replace")))
+            self.partial = b""
+        return lines
+
+    def _split(self, data: bytes) -> list[LogLine]:
+        raw_lines = data.split(b"\n")
+        self.partial = raw_lines.pop()
+        while len(self.partial) > MAX_LINE_BYTES:  # an endless line is split, never held whole
+            raw_lines.append(self.partial[:MAX_LINE_BYTES])
+            self.partial = self.partial[MAX_LINE_BYTES:]
+        return [
+            _parse_output_line(raw[start:start + MAX_LINE_BYTES].decode("utf-8", "replace"))
+            for raw in raw_lines
+            for start in range(0, max(len(raw), 1), MAX_LINE_BYTES)
+        ]
+
+    def stop(self, why: str, kill_at: float) -> None:
+        """SIGTERM the process group now, SIGKILL at ``kill_at`` (see ``kill_if_due``)."""
+        self.stopping = why
+        _signal_group(self.pid, "SIGTERM")
+        self.kill_at = kill_at
+
+    def kill_if_due(self, now: float) -> None:
+        """SIGKILL a group that outstayed its SIGTERM."""
+        if self.kill_at is not None and now >= self.kill_at:
+            _signal_group(self.pid, "SIGKILL")
+            self.kill_at = None
+
+
+def _read_result(path: Path) -> tuple[dict[str, Any] | None, bool] | None:
+    """A flow-run process's final state and whether it delivered it, or None if it left none."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        state = result["state"]
+        return (state if isinstance(state, dict) else None), bool(result.get("delivered"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class _Outcome(NamedTuple):
+    """How the agent settles a run whose process ended."""
+
+    #: The final state type, for ``--once`` and the agent's log ("NotRun" when the flow never ran).
+    result: str
+    #: A state the agent must write (None: the process delivered its own).
+    state: dict[str, Any] | None = None
+    #: A line for the run's log, and its level ("" when there is nothing to add).
+    note: str = ""
+    level: str = "INFO"
+
+
+def _decide_outcome(
+    reported: tuple[dict[str, Any] | None, bool] | None,
+    how: str,
+    *,
+    stopping: str,
+    lost: bool,
+    timeout: float | None,
+    last_output: str,
+    pid: int,
+    host: str,
+    now: datetime,
+) -> _Outcome:
+    """Settle a finished run from what is known: the result file, how the process ended, and why
+    the agent was stopping it. A final state the process reported always wins over a guess."""
+    if reported is not None:
+        state, delivered = reported
+        return _Outcome(state["type"] if state else "NotRun", state if state is not None and not delivered else None)
+    if stopping == "timeout":
+        message = f"Flow run timed out after {timeout or 0:g} s; its process {how}."
+        return _Outcome("Failed", make_state("Failed", message))
+    if stopping == "cancel":
+        return _Outcome("Cancelled", make_state("Cancelled", f"Flow run was cancelled; its process {how}."))
+    if stopping == "shutdown":  # the agent stopped it while shutting down: back to the queue
+        message = f"The agent on host {host} shut down before this run finished; rescheduled."
+        return _Outcome("Scheduled", make_state("Scheduled", message, start_time=now),
+                        f"{message} (its process {how})", "WARNING")
+    if lost:
+        what = f"The agent on host {host} restarted and the flow-run process PID {pid} was lost: it {how}."
+    else:
+        what = f"Flow-run process PID {pid} on host {host} {how} before reporting a final state."
+    message = what + (f" Last output: {last_output}" if last_output else "")
+    return _Outcome("Failed", make_state("Failed", _one_line(message, 2000)), message, "ERROR")
+
+
+#: A run's phases in the RunBook, in order: fetched ahead of its start; its claim written
+#: (or being written) with no answer yet, or an answer lost to an error; claimed and not
+#: started; its process started (or adopted). A run leaves the book when settled.
+#: INHERITED: a claim the last start of this agent wrote and never started.
+DUE, CLAIMING, CLAIMED, LAUNCHED, INHERITED = "due", "claiming", "claimed", "launched", "inherited"
+#: Phases that hold a slot (``--limit``) and keep the agent from finishing.
+_BUSY = (DUE, CLAIMED, LAUNCHED)
+
+
+class _Entry:
+    """One run in the RunBook."""
+
+    __slots__ = ("claim", "job", "phase", "run", "run_id", "version")
+
+    def __init__(self, run_id: str, phase: str, run: FlowRun | None = None) -> None:
+        self.run_id, self.phase, self.run = run_id, phase, run
+        self.version: int | None = None  # the run's version after our claim
+        self.claim = ""  # the token of our Submitted state, until a process runs it
+        self.job: _Job | None = None
+
+
+class RunBook:
+    """Every run an agent is responsible for, its phase, its free slots and its ledger.
+
+    The ledger (``ledger.json``) holds the launched runs' processes and the claims written
+    without a process yet, and is saved before each claim is written, so an agent killed at
+    any moment finds on restart every run it may own.
+    """
+
+    def __init__(self, directory: Path, limit: int | None, logger: logging.Logger) -> None:
+        self.directory = directory
+        self.runs_dir = directory / "runs"
+        self.limit = limit
+        self.logger = logger
+        self._entries: dict[str, _Entry] = {}
+
+    # Views.
+
+    def phase(self, run_id: str) -> str:
+        """The run's phase, or "" when the book does not hold it."""
+        entry = self._entries.get(run_id)
+        return entry.phase if entry else ""
+
+    def in_phase(self, *phases: str) -> list[_Entry]:
+        """The entries in these phases, by due time where they have one."""
+        found = [entry for entry in self._entries.values() if entry.phase in phases]
+        return sorted(found, key=lambda entry: entry.run.start_time if entry.run else _utcnow())
+
+    @property
+    def busy(self) -> int:
+        """Runs taken and not yet settled: fetched, claimed or running."""
+        return sum(1 for entry in self._entries.values() if entry.phase in _BUSY)
+
+    @property
+    def jobs(self) -> list[_Job]:
+        """The processes the agent watches."""
+        return [entry.job for entry in self._entries.values() if entry.job is not None]
+
+    def free_slots(self) -> int:
+        """How many more runs ``--limit`` allows the agent to take."""
+        return sys.maxsize if self.limit is None else self.limit - self.busy
+
+    def is_taken(self, run_id: str) -> bool:
+        """Whether a run is already on its way here (fetched, claimed, running or to be settled)."""
+        return self.phase(run_id) in (*_BUSY, INHERITED)
+
+    def due(self, before: datetime) -> list[FlowRun]:
+        """Fetched runs starting by ``before``, earliest first."""
+        return [entry.run for entry in self.in_phase(DUE) if entry.run and entry.run.start_time <= before]
+
+    def to_launch(self, now: datetime) -> list[tuple[FlowRun, int]]:
+        """Claimed runs whose start time has come, earliest first."""
+        return [(entry.run, entry.version or 0) for entry in self.in_phase(CLAIMED)
+                if entry.run and entry.run.start_time <= now]
+
+    def next_start(self, claim_lead: float) -> datetime | None:
+        """When the next fetched run should be claimed or claimed run launched."""
+        starts = [entry.run.start_time - timedelta(seconds=claim_lead) for entry in self.in_phase(DUE) if entry.run]
+        starts += [entry.run.start_time for entry in self.in_phase(CLAIMED) if entry.run]
+        return min(starts, default=None)
+
+    # Moves from phase to phase.
+
+    def fetched(self, run: FlowRun) -> None:
+        """A run found in the queue, to be claimed as its start nears."""
+        entry = self._entries.setdefault(run.id, _Entry(run.id, DUE, run))
+        entry.phase, entry.run = DUE, run  # an unsettled claim's token stays in the ledger
+
+    def claiming(self, runs: Sequence[FlowRun]) -> list[str]:
+        """Record claims about to be written, in the ledger first; their tokens."""
+        tokens = []
+        for run in runs:
+            entry = self._entries.setdefault(run.id, _Entry(run.id, CLAIMING, run))
+            entry.phase, entry.claim = CLAIMING, os.urandom(16).hex()
+            tokens.append(entry.claim)
+        self.save()  # before the claim: an agent killed now finds it on restart
+        return tokens
+
+    def claimed(self, run_id: str, version: int) -> None:
+        """Our claim won; the run waits for its start time."""
+        entry = self._entries[run_id]
+        entry.phase, entry.version = CLAIMED, version
+
+    def launched(self, job: _Job) -> None:
+        """A run's process started (or was found after a restart)."""
+        entry = self._entries.setdefault(job.run_id, _Entry(job.run_id, LAUNCHED))
+        entry.phase, entry.job, entry.claim = LAUNCHED, job, ""
+        self.save()
+
+    def settled(self, run_id: str) -> None:
+        """The run needs nothing more from this agent: lost claim, failed start, final state, handed back."""
+        self._entries.pop(run_id, None)
+
+    def release_unstarted(self) -> list[tuple[FlowRun, int | None]]:
+        """Forget fetched runs (never claimed) and return the claimed ones, to be handed back."""
+        handed: list[tuple[FlowRun, int | None]] = []
+        for entry in self.in_phase(DUE, CLAIMED):
+            if entry.phase == CLAIMED and entry.run is not None:
+                handed.append((entry.run, entry.version))
+            self.settled(entry.run_id)
+        return handed
+
+    # The ledger.
+
+    def save(self) -> None:
+        """Write the ledger: the processes running, and the claims written without one."""
+        entries = {
+            "runs": {run_id: entry.job.ledger_entry() for run_id, entry in self._entries.items() if entry.job},
+            "claims": {run_id: entry.claim for run_id, entry in self._entries.items() if entry.claim and not entry.job},
+        }
+        try:
+            _write_json_atomically(self.directory / "ledger.json", entries)
+        except OSError as exc:
+            self.logger.error("Could not save the ledger in %s: %s", self.directory, exc)
+
+    def load(self) -> tuple[list[_Job], dict[str, str]]:
+        """The jobs and the unstarted claims the last start of this agent left in its ledger."""
+        path = self.directory / "ledger.json"
+        try:
+            ledger = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return [], {}
+        except (OSError, ValueError) as exc:
+            self.logger.error("The ledger %s is damaged (%s); moved aside to %s.bad", path, exc, path.name)
+            os.replace(path, path.with_name(path.name + ".bad"))
+            return [], {}
+        if not isinstance(ledger, dict) or not isinstance(ledger.get("runs", {}), dict):
+            return [], {}
+        jobs = []
+        for run_id, item in (ledger.get("runs") or {}).items():
+            try:
+                jobs.append(_Job.from_ledger(run_id, item, self.runs_dir))
+            except (KeyError, TypeError, ValueError):
+                self.logger.warning("Ignoring a damaged ledger entry for flow run %s", run_id)
+        return jobs, dict(ledger.get("claims") or {})
+
+    def inherit(self, run_id: str, token: str) -> None:
+        """A claim the last start wrote and never started: settled once the API answers."""
+        entry = self._entries.setdefault(run_id, _Entry(run_id, INHERITED))
+        entry.phase, entry.claim = INHERITED, token
+
+
+class _Clock:
+    """The agent's time; tests pass one of their own to step through the loop without waiting."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back, for deadlines and intervals."""
+        return time.monotonic()
+
+    def now(self) -> datetime:
+        """The current time, as aware UTC, for comparing with runs' start times."""
+        return _utcnow()
+
+
+#: The agent loop's phases: registering with the API; taking runs; finishing the runs taken
+#: (after --once, --max-polls or a stop); after a signal, handing back what has not started
+#: and giving running flows --grace seconds; done.
+CONNECTING, RUNNING, DRAINING, HURRYING, DONE = "connecting", "running", "draining", "hurrying", "done"
 
 
 class LocalAgent:
     """Polls a backend for due flow runs with its labels and runs each in a subprocess."""
 
-    def __init__(self, settings: Settings | None = None, **options: Any) -> None:
+    def __init__(self, settings: Settings | None = None, *, backend: Backend | None = None,
+                 clock: _Clock | None = None, **options: Any) -> None:
         self.settings = settings if settings is not None else resolve_settings(options)
         self.labels = self.settings.agent_labels()
         self.logger = logging.getLogger(self.settings.name)
-        self.backend: Backend | None = None
+        self.backend = backend
+        self.clock = clock or _Clock()
         self.agent_id = ""
+        self.phase = CONNECTING
         #: Final state of every run this agent took, by run id (read by ``--once``).
         self.results: dict[str, str] = {}
-        self._jobs: dict[str, _Job] = {}
-        #: Runs fetched ahead of their start; runs claimed ahead of it (with their new version).
-        self._pending: dict[str, FlowRun] = {}
-        self._claimed: dict[str, tuple[FlowRun, int]] = {}
+        key = _short_hash(self.settings.api.encode("utf-8"))
+        self.directory = self.settings.home / "agents" / f"{slugify(self.settings.name)}-{key}"
+        self.book = RunBook(self.directory, self.settings.limit, self.logger)
         self._wake = threading.Event()
         self._poll_now = False
         self._stop = threading.Event()
         self._hurry = threading.Event()
         self._stop_signal = 0
+        self._polls = self._empty_polls = self._connect_attempts = 0
+        self._next_poll = self._next_watch = self._connect_started = 0.0
+        self._grace_end: float | None = None
         self._api_problem = ""
         self._api_down_since = 0.0
         self._gave_up = False
         self._outbox: _Outbox | None = None
-        self._directory = Path()
-        self._lock_file: Any = None
-        self._http: Any = None
+        self._lock_file: TextIO | None = None
+        self._http: ThreadingHTTPServer | None = None
         self._program = _source_file()  # what flow-run processes run: this file, or its compiled copy
         self._subreaper = False
-        #: Claims written (or about to be) whose process has not started: run id -> claim token;
-        #: and those the last start of this agent left so (settled once the API answers).
-        self._unlaunched: dict[str, str] = {}
-        self._inherited_claims: dict[str, str] = {}
         self._redact = _redactor(self.settings)
 
     # Public controls.
@@ -3060,25 +3461,56 @@ class LocalAgent:
         """Run until stopped, ``--max-polls`` is reached or (``--once``) the queue is empty."""
         self._setup_logging()
         try:
-            self._open()  # bad settings and files fail here, before the banner
+            self.open()  # bad settings and files fail here, before the banner
             print(BANNER, flush=True)
             self.logger.info("Starting LocalAgent with labels %s", self.labels)
             self.logger.info("Agent documentation can be found at %s", _docs_location())
             self._log_settings()
             restore = self._install_signal_handlers()
             try:
-                self._adopt_previous_runs()
-                if self._connect():
-                    self.logger.info("Agent successfully connected to %s", self._backend().location)
-                    self._start_http_endpoint()
-                    self.logger.info("Waiting for flow runs...")
-                    self._loop()
-                self._drain()
+                while self.phase != DONE:
+                    self._wait(self.step())
             finally:
                 restore()
         finally:
-            self._close()
+            self.close()
         return self._exit_code()
+
+    def step(self) -> float:
+        """One round of the agent's loop; the seconds to wait before the next round.
+
+        1. Tend the processes it owns: ship output, settle those that ended, enforce deadlines.
+        2. Connecting: register with the API, retrying while it is down.
+        3. Draining after a signal: hand back what has not started; stop flows past the grace.
+        4. Notice runs cancelled in the API; hand back claims a killed start left behind.
+        5. Claim runs as their start nears and launch each when due.
+        6. Running: poll for new runs when the backoff allows and a slot is free.
+        """
+        now = self.clock.monotonic()
+        self._tend_jobs()                                          # 1.
+        if self.phase == CONNECTING:
+            return self._connect()                                 # 2.
+        if self.phase == RUNNING and self._stop.is_set():
+            self._begin_drain(now)
+        if self.phase in (DRAINING, HURRYING):
+            if not self.book.busy:
+                self.phase = DONE
+                return 0.0
+            if self._stop_signal and self.phase == DRAINING:
+                self._hand_back_unstarted(now)                     # 3.
+            if self.phase == HURRYING and (self._hurry.is_set() or now >= (self._grace_end or now)):
+                self._stop_all_jobs(now)
+        if now >= self._next_watch:                                # 4.
+            self._watch_owned_runs()
+            self._next_watch = now + WATCH_SECONDS
+        if self.phase == RUNNING and self.book.in_phase(INHERITED):
+            self._settle_inherited_claims()
+        self._launch_due()                                         # 5.
+        if self.phase != RUNNING:
+            return OUTPUT_POLL_SECONDS
+        if (self._poll_now or now >= self._next_poll) and self.book.free_slots() > 0:
+            self._poll_and_count(now)                              # 6.
+        return self._time_to_next_round() if self.phase == RUNNING else 0.0
 
     def stop(self, signum: int = 0) -> None:
         """Stop taking runs and drain; a second call skips the grace period."""
@@ -3097,13 +3529,45 @@ class LocalAgent:
         """What the agent is doing, for ``/api/status``."""
         return {
             "agent_id": self.agent_id, "name": self.settings.name, "labels": self.labels,
-            "running": {run_id: job.pid for run_id, job in self._jobs.items()},
-            "waiting": sorted(self._pending.keys() | self._claimed.keys()),
+            "running": {job.run_id: job.pid for job in self.book.jobs},
+            "waiting": sorted(entry.run_id for entry in self.book.in_phase(DUE, CLAIMED)),
             "undelivered": self._outbox.pending if self._outbox else 0,
             "api_problem": self._api_problem,
         }
 
-    # Start-up.
+    # Start-up and shutdown.
+
+    def open(self) -> None:
+        """Open the backend, lock this agent's directory, load its spool, adopt its last start's runs."""
+        if self.backend is None:
+            self.backend = open_backend(self.settings)
+        try:
+            self.book.runs_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the agent's directory {self.directory}: {exc.strerror or exc}") from None
+        self._lock_file = _lock_agent_directory(self.directory, self.settings)
+        self._program = _compiled_copy(self.settings.home / "cache") or _source_file()
+        self._outbox = _Outbox(self.backend, self.directory / "spool.jsonl", self.logger)
+        if self._outbox.pending:
+            self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
+        if self.settings.subreaper or os.getpid() == 1:
+            self._subreaper = _become_subreaper()
+        self._adopt_previous_runs()
+
+    def close(self) -> None:
+        """Stop the endpoint, deliver what the API takes (the spool keeps the rest), release files."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self._outbox is not None:
+            self._outbox.close(timeout=2.0 if self._outbox.failing else 10.0)  # the spool keeps the rest
+            if self._outbox.pending:
+                self.logger.warning("%d API write(s) could not be delivered; they are kept in %s for the next start",
+                                    self._outbox.pending, self.directory / "spool.jsonl")
+        if self.backend is not None:
+            self.backend.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
 
     def _backend(self) -> Backend:
         assert self.backend is not None, "the agent has not opened its backend"
@@ -3125,24 +3589,6 @@ class LocalAgent:
             logger.addHandler(handler)
             logger.setLevel(self.settings.level)
 
-    def _open(self) -> None:
-        """Open the backend, lock this agent's directory, load its spool and ledger."""
-        if self.backend is None:
-            self.backend = open_backend(self.settings)
-        key = _short_hash(self.settings.api.encode("utf-8"))
-        self._directory = self.settings.home / "agents" / f"{slugify(self.settings.name)}-{key}"
-        try:
-            (self._directory / "runs").mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create the agent's directory {self._directory}: {exc.strerror or exc}") from None
-        self._lock_file = _lock_agent_directory(self._directory, self.settings)
-        self._program = _compiled_copy(self.settings.home / "cache") or _source_file()
-        self._outbox = _Outbox(self.backend, self._directory / "spool.jsonl", self.logger)
-        if self._outbox.pending:
-            self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
-        if self.settings.subreaper or os.getpid() == 1:
-            self._subreaper = _become_subreaper()
-
     def _log_settings(self) -> None:
         settings = self.settings
         debug = self.logger.debug
@@ -3158,17 +3604,15 @@ class LocalAgent:
         debug("Import paths: %s", settings.import_paths)
         debug("Show flow logs: %s", settings.show_flow_logs)
         debug("Limit: %s, timeout: %s, grace: %s s", settings.limit, settings.timeout, settings.grace)
-        debug("Agent directory: %s%s", self._directory, " (child subreaper)" if self._subreaper else "")
+        debug("Agent directory: %s%s", self.directory, " (child subreaper)" if self._subreaper else "")
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         """Drain on SIGTERM and SIGINT (main thread only); return a function that undoes it."""
-        import signal
-
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-        def on_signal(signum: int, frame: Any) -> None:
+        def on_signal(signum: int, frame: object) -> None:
             if self._stop.is_set() and self._stop_signal:
                 self.logger.warning("Second signal received: stopping flow runs now.")
             else:
@@ -3186,170 +3630,163 @@ class LocalAgent:
 
     def _adopt_previous_runs(self) -> None:
         """Take back the runs a previous start of this agent owned (after a crash or kill)."""
-        ledger = _read_ledger(self._directory / "ledger.json", self.logger)
-        self._inherited_claims = dict(ledger.get("claims") or {})
-        for run_id, entry in (ledger.get("runs") or {}).items():
-            try:
-                job = _Job.from_ledger(run_id, entry, self._directory / "runs")
-            except (KeyError, TypeError, ValueError):
-                self.logger.warning("Ignoring a damaged ledger entry for flow run %s", run_id)
-                continue
+        jobs, claims = self.book.load()
+        for job in jobs:
             if self.settings.timeout:
-                job.deadline = time.monotonic() + job.started_at + self.settings.timeout - time.time()
-            job.offset = max(job.offset, self._api_writes().resume_offset(run_id))
-            self._jobs[run_id] = job
+                job.deadline = self.clock.monotonic() + job.started_at + self.settings.timeout - time.time()
+            job.offset = max(job.offset, self._api_writes().resume_offset(job.run_id))
+            self.book.launched(job)
             if _process_alive(job.pid, job.start_ticks):
                 self.logger.info("Adopting flow run %s (PID %d), left running by this agent's last start",
-                                 run_id, job.pid)
-                self._run_log(run_id, f"Agent {self.settings.name} restarted and adopted process PID {job.pid}")
-        for run_id in list(self._inherited_claims):
-            self._adopt_unlaunched(run_id)
-        self._save_ledger()
+                                 job.run_id, job.pid)
+                self._run_log(job.run_id, f"Agent {self.settings.name} restarted and adopted process PID {job.pid}")
+        for run_id, token in claims.items():
+            if not self.book.phase(run_id):
+                self.book.inherit(run_id, token)
+                self._adopt_unlaunched(run_id)
+        self.book.save()
 
     def _adopt_unlaunched(self, run_id: str) -> None:
         """A claim the last start wrote without recording a process: find the process, if any."""
-        runs_dir = self._directory / "runs"
-        job = _Job(run_id, flow_name="", version=None, pid=0, runs_dir=runs_dir, started_at=time.time(),
+        job = _Job(run_id, flow_name="", version=None, pid=0, runs_dir=self.book.runs_dir, started_at=time.time(),
                    adopted=True)
         job.pid = _find_flow_run_process(run_id, str(job.result_path))
         if job.pid:
             job.start_ticks = _process_start_ticks(job.pid)
         elif not job.result_path.exists():
             return  # never started: _settle_inherited_claims decides, once the API answers
-        del self._inherited_claims[run_id]
-        self._jobs[run_id] = job  # a live process is watched; one that ended is settled next round
+        self.book.launched(job)  # a live process is watched; one that ended is settled next round
         self.logger.info("Adopting flow run %s, started by this agent's last start just before it stopped", run_id)
 
     def _settle_inherited_claims(self) -> None:
         """Hand back runs a killed agent claimed but never started, if its claim still stands."""
-        for run_id, token in list(self._inherited_claims.items()):
+        for entry in self.book.in_phase(INHERITED):
             try:
-                run = self._backend().get_flow_run(run_id)
+                run = self._backend().get_flow_run(entry.run_id)
             except APIError:
                 return  # try again next round
             if run is not None and run.state == "Submitted" and (run.serialized_state.get("context") or {}).get(
-                    "claim") == token:
+                    "claim") == entry.claim:
                 message = (f"The agent on host {_hostname()} stopped after claiming this run and before "
                            "starting it; rescheduled.")
-                self._run_log(run_id, message, level="WARNING")
-                self._set_final(run_id, make_state("Scheduled", message, start_time=_utcnow()), run.version)
-            del self._inherited_claims[run_id]
-            self._save_ledger()
+                self._run_log(entry.run_id, message, level="WARNING")
+                self._set_final(entry.run_id, make_state("Scheduled", message, start_time=self.clock.now()),
+                                run.version)
+            self.book.settled(entry.run_id)
+            self.book.save()
 
-    def _connect(self) -> bool:
-        """Register with the backend, retrying while the API is down; False if stopped."""
-        attempts, started = 0, time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self.agent_id = self._backend().connect(self.settings.name, self.labels)
-                self.logger.debug("Assigned agent id: %s", self.agent_id)
-                self._api_recovered()
-                return True
-            except APIError as exc:
-                if not exc.transient:
-                    raise
-                self._api_failed(exc)
-            attempts += 1
-            out_of_patience = self.settings.once and time.monotonic() - started > ONCE_API_PATIENCE_SECONDS
-            if out_of_patience or (self.settings.max_polls is not None and attempts >= self.settings.max_polls):
-                self.logger.error("Giving up: the API did not answer after %d attempt(s).", attempts)
-                self._gave_up = True
-                break
-            self._tend_jobs()  # adopted runs keep being watched meanwhile
-            self._wake.wait(self._poll_interval(attempts))
-            self._wake.clear()
-        return False
+    def _connect(self) -> float:
+        """Register with the backend; on a transient failure, the seconds until the next try."""
+        now = self.clock.monotonic()
+        self._connect_started = self._connect_started or now
+        if self._stop.is_set():
+            self._begin_drain(now)
+            return 0.0
+        try:
+            self.agent_id = self._backend().connect(self.settings.name, self.labels)
+        except APIError as exc:
+            if not exc.transient:
+                raise
+            self._api_failed(exc)
+        else:
+            self.logger.debug("Assigned agent id: %s", self.agent_id)
+            self._api_recovered()
+            self.logger.info("Agent successfully connected to %s", self._backend().location)
+            if self.settings.agent_address:
+                self._http = _serve_agent_address(self, self.settings.agent_address)
+            self.logger.info("Waiting for flow runs...")
+            self.phase, self._next_poll, self._next_watch = RUNNING, now, now
+            return 0.0
+        self._connect_attempts += 1
+        out_of_patience = self.settings.once and now - self._connect_started > ONCE_API_PATIENCE_SECONDS
+        max_polls = self.settings.max_polls
+        if out_of_patience or (max_polls is not None and self._connect_attempts >= max_polls):
+            self.logger.error("Giving up: the API did not answer after %d attempt(s).", self._connect_attempts)
+            self._gave_up = True
+            self._begin_drain(now)
+            return 0.0
+        return self._poll_interval(self._connect_attempts)
 
-    def _start_http_endpoint(self) -> None:
-        if self.settings.agent_address:
-            self._http = _serve_agent_address(self, self.settings.agent_address)
+    def _exit_code(self) -> int:
+        if self._stop_signal == signal.SIGINT:
+            return 130
+        if self._gave_up:
+            return 1
+        if self.settings.once and any(state != "Success" for state in self.results.values()):
+            return 1
+        return 0
 
-    # The loop.
+    # Waiting.
 
-    def _loop(self) -> None:
-        """Tend processes, launch what is due, poll; sleep until something happens."""
-        polls = empty_polls = 0
-        next_poll = next_watch = time.monotonic()
-        while not self._stop.is_set():
-            self._tend_jobs()                             # 1. output, exits, deadlines
-            if time.monotonic() >= next_watch:            # 2. notice cancelled runs
-                self._watch_owned_runs()
-                next_watch = time.monotonic() + WATCH_SECONDS
-            if self._inherited_claims:                    # 3. claims a killed start left behind
-                self._settle_inherited_claims()
-            self._launch_due()                            # 4. claim and start due runs
-            if (self._poll_now or time.monotonic() >= next_poll) and self._free_slots() > 0:
-                self._poll_now = False                    # 5. look for new runs
-                found = self._poll()
-                polls += 1
-                empty_polls = 0 if found else empty_polls + 1
-                next_poll = time.monotonic() + self._poll_interval(empty_polls)
-                if self._finished_polling(polls, found):
-                    break
-            self._sleep_until(next_poll, next_watch)
+    def _wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` s; a signal, a process's end or (embedded) a new run wakes us sooner."""
+        if timeout > 0 and not self._wake.is_set():
+            if self.phase != RUNNING:
+                self._wake.wait(timeout)
+            else:
+                try:
+                    if self._backend().wait_for_change(timeout, self._wake):
+                        self._poll_now = True
+                except AgentError as exc:
+                    self._api_failed(exc)
+                    self._wake.wait(timeout)
+        self._wake.clear()
 
-    def _finished_polling(self, polls: int, found: bool) -> bool:
-        if self.settings.max_polls is not None and polls >= self.settings.max_polls:
-            self.logger.debug("Reached the maximum of %d poll(s).", polls)
+    def _time_to_next_round(self) -> float:
+        """Until the next poll (if a slot is free), watch, claim, launch or output read."""
+        now = self.clock.monotonic()
+        wake_at = [self._next_watch]
+        if self.book.free_slots() > 0:
+            wake_at.append(self._next_poll)
+        next_start = self.book.next_start(self._backend().claim_lead_seconds)
+        if next_start is not None:
+            wake_at.append(now + max(0.0, (next_start - self.clock.now()).total_seconds()))
+        if self.book.jobs:
+            wake_at.append(now + OUTPUT_POLL_SECONDS)
+        return max(0.0, min(wake_at) - now)
+
+    def _poll_interval(self, empty_polls: int) -> float:
+        """Prefect's backoff while idle; about a second, jittered, while the API is failing."""
+        if self._api_problem:
+            return random.uniform(0.5, 1.0)  # so the agent resumes within a second of the API's return
+        interval = POLL_BACKOFF[min(empty_polls, len(POLL_BACKOFF) - 1)]
+        return min(interval, max(self.settings.max_poll_interval, POLL_BACKOFF[0]))
+
+    # Polling and claiming.
+
+    def _poll_and_count(self, now: float) -> None:
+        """Poll once, set the next poll by the backoff, and stop polling when the limits say so."""
+        self._poll_now = False
+        found = self._poll()
+        self._polls += 1
+        self._empty_polls = 0 if found else self._empty_polls + 1
+        self._next_poll = self.clock.monotonic() + self._poll_interval(self._empty_polls)
+        if self._finished_polling(found):
+            self._begin_drain(now)
+
+    def _finished_polling(self, found: bool) -> bool:
+        if self.settings.max_polls is not None and self._polls >= self.settings.max_polls:
+            self.logger.debug("Reached the maximum of %d poll(s).", self._polls)
             return True
         if not self.settings.once:
             return False
         # --once: stop when a poll finds nothing new and nothing is left to launch, or when
         # the API has been failing for too long to wait on (cron should hear about it).
-        if self._api_down_since and time.monotonic() - self._api_down_since > ONCE_API_PATIENCE_SECONDS:
+        if self._api_down_since and self.clock.monotonic() - self._api_down_since > ONCE_API_PATIENCE_SECONDS:
             self.logger.error("Giving up: the API has not answered for %g s.", ONCE_API_PATIENCE_SECONDS)
             self._gave_up = True
             return True
-        return not found and not self._pending and not self._claimed and not self._api_problem
-
-    def _poll_interval(self, empty_polls: int) -> float:
-        """Prefect's backoff while idle; about a second, jittered, while the API is failing."""
-        if self._api_problem:
-            import random
-
-            return random.uniform(0.5, 1.0)  # so the agent resumes within a second of the API's return
-        interval = POLL_BACKOFF[min(empty_polls, len(POLL_BACKOFF) - 1)]
-        return min(interval, max(self.settings.max_poll_interval, POLL_BACKOFF[0]))
-
-    def _sleep_until(self, next_poll: float, next_watch: float) -> None:
-        now = time.monotonic()
-        wake_at = [next_watch]
-        if self._free_slots() > 0:
-            wake_at.append(next_poll)
-        lead = self._backend().claim_lead_seconds
-        starts = [run.start_time - timedelta(seconds=lead) for run in self._pending.values()]
-        starts += [run.start_time for run, _ in self._claimed.values()]
-        if starts:
-            wake_at.append(now + max(0.0, (min(starts) - _utcnow()).total_seconds()))
-        if self._jobs:
-            wake_at.append(now + OUTPUT_POLL_SECONDS)
-        timeout = max(0.0, min(wake_at) - now)
-        if timeout > 0 and not self._wake.is_set():
-            try:
-                if self._backend().wait_for_change(timeout, self._wake):
-                    self._poll_now = True
-            except AgentError as exc:
-                self._api_failed(exc)
-                self._wake.wait(timeout)
-        self._wake.clear()
-
-    def _free_slots(self) -> int:
-        if self.settings.limit is None:
-            return sys.maxsize
-        return self.settings.limit - len(self._jobs) - len(self._pending) - len(self._claimed)
-
-    # Polling and claiming.
+        return not found and not self.book.in_phase(DUE, CLAIMED) and not self._api_problem
 
     def _poll(self) -> bool:
         """Ask for due runs; queue new ones for launch. True when any were found."""
         backend = self._backend()
         self.logger.debug("Querying for ready flow runs...")
-        before = _utcnow() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
+        before = self.clock.now() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
         try:
             run_ids = backend.get_runs_in_queue(self.labels, before)
-            taken = self._jobs.keys() | self._pending.keys() | self._claimed.keys()
             # Read metadata only for runs there is room for; the rest stay queued for others.
-            new_ids = [run_id for run_id in run_ids if run_id not in taken][: self._free_slots()]
+            new_ids = [run_id for run_id in run_ids if not self.book.is_taken(run_id)][: self.book.free_slots()]
             if not new_ids:
                 self.logger.debug("No ready flow runs found.")
                 self._api_recovered()
@@ -3362,15 +3799,15 @@ class LocalAgent:
             return False
         self._api_recovered()
         runs = sorted((run for run in runs if run.state in SCHEDULED_STATES), key=lambda run: run.start_time)
-        runs = runs[: self._free_slots()]
+        runs = runs[: self.book.free_slots()]
         if runs:
             self.logger.info("Found %d flow run(s) to submit for execution.", len(runs))
         for run in runs:
-            self._pending[run.id] = run
+            self.book.fetched(run)
         return bool(runs)
 
     def _launch_due(self) -> None:
-        """Claim queued runs as their start nears, and launch each at its start time, in order.
+        """Claim fetched runs as their start nears, and launch each at its start time, in order.
 
         A backend whose claims take time to settle (Prefect Server) has them made that much
         early, so the launch itself is on time; nothing is launched before its start time.
@@ -3378,96 +3815,60 @@ class LocalAgent:
         if self._stop_signal:
             return
         lead = timedelta(seconds=self._backend().claim_lead_seconds)
-        now = _utcnow()
-        near = sorted((run for run in self._pending.values() if run.start_time <= now + lead),
-                      key=lambda run: run.start_time)
-        for run in near:
-            del self._pending[run.id]
-        for run, version in zip(near, self._claim(near) if near else []):
-            if version is not None:
-                self._claimed[run.id] = (run, version)
-        now = _utcnow()
-        for run, version in sorted(self._claimed.values(), key=lambda item: item[0].start_time):
-            if run.start_time > now:
-                break
-            del self._claimed[run.id]
+        near = self.book.due(self.clock.now() + lead)
+        if near:
+            self._claim(near)
+        for run, version in self.book.to_launch(self.clock.now()):
             self.logger.info("Deploying flow run %s", run.id)
-            self._deploy(run, version)
+            self._start_run(run, version)
 
-    def _deploy(self, run: FlowRun, version: int) -> None:
+    def _claim(self, runs: Sequence[FlowRun]) -> None:
+        """Write Submitted, naming this agent; a run another agent won leaves the book."""
+        who = f"agent {self.settings.name} ({self.agent_id or 'unregistered'}) on {_hostname()}"
+        tokens = self.book.claiming(runs)  # in the ledger before the claim is written
+        claims = []
+        for run, token in zip(runs, tokens):
+            self.logger.debug("Updating flow run %s state from %s -> Submitted...", run.id, run.state)
+            context = {"agent_id": self.agent_id, "agent_name": self.settings.name, "claim": token}
+            claims.append((run, make_state("Submitted", f"Submitted for execution by {who}",
+                                           previous=run.serialized_state, context=context)))
+        try:
+            versions = self._backend().claim_flow_runs(claims)
+        except APIError as exc:
+            self.logger.error("Could not claim flow run(s) %s: %s", [run.id for run in runs], exc)
+            return  # a claim that did land stays in the ledger: the next start settles it
+        for run, version in zip(runs, versions):
+            if version is None:
+                self.logger.debug("Flow run %s was taken by another agent", run.id)
+                self.book.settled(run.id)
+            else:
+                self.book.claimed(run.id, version)
+                self._run_log(run.id, f"Claimed by {who}")
+
+    def _start_run(self, run: FlowRun, version: int) -> None:
         """Check a claimed run's flow file and start its process; fail it if that cannot be done."""
         try:
             if run.problem:
                 raise FlowStorageError(f"the API's record of this run is unusable: {run.problem}")
             _locate_flow_file(run.flow_name, run.storage)
-            job = self._launch(run, version)
+            job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
+                       started_at=time.time())
+            job.start([sys.executable, self._program, "execute", "flow-run"], self._child_environment(run, job))
         except (FlowStorageError, OSError) as exc:
             message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
             self.logger.error("Deployment of flow run %s aborted: %s", run.id, message)
             self._run_log(run.id, message, level="ERROR")
             self._set_final(run.id, make_state("Failed", message), version)
-            self._unlaunched.pop(run.id, None)
+            self.book.settled(run.id)
             return
-        self._jobs[run.id] = job
-        self._unlaunched.pop(run.id, None)
-        self._save_ledger()
-        self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.pid)
-        self._run_log(run.id, f"Submitted for execution: PID: {job.pid}")
-
-    def _claim(self, runs: Sequence[FlowRun]) -> list[int | None]:
-        """Write Submitted, naming this agent; per run its new version, or None if another agent won."""
-        who = f"agent {self.settings.name} ({self.agent_id or 'unregistered'}) on {_hostname()}"
-        claims = []
-        for run in runs:
-            self.logger.debug("Updating flow run %s state from %s -> Submitted...", run.id, run.state)
-            context = {"agent_id": self.agent_id, "agent_name": self.settings.name, "claim": os.urandom(16).hex()}
-            claims.append((run, make_state("Submitted", f"Submitted for execution by {who}",
-                                           previous=run.serialized_state, context=context)))
-            self._unlaunched[run.id] = context["claim"]
-        self._save_ledger()  # before the claim: an agent killed now finds it on restart
-        try:
-            versions = self._backend().claim_flow_runs(claims)
-        except APIError as exc:
-            self.logger.error("Could not claim flow run(s) %s: %s", [run.id for run in runs], exc)
-            # A claim that did land stays in the ledger: the next start settles it.
-            return [None] * len(runs)
-        for run, version in zip(runs, versions):
-            if version is None:
-                self.logger.debug("Flow run %s was taken by another agent", run.id)
-                del self._unlaunched[run.id]
-            else:
-                self._run_log(run.id, f"Claimed by {who}")
-        return versions
-
-    # Launching and watching processes.
-
-    def _launch(self, run: FlowRun, version: int) -> _Job:
-        import subprocess
-
-        runs_dir = self._directory / "runs"
-        job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=runs_dir,
-                   started_at=time.time())
-        job.result_path.unlink(missing_ok=True)
-        # Output goes to a file, not a pipe: nothing can block on it, and the process
-        # outlives the agent without losing a byte; the agent tails the file.
-        with open(job.out_path, "wb") as output:
-            job.process = subprocess.Popen(
-                [sys.executable, self._program, "execute", "flow-run"],
-                env=self._child_environment(run, job),
-                cwd=os.getcwd(),
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stopped as one, deaf to our Ctrl-C
-            )
-        job.pid = job.process.pid
-        job.start_ticks = _process_start_ticks(job.pid)
         # A thread waits on the process, so the loop hears of its end at once, not on its next round.
         threading.Thread(target=_wait_then_wake, args=(job.process, self._wake), name=f"wait-{job.pid}",
                          daemon=True).start()
         if self.settings.timeout:
-            job.deadline = time.monotonic() + self.settings.timeout
-        return job
+            job.deadline = self.clock.monotonic() + self.settings.timeout
+        self.book.launched(job)
+        self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.pid)
+        self._run_log(run.id, f"Submitted for execution: PID: {job.pid}")
 
     def _child_environment(self, run: FlowRun, job: _Job) -> dict[str, str]:
         """``os.environ``, then ``--env``, then the variables the flow-run process needs."""
@@ -3499,55 +3900,29 @@ class LocalAgent:
             environment["PREFECT__CLOUD__AUTH_TOKEN"] = settings.token
         return environment
 
+    # Watching processes.
+
     def _tend_jobs(self) -> None:
-        """Ship new output, report processes that ended, enforce deadlines, save the ledger."""
+        """Ship new output, settle processes that ended, enforce deadlines, save the ledger."""
         read_any = False
-        for run_id, job in list(self._jobs.items()):
+        for job in self.book.jobs:
             exited = job.has_exited()
             offset = job.offset
-            self._pump(job, to_the_end=exited)
+            for line in job.read_output(to_the_end=exited):
+                self._collect(job, line)
             read_any = read_any or job.offset != offset
             if exited:
-                del self._jobs[run_id]
                 self._finish(job)
-                self._save_ledger()
+                self.book.settled(job.run_id)
+                self.book.save()
                 if self.settings.limit is not None:
                     self._poll_now = True  # a slot is free
         self._enforce_deadlines()
         if self._subreaper:
-            _reap_orphans({job.pid for job in self._jobs.values() if job.process is not None})
+            _reap_orphans({job.pid for job in self.book.jobs if job.process is not None})
         if read_any:
-            self._save_ledger()
+            self.book.save()
             self._api_writes().release()  # see _Outbox.release: after the ledger, never before
-
-    def _pump(self, job: _Job, *, to_the_end: bool = False) -> None:
-        """Read what a process wrote since last time into its run's log."""
-        try:
-            with open(job.out_path, "rb") as output:
-                output.seek(job.offset)
-                while True:
-                    data = output.read(1024 * 1024)
-                    if not data:
-                        break
-                    job.offset += len(data)
-                    self._split_output(job, job.partial + data)
-                    if not to_the_end:
-                        break  # a flood is read in slices, between the loop's other duties
-        except FileNotFoundError:
-            return
-        if to_the_end and job.partial:
-            self._collect(job, _parse_output_line(job.partial.decode("utf-8", "replace")))
-            job.partial = b""
-
-    def _split_output(self, job: _Job, data: bytes) -> None:
-        lines = data.split(b"\n")
-        job.partial = lines.pop()
-        while len(job.partial) > MAX_LINE_BYTES:  # an endless line is split, never held whole
-            lines.append(job.partial[:MAX_LINE_BYTES])
-            job.partial = job.partial[MAX_LINE_BYTES:]
-        for raw in lines:
-            for start in range(0, max(len(raw), 1), MAX_LINE_BYTES):
-                self._collect(job, _parse_output_line(raw[start:start + MAX_LINE_BYTES].decode("utf-8", "replace")))
 
     def _collect(self, job: _Job, line: LogLine) -> None:
         """Keep a line for the failure message, echo it with ``-f``, ship it to the run log."""
@@ -3565,52 +3940,30 @@ class LocalAgent:
             return
         level = line.level if line.level in _LOG_LEVELS else "INFO"
         self._api_writes().log(job.run_id, line.message, level=level, name=line.name,
-                            timestamp=_parse_time_or_now(line.timestamp), offset=job.line_offset)
+                               timestamp=_parse_time_or_now(line.timestamp), offset=job.line_offset)
 
     def _finish(self, job: _Job) -> None:
-        """Decide and report how a run ended, from its result file and how its process ended."""
-        how = _describe_exit(job.returncode) if job.process is not None or not job.adopted else _describe_exit(None)
+        """Report how a run ended, as _decide_outcome settles it, and remove its files."""
+        how = job.how_it_ended
         if job.returncode:
             self.logger.info("Process PID %d returned non-zero exit code %s (%s)", job.pid, job.returncode, how)
         if job.dropped_lines:
             self._run_log(job.run_id, f"{job.dropped_lines} line(s) of output were not logged: a run's log "
                           f"keeps at most {MAX_RUN_LOG_BYTES // 1_000_000} MB", level="WARNING")
         self._run_log(job.run_id, f"Flow-run process PID {job.pid} {how}")
-        result = _read_result(job.result_path)
-        if result is not None:
-            state, delivered = result
-            if state is not None and not delivered:
-                self._api_writes().state(job.run_id, state, None)  # the process could not deliver it
-            self._record_result(job.run_id, state["type"] if state else "NotRun")
-        elif job.stopping == "timeout":
-            message = f"Flow run timed out after {self.settings.timeout:g} s; its process {how}."
-            self._set_final(job.run_id, make_state("Failed", message), None)
-        elif job.stopping == "cancel":
-            self._set_final(job.run_id, make_state("Cancelled", f"Flow run was cancelled; its process {how}."), None)
-        elif job.stopping == "shutdown":
-            self._hand_back(job, how)
-        else:
-            self._fail_unfinished(job, how)
+        outcome = _decide_outcome(
+            _read_result(job.result_path), how, stopping=job.stopping, timeout=self.settings.timeout,
+            lost=job.adopted and job.process is None and job.returncode is None,
+            last_output=" | ".join(line for line in job.tail if line.strip())[-1500:],
+            pid=job.pid, host=_hostname(), now=self.clock.now(),
+        )
+        if outcome.note:
+            self._run_log(job.run_id, outcome.note, level=outcome.level)
+        if outcome.state is not None:
+            self._api_writes().state(job.run_id, outcome.state, None)
+        self._record_result(job.run_id, outcome.result)
         job.out_path.unlink(missing_ok=True)
         job.result_path.unlink(missing_ok=True)
-
-    def _fail_unfinished(self, job: _Job, how: str) -> None:
-        """Fail a run whose process ended without a final state, saying how and what it said last."""
-        last = " | ".join(line for line in job.tail if line.strip())[-1500:]
-        if job.adopted and job.process is None and job.returncode is None:
-            what = (f"The agent on host {_hostname()} restarted and the flow-run process PID {job.pid} "
-                    f"was lost: it {how}.")
-        else:
-            what = f"Flow-run process PID {job.pid} on host {_hostname()} {how} before reporting a final state."
-        message = what + (f" Last output: {last}" if last else "")
-        self._run_log(job.run_id, message, level="ERROR")
-        self._set_final(job.run_id, make_state("Failed", _one_line(message, 2000)), None)
-
-    def _hand_back(self, job: _Job, how: str) -> None:
-        """Give a run the agent stopped at shutdown back to the queue, for another agent."""
-        message = f"The agent on host {_hostname()} shut down before this run finished; rescheduled."
-        self._run_log(job.run_id, f"{message} (its process {how})", level="WARNING")
-        self._set_final(job.run_id, make_state("Scheduled", message, start_time=_utcnow()), None)
 
     def _record_result(self, run_id: str, state_type: str) -> None:
         self.results[run_id] = state_type
@@ -3623,21 +3976,11 @@ class LocalAgent:
     def _run_log(self, run_id: str, message: str, *, level: str = "INFO") -> None:
         self._api_writes().log(run_id, message, level=level, name=self.settings.name)
 
-    def _save_ledger(self) -> None:
-        entries = {
-            "runs": {run_id: job.ledger_entry() for run_id, job in self._jobs.items()},
-            "claims": {**self._inherited_claims, **self._unlaunched},
-        }
-        try:
-            _write_json_atomically(self._directory / "ledger.json", entries)
-        except OSError as exc:
-            self.logger.error("Could not save the ledger in %s: %s", self._directory, exc)
-
     # Limits, cancellation and shutdown.
 
     def _enforce_deadlines(self) -> None:
-        now = time.monotonic()
-        for job in self._jobs.values():
+        now = self.clock.monotonic()
+        for job in self.book.jobs:
             if job.deadline is not None and now >= job.deadline and not job.stopping:
                 self.logger.warning("Flow run %s timed out after %g s; stopping PID %d",
                                     job.run_id, self.settings.timeout, job.pid)
@@ -3645,98 +3988,59 @@ class LocalAgent:
                               f"Timed out after {self.settings.timeout:g} s: stopping process PID {job.pid}",
                               level="ERROR")
                 self._terminate(job, "timeout")
-            if job.kill_at is not None and now >= job.kill_at:
-                _signal_group(job.pid, "SIGKILL")
-                job.kill_at = None
+            job.kill_if_due(now)
 
     def _watch_owned_runs(self) -> None:
         """Stop the processes of runs that were cancelled in the API."""
-        if not self._jobs:
+        jobs = {job.run_id: job for job in self.book.jobs}
+        if not jobs:
             return
         try:
-            current = self._backend().list_flow_runs(run_ids=list(self._jobs), limit=len(self._jobs))
+            current = self._backend().list_flow_runs(run_ids=list(jobs), limit=len(jobs))
         except APIError as exc:
             self.logger.debug("Could not check owned runs: %s", exc)
             return
         for run in current:
-            job = self._jobs.get(run.id)
+            job = jobs.get(run.id)
             if job is not None and run.state in ("Cancelling", "Cancelled") and not job.stopping:
                 self.logger.info("Flow run %s was cancelled; stopping PID %d", run.id, job.pid)
                 self._run_log(run.id, f"Cancellation requested: stopping process PID {job.pid}")
                 self._terminate(job, "cancel")
 
     def _terminate(self, job: _Job, why: str) -> None:
-        job.stopping = why
-        _signal_group(job.pid, "SIGTERM")
-        job.kill_at = time.monotonic() + KILL_GRACE_SECONDS
-        self._save_ledger()
+        job.stop(why, self.clock.monotonic() + KILL_GRACE_SECONDS)
+        self.book.save()
 
-    def _drain(self) -> None:
-        """Finish what was taken: launch prefetched runs when due and wait for all processes.
+    def _begin_drain(self, now: float) -> None:
+        """Take no new runs; finish the ones taken (launching fetched ones when due)."""
+        self.phase = DRAINING
+        self._next_watch = now + WATCH_SECONDS
+        if self.book.busy:
+            self.logger.info("Waiting for %d flow run(s) to finish", self.book.busy)
 
-        After a signal nothing more is launched, and running flows get ``--grace`` seconds
-        before their process groups are stopped and their runs handed back.
-        """
-        grace_end: float | None = None
-        next_watch = time.monotonic() + WATCH_SECONDS
-        if self._jobs or self._pending or self._claimed:
-            self.logger.info("Waiting for %d flow run(s) to finish",
-                             len(self._jobs) + len(self._pending) + len(self._claimed))
-        while self._jobs or self._pending or self._claimed:
-            if time.monotonic() >= next_watch:
-                self._watch_owned_runs()
-                next_watch = time.monotonic() + WATCH_SECONDS
-            if self._stop_signal and grace_end is None:
-                self._pending.clear()  # never claimed: they stay Scheduled for another agent
-                for run, version in self._claimed.values():  # claimed, not started: hand them back
-                    message = f"The agent on host {_hostname()} shut down before starting this run; rescheduled."
-                    self._set_final(run.id, make_state("Scheduled", message, start_time=_utcnow()), version)
-                    self._unlaunched.pop(run.id, None)
-                self._claimed.clear()
-                grace_end = time.monotonic() + self.settings.grace
-                if self._jobs:
-                    self.logger.info("Giving %d flow run(s) up to %g s to finish", len(self._jobs), self.settings.grace)
-            if grace_end is not None and (self._hurry.is_set() or time.monotonic() >= grace_end):
-                for job in self._jobs.values():
-                    if not job.stopping:
-                        self._terminate(job, "shutdown")
-                    if self._hurry.is_set() and (job.kill_at or 0) > time.monotonic() + 1:
-                        job.kill_at = time.monotonic() + 1.0
-            self._tend_jobs()
-            self._launch_due()
-            self._wake.wait(OUTPUT_POLL_SECONDS)
-            self._wake.clear()
+    def _hand_back_unstarted(self, now: float) -> None:
+        """After a signal: runs not started go back to the queue; running flows get ``--grace`` s."""
+        for run, version in self.book.release_unstarted():
+            message = f"The agent on host {_hostname()} shut down before starting this run; rescheduled."
+            self._set_final(run.id, make_state("Scheduled", message, start_time=self.clock.now()), version)
+        self.book.save()
+        self.phase, self._grace_end = HURRYING, now + self.settings.grace
+        if self.book.jobs:
+            self.logger.info("Giving %d flow run(s) up to %g s to finish", len(self.book.jobs), self.settings.grace)
 
-    def _close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        if self._outbox is not None:
-            self._outbox.close(timeout=2.0 if self._outbox.failing else 10.0)  # the spool keeps the rest
-            if self._outbox.pending:
-                self.logger.warning("%d API write(s) could not be delivered; they are kept in %s for the next start",
-                                    self._outbox.pending, self._directory / "spool.jsonl")
-        if self.backend is not None:
-            self.backend.close()
-        if self._lock_file is not None:
-            self._lock_file.close()
-
-    def _exit_code(self) -> int:
-        import signal
-
-        if self._stop_signal == signal.SIGINT:
-            return 130
-        if self._gave_up:
-            return 1
-        if self.settings.once and any(state != "Success" for state in self.results.values()):
-            return 1
-        return 0
+    def _stop_all_jobs(self, now: float) -> None:
+        """The grace is over (or a second signal came): stop every flow, to be handed back."""
+        for job in self.book.jobs:
+            if not job.stopping:
+                self._terminate(job, "shutdown")
+            if self._hurry.is_set() and (job.kill_at or 0) > now + 1:
+                job.kill_at = now + 1.0
 
     # API trouble.
 
     def _api_failed(self, exc: AgentError) -> None:
         """Log an API problem once per change, not on every retry."""
-        self._api_down_since = self._api_down_since or time.monotonic()
+        self._api_down_since = self._api_down_since or self.clock.monotonic()
         text = str(exc)
         if text != self._api_problem:
             self._api_problem = text
@@ -3750,40 +4054,10 @@ class LocalAgent:
             self._api_problem = ""
 
 
-def _wait_then_wake(process: Any, wake: threading.Event) -> None:
-    process.wait()
-    wake.set()
-
-
-def _read_ledger(path: Path, logger: logging.Logger) -> dict[str, Any]:
-    """The runs a previous start of the agent owned; a damaged ledger is set aside, not fatal."""
-    try:
-        ledger = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        logger.error("The ledger %s is damaged (%s); moved aside to %s.bad", path, exc, path.name)
-        os.replace(path, path.with_name(path.name + ".bad"))
-        return {}
-    return ledger if isinstance(ledger, dict) and isinstance(ledger.get("runs", {}), dict) else {}
-
-
-def _read_result(path: Path) -> tuple[dict[str, Any] | None, bool] | None:
-    """A flow-run process's final state and whether it delivered it, or None if it left none."""
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-        state = result["state"]
-        return (state if isinstance(state, dict) else None), bool(result.get("delivered"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _lock_agent_directory(directory: Path, settings: Settings) -> Any:
+def _lock_agent_directory(directory: Path, settings: Settings) -> TextIO:
     """Hold the agent directory's lock: one agent per name, API and home directory."""
     handle = open(directory / "lock", "a+", encoding="utf-8")  # noqa: SIM115 (held for the agent's life)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as with Prefect's agent
+    if fcntl is None:  # not POSIX: no lock, as with Prefect's agent
         return handle
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3802,48 +4076,15 @@ def _lock_agent_directory(directory: Path, settings: Settings) -> Any:
     return handle
 
 
-def _signal_group(pid: int, signal_name: str) -> None:
-    """Signal a flow-run process's whole group; one that is gone already is fine."""
-    import signal
-
-    if pid <= 0:  # never our own group (0) or every process (-1)
-        return
-    try:
-        os.killpg(pid, getattr(signal, signal_name))
-    except (ProcessLookupError, PermissionError):
-        pass
+# --- 10. The HTTP endpoint ---------------------------------------------------------------
+#
+# ``--agent-address``: a few GET routes for health checks and operators. It has no
+# authentication: keep it on 127.0.0.1 or behind a proxy that has.
 
 
-def _become_subreaper() -> bool:
-    """Adopt orphaned grandchildren (Linux), so none is left a zombie; True if it worked."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
-
-
-def _reap_orphans(own_children: set[int]) -> None:
-    """Reap exited processes that were re-parented to us, leaving our own children to Popen."""
-    while True:
-        try:
-            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except (ChildProcessError, OSError):
-            return
-        if found is None or found.si_pid in own_children:
-            return  # nothing exited, or it is ours: Popen.poll() reaps it on the next round
-        try:
-            os.waitpid(found.si_pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-
-
-def _serve_agent_address(agent: LocalAgent, address: str) -> Any:
+def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer:
     """Serve ``GET /api/health``, ``/api/poke`` and ``/api/status`` on ``--agent-address``."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from urllib.parse import urlsplit
 
     parts = urlsplit(address if "://" in address else "http://" + address)
     if not parts.port:
@@ -3864,7 +4105,7 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> Any:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
+        def log_message(self, format: str, *args: object) -> None:
             agent.logger.debug("agent address: " + format, *args)
 
     try:
@@ -3877,7 +4118,67 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> Any:
     return server
 
 
-# --- The Python API ----------------------------------------------------------------------
+# --- 11. The Python API ------------------------------------------------------------------
+
+
+class Flow:
+    """A named callable with labels: store it, deploy it, run it with an agent."""
+
+    def __init__(
+        self, name: str, fn: Callable[..., Any] | None = None, labels: Iterable[str] = ()
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("a Flow needs a non-empty name")
+        self.name = name
+        self.fn = fn
+        self.labels = _unique(labels)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the flow's function; the first call on a Flow without one makes it a decorator."""
+        if self.fn is None:
+            if len(args) == 1 and callable(args[0]) and not kwargs:
+                self.fn = args[0]
+                self.__doc__ = getattr(self.fn, "__doc__", None)
+                return self
+            raise TypeError(f"flow {self.name!r} has no function yet; use it as a decorator first")
+        return self.fn(*args, **kwargs)
+
+    def run(self, **parameters: Any) -> Any:
+        """Run the flow here and now with these parameters."""
+        if self.fn is None:
+            raise TypeError(f"flow {self.name!r} has no function to run")
+        return self.fn(**parameters)
+
+    def store(self, directory: str | os.PathLike[str] | None = None) -> str:
+        """Pickle the flow to ``<directory>/<slug>.prefect`` (default: the flows directory); the path."""
+        return store_flow(self, directory or resolve_settings().flows_dir)
+
+    def deploy(
+        self,
+        project_name: str,
+        labels: Iterable[str] | None = None,
+        *,
+        api: str | None = None,
+        token: str | None = None,
+    ) -> str:
+        """Store the flow and register it with the API; return the flow id."""
+        self.labels = _unique([*self.labels, *(labels or [])])  # run_agent() needs them too
+        return deploy(self, project_name, api=api, token=token)
+
+    def run_agent(self, **agent_options: Any) -> int:
+        """Run a LocalAgent here, with this flow's labels, until it stops."""
+        return run_agent(self, **agent_options)
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.name!r}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A decorated flow replaced its function in the module: pickle it by that name.
+        owner = sys.modules.get(getattr(self.fn, "__module__", "") or "")
+        qualname = getattr(self.fn, "__qualname__", "")
+        if owner is not None and qualname and _lookup(owner, qualname) is self:
+            return _reference_to(str(self.fn.__module__), qualname, self.name)
+        return (Flow, (self.name, self.fn, self.labels))
 
 
 def _settings_for(api: str | None, token: str | None) -> Settings:
@@ -4027,11 +4328,11 @@ class _backend_for:  # noqa: N801 (used as a context manager, reads like a funct
         self.backend = open_backend(self.settings)
         return self.backend
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.backend.close()
 
 
-# --- The command line --------------------------------------------------------------------
+# --- 12. The command line ----------------------------------------------------------------
 
 
 def _parse_when(text: str) -> datetime:
@@ -4068,27 +4369,23 @@ def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def _short_time(moment: datetime | None) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
-
-
-def _command_settings(args: Any) -> Settings:
+def _command_settings(args: argparse.Namespace) -> Settings:
     flags = {key: getattr(args, key, None) for key in ("api", "token", "tenant_id", "labels", "hostname_label")}
     return resolve_settings(flags)
 
 
-def _cmd_start(args: Any) -> int:
+def _cmd_start(args: argparse.Namespace) -> int:
     flags = {key: value for key, value in vars(args).items() if key not in ("func", "command")}
     settings = resolve_settings(flags)
     _run_from_compiled_copy(settings)
     return LocalAgent(settings).start()
 
 
-def _cmd_execute_flow_run(args: Any) -> int:
+def _cmd_execute_flow_run(args: argparse.Namespace | None) -> int:
     return _execute_flow_run(resolve_settings({}))
 
 
-def _cmd_run(args: Any) -> int:
+def _cmd_run(args: argparse.Namespace) -> int:
     settings = _command_settings(args)
     run_id = create_flow_run(
         args.flow,
@@ -4102,7 +4399,7 @@ def _cmd_run(args: Any) -> int:
     return 0
 
 
-def _cmd_runs(args: Any) -> int:
+def _cmd_runs(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         runs = backend.list_flow_runs(flow_name=args.flow, state=args.state, limit=args.count)
     rows = [(run.id, run.flow_name, run.state, _short_time(run.scheduled_start_time), _short_time(run.updated))
@@ -4111,7 +4408,7 @@ def _cmd_runs(args: Any) -> int:
     return 0
 
 
-def _cmd_flows(args: Any) -> int:
+def _cmd_flows(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         flows = backend.list_flows()
     rows = []
@@ -4123,19 +4420,7 @@ def _cmd_flows(args: Any) -> int:
     return 0
 
 
-def _format_log_line(line: LogLine) -> str:
-    try:
-        stamp = _short_time(_parse_time(line.timestamp))
-    except ValueError:
-        stamp = line.timestamp
-    return f"[{stamp}] {line.level} - {line.name} | {line.message}"
-
-
-#: ``logs --follow`` stops once the run is final and no line has come for this long.
-FOLLOW_LULL_SECONDS = 2.0
-
-
-def _cmd_logs(args: Any) -> int:
+def _cmd_logs(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         run = backend.get_flow_run(args.run_id)
         if run is None:
@@ -4156,7 +4441,7 @@ def _cmd_logs(args: Any) -> int:
             run = backend.get_flow_run(args.run_id)
 
 
-def _cmd_cancel(args: Any) -> int:
+def _cmd_cancel(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         state = backend.cancel_flow_run(args.run_id)
     print(state)
@@ -4169,12 +4454,9 @@ def _explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None
     reasons = []
     if run.state not in SCHEDULED_STATES:
         reasons.append(f"it is {run.state}, not Scheduled")
-    if not run.labels and agent_labels:
-        reasons.append("it has no labels, and only an agent with no labels takes such a run")
-    missing = [label for label in run.labels if label not in agent_labels]
-    if missing:
-        flags = " ".join(f"-l {label}" for label in missing)
-        reasons.append(f"the agent lacks label(s) {', '.join(missing)} (start it with {flags})")
+    mismatch = _label_mismatch(run.labels, agent_labels)
+    if mismatch:
+        reasons.append(mismatch)
     if run.start_time > now:
         wait = int((run.start_time - now).total_seconds())
         due_in = f"{wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s"
@@ -4186,7 +4468,7 @@ def _explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None
     return reasons
 
 
-def _cmd_why(args: Any) -> int:
+def _cmd_why(args: argparse.Namespace) -> int:
     settings = _command_settings(args)
     labels = settings.agent_labels()
     with _backend_for(None, None, settings) as backend:
@@ -4212,11 +4494,11 @@ def _nonnegative_int(text: str) -> int:
     return int(text)
 
 
-def _flag_type(convert: Callable[[Any, str], Any], what: str) -> Callable[[str], Any]:
+def _flag_type(convert: Callable[[Any, str], Any], what: str) -> Callable[[str], str]:
     """An argparse ``type`` that checks a flag's value the way its setting is checked."""
 
-    def parse(text: str) -> Any:
-        import argparse
+    def parse(text: str) -> str:
+        import argparse  # loaded already: the parser is calling
 
         try:
             convert(text, "the value")
@@ -4228,60 +4510,64 @@ def _flag_type(convert: Callable[[Any, str], Any], what: str) -> Callable[[str],
     return parse
 
 
-def _build_parser() -> Any:
-    import argparse
+#: What a flag's value is called in an error ("invalid whole number value: 'x'").
+_FLAG_VALUE_NAMES: dict[Callable[[Any, str], Any], str] = {
+    _as_positive: "whole number", _as_number: "number of seconds", _as_api: "URL", _as_level: "level",
+    _as_address: "address", _split_env_pair: "KEY=VALUE",
+}
+#: The settings every command that talks to an API takes (the rest are ``start``'s alone).
+_BACKEND_OPTIONS = ("api", "token", "tenant_id")
+
+
+def _add_option(parser: argparse.ArgumentParser, option: _Option) -> None:
+    """Add a setting's flags to a command, from its one declaration in _OPTIONS."""
+    shown = _default_text(option).replace("`", "")
+    help_text = option.help + (f" (default: {shown})" if option.action == "store" and shown != "none" else "")
+    if option.action in ("true", "false"):
+        parser.add_argument(*option.flags, dest=option.name, action=f"store_{option.action}", default=None,
+                            help=help_text)
+        return
+    check = option.check_item or (option.convert if option.action == "store" else None)
+    if check is None or check is _as_str:  # any text will do
+        parser.add_argument(*option.flags, dest=option.name, action=option.action, help=help_text)
+        return
+    kind = _flag_type(check, _FLAG_VALUE_NAMES.get(check, "value"))
+    parser.add_argument(*option.flags, dest=option.name, action=option.action, type=kind, help=help_text)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    import argparse  # only the command line parses arguments
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> Any:  # one line, exit 2
+        def error(self, message: str) -> NoReturn:  # one line, exit 2
             self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     _nonnegative_int.__name__ = "whole number"
     _parse_when.__name__ = "time"
     _parse_param.__name__ = "KEY=JSON"
-    positive, seconds = _flag_type(_as_positive, "whole number"), _flag_type(_as_number, "number of seconds")
-    api_url = _flag_type(_as_api, "URL")
+    options = {option.name: option for option in _OPTIONS}
 
     parser = Parser(prog="local_agent", description="A Prefect-style Local Agent in one file.")
     parser.add_argument("--version", action="version", version=f"local_agent {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
 
-    def backend_options(command: Any) -> None:
-        command.add_argument("-a", "--api", type=api_url, help="API URL, or sqlite:///PATH for the embedded database")
-        command.add_argument("-t", "--token", "-k", "--key", dest="token", help="API token or key")
-        command.add_argument("--tenant-id", help="tenant to use (Prefect Cloud)")
+    def command(name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        """A command that talks to an API: it takes the API, token and tenant flags."""
+        sub = commands.add_parser(name, help=help_text)
+        for option_name in _BACKEND_OPTIONS:
+            _add_option(sub, options[option_name])
+        sub.set_defaults(func=func)
+        return sub
 
-    start = commands.add_parser("start", help="start the agent")
-    backend_options(start)
-    start.add_argument("-l", "--label", dest="labels", action="append", help="a label (repeatable)")
-    start.add_argument("-n", "--name", help="agent name (default: agent)")
-    start.add_argument("-e", "--env", action="append", type=_flag_type(_split_env_pair, "KEY=VALUE"),
-                       help="KEY=VAL for flow runs (repeatable)")
-    start.add_argument("-p", "--import-path", dest="import_paths", action="append",
-                       help="add to flow runs' PYTHONPATH (repeatable)")
-    start.add_argument("-f", "--show-flow-logs", action="store_true", default=None, help="show flow-run output")
-    start.add_argument("--no-hostname-label", dest="hostname_label", action="store_false", default=None,
-                       help="do not add the host name label")
-    start.add_argument("--max-polls", type=positive, help="stop after this many polls")
-    start.add_argument("--max-poll-interval", type=seconds, help="longest wait between polls (default: 10)")
-    start.add_argument("--agent-address", type=_flag_type(_as_address, "address"),
-                       help="serve /api/health, /api/poke and /api/status here, e.g. http://127.0.0.1:8080")
-    start.add_argument("--no-cloud-logs", dest="cloud_logs", action="store_false", default=None,
-                       help="do not send flow-run logs to the API")
-    start.add_argument("--log-level", dest="level", type=_flag_type(_as_level, "level"),
-                       help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    start = command("start", "start the agent", _cmd_start)
+    for option in _OPTIONS:
+        if option.flags and option.name not in _BACKEND_OPTIONS:
+            _add_option(start, option)
     start.add_argument("-v", "--verbose", dest="level", action="store_const", const="DEBUG",
                        help="same as --log-level DEBUG")
     start.add_argument("--once", action="store_true", default=None,
                        help="run what is due now, wait for it, exit 0 if all succeeded")
-    start.add_argument("--limit", type=positive, help="run at most this many flow runs at once")
-    start.add_argument("--timeout", type=seconds, help="stop a flow run after this many seconds")
-    start.add_argument("--grace", type=seconds, help="seconds to let flow runs finish after SIGTERM (default: 30)")
-    start.add_argument("--allow-insecure-http", action="store_true", default=None,
-                       help="allow a token over plain http to another host")
-    start.add_argument("--subreaper", action="store_true", default=None,
-                       help="adopt and reap orphaned grandchildren (automatic as PID 1)")
-    start.set_defaults(func=_cmd_start)
 
     execute = commands.add_parser("execute", help="internal: what the agent runs in each flow-run process")
     execute_commands = execute.add_subparsers(dest="what", metavar="flow-run", parser_class=Parser)
@@ -4289,43 +4575,31 @@ def _build_parser() -> Any:
     flow_run = execute_commands.add_parser("flow-run", help="run the flow run named by PREFECT__CONTEXT__FLOW_RUN_ID")
     flow_run.set_defaults(func=_cmd_execute_flow_run)
 
-    run = commands.add_parser("run", help="create a flow run and print its id")
-    backend_options(run)
+    run = command("run", "create a flow run and print its id", _cmd_run)
     run.add_argument("flow", metavar="FLOW", help="flow name")
     run.add_argument("--param", dest="params", action="append", type=_parse_param, help="KEY=JSON (repeatable)")
     run.add_argument("--label", dest="run_labels", action="append", help="run label (default: the flow's)")
     run.add_argument("--at", type=_parse_when, help="when: ISO 8601, or +30s, +5m, +2h (default: now)")
-    run.set_defaults(func=_cmd_run)
 
-    runs = commands.add_parser("runs", help="list flow runs")
-    backend_options(runs)
+    runs = command("runs", "list flow runs", _cmd_runs)
     runs.add_argument("--flow", help="only this flow's runs")
     runs.add_argument("--state", help="only runs in this state, e.g. Failed")
     runs.add_argument("--limit", dest="count", type=_nonnegative_int, default=20,
                       help="how many (default: %(default)s)")
-    runs.set_defaults(func=_cmd_runs)
 
-    logs = commands.add_parser("logs", help="print a flow run's log")
-    backend_options(logs)
+    logs = command("logs", "print a flow run's log", _cmd_logs)
     logs.add_argument("run_id", metavar="RUN_ID")
     logs.add_argument("--follow", action="store_true", help="keep printing until the run is finished")
-    logs.set_defaults(func=_cmd_logs)
 
-    flows = commands.add_parser("flows", help="list registered flows")
-    backend_options(flows)
-    flows.set_defaults(func=_cmd_flows)
+    command("flows", "list registered flows", _cmd_flows)
 
-    why = commands.add_parser("why", help="explain whether an agent here would take Scheduled runs")
-    backend_options(why)
+    why = command("why", "explain whether an agent here would take Scheduled runs", _cmd_why)
     why.add_argument("run_id", metavar="RUN_ID", nargs="?")
-    why.add_argument("-l", "--label", dest="labels", action="append", help="the agent's label (repeatable)")
-    why.add_argument("--no-hostname-label", dest="hostname_label", action="store_false", default=None)
-    why.set_defaults(func=_cmd_why)
+    _add_option(why, options["labels"]._replace(help="the agent's label (repeatable)"))
+    _add_option(why, options["hostname_label"])
 
-    cancel = commands.add_parser("cancel", help="cancel a flow run")
-    backend_options(cancel)
+    cancel = command("cancel", "cancel a flow run", _cmd_cancel)
     cancel.add_argument("run_id", metavar="RUN_ID")
-    cancel.set_defaults(func=_cmd_cancel)
     return parser
 
 
@@ -4344,7 +4618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guarded(args.func, args)
 
 
-def _guarded(command: Callable[[Any], int], args: Any) -> int:
+def _guarded(command: Callable[[Any], int], args: argparse.Namespace | None) -> int:
     """Run a command; an AgentError becomes one line on stderr and its exit code."""
     try:
         return int(command(args))
