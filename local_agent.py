@@ -1410,6 +1410,9 @@ class _HTTPTransport:
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._timeout = timeout
         self._local = threading.local()
+        #: Every thread's open connection, so close() leaves none open.
+        self._open: set[http.client.HTTPConnection] = set()
+        self._open_lock = threading.Lock()
 
     def post(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         """Send one POST; return (status, body). Network trouble is a transient APIError."""
@@ -1453,17 +1456,24 @@ class _HTTPTransport:
         else:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         self._local.connection = connection
+        with self._open_lock:
+            self._open.add(connection)
         return connection, False
 
     def _drop(self) -> None:
         connection = getattr(self._local, "connection", None)
         self._local.connection = None
         if connection is not None:
+            with self._open_lock:
+                self._open.discard(connection)
             connection.close()
 
     def close(self) -> None:
-        """Close this thread's connection."""
-        self._drop()
+        """Close every thread's connection (a thread still using one reconnects)."""
+        with self._open_lock:
+            connections, self._open = self._open, set()
+        for connection in connections:
+            connection.close()
 
 
 def _graphql_data(status: int, raw: bytes, api: str) -> dict[str, Any]:
@@ -1921,6 +1931,8 @@ class SQLiteBackend(Backend):
         self.location = f"embedded database {self.path}"
         self._busy_timeout = busy_timeout
         self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []  # every thread's, so close() leaves none open
+        self._generation = 0  # bumped by close(): a thread whose connection was closed opens another
         self._agent_id = ""
         self._last_queried = 0.0
         self._queue_seen = -1
@@ -1931,9 +1943,10 @@ class SQLiteBackend(Backend):
     def _db(self) -> sqlite3.Connection:
         """This thread's connection, opened and checked on first use."""
         connection = getattr(self._local, "connection", None)
-        if connection is None:
+        if connection is None or getattr(self._local, "generation", -1) != self._generation:
             connection = self._open()
-            self._local.connection = connection
+            self._local.connection, self._local.generation = connection, self._generation
+            self._connections.append(connection)
         return connection
 
     def _open(self) -> sqlite3.Connection:
@@ -2370,9 +2383,9 @@ class SQLiteBackend(Backend):
         return self._write(cancel)
 
     def close(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        self._local.connection = None
-        if connection is not None:
+        connections, self._connections = self._connections, []
+        self._generation += 1
+        for connection in connections:
             connection.close()
 
 

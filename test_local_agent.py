@@ -9,8 +9,11 @@ Prefect Server 1.x double (``prefect_double.py``, tested on its own in
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -165,6 +168,82 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: f
     return result
 
 
+class JumpingClock(la._Clock):
+    """The agent's clock, which tests may move forward; flow-run processes keep real time."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc) + timedelta(seconds=self.offset)
+
+
+class IdleSkippingAgent(la.LocalAgent):
+    """The real agent, except that a wait with no flow-run process running passes at once.
+
+    Poll backoff and API retries then cost no time, while flow runs, their deadlines and the
+    grace period keep real time. The agent gives up (failing the test) after ``budget`` s.
+    """
+
+    budget = 60.0
+
+    def __init__(self, settings: la.Settings | None = None, **options: Any) -> None:
+        super().__init__(settings, clock=JumpingClock(), **options)
+        self._give_up_at = time.monotonic() + self.budget
+
+    def _wait(self, timeout: float) -> None:
+        if time.monotonic() > self._give_up_at:
+            raise AssertionError(f"the agent did not finish within {self.budget:g} s")
+        if self.book.jobs or self._stop.is_set():
+            super()._wait(timeout)
+            return
+        assert isinstance(self.clock, JumpingClock)
+        self.clock.offset += timeout  # nothing is running: let the wait pass at once
+        self._wake.clear()
+
+
+def run_in_process(argv: list[str], *, env: dict[str, str], cwd: Path,
+                   timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``local_agent ARGV`` through ``main()`` in this process, as its own process would run.
+
+    The environment, working directory and logging are the command's own for the call: its
+    output is captured as a real process's would be, and everything is put back afterwards.
+    """
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_environ, saved_cwd = dict(os.environ), os.getcwd()
+    loggers = {name: (logger.level, logger.handlers[:]) for name, logger in
+               [("", logging.getLogger()), *logging.Logger.manager.loggerDict.items()]
+               if isinstance(logger, logging.Logger)}
+    IdleSkippingAgent.budget = timeout
+    real_agent = la.LocalAgent
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        logging.getLogger().handlers.clear()  # as in a fresh process: main() attaches its own
+        logging.getLogger().setLevel(logging.WARNING)
+        la.LocalAgent = IdleSkippingAgent  # type: ignore[misc]
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = la.main(argv)
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        la.LocalAgent = real_agent  # type: ignore[misc]
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        for name, logger in [("", logging.getLogger()), *logging.Logger.manager.loggerDict.items()]:
+            if isinstance(logger, logging.Logger):
+                level, handlers = loggers.get(name, (logging.NOTSET, []))
+                logger.setLevel(level)
+                logger.handlers[:] = handlers
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+
 class World:
     """One backend (embedded or the Prefect double) with helpers to seed and read it."""
 
@@ -229,11 +308,17 @@ class World:
             return [line.message for line in self.db.get_run_logs(run_id)]
         return [log["message"] for log in self.server.logs(run_id)]
 
-    def agent(self, *args: str, env: dict[str, str] | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run ``start --api API -l test --no-hostname-label ARGS`` to completion."""
-        return run_cli("start", "--api", self.api, "-l", "test", "--no-hostname-label", *args,
-                       env=env or self.env, cwd=self.cwd, timeout=timeout)
+    def agent(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
+              real: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run ``start --api API -l test --no-hostname-label ARGS`` to completion.
+
+        In this process through ``main()``, with idle waits passing at once (see
+        run_in_process), or with ``real=True`` as its own process on the real clock.
+        """
+        argv = ["start", "--api", self.api, "-l", "test", "--no-hostname-label", *args]
+        if real:
+            return run_cli(*argv, env=env or self.env, cwd=self.cwd, timeout=timeout)
+        return run_in_process(argv, env=env or self.env, cwd=self.cwd, timeout=timeout)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 30) -> bool:
         deadline = time.monotonic() + timeout
@@ -546,7 +631,8 @@ def test_run_scheduled_ahead_starts_no_earlier_than_due(world: World, test_flows
     marker = tmp_path / "started.txt"
     due = datetime.now(timezone.utc) + timedelta(seconds=2)
     run_id = world.run(world.flow(test_flows.record_start), parameters={"path": str(marker)}, at=due)
-    result = world.agent("--max-polls", "3")  # polls at 0, 0.25 s, 0.75 s: the run is prefetched
+    # Its own process, on the real clock: polls at 0, 0.25 s, 0.75 s, so the run is prefetched.
+    result = world.agent("--max-polls", "3", real=True)
     assert result.returncode == 0, result.stderr
     assert world.state(run_id) == "Success"
     started = float(marker.read_text().split()[0])
