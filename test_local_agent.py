@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1250,12 +1251,12 @@ def test_a_claim_left_unstarted_by_a_killed_agent_is_handed_back(embedded: World
 def test_an_outage_in_a_burst_loses_nothing(api_world: World, test_flows: Any, mode: str) -> None:
     server = api_world.server
     flow_id = api_world.flow(test_flows.talk_slowly)
-    run_ids = [api_world.run(flow_id, parameters={"seconds": 3.0}) for _ in range(8)]
+    run_ids = [api_world.run(flow_id, parameters={"seconds": 1.5}) for _ in range(8)]
     agent = _agent_process(api_world)
     try:
         assert server.wait_for(lambda: all("before the wait" in api_world.logs(r) for r in run_ids), timeout=60)
         server.set_down(True, mode=mode)  # the flows print again while it is down: the agent must hold it
-        time.sleep(5)
+        time.sleep(3)  # longer than the flows' wait: they finish while the API is down
         late = api_world.run(flow_id, parameters={"seconds": 0.0})  # created while the agent cannot see it
         server.set_down(False)
         back = time.monotonic()
@@ -1322,7 +1323,7 @@ def test_limit_never_runs_more_than_the_free_slots(world: World, test_flows: Any
     marker = tmp_path / "intervals.txt"
     flow_id = world.flow(test_flows.interval)
     for _ in range(6):
-        world.run(flow_id, parameters={"path": str(marker), "seconds": 0.6})
+        world.run(flow_id, parameters={"path": str(marker), "seconds": 0.4})
     result = world.agent("--once", "--limit", "2")
     assert result.returncode == 0, result.stderr
     intervals = [tuple(map(float, line.split())) for line in marker.read_text().splitlines()]
@@ -1331,57 +1332,103 @@ def test_limit_never_runs_more_than_the_free_slots(world: World, test_flows: Any
     assert most == 2
 
 
-def test_cancelling_a_running_run_stops_its_process_group(world: World, test_flows: Any, tmp_path: Path) -> None:
+def stepped_agent(world: World, monkeypatch: pytest.MonkeyPatch, **options: Any) -> la.LocalAgent:
+    """An agent in this process on a JumpingClock, opened and ready for its test to call step()."""
+    monkeypatch.chdir(world.cwd)  # flow-run processes import the test flows from here
+    flags = {"api": world.api, "labels": ["test"], "hostname_label": False, **options}
+    agent = la.LocalAgent(la.resolve_settings(flags), clock=JumpingClock())
+    agent.open()
+    return agent
+
+
+def drive(agent: la.LocalAgent, until: Callable[[], bool], budget: float = 30, *, must: bool = True) -> None:
+    """Run the agent's loop, round by round on the real clock, until ``until()`` or it is done.
+
+    Reaching neither within ``budget`` seconds fails the test, unless ``must`` is false.
+    """
+    deadline = time.monotonic() + budget
+    while not until() and agent.phase != la.DONE:
+        if time.monotonic() >= deadline:
+            assert not must, f"not reached within {budget} s; the agent is {agent.phase}"
+            return
+        agent._wait(min(agent.step(), 0.05))
+
+
+def test_cancelling_a_running_run_stops_its_process_group(world: World, test_flows: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     pids = tmp_path / "pids.txt"
     run_id = world.run(world.flow(test_flows.spawn_and_sleep), parameters={"pid_file": str(pids)})
-    agent = _agent_process(world, "--once")
-    assert world.wait_for(lambda: pids.exists() and pids.read_text().strip() != "", timeout=30)
-    flow_pid, grandchild = map(int, pids.read_text().split())
-    cancelled_at = time.monotonic()
-    assert run_cli("cancel", run_id, "--api", world.api, env=world.env, check=True).stdout.strip() == "Cancelling"
-    _, errors = agent.communicate(timeout=60)
-    assert time.monotonic() - cancelled_at < 15
-    assert world.state(run_id) == "Cancelled", errors
+    agent = stepped_agent(world, monkeypatch, once=True)
+    try:
+        drive(agent, lambda: pids.exists() and pids.read_text().strip() != "")
+        flow_pid, grandchild = map(int, pids.read_text().split())
+        assert run_cli("cancel", run_id, "--api", world.api, env=world.env, check=True).stdout.strip() == "Cancelling"
+        drive(agent, lambda: False, budget=1, must=False)  # it looks every WATCH_SECONDS, not sooner
+        assert _alive(flow_pid) and agent.book.phase(run_id) == la.LAUNCHED
+        assert isinstance(agent.clock, JumpingClock)
+        agent.clock.offset += la.WATCH_SECONDS
+        drive(agent, lambda: agent.phase == la.DONE)
+    finally:
+        agent.close()
+    assert world.state(run_id) == "Cancelled"
+    assert agent.results == {run_id: "Cancelled"}
     assert not _alive(flow_pid) and not _alive(grandchild)
     assert any("Cancellation requested" in line for line in world.logs(run_id))
 
 
-def test_sigterm_drains_then_hands_unfinished_runs_back(world: World, test_flows: Any, tmp_path: Path) -> None:
+def test_sigterm_drains_then_hands_unfinished_runs_back(world: World, test_flows: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     pids = tmp_path / "pids.txt"
     slow = world.run(world.flow(test_flows.spawn_and_sleep), parameters={"pid_file": str(pids)})
     quick = world.run(world.flow(test_flows.sleep), parameters={"seconds": 1.0})
-    agent = _agent_process(world, "--grace", "3")
-    assert world.wait_for(lambda: world.state(quick) == "Running" and pids.exists() and pids.read_text(), timeout=30)
-    flow_pid, grandchild = map(int, pids.read_text().split())
-    agent.send_signal(signal.SIGTERM)
-    _, errors = agent.communicate(timeout=60)
-    assert agent.returncode == 0, errors
-    assert world.state(quick) == "Success"  # finished within the grace period
+    agent = stepped_agent(world, monkeypatch, grace=3)
+    try:
+        drive(agent, lambda: world.state(quick) == "Running" and pids.exists() and pids.read_text() != "")
+        flow_pid, grandchild = map(int, pids.read_text().split())
+        agent.stop(signal.SIGTERM)  # what the agent's SIGTERM handler does
+        drive(agent, lambda: agent.phase == la.HURRYING)
+        drive(agent, lambda: world.state(quick) == "Success")  # finished within the grace period
+        assert agent.book.phase(slow) == la.LAUNCHED and not agent.book.jobs[0].stopping
+        assert isinstance(agent.clock, JumpingClock)
+        agent.clock.offset += 3  # the grace period is over
+        drive(agent, lambda: agent.phase == la.DONE)
+    finally:
+        agent.close()
     assert world.state(slow) == "Scheduled"  # handed back for another agent
     assert "shut down before this run finished" in world.message(slow)
     assert not _alive(flow_pid) and not _alive(grandchild)  # no orphans left behind
-    # A second signal skips the grace period. (A fresh run: on Server, the one handed back
-    # cannot be claimed again until 30 s after its first claim, by Server's guard.)
-    pids = tmp_path / "pids-2.txt"
-    second = world.run(world.flow(test_flows.spawn_and_sleep), parameters={"pid_file": str(pids)})
+
+
+def test_a_second_sigterm_skips_the_grace_period(world: World, test_flows: Any, tmp_path: Path) -> None:
+    """The agent's own process and its signal handlers: the first SIGTERM drains, the second hurries."""
+    pids = tmp_path / "pids.txt"
+    run_id = world.run(world.flow(test_flows.spawn_and_sleep), parameters={"pid_file": str(pids)})
     agent = _agent_process(world, "--grace", "60")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(agent.stderr.readline, "")), daemon=True)
+    reader.start()
     assert world.wait_for(lambda: pids.exists() and pids.read_text().strip() != "", timeout=30)
-    stopped_at = time.monotonic()
+    flow_pid, grandchild = map(int, pids.read_text().split())
     agent.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    # Two signals sent at once arrive as one: send the second once the first was heard.
+    assert world.wait_for(lambda: any("SIGTERM received: the agent is shutting down." in line for line in lines))
+    assert _alive(flow_pid)  # draining: the flow keeps running
     agent.send_signal(signal.SIGTERM)
-    agent.communicate(timeout=60)
-    assert time.monotonic() - stopped_at < 10
-    assert world.state(second) == "Scheduled"
+    assert agent.wait(timeout=60) == 0, "".join(lines)
+    reader.join(10)
+    agent.stderr.close()
+    assert any("Second signal received: stopping flow runs now." in line for line in lines)
+    assert world.state(run_id) == "Scheduled"
+    assert not _alive(flow_pid) and not _alive(grandchild)
 
 
 def test_undelivered_writes_wait_in_the_spool_for_the_next_start(api_world: World, test_flows: Any) -> None:
     server = api_world.server
-    run_id = api_world.run(api_world.flow(test_flows.talk_slowly), parameters={"seconds": 2.0})
+    run_id = api_world.run(api_world.flow(test_flows.talk_slowly), parameters={"seconds": 1.0})
     agent = _agent_process(api_world)
     assert server.wait_for(lambda: server.run(run_id)["state"] == "Running", timeout=30)
     server.set_down(True)
-    time.sleep(3.5)  # the flow finishes while the API is down
+    time.sleep(2.0)  # the flow finishes while the API is down
     agent.terminate()
     _, errors = agent.communicate(timeout=60)
     assert "could not be delivered; they are kept in" in errors
