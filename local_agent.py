@@ -1810,11 +1810,11 @@ class GraphQLBackend(Backend):
 def _parse_flow_run(row: Any) -> FlowRun:
     """Read a ``flow_run`` row; a row we can identify but not use gets ``problem`` set."""
     row = _expect(row, dict, "a flow_run row")
-    run_id = _expect(row.get("id"), str, "flow_run.id")
     flow = row.get("flow") if isinstance(row.get("flow"), dict) else {}
+    message = row.get("state_message")
     run = FlowRun(
-        id=run_id,
-        version=row.get("version") if isinstance(row.get("version"), int) else 0,
+        id=_expect(row.get("id"), str, "flow_run.id"),
+        version=row["version"] if isinstance(row.get("version"), int) else 0,
         state=str(row.get("state") or ""),
         serialized_state=_json_field(row.get("serialized_state")) or {},
         flow_id=str(flow.get("id") or ""),
@@ -1822,24 +1822,37 @@ def _parse_flow_run(row: Any) -> FlowRun:
         storage=_json_field(flow.get("storage")),
         parameters=_json_field(row.get("parameters")) or {},
         name=str(row.get("name") or ""),
-        labels=[str(label) for label in row.get("labels") or [] if isinstance(label, str)],
-        state_message=row.get("state_message") if isinstance(row.get("state_message"), str) else None,
+        labels=[label for label in row.get("labels") or [] if isinstance(label, str)],
+        state_message=message if isinstance(message, str) else None,
     )
-    for column in ("scheduled_start_time", "updated"):
-        if isinstance(row.get(column), str):
-            try:
-                setattr(run, column, _parse_time(row[column]))
-            except ValueError:
-                run.problem = f"its {column} {row[column]!r} is not a timestamp"
-    if not isinstance(run.serialized_state, dict):
-        run.serialized_state, run.problem = {}, "its serialized_state is not a JSON object"
-    if not isinstance(run.parameters, dict):
-        run.parameters, run.problem = {}, "its parameters are not a JSON object"
-    if not run.flow_name:
-        run.problem = "the API gave no flow name for it"
-    if not isinstance(row.get("version"), int) or isinstance(row.get("version"), bool):
-        run.problem = "the API gave no version for it"
+    run.problem = _flow_run_problem(run, row)
     return run
+
+
+def _flow_run_problem(run: FlowRun, row: Mapping[str, Any]) -> str:
+    """What makes a run unusable as the API gave it (the last problem found), or ""."""
+    problems = [_read_timestamp(run, row, column) for column in ("scheduled_start_time", "updated")]
+    if not isinstance(run.serialized_state, dict):
+        run.serialized_state = {}
+        problems.append("its serialized_state is not a JSON object")
+    if not isinstance(run.parameters, dict):
+        run.parameters = {}
+        problems.append("its parameters are not a JSON object")
+    if not run.flow_name:
+        problems.append("the API gave no flow name for it")
+    if not isinstance(row.get("version"), int) or isinstance(row.get("version"), bool):
+        problems.append("the API gave no version for it")
+    return next((problem for problem in reversed(problems) if problem), "")
+
+
+def _read_timestamp(run: FlowRun, row: Mapping[str, Any], column: str) -> str:
+    """Set a run's timestamp column from the API's row; what is wrong with it, or ""."""
+    if isinstance(row.get(column), str):
+        try:
+            setattr(run, column, _parse_time(row[column]))
+        except ValueError:
+            return f"its {column} {row[column]!r} is not a timestamp"
+    return ""
 
 
 def _parse_flow_summary(row: Any) -> FlowSummary:
