@@ -3080,6 +3080,38 @@ def _wait_then_wake(process: subprocess.Popen[bytes], wake: threading.Event) -> 
     wake.set()
 
 
+def _flow_run_environment(
+    settings: Settings, labels: Sequence[str], run: FlowRun, result_path: Path
+) -> dict[str, str]:
+    """``os.environ``, then ``--env``, then the variables the flow-run process needs."""
+    python_path = [os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH", "")]), *settings.import_paths]
+    fixed = {
+        "PREFECT__CLOUD__API": settings.api,
+        "PREFECT__CONTEXT__FLOW_RUN_ID": run.id,
+        "PREFECT__CONTEXT__FLOW_ID": run.flow_id,
+        "PREFECT__CLOUD__AGENT__LABELS": str(list(labels)),
+        "PREFECT__CLOUD__USE_LOCAL_SECRETS": "false",
+        "PREFECT__LOGGING__LOG_TO_CLOUD": str(settings.cloud_logs).lower(),
+        "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS": str(settings.cloud_logs).lower(),
+        "PREFECT__LOGGING__LEVEL": settings.level,
+        "PREFECT__ENGINE__FLOW_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudFlowRunner",
+        "PREFECT__ENGINE__TASK_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudTaskRunner",
+        "PREFECT__CLOUD__REQUEST_TIMEOUT": str(settings.request_timeout),
+        "PYTHONPATH": os.pathsep.join(python_path),
+        "PYTHONUNBUFFERED": "1",  # output reaches the run log as it happens
+        "LOCAL_AGENT_RESULT_FILE": str(result_path),
+    }
+    if settings.tenant_id:
+        fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
+    environment = {**os.environ, **settings.env, **fixed}
+    # The child reads the token from exactly one place, so a stale one cannot win.
+    for key in ("PREFECT__CLOUD__AGENT__AUTH_TOKEN", "PREFECT__CLOUD__AUTH_TOKEN", "PREFECT__CLOUD__API_KEY"):
+        environment.pop(key, None)
+    if settings.token:
+        environment["PREFECT__CLOUD__AUTH_TOKEN"] = settings.token
+    return environment
+
+
 class _Job:
     """A flow-run process this agent owns, started by it or adopted after a restart, and its output."""
 
@@ -3440,6 +3472,36 @@ class _Clock:
         return _utcnow()
 
 
+class _APIHealth:
+    """Whether the API answers the agent, logged once per change rather than on every retry."""
+
+    def __init__(self, clock: _Clock, logger: logging.Logger) -> None:
+        self.clock, self.logger = clock, logger
+        #: What the last failure said ("" while the API answers), and since when it fails.
+        self.problem = ""
+        self.down_since = 0.0
+
+    def failed(self, exc: AgentError) -> None:
+        """An API call failed; say so if the problem is new."""
+        self.down_since = self.down_since or self.clock.monotonic()
+        text = str(exc)
+        if text != self.problem:
+            self.problem = text
+            level = logging.ERROR if isinstance(exc, AuthError) else logging.WARNING
+            self.logger.log(level, "%s; retrying", text)
+
+    def answered(self) -> None:
+        """An API call succeeded; say so if it had been failing."""
+        self.down_since = 0.0
+        if self.problem:
+            self.logger.info("The API answers again.")
+            self.problem = ""
+
+    def down_for(self) -> float:
+        """Seconds the API has been failing (0 while it answers)."""
+        return self.clock.monotonic() - self.down_since if self.down_since else 0.0
+
+
 #: The agent loop's phases: registering with the API; taking runs; finishing the runs taken
 #: (after --once, --max-polls or a stop); after a signal, handing back what has not started
 #: and giving running flows --grace seconds; done.
@@ -3471,28 +3533,27 @@ class LocalAgent:
         self._polls = self._empty_polls = self._connect_attempts = 0
         self._next_poll = self._next_watch = self._connect_started = 0.0
         self._grace_end: float | None = None
-        self._api_problem = ""
-        self._api_down_since = 0.0
+        self.api = _APIHealth(self.clock, self.logger)
         self._gave_up = False
         self._outbox: _Outbox | None = None
         self._lock_file: TextIO | None = None
         self._http: ThreadingHTTPServer | None = None
         self._program = _source_file()  # what flow-run processes run: this file, or its compiled copy
-        self._subreaper = False
+        self.subreaper = False
         self._redact = _redactor(self.settings)
 
     # Public controls.
 
     def start(self) -> int:
         """Run until stopped, ``--max-polls`` is reached or (``--once``) the queue is empty."""
-        self._setup_logging()
+        _attach_agent_logging(self.logger, self.settings.level)
         try:
             self.open()  # bad settings and files fail here, before the banner
             print(BANNER, flush=True)
             self.logger.info("Starting LocalAgent with labels %s", self.labels)
             self.logger.info("Agent documentation can be found at %s", _docs_location())
-            self._log_settings()
-            restore = self._install_signal_handlers()
+            _log_agent_settings(self)
+            restore = _stop_on_signals(self)
             try:
                 while self.phase != DONE:
                     self._wait(self.step())
@@ -3538,6 +3599,11 @@ class LocalAgent:
             self._poll_and_count(now)                              # 6.
         return self._time_to_next_round() if self.phase == RUNNING else 0.0
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a signal has asked the agent to stop (a second one hurries it)."""
+        return self._stop.is_set() and bool(self._stop_signal)
+
     def stop(self, signum: int = 0) -> None:
         """Stop taking runs and drain; a second call skips the grace period."""
         if self._stop.is_set():
@@ -3558,7 +3624,7 @@ class LocalAgent:
             "running": {job.run_id: job.pid for job in self.book.jobs},
             "waiting": sorted(entry.run_id for entry in self.book.in_phase(DUE, CLAIMED)),
             "undelivered": self._outbox.pending if self._outbox else 0,
-            "api_problem": self._api_problem,
+            "api_problem": self.api.problem,
         }
 
     # Start-up and shutdown.
@@ -3577,7 +3643,7 @@ class LocalAgent:
         if self._outbox.pending:
             self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
         if self.settings.subreaper or os.getpid() == 1:
-            self._subreaper = _become_subreaper()
+            self.subreaper = _become_subreaper()
         self._adopt_previous_runs()
 
     def close(self) -> None:
@@ -3602,57 +3668,6 @@ class LocalAgent:
     def _api_writes(self) -> _Outbox:
         assert self._outbox is not None, "the agent has not opened its outbox"
         return self._outbox
-
-    def _setup_logging(self) -> None:
-        """Attach the seed's stderr handler unless the application configured logging."""
-        if self.logger.hasHandlers():
-            if self.logger.getEffectiveLevel() > logging.getLevelName(self.settings.level):
-                self.logger.setLevel(self.settings.level)
-            return
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_AGENT_FORMAT))
-        for logger in (self.logger, logging.getLogger(__name__)):
-            logger.addHandler(handler)
-            logger.setLevel(self.settings.level)
-
-    def _log_settings(self) -> None:
-        settings = self.settings
-        debug = self.logger.debug
-        debug("Backend: %s", settings.api)
-        if settings.token:
-            debug("Token: given by %s", settings.sources.get("token", "the caller"))
-        else:
-            debug("Token: none")
-        debug("Environment variables: %s", sorted(settings.env))
-        debug("Max polls: %s", settings.max_polls)
-        debug("Agent address: %s", settings.agent_address)
-        debug("Log to Cloud: %s", settings.cloud_logs)
-        debug("Import paths: %s", settings.import_paths)
-        debug("Show flow logs: %s", settings.show_flow_logs)
-        debug("Limit: %s, timeout: %s, grace: %s s", settings.limit, settings.timeout, settings.grace)
-        debug("Agent directory: %s%s", self.directory, " (child subreaper)" if self._subreaper else "")
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        """Drain on SIGTERM and SIGINT (main thread only); return a function that undoes it."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def on_signal(signum: int, frame: object) -> None:
-            if self._stop.is_set() and self._stop_signal:
-                self.logger.warning("Second signal received: stopping flow runs now.")
-            else:
-                self.logger.info("%s received: the agent is shutting down.", signal.Signals(signum).name)
-            self.stop(signum)
-
-        for sig in previous:
-            signal.signal(sig, on_signal)
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
 
     def _adopt_previous_runs(self) -> None:
         """Take back the runs a previous start of this agent owned (after a crash or kill)."""
@@ -3713,10 +3728,10 @@ class LocalAgent:
         except APIError as exc:
             if not exc.transient:
                 raise
-            self._api_failed(exc)
+            self.api.failed(exc)
         else:
             self.logger.debug("Assigned agent id: %s", self.agent_id)
-            self._api_recovered()
+            self.api.answered()
             self.logger.info("Agent successfully connected to %s", self._backend().location)
             if self.settings.agent_address:
                 self._http = _serve_agent_address(self, self.settings.agent_address)
@@ -3754,7 +3769,7 @@ class LocalAgent:
                     if self._backend().wait_for_change(timeout, self._wake):
                         self._poll_now = True
                 except AgentError as exc:
-                    self._api_failed(exc)
+                    self.api.failed(exc)
                     self._wake.wait(timeout)
         self._wake.clear()
 
@@ -3773,7 +3788,7 @@ class LocalAgent:
 
     def _poll_interval(self, empty_polls: int) -> float:
         """Prefect's backoff while idle; about a second, jittered, while the API is failing."""
-        if self._api_problem:
+        if self.api.problem:
             return random.uniform(0.5, 1.0)  # so the agent resumes within a second of the API's return
         interval = POLL_BACKOFF[min(empty_polls, len(POLL_BACKOFF) - 1)]
         return min(interval, max(self.settings.max_poll_interval, POLL_BACKOFF[0]))
@@ -3798,11 +3813,11 @@ class LocalAgent:
             return False
         # --once: stop when a poll finds nothing new and nothing is left to launch, or when
         # the API has been failing for too long to wait on (cron should hear about it).
-        if self._api_down_since and self.clock.monotonic() - self._api_down_since > ONCE_API_PATIENCE_SECONDS:
+        if self.api.down_for() > ONCE_API_PATIENCE_SECONDS:
             self.logger.error("Giving up: the API has not answered for %g s.", ONCE_API_PATIENCE_SECONDS)
             self._gave_up = True
             return True
-        return not found and not self.book.in_phase(DUE, CLAIMED) and not self._api_problem
+        return not found and not self.book.in_phase(DUE, CLAIMED) and not self.api.problem
 
     def _poll(self) -> bool:
         """Ask for due runs; queue new ones for launch. True when any were found."""
@@ -3815,15 +3830,15 @@ class LocalAgent:
             new_ids = [run_id for run_id in run_ids if not self.book.is_taken(run_id)][: self.book.free_slots()]
             if not new_ids:
                 self.logger.debug("No ready flow runs found.")
-                self._api_recovered()
+                self.api.answered()
                 return False
             self.logger.debug("Found %d ready flow run(s): %s", len(new_ids), new_ids)
             self.logger.debug("Retrieving metadata for %d flow run(s)...", len(new_ids))
             runs = backend.get_flow_runs(new_ids)
         except APIError as exc:
-            self._api_failed(exc)
+            self.api.failed(exc)
             return False
-        self._api_recovered()
+        self.api.answered()
         runs = sorted((run for run in runs if run.state in SCHEDULED_STATES), key=lambda run: run.start_time)
         runs = runs[: self.book.free_slots()]
         if runs:
@@ -3879,7 +3894,8 @@ class LocalAgent:
             _locate_flow_file(run.flow_name, run.storage)
             job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
                        started_at=time.time())
-            job.start([sys.executable, self._program, "execute", "flow-run"], self._child_environment(run, job))
+            environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
+            job.start([sys.executable, self._program, "execute", "flow-run"], environment)
         except (FlowStorageError, OSError) as exc:
             message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
             self.logger.error("Deployment of flow run %s aborted: %s", run.id, message)
@@ -3895,36 +3911,6 @@ class LocalAgent:
         self.book.launched(job)
         self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.pid)
         self._run_log(run.id, f"Submitted for execution: PID: {job.pid}")
-
-    def _child_environment(self, run: FlowRun, job: _Job) -> dict[str, str]:
-        """``os.environ``, then ``--env``, then the variables the flow-run process needs."""
-        settings = self.settings
-        python_path = [os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH", "")]), *settings.import_paths]
-        fixed = {
-            "PREFECT__CLOUD__API": settings.api,
-            "PREFECT__CONTEXT__FLOW_RUN_ID": run.id,
-            "PREFECT__CONTEXT__FLOW_ID": run.flow_id,
-            "PREFECT__CLOUD__AGENT__LABELS": str(self.labels),
-            "PREFECT__CLOUD__USE_LOCAL_SECRETS": "false",
-            "PREFECT__LOGGING__LOG_TO_CLOUD": str(settings.cloud_logs).lower(),
-            "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS": str(settings.cloud_logs).lower(),
-            "PREFECT__LOGGING__LEVEL": settings.level,
-            "PREFECT__ENGINE__FLOW_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudFlowRunner",
-            "PREFECT__ENGINE__TASK_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudTaskRunner",
-            "PREFECT__CLOUD__REQUEST_TIMEOUT": str(settings.request_timeout),
-            "PYTHONPATH": os.pathsep.join(python_path),
-            "PYTHONUNBUFFERED": "1",  # output reaches the run log as it happens
-            "LOCAL_AGENT_RESULT_FILE": str(job.result_path),
-        }
-        if settings.tenant_id:
-            fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
-        environment = {**os.environ, **settings.env, **fixed}
-        # The child reads the token from exactly one place, so a stale one cannot win.
-        for key in ("PREFECT__CLOUD__AGENT__AUTH_TOKEN", "PREFECT__CLOUD__AUTH_TOKEN", "PREFECT__CLOUD__API_KEY"):
-            environment.pop(key, None)
-        if settings.token:
-            environment["PREFECT__CLOUD__AUTH_TOKEN"] = settings.token
-        return environment
 
     # Watching processes.
 
@@ -3944,7 +3930,7 @@ class LocalAgent:
                 if self.settings.limit is not None:
                     self._poll_now = True  # a slot is free
         self._enforce_deadlines()
-        if self._subreaper:
+        if self.subreaper:
             _reap_orphans({job.pid for job in self.book.jobs if job.process is not None})
         if read_any:
             self.book.save()
@@ -4064,20 +4050,60 @@ class LocalAgent:
 
     # API trouble.
 
-    def _api_failed(self, exc: AgentError) -> None:
-        """Log an API problem once per change, not on every retry."""
-        self._api_down_since = self._api_down_since or self.clock.monotonic()
-        text = str(exc)
-        if text != self._api_problem:
-            self._api_problem = text
-            level = logging.ERROR if isinstance(exc, AuthError) else logging.WARNING
-            self.logger.log(level, "%s; retrying", text)
 
-    def _api_recovered(self) -> None:
-        self._api_down_since = 0.0
-        if self._api_problem:
-            self.logger.info("The API answers again.")
-            self._api_problem = ""
+
+def _attach_agent_logging(logger: logging.Logger, level: str) -> None:
+    """Attach the seed's stderr handler unless the application configured logging."""
+    if logger.hasHandlers():
+        if logger.getEffectiveLevel() > logging.getLevelName(level):
+            logger.setLevel(level)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_AGENT_FORMAT))
+    for each in (logger, logging.getLogger(__name__)):
+        each.addHandler(handler)
+        each.setLevel(level)
+
+
+def _log_agent_settings(agent: LocalAgent) -> None:
+    """What the agent runs with, at DEBUG level (never the token itself)."""
+    settings, debug = agent.settings, agent.logger.debug
+    debug("Backend: %s", settings.api)
+    if settings.token:
+        debug("Token: given by %s", settings.sources.get("token", "the caller"))
+    else:
+        debug("Token: none")
+    debug("Environment variables: %s", sorted(settings.env))
+    debug("Max polls: %s", settings.max_polls)
+    debug("Agent address: %s", settings.agent_address)
+    debug("Log to Cloud: %s", settings.cloud_logs)
+    debug("Import paths: %s", settings.import_paths)
+    debug("Show flow logs: %s", settings.show_flow_logs)
+    debug("Limit: %s, timeout: %s, grace: %s s", settings.limit, settings.timeout, settings.grace)
+    debug("Agent directory: %s%s", agent.directory, " (child subreaper)" if agent.subreaper else "")
+
+
+def _stop_on_signals(agent: LocalAgent) -> Callable[[], None]:
+    """Drain on SIGTERM and SIGINT, hurry on the second (main thread only); a function that undoes it."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum: int, frame: object) -> None:
+        if agent.stopping:
+            agent.logger.warning("Second signal received: stopping flow runs now.")
+        else:
+            agent.logger.info("%s received: the agent is shutting down.", signal.Signals(signum).name)
+        agent.stop(signum)
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _lock_agent_directory(directory: Path, settings: Settings) -> TextIO:
