@@ -1682,22 +1682,15 @@ class GraphQLBackend(Backend):
         rows.sort(key=lambda row: (_parse_time_or_now(str(row.get("timestamp"))), str(row.get("id"))))
         last_scheduled = max((i for i, row in enumerate(rows) if row.get("state") in SCHEDULED_STATES), default=-1)
         claims = [row for row in rows[last_scheduled + 1:] if row.get("state") == "Submitted"]
-
-        def is_ours(row: Mapping[str, Any]) -> bool:
-            state = _json_field(row.get("serialized_state"))
-            return isinstance(state, dict) and (state.get("context") or {}).get("claim") == token
-
-        if claims and is_ours(claims[0]):
+        if claims and _is_claim(claims[0], token):
             return int(view["version"]) if isinstance(view.get("version"), int) else None
-        if rows and is_ours(rows[-1]):
+        if rows and _is_claim(rows[-1], token):
             # We lost, and our Submitted hides the run's real state. If the winner has finished,
             # put its final state back; if it is still running, its next write does that, and a
             # copy of its Running written now could land after its Success.
-            losers = {id(row) for row in claims[1:]}
-            real = next((row for row in reversed(rows[:-1]) if id(row) not in losers), None)
-            previous = _json_field(real.get("serialized_state")) if real else None
-            if isinstance(previous, dict) and is_final(str(previous.get("type"))):
-                self.set_flow_run_state(run_id, previous, None)
+            hidden = _hidden_final_state(rows, losing_claims=claims[1:])
+            if hidden is not None:
+                self.set_flow_run_state(run_id, hidden, None)
         return None
 
     def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
@@ -1805,6 +1798,20 @@ class GraphQLBackend(Backend):
 
     def close(self) -> None:
         self._transport.close()
+
+
+def _is_claim(row: Mapping[str, Any], token: str) -> bool:
+    """Whether a row of a run's state history is the Submitted state written with ``token``."""
+    state = _json_field(row.get("serialized_state"))
+    return isinstance(state, dict) and (state.get("context") or {}).get("claim") == token
+
+
+def _hidden_final_state(rows: list[dict[str, Any]], losing_claims: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The final state under a run's last row (a losing claim), skipping other losers' rows; or None."""
+    losers = {id(row) for row in losing_claims}
+    real = next((row for row in reversed(rows[:-1]) if id(row) not in losers), None)
+    previous = _json_field(real.get("serialized_state")) if real else None
+    return previous if isinstance(previous, dict) and is_final(str(previous.get("type"))) else None
 
 
 def _parse_flow_run(row: Any) -> FlowRun:
@@ -3579,14 +3586,8 @@ class LocalAgent:
             return self._connect()                                 # 2.
         if self.phase == RUNNING and self._stop.is_set():
             self._begin_drain(now)
-        if self.phase in (DRAINING, HURRYING):
-            if not self.book.busy:
-                self.phase = DONE
-                return 0.0
-            if self._stop_signal and self.phase == DRAINING:
-                self._hand_back_unstarted(now)                     # 3.
-            if self.phase == HURRYING and (self._hurry.is_set() or now >= (self._grace_end or now)):
-                self._stop_all_jobs(now)
+        if self.phase != RUNNING and not self._drain(now):         # 3.
+            return 0.0
         if now >= self._next_watch:                                # 4.
             self._watch_owned_runs()
             self._next_watch = now + WATCH_SECONDS
@@ -4029,6 +4030,17 @@ class LocalAgent:
         self._next_watch = now + WATCH_SECONDS
         if self.book.busy:
             self.logger.info("Waiting for %d flow run(s) to finish", self.book.busy)
+
+    def _drain(self, now: float) -> bool:
+        """A round of draining: after a signal, hand back and mind the grace. False once all is done."""
+        if not self.book.busy:
+            self.phase = DONE
+            return False
+        if self._stop_signal and self.phase == DRAINING:
+            self._hand_back_unstarted(now)
+        if self.phase == HURRYING and (self._hurry.is_set() or now >= (self._grace_end or now)):
+            self._stop_all_jobs(now)
+        return True
 
     def _hand_back_unstarted(self, now: float) -> None:
         """After a signal: runs not started go back to the queue; running flows get ``--grace`` s."""

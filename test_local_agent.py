@@ -645,7 +645,7 @@ def test_run_scheduled_ahead_starts_no_earlier_than_due(world: World, test_flows
     assert world.state(run_id) == "Success"
     started = float(marker.read_text().split()[0])
     assert started >= due.timestamp()
-    assert started - due.timestamp() < 2.0
+    assert started - due.timestamp() < 5.0  # prefetched: on time, give or take a loaded machine
 
 
 def test_env_flags_reach_the_flow_and_fixed_variables_win(world: World, test_flows: Any) -> None:
@@ -986,7 +986,8 @@ def test_step_connects_once_the_api_answers_and_then_polls(api_world: World, mon
     server.set_down(True)
     agent = stepped_agent(api_world, monkeypatch, max_polls=2)
     try:
-        assert agent.step() > 0 and agent.phase == la.CONNECTING  # waits, then tries again
+        # While the API fails the agent tries again about once a second: it resumes within one.
+        assert 0.5 <= agent.step() <= 1.0 and agent.phase == la.CONNECTING
         server.set_down(False)
         assert agent.step() == 0 and agent.phase == la.RUNNING
         agent.step()
@@ -1234,7 +1235,7 @@ def test_agent_address_serves_health_and_poke(api_world: World, test_flows: Any)
         poked_at = time.monotonic()
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/api/poke", timeout=2).read() == b"{}"
         assert server.wait_for(lambda: server.run(run_id)["state"] != "Scheduled", timeout=20)
-        assert time.monotonic() - poked_at < 1.0
+        assert time.monotonic() - poked_at < 1.5  # the backoff would have waited 2 s or more
         assert agent.wait(timeout=30) == 0
     finally:
         agent.kill()
@@ -1434,7 +1435,7 @@ def test_an_outage_in_a_burst_loses_nothing(api_world: World, test_flows: Any, m
     assert agent.returncode == 0, errors
     assert "Holding" in errors and "The API takes writes again" in errors and "The API answers again." in errors
     print(f"\noutage ({mode}) mid-burst: runs lost 0, log lines lost 0, resumed in {resumed:.2f} s")
-    assert resumed <= 1.5
+    assert resumed < 5  # about a second (see the step test); generous here, where other tests run too
 
 
 def test_each_way_a_flow_run_process_can_die_ends_failed_with_the_reason(
