@@ -67,11 +67,14 @@ A map of this file. Each section uses only the sections above it; read it top to
                   ``_Outbox`` that delivers states and log lines in order and spools them.
  8. Flow-run process  ``execute flow-run``: ``_FlowRunProcess`` loads the run's flow, runs it,
                   reports its final state (or leaves it in the result file for the agent).
- 9. The agent     ``_Job`` (one process: start, output, signals), ``_decide_outcome`` (how a
-                  finished run is settled, a pure function), ``RunBook`` (every run the agent
-                  owns, its phase, its slots, the ledger), ``LocalAgent`` (``step()`` is the
-                  whole loop; ``_claim``, ``_start_run``, ``_tend_jobs``, drain and hand back).
-10. HTTP endpoint ``--agent-address``: health, poke and status (``_serve_agent_address``).
+ 9. The agent     ``_flow_run_environment`` (what a flow-run process gets), ``_Job`` (one
+                  process: start, output, signals), ``_decide_outcome`` (how a finished run is
+                  settled, a pure function), ``RunBook`` (every run the agent owns, its phase,
+                  its slots, the ledger), ``_APIHealth``, and ``LocalAgent``: ``step()`` is the
+                  whole loop; claims in ``_claim``, launches in ``_start_run``, output and exits
+                  in ``_tend_jobs``, cancellation in ``_watch_owned_runs``, shutdown in ``_drain``.
+10. HTTP endpoint ``--agent-address``: health, poke and status (``_serve_agent_address``, which
+                  the agent starts once connected).
 11. Python API    ``Flow``, ``deploy``, ``run_agent``, ``create_flow_run`` and the listings.
 12. Command line  ``main``, the parser built from ``_OPTIONS``, one ``_cmd_*`` per command,
                   ``why``'s explanations (``_explain_run``).
