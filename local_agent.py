@@ -132,6 +132,7 @@ __all__ = [
 
 import ast
 import collections
+import contextlib
 import importlib
 import importlib.util
 import io
@@ -214,6 +215,8 @@ KEEPALIVE_IDLE_SECONDS = 4.0
 #: Seconds between a claim on Prefect Server and its read-back: longer than a write takes
 #: to commit, so a claim that sorts before ours but was not yet visible cannot be missed.
 CLAIM_SETTLE_SECONDS = 0.2
+#: The agent claims no run while its directory's disk has less free space than this.
+MIN_FREE_DISK_BYTES = 1024 * 1024
 #: How often an idle agent looks for new work in the embedded database, in seconds.
 DB_CHANGE_CHECK_SECONDS = 0.1
 
@@ -1063,8 +1066,12 @@ def _locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
 def _write_json_atomically(path: Path, data: Any) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half of one."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # a half-written copy would only hold the space a full disk lacks
+        raise
 
 
 # --- 7. Backends: the interface ----------------------------------------------------------
@@ -1933,6 +1940,18 @@ _ANIMALS = ("ant", "bat", "cat", "dog", "eel", "fish", "gnu", "hare", "ibis", "j
             "newt", "owl", "puma", "quail", "ram", "seal", "toad", "vole", "wolf", "yak")
 
 
+#: SQLite's primary result codes for a full disk and an I/O error.
+_SQLITE_IOERR, _SQLITE_FULL = 10, 13
+
+
+def _roll_back(connection: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open: SQLite ends one itself on a full disk, and the
+    error that did that, not "no transaction is active", is the one to report."""
+    if connection.in_transaction:
+        with contextlib.suppress(Exception):
+            connection.execute("ROLLBACK")
+
+
 def _new_id() -> str:
     """A random UUID, the form of Prefect's ids (uuid is imported only where one is made)."""
     import uuid
@@ -2027,12 +2046,15 @@ class SQLiteBackend(Backend):
                 connection.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            _roll_back(connection)
             raise
 
     def _error(self, exc: Exception) -> AgentError:
-        """Turn an sqlite3 error into one that says what to do."""
+        """Turn an sqlite3 error into one that says what to do; a full disk or I/O error is transient."""
         text = str(exc)
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # Python 3.11+; older ones: the text
+        if code in (_SQLITE_FULL, _SQLITE_IOERR) or "disk is full" in text or "disk I/O error" in text:
+            return APIError(f"cannot write database {self.path} ({text}): free some disk space", transient=True)
         if "locked" in text or "busy" in text:
             return APIError(
                 f"database {self.path} is locked by another process (waited "
@@ -2069,7 +2091,7 @@ class SQLiteBackend(Backend):
                 result = work(connection)
                 connection.execute("COMMIT")
             except BaseException:
-                connection.execute("ROLLBACK")
+                _roll_back(connection)
                 raise
         except sqlite3.Error as exc:
             raise self._error(exc) from None
@@ -2470,6 +2492,8 @@ class _Outbox:
         self._thread: threading.Thread | None = None
         self.dropped = 0
         self.failing = ""
+        #: Why the spool file cannot be written ("" while it can): entries then wait in memory.
+        self.spool_failing = ""
         if spool is not None and spool.exists():
             self._load_spool(spool)
 
@@ -2498,9 +2522,17 @@ class _Outbox:
         with self._lock:
             return max((int(e.get("o", 0)) for e in self._entries if e["r"] == run_id and e["k"] == "log"), default=0)
 
-    def state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
-        """Queue a state write."""
-        self._add({"k": "state", "r": run_id, "s": dict(state), "v": version})
+    def state(self, run_id: str, state: Mapping[str, Any], version: int | None, *, unless_final: bool = False) -> None:
+        """Queue a state write; ``unless_final``: skip it if the run has a final state by then.
+
+        The agent's own conclusions about a run whose process ended (failed, timed out,
+        handed back) are written ``unless_final``: a final state the run already has, from
+        its process or anyone else, is never overwritten by a guess.
+        """
+        entry: dict[str, Any] = {"k": "state", "r": run_id, "s": dict(state), "v": version}
+        if unless_final:
+            entry["g"] = True
+        self._add(entry)
 
     @property
     def pending(self) -> int:
@@ -2529,14 +2561,39 @@ class _Outbox:
             self._bytes += len(line)
             self._idle.clear()
             if self._spool is not None:
-                with open(self._spool, "a", encoding="utf-8") as spool:
-                    spool.write(line)
+                self._append_to_spool(line)
                 if self._bytes > MAX_SPOOL_BYTES:
                     self._shed()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
                 self._thread.start()
         self._wake.set()
+
+    def _append_to_spool(self, line: str) -> None:
+        """Append an entry to the spool; a disk that refuses costs nothing but the spool (called under the lock).
+
+        The entry stays in memory either way. While the spool cannot be written, each new
+        entry tries to write the whole of it again, so it is whole once the disk takes it.
+        """
+        assert self._spool is not None
+        try:
+            if self.spool_failing:
+                self._rewrite_spool()
+            else:
+                with open(self._spool, "a", encoding="utf-8") as spool:
+                    spool.write(line)
+        except OSError as exc:
+            self._spool_failed(exc)
+            return
+        if self.spool_failing:
+            self._logger.info("The spool %s can be written again", self._spool)
+            self.spool_failing = ""
+
+    def _spool_failed(self, exc: OSError) -> None:
+        if not self.spool_failing:
+            self._logger.error("Cannot write the spool %s (%s): undelivered API writes wait in memory until it "
+                               "can be written; free some disk space", self._spool, exc.strerror or exc)
+        self.spool_failing = str(exc)
 
     def _shed(self) -> None:
         """Drop the oldest log lines until the spool fits again (states are kept)."""
@@ -2551,7 +2608,10 @@ class _Outbox:
         self._entries.extend(kept)
         self._logger.warning("The spool of undelivered API writes is full: dropped %d old log line(s) so far",
                              self.dropped)
-        self._rewrite_spool()
+        try:
+            self._rewrite_spool()
+        except OSError as exc:
+            self._spool_failed(exc)
 
     def _load_spool(self, spool: Path) -> None:
         """Take over what a previous run of the agent could not deliver."""
@@ -2577,9 +2637,13 @@ class _Outbox:
         if self._spool is None:
             return
         temporary = self._spool.with_suffix(".tmp")
-        with open(temporary, "w", encoding="utf-8") as spool:
-            spool.writelines(json.dumps(entry, separators=(",", ":")) + "\n" for entry in self._entries)
-        os.replace(temporary, self._spool)
+        try:
+            with open(temporary, "w", encoding="utf-8") as spool:
+                spool.writelines(json.dumps(entry, separators=(",", ":")) + "\n" for entry in self._entries)
+            os.replace(temporary, self._spool)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # a half-written copy only takes the space the disk lacks
+            raise
         self._sent_since_rewrite = 0
 
     def _run(self) -> None:
@@ -2601,7 +2665,8 @@ class _Outbox:
                     if not self._entries:
                         self._bytes = 0
                         if self._spool is not None and self._spool.exists():
-                            self._spool.write_bytes(b"")
+                            with contextlib.suppress(OSError):  # emptying needs no space; a stale one resends
+                                self._spool.write_bytes(b"")
                         self._idle.set()
                     return True
             try:
@@ -2622,7 +2687,8 @@ class _Outbox:
                     self._bytes -= len(json.dumps(self._entries.popleft(), separators=(",", ":"))) + 1
                 self._sent_since_rewrite += len(batch)
                 if self._entries and self._sent_since_rewrite > 1000:
-                    self._rewrite_spool()  # a long backlog: do not resend all of it after a crash
+                    with contextlib.suppress(OSError):  # a long backlog: do not resend all of it after a crash
+                        self._rewrite_spool()
 
     def _next_batch(self) -> list[dict[str, Any]]:
         """The head state alone, or the run of log lines at the head (up to BATCH), not held."""
@@ -2641,6 +2707,12 @@ class _Outbox:
     def _send(self, batch: list[dict[str, Any]]) -> None:
         if batch[0]["k"] == "state":
             entry = batch[0]
+            if entry.get("g"):
+                current = self._backend.get_flow_run(entry["r"])
+                if current is not None and is_final(current.state):
+                    self._logger.info("Flow run %s is %s already; not writing %s over it",
+                                      entry["r"], current.state, entry["s"].get("type"))
+                    return
             self._backend.set_flow_run_state(entry["r"], entry["s"], entry["v"])
             return
         self._backend.write_run_logs([
@@ -2824,14 +2896,18 @@ class _FlowRunProcess:
         return _EXIT_NOT_RUN
 
     def _report(self, state: dict[str, Any]) -> bool:
-        """Deliver the final state, or leave it in the result file for the agent."""
-        self._write_result(state, delivered=False)
+        """Deliver the final state; the result file is the fallback the agent delivers from.
+
+        The file is written first (undelivered), so a process killed mid-report leaves the
+        agent something to deliver; a file that cannot be written never stops the report.
+        """
+        kept = self._write_result(state, delivered=False)
         # Under an agent a short wait is enough: the agent delivers whatever is left.
-        patience = 3.0 if self.result_file else FLOW_RUN_API_PATIENCE_SECONDS
+        patience = 3.0 if kept else FLOW_RUN_API_PATIENCE_SECONDS
         try:
             _retry_api(lambda: self.backend.set_flow_run_state(self.run_id, state, None), patience)
         except APIError as exc:
-            if self.result_file:
+            if kept:
                 self.logger.warning("Could not report %s (%s); the agent will deliver it", state["type"], exc)
                 return True
             self.logger.error("Could not report state %s: %s", state["type"], exc)
@@ -2839,9 +2915,17 @@ class _FlowRunProcess:
         self._write_result(state, delivered=True)
         return True
 
-    def _write_result(self, state: dict[str, Any], *, delivered: bool) -> None:
-        if self.result_file:
+    def _write_result(self, state: dict[str, Any], *, delivered: bool) -> bool:
+        """Leave the final state in the result file for the agent; False if there is none or it failed."""
+        if not self.result_file:
+            return False
+        try:
             _write_json_atomically(Path(self.result_file), {"state": state, "delivered": delivered})
+        except OSError as exc:
+            self.logger.warning("Cannot write the result file %s (%s); reporting %s directly",
+                                self.result_file, exc.strerror or exc, state["type"])
+            return False
+        return True
 
     def _heartbeat(self) -> None:
         while not self._done.wait(HEARTBEAT_SECONDS):
@@ -2993,15 +3077,20 @@ def _describe_exit(returncode: int | None) -> str:
     if returncode >= 0:
         return f"exited with code {returncode}"
     number = -returncode
-    try:
-        name = signal.Signals(number).name
-    except ValueError:
-        name = f"signal {number}"
+    name = _signal_name(number)
     if number == signal.SIGKILL:
         return f"was killed by {name} (the out-of-memory killer may have ended it)"
     if number == signal.SIGSEGV:
         return f"crashed with a segmentation fault ({name})"
     return f"was killed by {name}"
+
+
+def _signal_name(number: int) -> str:
+    """``SIGTERM`` for 15; ``signal 99`` for a number with no name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _process_start_ticks(pid: int) -> str:
@@ -3151,6 +3240,7 @@ class _Job:
         """Start the flow-run process in its own session, its output going to a file."""
         import subprocess  # only the agent starts processes
 
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)  # someone may have removed it
         self.result_path.unlink(missing_ok=True)
         # Output goes to a file, not a pipe: nothing can block on it, and the process
         # outlives the agent without losing a byte; the agent tails the file.
@@ -3202,9 +3292,18 @@ class _Job:
 
     @property
     def how_it_ended(self) -> str:
-        """How the process ended, as far as this agent can know."""
+        """How the process ended, as far as this agent can know; a stop of the agent's own says so."""
         watched = self.process is not None or not self.adopted
+        if self.stopping and watched and self.returncode is not None and self.returncode < 0:
+            reasons = {"timeout": "it timed out", "cancel": "its run was cancelled"}
+            why = reasons.get(self.stopping, "the agent shut down")
+            return f"was stopped by the agent with {_signal_name(-self.returncode)} ({why})"
         return _describe_exit(self.returncode if watched else None)
+
+    def remove_files(self) -> None:
+        """Remove the process's output and result files, once its run is settled."""
+        self.out_path.unlink(missing_ok=True)
+        self.result_path.unlink(missing_ok=True)
 
     def read_output(self, *, to_the_end: bool = False) -> list[LogLine]:
         """The lines the process wrote since the last read (a flood is read in slices)."""
@@ -3272,6 +3371,9 @@ class _Outcome(NamedTuple):
     #: A line for the run's log, and its level ("" when there is nothing to add).
     note: str = ""
     level: str = "INFO"
+    #: The state is the agent's conclusion, not the process's report: written only if the run
+    #: has no final state by then (see _Outbox.state).
+    guessed: bool = True
 
 
 def _decide_outcome(
@@ -3290,7 +3392,8 @@ def _decide_outcome(
     the agent was stopping it. A final state the process reported always wins over a guess."""
     if reported is not None:
         state, delivered = reported
-        return _Outcome(state["type"] if state else "NotRun", state if state is not None and not delivered else None)
+        return _Outcome(state["type"] if state else "NotRun", state if state is not None and not delivered else None,
+                        guessed=False)
     if stopping == "timeout":
         message = f"Flow run timed out after {timeout or 0:g} s; its process {how}."
         return _Outcome("Failed", make_state("Failed", message))
@@ -3343,6 +3446,8 @@ class RunBook:
         self.limit = limit
         self.logger = logger
         self._entries: dict[str, _Entry] = {}
+        #: Why the ledger cannot be written ("" while it can).
+        self.failing = ""
 
     # Views.
 
@@ -3396,15 +3501,19 @@ class RunBook:
         entry = self._entries.setdefault(run.id, _Entry(run.id, DUE, run))
         entry.phase, entry.run = DUE, run  # an unsettled claim's token stays in the ledger
 
-    def claiming(self, runs: Sequence[FlowRun]) -> list[str]:
-        """Record claims about to be written, in the ledger first; their tokens."""
+    def claiming(self, runs: Sequence[FlowRun]) -> list[str] | None:
+        """Record claims about to be written, in the ledger first; their tokens, or None (and the
+        runs left for another agent) when the ledger cannot be written: no claim without it."""
         tokens = []
         for run in runs:
             entry = self._entries.setdefault(run.id, _Entry(run.id, CLAIMING, run))
             entry.phase, entry.claim = CLAIMING, os.urandom(16).hex()
             tokens.append(entry.claim)
-        self.save()  # before the claim: an agent killed now finds it on restart
-        return tokens
+        if self.save():  # before the claim: an agent killed now finds it on restart
+            return tokens
+        for run in runs:
+            self.settled(run.id)
+        return None
 
     def claimed(self, run_id: str, version: int) -> None:
         """Our claim won; the run waits for its start time."""
@@ -3432,8 +3541,9 @@ class RunBook:
 
     # The ledger.
 
-    def save(self) -> None:
-        """Write the ledger: the processes running, and the claims written without one."""
+    def save(self) -> bool:
+        """Write the ledger: the processes running, and the claims written without one. False
+        when the disk refused (logged once, until it takes the ledger again)."""
         entries = {
             "runs": {run_id: entry.job.ledger_entry() for run_id, entry in self._entries.items() if entry.job},
             "claims": {run_id: entry.claim for run_id, entry in self._entries.items() if entry.claim and not entry.job},
@@ -3441,7 +3551,15 @@ class RunBook:
         try:
             _write_json_atomically(self.directory / "ledger.json", entries)
         except OSError as exc:
-            self.logger.error("Could not save the ledger in %s: %s", self.directory, exc)
+            if not self.failing:
+                self.logger.error("Cannot save the ledger in %s (%s): no new runs are claimed until it can be "
+                                  "saved; free some disk space", self.directory, exc.strerror or exc)
+            self.failing = str(exc)
+            return False
+        if self.failing:
+            self.logger.info("The ledger in %s can be saved again; claiming runs again", self.directory)
+            self.failing = ""
+        return True
 
     def load(self) -> tuple[list[_Job], dict[str, str]]:
         """The jobs and the unstarted claims the last start of this agent left in its ledger."""
@@ -3463,6 +3581,17 @@ class RunBook:
             except (KeyError, TypeError, ValueError):
                 self.logger.warning("Ignoring a damaged ledger entry for flow run %s", run_id)
         return jobs, dict(ledger.get("claims") or {})
+
+    def remove_strays(self) -> None:
+        """Remove output and result files of runs the book does not hold: settled by a start that died
+        before it removed them."""
+        try:
+            strays = [path for path in self.runs_dir.iterdir() if path.name.split(".")[0] not in self._entries]
+        except OSError:
+            return
+        for path in strays:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def inherit(self, run_id: str, token: str) -> None:
         """A claim the last start wrote and never started: settled once the API answers."""
@@ -3545,6 +3674,7 @@ class LocalAgent:
         self._grace_end: float | None = None
         self.api = _APIHealth(self.clock, self.logger)
         self._gave_up = False
+        self._disk_full = False
         self._outbox: _Outbox | None = None
         self._lock_file: TextIO | None = None
         self._http: ThreadingHTTPServer | None = None
@@ -3689,6 +3819,7 @@ class LocalAgent:
             if not self.book.phase(run_id):
                 self.book.inherit(run_id, token)
                 self._adopt_unlaunched(run_id)
+        self.book.remove_strays()
         self.book.save()
 
     def _adopt_unlaunched(self, run_id: str) -> None:
@@ -3861,16 +3992,33 @@ class LocalAgent:
             return
         lead = timedelta(seconds=self._backend().claim_lead_seconds)
         near = self.book.due(self.clock.now() + lead)
-        if near:
+        if near and self._room_to_run():
             self._claim(near)
         for run, version in self.book.to_launch(self.clock.now()):
             self.logger.info("Deploying flow run %s", run.id)
             self._start_run(run, version)
 
+    def _room_to_run(self) -> bool:
+        """Whether the agent's disk has room for a run's output, result and ledger (logged once per change)."""
+        try:
+            stats = os.statvfs(self.directory)
+        except (OSError, AttributeError):  # no statvfs here: the ledger's own write is the check
+            return True
+        free = stats.f_bavail * stats.f_frsize
+        if free < MIN_FREE_DISK_BYTES and not self._disk_full:
+            self.logger.error("Only %d bytes are free under %s: no new runs are claimed until %d are; free some "
+                              "disk space", free, self.directory, MIN_FREE_DISK_BYTES)
+        elif free >= MIN_FREE_DISK_BYTES and self._disk_full:
+            self.logger.info("There is room on the disk again under %s; claiming runs again", self.directory)
+        self._disk_full = free < MIN_FREE_DISK_BYTES
+        return not self._disk_full
+
     def _claim(self, runs: Sequence[FlowRun]) -> None:
         """Write Submitted, naming this agent; a run another agent won leaves the book."""
         who = f"agent {self.settings.name} ({self.agent_id or 'unregistered'}) on {_hostname()}"
         tokens = self.book.claiming(runs)  # in the ledger before the claim is written
+        if tokens is None:
+            return  # the ledger cannot be written: these runs stay Scheduled for another agent
         claims = []
         for run, token in zip(runs, tokens):
             self.logger.debug("Updating flow run %s state from %s -> Submitted...", run.id, run.state)
@@ -3928,9 +4076,13 @@ class LocalAgent:
                 self._collect(job, line)
             read_any = read_any or job.offset != offset
             if exited:
+                # The order makes every crash point safe: the outcome is in the spool before
+                # the ledger forgets the run, and the ledger forgets it before its result file
+                # goes, so a restart either settles it again from that file or knows it is done.
                 self._finish(job)
                 self.book.settled(job.run_id)
                 self.book.save()
+                job.remove_files()
                 if self.settings.limit is not None:
                     self._poll_now = True  # a slot is free
         self._enforce_deadlines()
@@ -3976,10 +4128,8 @@ class LocalAgent:
         if outcome.note:
             self._run_log(job.run_id, outcome.note, level=outcome.level)
         if outcome.state is not None:
-            self._api_writes().state(job.run_id, outcome.state, None)
+            self._api_writes().state(job.run_id, outcome.state, None, unless_final=outcome.guessed)
         self._record_result(job.run_id, outcome.result)
-        job.out_path.unlink(missing_ok=True)
-        job.result_path.unlink(missing_ok=True)
 
     def _record_result(self, run_id: str, state_type: str) -> None:
         self.results[run_id] = state_type

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -131,6 +132,13 @@ def talk_slowly(seconds=3.0):
 def orphan_maker():
     import subprocess
     subprocess.Popen(["sh", "-c", "sleep 0.5"])  # outlives the flow-run process
+
+
+def ignore_sigterm(seconds=60):
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("ignoring SIGTERM", flush=True)
+    time.sleep(seconds)
 '''
 
 
@@ -697,7 +705,27 @@ def test_timeout_stops_the_process_group_and_fails_the_run(world: World, test_fl
     world.agent("--once", "--timeout", "1")
     assert time.monotonic() - started < 20
     assert world.state(run_id) == "Failed"
-    assert "timed out after 1 s" in world.message(run_id)
+    assert world.message(run_id) == (
+        "Flow run timed out after 1 s; its process was stopped by the agent with SIGTERM (it timed out).")
+
+
+def test_a_flow_that_ignores_sigterm_is_killed_and_said_to_be_stopped_not_out_of_memory(
+    world: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = world.run(world.flow(test_flows.ignore_sigterm))
+    agent = stepped_agent(world, monkeypatch, once=True, timeout=1)
+    try:
+        drive(agent, lambda: "ignoring SIGTERM" in world.logs(run_id))
+        assert isinstance(agent.clock, JumpingClock)
+        agent.clock.offset += 1  # the timeout: SIGTERM, which the flow ignores
+        drive(agent, lambda: bool(agent.book.jobs) and agent.book.jobs[0].stopping == "timeout")
+        agent.clock.offset += la.KILL_GRACE_SECONDS  # then SIGKILL
+        drive(agent, lambda: agent.phase == la.DONE)
+    finally:
+        agent.close()
+    assert world.message(run_id) == (
+        "Flow run timed out after 1 s; its process was stopped by the agent with SIGKILL (it timed out).")
+    assert "out-of-memory" not in " ".join(world.logs(run_id))
 
 
 # --- The embedded backend and its commands ----------------------------------------------
@@ -1385,6 +1413,182 @@ def test_process_lost_while_the_agent_was_down_fails_the_run(world: World, test_
     assert restarted.returncode == 1  # --once: the run it settled did not succeed
     assert world.state(run_id) == "Failed"
     assert f"restarted and the flow-run process PID {flow_pid} was lost" in world.message(run_id)
+
+
+#: Patches that kill the agent (SIGKILL, no goodbye) at one step of settling a finished run.
+CRASHING_AGENT = '''
+import os, signal, sys
+sys.path.insert(0, sys.argv.pop(1))
+import local_agent as la
+
+step = os.environ["CRASH_AT"]
+seen = set()
+
+
+def crash_around(owner, name, when):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        if when == "before" and (step == name or (step, name) == ("save after settling", "save") and "settled" in seen):
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(*args, **kwargs)
+        seen.add(name)
+        if when == "after" and step == name + " done":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(owner, name, wrapper)
+
+
+crash_around(la.LocalAgent, "_finish", "before")
+crash_around(la.RunBook, "settled", "before")
+crash_around(la.RunBook, "save", "before")
+crash_around(la._Job, "remove_files", "before")
+crash_around(la._Job, "remove_files", "after")
+sys.exit(la.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("step", ["_finish", "settled", "save after settling", "remove_files", "remove_files done"])
+def test_an_agent_killed_at_any_step_of_settling_a_run_never_overwrites_its_final_state(
+    world: World, test_flows: Any, tmp_path: Path, step: str
+) -> None:
+    run_id = world.run(world.flow(test_flows.hello))
+    script = tmp_path / "crashing_agent.py"
+    script.write_text(CRASHING_AGENT)
+    agent = subprocess.run(
+        [sys.executable, str(script), str(AGENT.parent), "start", "--api", world.api, "-l", "test",
+         "--no-hostname-label", "--once"],
+        env={**world.env, "CRASH_AT": step}, cwd=world.cwd, capture_output=True, text=True, timeout=60)
+    assert agent.returncode == -signal.SIGKILL, agent.stderr  # it died at that step
+    assert world.state(run_id) == "Success"  # the flow-run process reported it
+    restarted = world.agent("--once")
+    assert restarted.returncode == 0, restarted.stderr
+    assert world.wait_for(lambda: world.history(run_id)[-1] == "Success")
+    history = world.history(run_id)
+    assert "Failed" not in history and history.count("Success") == 1, history
+    assert not list((world.storage_dir.parent / "agents").glob("*/runs/*"))  # nothing left behind
+
+
+def test_a_removed_runs_directory_neither_fails_a_run_nor_the_runs_after_it(
+    world: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 1.0})
+    agent = stepped_agent(world, monkeypatch)
+    try:
+        drive(agent, lambda: "logged before the wait" in world.logs(first))
+        shutil.rmtree(agent.book.runs_dir)  # its result file cannot be written now
+        drive(agent, lambda: first not in {job.run_id for job in agent.book.jobs})
+        second = world.run(world.flow(test_flows.hello))
+        drive(agent, lambda: agent.results.get(second) is not None)
+        drive(agent, lambda: world.state(first) == "Success" and world.state(second) == "Success", budget=10)
+    finally:
+        agent.close()
+    assert "Failed" not in world.history(first)  # it reported Success itself; the agent's guess did not win
+    assert "Hello, world!" in world.logs(second)  # the agent made its directories again
+
+
+class FullDatabase(la.SQLiteBackend):
+    """The embedded database on a disk with no room left: every connection may grow no more."""
+
+    full = True
+
+    def _open(self) -> sqlite3.Connection:
+        connection = super()._open()
+        self._limit(connection)
+        return connection
+
+    def _limit(self, connection: sqlite3.Connection) -> None:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {pages if self.full else 1073741823}")
+
+    def make_room(self) -> None:
+        self.full = False
+        for connection in self._connections:
+            self._limit(connection)
+
+
+def test_a_full_database_is_a_transient_error_and_no_final_state_is_dropped(tmp_path: Path) -> None:
+    setup = la.SQLiteBackend(str(tmp_path / "small.db"))
+    flow_id = setup.register_flow(setup.ensure_project("p"), la.serialize_flow(la.Flow("f", print), "/f", []))
+    run_id = setup.create_flow_run(flow_id, parameters={}, labels=None, scheduled_start_time=None,
+                                   idempotency_key="k")
+    setup.close()
+    db = FullDatabase(str(tmp_path / "small.db"))
+    with pytest.raises(la.APIError) as refused:
+        db.write_run_logs([{"flow_run_id": run_id, "message": "x" * 100_000}])
+    assert refused.value.transient, refused.value
+    assert "database or disk is full" in str(refused.value) and "rollback" not in str(refused.value)
+    outbox = la._Outbox(db, logger=logging.getLogger("test"))
+    outbox.log(run_id, "y" * 100_000)
+    outbox.state(run_id, la.make_state("Success", "All reference tasks succeeded."), None)
+    try:
+        assert not outbox.flush(1.5)  # held back, not dropped
+        assert outbox.pending == 2 and db.get_flow_run(run_id).state == "Scheduled"  # type: ignore[union-attr]
+        db.make_room()
+        assert outbox.flush(10)
+    finally:
+        outbox.close()
+    assert db.get_flow_run(run_id).state == "Success"  # type: ignore[union-attr]
+    assert "y" * 100_000 in [line.message for line in db.get_run_logs(run_id)]
+    db.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MB file system (tmpfs), for the agent's home: the tests fill it up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"the disk-full tests mount a 4 MB tmpfs, which needs root: {mounted.stderr}"
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill a file system to the last byte; the file that did it."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_under_the_agents_home_stops_new_claims_until_there_is_room(
+    world: World, test_flows: Any, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 1.0})
+    agent = stepped_agent(world, monkeypatch, home_dir=str(small_disk))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    agent.logger.addHandler(handler)
+    agent.logger.setLevel(logging.INFO)
+    try:
+        drive(agent, lambda: "logged before the wait" in world.logs(running))
+        filler = fill(small_disk)
+        waiting = world.run(world.flow(test_flows.hello))
+        drive(agent, lambda: world.state(running) == "Success" and not agent.book.jobs)  # still watched
+        drive(agent, lambda: False, budget=1, must=False)
+        assert world.state(waiting) == "Scheduled"  # never claimed while the disk is full
+        said = [record.getMessage() for record in records if record.levelno >= logging.ERROR]
+        assert len([line for line in said if "bytes are free under" in line]) == 1, said  # said once
+        assert len(said) == len(set(line.split(" (")[0] for line in said)), said  # each problem once
+        filler.unlink()  # room again
+        drive(agent, lambda: world.state(waiting) == "Success")
+    finally:
+        agent.logger.removeHandler(handler)
+        agent.logger.setLevel(logging.NOTSET)
+        agent.close()
+    assert "Failed" not in world.history(running)
+    assert any("claiming runs again" in record.getMessage() for record in records)
 
 
 def test_a_claim_left_unstarted_by_a_killed_agent_is_handed_back(embedded: World, test_flows: Any) -> None:
