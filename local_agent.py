@@ -100,6 +100,7 @@ __all__ = [
     "SQLiteBackend",
     "Settings",
     "StateUpdateFailed",
+    "UntrustedFlowError",
     "cancel_flow_run",
     "context",
     "create_flow_run",
@@ -151,7 +152,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TextIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 try:
@@ -282,6 +283,10 @@ class FlowStorageError(AgentError):
     """A flow cannot be stored, found or loaded."""
 
 
+class UntrustedFlowError(FlowStorageError):
+    """A run's flow file lies outside every directory this agent's operator named."""
+
+
 def _one_line(text: str, limit: int = 500) -> str:
     """Squash ``text`` onto one line of at most ``limit`` characters."""
     flat = " ".join(str(text).split())
@@ -344,6 +349,27 @@ def _as_positive(value: object, where: str) -> int:
     if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)) or int(str(value)) < 1:
         raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
     return int(str(value))
+
+
+def _header_problem(value: str) -> str:
+    """What keeps ``value`` out of an HTTP header ("" when nothing): a line break, or a character
+    HTTP headers cannot carry. Says nothing of the value itself, which may be a secret."""
+    if "\r" in value or "\n" in value:
+        return "contains a line break"
+    if any(ord(char) < 32 or ord(char) == 127 or ord(char) > 255 for char in value):
+        return "contains a character an HTTP header cannot carry"
+    return ""
+
+
+def _as_token(value: object, where: str) -> str:
+    """A token or key: one line of Latin-1 text, since it is sent in the Authorization header."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {type(value).__name__}")
+    token = value.strip()
+    problem = _header_problem(token)
+    if problem:
+        raise ConfigError(f"the token given by {where} {problem}; check how it was copied")
+    return token
 
 
 def _as_level(value: object, where: str) -> str:
@@ -461,13 +487,13 @@ class _Option(NamedTuple):
 
 _OPTIONS = (
     # The token: the agent key first, as Prefect 0.8 read it, then the client's own names.
-    _Option("token", ("cloud.agent.auth_token", "cloud.auth_token", "cloud.api_key"), _as_str, "",
+    _Option("token", ("cloud.agent.auth_token", "cloud.auth_token", "cloud.api_key"), _as_token, "",
             ("-t", "--token", "-k", "--key"), "API token or key"),
     _Option("api", ("cloud.api",), _as_api, "", ("-a", "--api"),
             "API URL, or sqlite:///PATH for the embedded database",
             shown_default="Prefect Cloud (`https://api.prefect.io`) with a token; else "
                           "`sqlite:///<home_dir>/local_agent.db`"),
-    _Option("tenant_id", ("cloud.tenant_id",), _as_str, "", ("--tenant-id",), "tenant to use (Prefect Cloud)",
+    _Option("tenant_id", ("cloud.tenant_id",), _as_token, "", ("--tenant-id",), "tenant to use (Prefect Cloud)",
             shown_default="Server's first tenant; Cloud: the key's"),
     _Option("name", ("cloud.agent.name",), _as_str, DEFAULT_AGENT_NAME, ("-n", "--name"),
             "agent name, also its logger's name"),
@@ -479,6 +505,9 @@ _OPTIONS = (
             "append", check_item=_split_env_pair),
     _Option("import_paths", ("cloud.agent.import_paths",), _as_paths, [], ("-p", "--import-path"),
             "add to flow runs' PYTHONPATH (repeatable)", "append"),
+    _Option("flow_dirs", ("cloud.agent.flow_dirs",), _as_paths, [], ("--flows-dir",),
+            "also load flow files from under this directory (repeatable); <home_dir>/flows always", "append",
+            shown_default="`[]` (`<home_dir>/flows` always counts)"),
     _Option("show_flow_logs", ("cloud.agent.show_flow_logs",), _as_bool, False, ("-f", "--show-flow-logs"),
             "show flow-run output", "true"),
     _Option("hostname_label", ("cloud.agent.hostname_label",), _as_bool, True, ("--no-hostname-label",),
@@ -543,6 +572,7 @@ class Settings:
     home_dir: str
     env: dict[str, str]
     import_paths: list[str]
+    flow_dirs: list[str]
     show_flow_logs: bool
     hostname_label: bool
     cloud_logs: bool
@@ -584,6 +614,11 @@ class Settings:
     def flows_dir(self) -> Path:
         """Where flows are stored by default: ``<home>/flows``."""
         return self.home / "flows"
+
+    @property
+    def trusted_flow_dirs(self) -> list[str]:
+        """The only directories flow files are loaded from: ``<home>/flows`` and ``--flows-dir``'s."""
+        return [str(self.flows_dir), *self.flow_dirs]
 
     def agent_labels(self) -> list[str]:
         """The labels ``start`` polls with: given ones, ``local``, then the host name."""
@@ -696,7 +731,16 @@ def _finish_api(settings: Settings) -> None:
             settings.sources.setdefault("api", "the default (embedded database)")
 
 
-_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+def _is_this_machine(host: str) -> bool:
+    """Only ``localhost`` and literal loopback addresses (127.0.0.0/8, ::1); names are not resolved."""
+    import ipaddress  # only when a token would go over plain http
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, like 127.0.0.1.nip.io
+        return False
 
 
 def _check_token_safety(settings: Settings) -> None:
@@ -706,7 +750,7 @@ def _check_token_safety(settings: Settings) -> None:
     config_path = Path(settings.config_path)
     parts = urlsplit(settings.api)
     host = parts.hostname or ""
-    insecure = parts.scheme == "http" and host not in _LOOPBACK_HOSTS and not host.startswith("127.")
+    insecure = parts.scheme == "http" and not _is_this_machine(host)
     if insecure and not settings.allow_insecure_http:
         raise ConfigError(
             f"refusing to send the token over plain http to {host}: use https, "
@@ -719,6 +763,53 @@ def _check_token_safety(settings: Settings) -> None:
                 "config file %s holds a token and is readable by others; run: chmod 600 %s",
                 config_path, config_path,
             )
+
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+class _Redactor:
+    """Blanks secrets out of text. One of these sees every string that leaves a process: log
+    lines, state messages, status output and error lines."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        found = sorted(set(secrets), key=len, reverse=True)  # the longest first, so none hides another
+        self.longest = len(found[0].encode("utf-8")) if found else 0
+        self._text = re.compile("|".join(re.escape(secret) for secret in found)) if found else None
+        self._bytes = re.compile(b"|".join(re.escape(secret.encode("utf-8")) for secret in found)) if found else None
+
+    def __call__(self, text: str) -> str:
+        """``text`` with each secret replaced by ``[REDACTED]``."""
+        return self._text.sub("[REDACTED]", text) if self._text is not None else text
+
+    def safe_cut(self, data: bytes, cut: int) -> int:
+        """Where to cut ``data`` at or before ``cut`` without splitting a secret in two."""
+        if self._bytes is not None:
+            for match in self._bytes.finditer(data, 0, cut + self.longest):
+                if match.start() < cut < match.end():
+                    return match.start()
+        return cut
+
+
+def _secrets(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """The token, ``--env`` values with secret-looking names (4+ characters) and inherited ones (8+:
+    a name like ``..._SECRETS`` often holds just ``false``)."""
+    found = [settings.token] if settings.token else []
+    found += [value for key, value in settings.env.items() if _SECRET_NAME.search(key) and len(value) >= 4]
+    found += [value for key, value in environ.items() if _SECRET_NAME.search(key) and len(value) >= 8]
+    return found
+
+
+class _RedactingFilter(logging.Filter):
+    """Redacts log records before any handler formats them."""
+
+    def __init__(self, redact: _Redactor) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.redact(record.getMessage()), ()
+        return True
 
 
 # --- 5. States and time ------------------------------------------------------------------
@@ -1035,8 +1126,12 @@ def local_storage(flow_name: str, path: str) -> dict[str, Any]:
     }
 
 
-def _locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
-    """Check a run's storage is Local with a file inside its directory; return (path, dir)."""
+def _locate_flow_file(flow_name: str, storage: Any, trusted: Sequence[str | os.PathLike[str]]) -> tuple[str, str]:
+    """Check a run's storage is Local with a file under a ``trusted`` directory; return (path, that directory).
+
+    The directories are the ones the operator named, never the storage's own ``directory``:
+    anyone who may register a flow chooses that one.
+    """
     if not isinstance(storage, Mapping):
         raise FlowStorageError(f"flow {flow_name!r} has no storage; register it with Local storage")
     kind = storage.get("type")
@@ -1044,30 +1139,50 @@ def _locate_flow_file(flow_name: str, storage: Any) -> tuple[str, str]:
         raise FlowStorageError(
             f"flow {flow_name!r} uses {kind or 'unknown'} storage; this agent runs only Local storage"
         )
-    flows, directory = storage.get("flows"), storage.get("directory")
+    flows = storage.get("flows")
     path = flows.get(flow_name) if isinstance(flows, Mapping) else None
-    if not isinstance(path, str) or not isinstance(directory, str) or not directory:
+    if not isinstance(path, str) or not path:
         raise FlowStorageError(
             f"the Local storage of flow {flow_name!r} names no file for it; register it again"
         )
-    real_dir, real_path = os.path.realpath(directory), os.path.realpath(path)
-    if os.path.commonpath([real_dir, real_path]) != real_dir:
-        raise FlowStorageError(
-            f"flow file {path} is outside its storage directory {directory}; refusing to load it"
+    real_path = os.path.realpath(path)
+    real_dirs = [os.path.realpath(directory) for directory in trusted]
+    home = next((directory for directory in real_dirs if os.path.commonpath([directory, real_path]) == directory), "")
+    if not home:
+        raise UntrustedFlowError(
+            f"flow file {path} is not under a directory this agent loads flows from "
+            f"({', '.join(real_dirs)}): store the flow there, or add its directory with --flows-dir "
+            "(setting cloud.agent.flow_dirs)"
         )
     if not os.path.isfile(real_path):
         raise FlowStorageError(
             f"flow file {path} does not exist on host {_hostname()}: store the flow on this machine "
             "or run the agent where it was stored"
         )
-    return real_path, real_dir
+    return real_path, home
+
+
+def _private_open(path: str | os.PathLike[str], mode: str = "w") -> IO[Any]:
+    """Open a file for writing that only this user may read (0600 whatever the umask): run output,
+    ledgers, spools and databases hold parameters and output before redaction."""
+    flags = os.O_WRONLY | os.O_CREAT | {"w": os.O_TRUNC, "wb": os.O_TRUNC, "a": os.O_APPEND, "a+": os.O_APPEND}[mode]
+    if mode == "a+":
+        flags = (flags & ~os.O_WRONLY) | os.O_RDWR
+    return open(os.open(path, flags, 0o600), mode, encoding=None if "b" in mode else "utf-8")
+
+
+def _private_dirs(top: Path, path: Path) -> None:
+    """Make ``path`` and the missing directories between it and ``top`` (``top`` too), each 0700."""
+    for directory in [*reversed(path.relative_to(top).parents), path.relative_to(top)]:
+        (top / directory).mkdir(mode=0o700, exist_ok=True)
 
 
 def _write_json_atomically(path: Path, data: Any) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half of one."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps(data), encoding="utf-8")
+        with _private_open(temporary) as handle:
+            handle.write(json.dumps(data))
         os.replace(temporary, path)
     except OSError:
         temporary.unlink(missing_ok=True)  # a half-written copy would only hold the space a full disk lacks
@@ -1558,6 +1673,10 @@ class GraphQLBackend(Backend):
         if self._agent_id:
             all_headers["X-PREFECT-AGENT-ID"] = self._agent_id
         all_headers.update(headers or {})
+        for name, value in all_headers.items():
+            problem = _header_problem(value)
+            if problem:  # only an API can have sent such a value (an id); settings are checked when read
+                raise APIError(f"malformed API answer: the value for the {name} header {problem}")
         self.requests_sent += 1
         status, raw = self._transport.post(body, all_headers)
         return _graphql_data(status, raw, self.api)
@@ -1603,7 +1722,10 @@ class GraphQLBackend(Backend):
         }
         try:
             answer = self.graphql(_REGISTER_AGENT, {"input": agent_input}).get("register_agent")
-            self._agent_id = _expect(_expect(answer, dict, "register_agent").get("id"), str, "agent id")
+            agent_id = _expect(_expect(answer, dict, "register_agent").get("id"), str, "agent id")
+            if _header_problem(agent_id):
+                raise APIError(f"malformed API answer: the agent id it gave {_header_problem(agent_id)}")
+            self._agent_id = agent_id
         except APIError as exc:
             if exc.transient:
                 raise
@@ -1996,7 +2118,9 @@ class SQLiteBackend(Backend):
 
         folder = os.path.dirname(self.path)
         try:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            if not os.path.exists(self.path):  # SQLite gives its -wal and -shm files the database's mode
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             connection = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -2466,6 +2590,14 @@ def open_backend(settings: Settings) -> Backend:
     )
 
 
+def _redact_state(state: Mapping[str, Any], redact: _Redactor) -> dict[str, Any]:
+    """A state with its message redacted."""
+    redacted = dict(state)
+    if isinstance(redacted.get("message"), str):
+        redacted["message"] = redact(redacted["message"])
+    return redacted
+
+
 class _Outbox:
     """API writes that must not be lost — run-log lines and states — delivered in order.
 
@@ -2476,8 +2608,11 @@ class _Outbox:
     keeps at most MAX_SPOOL_BYTES, dropping the oldest log lines first, never a state.
     """
 
-    def __init__(self, backend: Backend, spool: Path | None = None, logger: logging.Logger | None = None) -> None:
+    def __init__(self, backend: Backend, spool: Path | None = None, logger: logging.Logger | None = None,
+                 redact: _Redactor | None = None) -> None:
         self._backend = backend
+        #: Every line and state message is redacted here, before it is spooled or sent.
+        self._redact = redact or _Redactor(())
         self._spool = spool
         self._logger = logger or logging.getLogger(__name__)
         self._entries: collections.deque[dict[str, Any]] = collections.deque()
@@ -2501,7 +2636,7 @@ class _Outbox:
             timestamp: datetime | None = None, offset: int | None = None) -> None:
         """Queue one line for a run's log; a line read from output at ``offset`` waits for release()."""
         entry: dict[str, Any] = {"k": "log", "r": run_id, "t": _format_time(timestamp or _utcnow()), "l": level,
-                                 "n": name, "m": message}
+                                 "n": name, "m": self._redact(message)}
         if offset is not None:
             entry["o"] = offset
         self._add(entry, hold=offset is not None)
@@ -2529,7 +2664,7 @@ class _Outbox:
         handed back) are written ``unless_final``: a final state the run already has, from
         its process or anyone else, is never overwritten by a guess.
         """
-        entry: dict[str, Any] = {"k": "state", "r": run_id, "s": dict(state), "v": version}
+        entry: dict[str, Any] = {"k": "state", "r": run_id, "s": _redact_state(state, self._redact), "v": version}
         if unless_final:
             entry["g"] = True
         self._add(entry)
@@ -2580,7 +2715,7 @@ class _Outbox:
             if self.spool_failing:
                 self._rewrite_spool()
             else:
-                with open(self._spool, "a", encoding="utf-8") as spool:
+                with _private_open(self._spool, "a") as spool:
                     spool.write(line)
         except OSError as exc:
             self._spool_failed(exc)
@@ -2638,7 +2773,7 @@ class _Outbox:
             return
         temporary = self._spool.with_suffix(".tmp")
         try:
-            with open(temporary, "w", encoding="utf-8") as spool:
+            with _private_open(temporary) as spool:
                 spool.writelines(json.dumps(entry, separators=(",", ":")) + "\n" for entry in self._entries)
             os.replace(temporary, self._spool)
         except OSError:
@@ -2813,12 +2948,15 @@ class _FlowRunProcess:
     """
 
     def __init__(
-        self, backend: Backend, run_id: str, *, cloud_logs: bool, level: str, result_file: str = ""
+        self, backend: Backend, run_id: str, *, cloud_logs: bool, level: str, result_file: str = "",
+        trusted_dirs: Sequence[str] = (), redact: _Redactor | None = None,
     ) -> None:
         self.backend = backend
+        self.trusted_dirs = trusted_dirs
         self.run_id = run_id
         self.result_file = result_file
-        self.outbox = _Outbox(backend) if cloud_logs and not result_file else None
+        self.redact = redact or _Redactor(())
+        self.outbox = _Outbox(backend, redact=self.redact) if cloud_logs and not result_file else None
         self.logger = logging.getLogger("flow_runner")
         self._level = level
         self._done = threading.Event()
@@ -2839,14 +2977,18 @@ class _FlowRunProcess:
     def _install_logging(self) -> None:
         root = logging.getLogger()
         root.setLevel(self._level)
+        handlers: list[logging.Handler] = []
         if self.result_file:
-            root.addHandler(_RecordLineHandler(sys.stdout))
-            return
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(_utc_formatter(_CHILD_FORMAT))
-        root.addHandler(console)
-        if self.outbox is not None:
-            root.addHandler(_RunLogHandler(self.outbox, self.run_id))
+            handlers.append(_RecordLineHandler(sys.stdout))
+        else:
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(_utc_formatter(_CHILD_FORMAT))
+            handlers.append(console)
+            if self.outbox is not None:
+                handlers.append(_RunLogHandler(self.outbox, self.run_id))
+        for handler in handlers:
+            handler.addFilter(_RedactingFilter(self.redact))
+            root.addHandler(handler)
 
     def _run(self) -> int:
         run = _retry_api(lambda: self.backend.get_flow_run(self.run_id), FLOW_RUN_API_PATIENCE_SECONDS)
@@ -2857,7 +2999,7 @@ class _FlowRunProcess:
             self.logger.info("Flow run %s has already finished (%s); nothing to do.", run.id, run.state)
             return _EXIT_REPORTED
         try:
-            path, directory = _locate_flow_file(run.flow_name, run.storage)
+            path, directory = _locate_flow_file(run.flow_name, run.storage, self.trusted_dirs)
             flow = load_flow(path, directory)
             _share_context(flow_run_id=run.id, flow_id=run.flow_id, flow_name=run.flow_name,
                            parameters=dict(run.parameters), logger=logging.getLogger("flow"))
@@ -2901,6 +3043,7 @@ class _FlowRunProcess:
         The file is written first (undelivered), so a process killed mid-report leaves the
         agent something to deliver; a file that cannot be written never stops the report.
         """
+        state = _redact_state(state, self.redact)
         kept = self._write_result(state, delivered=False)
         # Under an agent a short wait is enough: the agent delivers whatever is left.
         patience = 3.0 if kept else FLOW_RUN_API_PATIENCE_SECONDS
@@ -2975,7 +3118,9 @@ def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = No
         level = _as_level(environ.get("PREFECT__LOGGING__LEVEL", "INFO"), "PREFECT__LOGGING__LEVEL")
         cloud_logs = _as_bool(environ.get("PREFECT__LOGGING__LOG_TO_CLOUD", "true"), "PREFECT__LOGGING__LOG_TO_CLOUD")
         result_file = environ.get("LOCAL_AGENT_RESULT_FILE", "")
-        return _FlowRunProcess(backend, run_id, cloud_logs=cloud_logs, level=level, result_file=result_file).run()
+        return _FlowRunProcess(backend, run_id, cloud_logs=cloud_logs, level=level, result_file=result_file,
+                               trusted_dirs=settings.trusted_flow_dirs,
+                               redact=_Redactor(_secrets(settings, environ))).run()
     finally:
         backend.close()
 
@@ -2992,20 +3137,6 @@ def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = No
 # Reading order: _Job (one process and its output), _decide_outcome (how a finished run is
 # settled, a pure function), RunBook (every run the agent owns and its phase, the ledger),
 # then LocalAgent, whose step() is the whole loop on one screen.
-
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
-
-
-def _redactor(settings: Settings) -> Callable[[str], str]:
-    """A function that blanks the token and secret-looking ``--env`` values out of text."""
-    secrets = [settings.token] if settings.token else []
-    secrets += [value for key, value in settings.env.items() if _SECRET_NAME.search(key)]
-    secrets = sorted({secret for secret in secrets if len(secret) >= 4}, key=len, reverse=True)
-    if not secrets:
-        return lambda text: text
-    pattern = re.compile("|".join(re.escape(secret) for secret in secrets))
-    return lambda text: pattern.sub("[REDACTED]", text)
-
 
 def _source_file() -> str:
     """This module's source file, also when it runs from its compiled copy (see _compiled_copy)."""
@@ -3199,6 +3330,9 @@ def _flow_run_environment(
         "PYTHONPATH": os.pathsep.join(python_path),
         "PYTHONUNBUFFERED": "1",  # output reaches the run log as it happens
         "LOCAL_AGENT_RESULT_FILE": str(result_path),
+        # Where flows may be loaded from: the agent's own directories, whatever set them.
+        "PREFECT__HOME_DIR": str(settings.home),
+        "PREFECT__CLOUD__AGENT__FLOW_DIRS": json.dumps(settings.flow_dirs),
     }
     if settings.tenant_id:
         fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
@@ -3244,7 +3378,7 @@ class _Job:
         self.result_path.unlink(missing_ok=True)
         # Output goes to a file, not a pipe: nothing can block on it, and the process
         # outlives the agent without losing a byte; the agent tails the file.
-        with open(self.out_path, "wb") as output:
+        with _private_open(self.out_path, "wb") as output:
             self.process = subprocess.Popen(
                 command,
                 env=environment,
@@ -3305,8 +3439,8 @@ class _Job:
         self.out_path.unlink(missing_ok=True)
         self.result_path.unlink(missing_ok=True)
 
-    def read_output(self, *, to_the_end: bool = False) -> list[LogLine]:
-        """The lines the process wrote since the last read (a flood is read in slices)."""
+    def read_output(self, redact: _Redactor, *, to_the_end: bool = False) -> list[LogLine]:
+        """The lines the process wrote since the last read, redacted (a flood is read in slices)."""
         lines: list[LogLine] = []
         try:
             with open(self.out_path, "rb") as output:
@@ -3316,27 +3450,33 @@ class _Job:
                     if not data:
                         break
                     self.offset += len(data)
-                    lines += self._split(self.partial + data)
+                    lines += self._split(self.partial + data, redact)
                     if not to_the_end:
                         break  # the rest on the next round, between the loop's other duties
         except FileNotFoundError:
             return lines
         if to_the_end and self.partial:
-            lines.append(_parse_output_line(self.partial.decode("utf-8", "replace")))
+            lines += self._lines_of(self.partial, redact)
             self.partial = b""
         return lines
 
-    def _split(self, data: bytes) -> list[LogLine]:
+    def _split(self, data: bytes, redact: _Redactor) -> list[LogLine]:
         raw_lines = data.split(b"\n")
         self.partial = raw_lines.pop()
-        while len(self.partial) > MAX_LINE_BYTES:  # an endless line is split, never held whole
-            raw_lines.append(self.partial[:MAX_LINE_BYTES])
-            self.partial = self.partial[MAX_LINE_BYTES:]
-        return [
-            _parse_output_line(raw[start:start + MAX_LINE_BYTES].decode("utf-8", "replace"))
-            for raw in raw_lines
-            for start in range(0, max(len(raw), 1), MAX_LINE_BYTES)
-        ]
+        # An endless line is cut, never held whole; never through a secret, and only where
+        # any secret that starts before the cut is there whole.
+        while len(self.partial) > MAX_LINE_BYTES + redact.longest:
+            cut = redact.safe_cut(self.partial, MAX_LINE_BYTES) or MAX_LINE_BYTES
+            raw_lines.append(self.partial[:cut])
+            self.partial = self.partial[cut:]
+        return [line for raw in raw_lines for line in self._lines_of(raw, redact)]
+
+    @staticmethod
+    def _lines_of(raw: bytes, redact: _Redactor) -> list[LogLine]:
+        """A line of output, redacted whole and then cut to lines a run's log takes."""
+        text = redact(raw.decode("utf-8", "replace"))
+        return [_parse_output_line(text[start:start + MAX_LINE_BYTES]) for start in range(0, max(len(text), 1),
+                                                                                             MAX_LINE_BYTES)]
 
     def stop(self, why: str, kill_at: float) -> None:
         """SIGTERM the process group now, SIGKILL at ``kill_at`` (see ``kill_if_due``)."""
@@ -3415,7 +3555,8 @@ def _decide_outcome(
 #: (or being written) with no answer yet, or an answer lost to an error; claimed and not
 #: started; its process started (or adopted). A run leaves the book when settled.
 #: INHERITED: a claim the last start of this agent wrote and never started.
-DUE, CLAIMING, CLAIMED, LAUNCHED, INHERITED = "due", "claiming", "claimed", "launched", "inherited"
+#: REFUSED: a run this agent will not take (its flow file is where it may not load from).
+DUE, CLAIMING, CLAIMED, LAUNCHED, INHERITED, REFUSED = "due", "claiming", "claimed", "launched", "inherited", "refused"
 #: Phases that hold a slot (``--limit``) and keep the agent from finishing.
 _BUSY = (DUE, CLAIMED, LAUNCHED)
 
@@ -3477,7 +3618,7 @@ class RunBook:
 
     def is_taken(self, run_id: str) -> bool:
         """Whether a run is already on its way here (fetched, claimed, running or to be settled)."""
-        return self.phase(run_id) in (*_BUSY, INHERITED)
+        return self.phase(run_id) in (*_BUSY, INHERITED, REFUSED)
 
     def due(self, before: datetime) -> list[FlowRun]:
         """Fetched runs starting by ``before``, earliest first."""
@@ -3525,6 +3666,11 @@ class RunBook:
         entry = self._entries.setdefault(job.run_id, _Entry(job.run_id, LAUNCHED))
         entry.phase, entry.job, entry.claim = LAUNCHED, job, ""
         self.save()
+
+    def refuse(self, run_id: str) -> None:
+        """A run this agent will not take: never fetched again (it holds no slot)."""
+        entry = self._entries.setdefault(run_id, _Entry(run_id, REFUSED))
+        entry.phase, entry.run = REFUSED, None
 
     def settled(self, run_id: str) -> None:
         """The run needs nothing more from this agent: lost claim, failed start, final state, handed back."""
@@ -3676,17 +3822,17 @@ class LocalAgent:
         self._gave_up = False
         self._disk_full = False
         self._outbox: _Outbox | None = None
-        self._lock_file: TextIO | None = None
+        self._lock_file: IO[Any] | None = None
         self._http: ThreadingHTTPServer | None = None
         self._program = _source_file()  # what flow-run processes run: this file, or its compiled copy
         self.subreaper = False
-        self._redact = _redactor(self.settings)
+        self._redact = _Redactor(_secrets(self.settings, os.environ))
 
     # Public controls.
 
     def start(self) -> int:
         """Run until stopped, ``--max-polls`` is reached or (``--once``) the queue is empty."""
-        _attach_agent_logging(self.logger, self.settings.level)
+        _attach_agent_logging(self.logger, self.settings.level, self._redact)
         try:
             self.open()  # bad settings and files fail here, before the banner
             print(BANNER, flush=True)
@@ -3758,7 +3904,7 @@ class LocalAgent:
             "running": {job.run_id: job.pid for job in self.book.jobs},
             "waiting": sorted(entry.run_id for entry in self.book.in_phase(DUE, CLAIMED)),
             "undelivered": self._outbox.pending if self._outbox else 0,
-            "api_problem": self.api.problem,
+            "api_problem": self._redact(self.api.problem),
         }
 
     # Start-up and shutdown.
@@ -3768,12 +3914,13 @@ class LocalAgent:
         if self.backend is None:
             self.backend = open_backend(self.settings)
         try:
-            self.book.runs_dir.mkdir(parents=True, exist_ok=True)
+            self.settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_dirs(self.settings.home, self.book.runs_dir)
         except OSError as exc:
             raise ConfigError(f"cannot create the agent's directory {self.directory}: {exc.strerror or exc}") from None
         self._lock_file = _lock_agent_directory(self.directory, self.settings)
         self._program = _compiled_copy(self.settings.home / "cache") or _source_file()
-        self._outbox = _Outbox(self.backend, self.directory / "spool.jsonl", self.logger)
+        self._outbox = _Outbox(self.backend, self.directory / "spool.jsonl", self.logger, self._redact)
         if self._outbox.pending:
             self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
         if self.settings.subreaper or os.getpid() == 1:
@@ -3991,12 +4138,25 @@ class LocalAgent:
         if self._stop_signal:
             return
         lead = timedelta(seconds=self._backend().claim_lead_seconds)
-        near = self.book.due(self.clock.now() + lead)
+        near = [run for run in self.book.due(self.clock.now() + lead) if self._may_load(run)]
         if near and self._room_to_run():
             self._claim(near)
         for run, version in self.book.to_launch(self.clock.now()):
             self.logger.info("Deploying flow run %s", run.id)
             self._start_run(run, version)
+
+    def _may_load(self, run: FlowRun) -> bool:
+        """False for a run whose flow file lies where this agent may not load from: it is left
+        unclaimed, for an agent whose operator trusts that place (logged once)."""
+        try:
+            _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs)
+        except UntrustedFlowError as exc:
+            self.logger.warning("Leaving flow run %s to another agent: %s", run.id, exc)
+            self.book.refuse(run.id)
+            return False
+        except FlowStorageError:
+            pass  # claimed, and failed saying why (see _start_run)
+        return True
 
     def _room_to_run(self) -> bool:
         """Whether the agent's disk has room for a run's output, result and ledger (logged once per change)."""
@@ -4043,7 +4203,7 @@ class LocalAgent:
         try:
             if run.problem:
                 raise FlowStorageError(f"the API's record of this run is unusable: {run.problem}")
-            _locate_flow_file(run.flow_name, run.storage)
+            _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs)
             job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
                        started_at=time.time())
             environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
@@ -4072,7 +4232,7 @@ class LocalAgent:
         for job in self.book.jobs:
             exited = job.has_exited()
             offset = job.offset
-            for line in job.read_output(to_the_end=exited):
+            for line in job.read_output(self._redact, to_the_end=exited):
                 self._collect(job, line)
             read_any = read_any or job.offset != offset
             if exited:
@@ -4094,7 +4254,7 @@ class LocalAgent:
 
     def _collect(self, job: _Job, line: LogLine) -> None:
         """Keep a line for the failure message, echo it with ``-f``, ship it to the run log."""
-        line = line._replace(message=self._redact(line.message.rstrip("\r")))
+        line = line._replace(message=line.message.rstrip("\r"))  # redacted by _Job.read_output
         shown = line.message if line.name == "output" else _format_log_line(line)
         job.tail.append(shown)
         if self.settings.show_flow_logs:
@@ -4217,8 +4377,11 @@ class LocalAgent:
 
 
 
-def _attach_agent_logging(logger: logging.Logger, level: str) -> None:
-    """Attach the seed's stderr handler unless the application configured logging."""
+def _attach_agent_logging(logger: logging.Logger, level: str, redact: _Redactor) -> None:
+    """Redact the agent's log records; attach the seed's stderr handler unless the application configured logging."""
+    for each in (logger, logging.getLogger(__name__)):
+        if not any(isinstance(existing, _RedactingFilter) for existing in each.filters):
+            each.addFilter(_RedactingFilter(redact))
     if logger.hasHandlers():
         if logger.getEffectiveLevel() > logging.getLevelName(level):
             logger.setLevel(level)
@@ -4271,9 +4434,9 @@ def _stop_on_signals(agent: LocalAgent) -> Callable[[], None]:
     return restore
 
 
-def _lock_agent_directory(directory: Path, settings: Settings) -> TextIO:
+def _lock_agent_directory(directory: Path, settings: Settings) -> IO[Any]:
     """Hold the agent directory's lock: one agent per name, API and home directory."""
-    handle = open(directory / "lock", "a+", encoding="utf-8")  # noqa: SIM115 (held for the agent's life)
+    handle = _private_open(directory / "lock", "a+")  # held for the agent's life
     if fcntl is None:  # not POSIX: no lock, as with Prefect's agent
         return handle
     try:
@@ -4587,7 +4750,8 @@ def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _command_settings(args: argparse.Namespace) -> Settings:
-    flags = {key: getattr(args, key, None) for key in ("api", "token", "tenant_id", "labels", "hostname_label")}
+    flags = {key: getattr(args, key, None) for key in ("api", "token", "tenant_id", "labels", "hostname_label",
+                                                         "flow_dirs")}
     return resolve_settings(flags)
 
 
@@ -4665,7 +4829,8 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None = None) -> list[str]:
+def _explain_run(run: FlowRun, agent_labels: Sequence[str], trusted_dirs: Sequence[str],
+                 now: datetime | None = None) -> list[str]:
     """Why an agent with ``agent_labels`` on this host would not take ``run`` (empty: it would)."""
     now = now or _utcnow()
     reasons = []
@@ -4679,7 +4844,7 @@ def _explain_run(run: FlowRun, agent_labels: Sequence[str], now: datetime | None
         due_in = f"{wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s"
         reasons.append(f"it is not due yet: due in {due_in} at {_short_time(run.start_time)} UTC")
     try:
-        _locate_flow_file(run.flow_name, run.storage)
+        _locate_flow_file(run.flow_name, run.storage, trusted_dirs)
     except FlowStorageError as exc:
         reasons.append(str(exc))
     return reasons
@@ -4699,7 +4864,7 @@ def _cmd_why(args: argparse.Namespace) -> int:
     if not runs:
         print("  there are no Scheduled flow runs.")
     for run in runs:
-        reasons = _explain_run(run, labels)
+        reasons = _explain_run(run, labels, settings.trusted_flow_dirs)
         verdict = "would run it" if not reasons else "would not run it: " + "; ".join(reasons)
         print(f"  {run.id} ({run.flow_name}, labels {run.labels}): {verdict}")
     return 0
@@ -4730,7 +4895,7 @@ def _flag_type(convert: Callable[[Any, str], Any], what: str) -> Callable[[str],
 #: What a flag's value is called in an error ("invalid whole number value: 'x'").
 _FLAG_VALUE_NAMES: dict[Callable[[Any, str], Any], str] = {
     _as_positive: "whole number", _as_number: "number of seconds", _as_api: "URL", _as_level: "level",
-    _as_address: "address", _split_env_pair: "KEY=VALUE",
+    _as_address: "address", _split_env_pair: "KEY=VALUE", _as_token: "token",
 }
 #: The settings every command that talks to an API takes (the rest are ``start``'s alone).
 _BACKEND_OPTIONS = ("api", "token", "tenant_id")
@@ -4814,6 +4979,7 @@ def _build_parser() -> argparse.ArgumentParser:
     why.add_argument("run_id", metavar="RUN_ID", nargs="?")
     _add_option(why, options["labels"]._replace(help="the agent's label (repeatable)"))
     _add_option(why, options["hostname_label"])
+    _add_option(why, options["flow_dirs"])
 
     cancel = command("cancel", "cancel a flow run", _cmd_cancel)
     cancel.add_argument("run_id", metavar="RUN_ID")
@@ -4840,7 +5006,10 @@ def _guarded(command: Callable[[Any], int], args: argparse.Namespace | None) -> 
     try:
         return int(command(args))
     except AgentError as exc:
-        print(f"local_agent: error: {exc}", file=sys.stderr)
+        token = getattr(args, "token", None)
+        inherited = [value for key, value in os.environ.items() if _SECRET_NAME.search(key) and len(value) >= 8]
+        redact = _Redactor([token, *inherited] if isinstance(token, str) and token else inherited)
+        print(redact(f"local_agent: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("local_agent: interrupted", file=sys.stderr)

@@ -1565,7 +1565,7 @@ def test_a_full_disk_under_the_agents_home_stops_new_claims_until_there_is_room(
     world: World, test_flows: Any, small_disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 1.0})
-    agent = stepped_agent(world, monkeypatch, home_dir=str(small_disk))
+    agent = stepped_agent(world, monkeypatch, home_dir=str(small_disk), flow_dirs=[str(world.storage_dir)])
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
@@ -1863,10 +1863,6 @@ _BAD_STORAGE = {
     "no type": ({"flows": {}}, "uses unknown storage"),
     "no flows": ({"type": "Local", "directory": "/tmp"}, "names no file for it"),
     "flows not a table": ({"type": "Local", "directory": "/tmp", "flows": ["x"]}, "names no file for it"),
-    "outside its directory": ({"type": "Local", "directory": "/tmp/flows", "flows": {"hello": "/etc/passwd"}},
-                              "is outside its storage directory /tmp/flows; refusing to load it"),
-    "climbs out": ({"type": "Local", "directory": "/tmp/flows", "flows": {"hello": "/tmp/flows/../../etc/passwd"}},
-                   "is outside its storage directory"),
 }
 
 
@@ -1879,6 +1875,37 @@ def test_bad_storage_fails_the_run_with_a_clear_message(api_world: World, test_f
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert api_world.state(run_id) == "Failed"
     assert message in api_world.message(run_id), api_world.message(run_id)
+
+
+@pytest.mark.parametrize("place", ["/etc/passwd", "{flows}/../../etc/passwd", "{other}/hello.prefect"])
+def test_a_flow_file_outside_the_operators_directories_is_never_loaded_nor_claimed(
+    world: World, test_flows: Any, tmp_path: Path, place: str
+) -> None:
+    """The storage JSON comes from whoever registered the flow: its directory is not a permission."""
+    other = tmp_path / "other"
+    la.store_flow(la.Flow("hello", test_flows.hello), other)  # a real flow file, in a place nobody named
+    path = place.format(flows=world.storage_dir, other=other)
+    storage = {**la.local_storage("hello", path), "directory": "/"}
+    run_id = world.run(world.flow(test_flows.hello, storage=storage))
+    result = world.agent("--once")
+    assert result.returncode == 0, result.stderr
+    assert world.history(run_id) == ["Pending", "Scheduled"]  # not claimed: left for another agent
+    assert result.stderr.count(f"Leaving flow run {run_id} to another agent") == 1
+    assert "add its directory with --flows-dir (setting cloud.agent.flow_dirs)" in result.stderr
+    why = run_cli("why", run_id, "--api", world.api, "-l", "test", env=world.env, check=True).stdout
+    assert "is not under a directory this agent loads flows from" in why
+    # The flow-run process checks again, whatever an agent decided.
+    child = subprocess.run([sys.executable, str(AGENT), "execute", "flow-run"], cwd=world.cwd, capture_output=True,
+                           text=True, timeout=60, env={**world.env, "PREFECT__CLOUD__API": world.api,
+                                                       "PREFECT__CONTEXT__FLOW_RUN_ID": run_id})
+    assert child.returncode == 1, child.stdout + child.stderr
+    assert world.state(run_id) == "Failed"
+    assert "is not under a directory this agent loads flows from" in world.message(run_id)
+    if place.startswith("{other}"):  # the operator names it: now it runs
+        assert world.agent("--once", "--flows-dir", str(other), "-n", "trusting").returncode == 0
+        new_run = world.run(world.flow(test_flows.hello, storage=storage))
+        assert world.agent("--once", "--flows-dir", str(other), "-n", "trusting").returncode == 0
+        assert world.state(new_run) == "Success"
 
 
 def test_a_stored_object_that_cannot_run_fails_clearly(api_world: World) -> None:
