@@ -1042,14 +1042,35 @@ def store_flow(obj: Any, directory: str | os.PathLike[str]) -> str:
             "classes at the top level of a module or script"
         ) from None
     path = folder / (slugify(name) + ".prefect")
+    names = _stored_names(folder)
+    if names.get(path.name, name) != name:
+        raise FlowStorageError(
+            f"cannot store flow {name!r}: {path} holds flow {names[path.name]!r}, whose name gives the same "
+            "file name; rename one of the two flows"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         temporary.write_bytes(buffer.getvalue())
         os.replace(temporary, path)  # readers never see half a file
+        if path.name not in names:
+            _write_json_atomically(folder / _NAMES_FILE, {**names, path.name: name})
     except OSError as exc:
         raise FlowStorageError(f"cannot write flow file {path}: {exc.strerror or exc}") from None
     return str(path)
+
+
+#: Beside the flow files: which flow each file holds, so two names with one slug never share a file.
+_NAMES_FILE = ".flow-names.json"
+
+
+def _stored_names(folder: Path) -> dict[str, str]:
+    """File name -> flow name of the flows stored in ``folder`` (files stored before the index: unknown)."""
+    try:
+        names = json.loads((folder / _NAMES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(key): str(value) for key, value in names.items()} if isinstance(names, dict) else {}
 
 
 def _reduce_main_reference(obj: Any) -> Any:
@@ -3001,6 +3022,12 @@ class _FlowRunProcess:
         try:
             path, directory = _locate_flow_file(run.flow_name, run.storage, self.trusted_dirs)
             flow = load_flow(path, directory)
+            stored_as = getattr(flow, "name", run.flow_name)
+            if isinstance(stored_as, str) and stored_as != run.flow_name:
+                raise FlowStorageError(
+                    f"flow file {path} holds flow {stored_as!r}, not {run.flow_name!r}: their names give the "
+                    "same file name; rename one of the two flows and store it again"
+                )
             _share_context(flow_run_id=run.id, flow_id=run.flow_id, flow_name=run.flow_name,
                            parameters=dict(run.parameters), logger=logging.getLogger("flow"))
         except FlowStorageError as exc:

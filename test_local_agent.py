@@ -134,6 +134,18 @@ def orphan_maker():
     subprocess.Popen(["sh", "-c", "sleep 0.5"])  # outlives the flow-run process
 
 
+def leak_secrets():
+    token = os.environ.get("PREFECT__CLOUD__AUTH_TOKEN", "")
+    secret = os.environ.get("MY_SECRET", "")
+    print("x" * (16 * 1024 - 5) + token)  # the token across the cut of a long line
+    sys.stdout.write("y" * (40 * 1024 - 7) + secret)  # and a secret in a line without an end yet
+    sys.stdout.flush()
+    time.sleep(0.3)
+    print()
+    local_agent.context["logger"].info("logging %s", secret)
+    raise RuntimeError("token " + token + " secret " + secret)
+
+
 def ignore_sigterm(seconds=60):
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -477,6 +489,39 @@ def test_token_is_not_sent_in_clear_text_off_this_machine(clean_env: dict[str, s
     assert isinstance(la.open_backend(allowed), la.GraphQLBackend)
     assert isinstance(la.open_backend(la.resolve_settings({"api": "http://127.0.0.1:9", "token": TOKEN})),
                       la.GraphQLBackend)
+    for host in ("127.evil.com", "127.0.0.1.nip.io", "localhost.example.com", "[::ffff:8.8.8.8]"):
+        spoofed = la.resolve_settings({"api": f"http://{host}:4200", "token": TOKEN})
+        with pytest.raises(la.ConfigError, match="refusing to send the token over plain http"):
+            la.open_backend(spoofed)
+    for host in ("localhost", "127.4.5.6", "[::1]"):  # only these literal forms are this machine
+        here = la.resolve_settings({"api": f"http://{host}:9", "token": TOKEN})
+        assert isinstance(la.open_backend(here), la.GraphQLBackend), host
+
+
+@pytest.mark.parametrize("token", ["abc\r\nX-Injected: 1", "abc\ndef", "tökén-€"])
+def test_a_token_that_cannot_be_a_header_is_one_clear_line_that_never_shows_it(
+    clean_env: dict[str, str], token: str
+) -> None:
+    for where in ("flag", "env"):
+        args = ["flows", "--api", "http://127.0.0.1:9"] + (["-t", token] if where == "flag" else [])
+        env = {**clean_env, "PREFECT__CLOUD__API_KEY": token} if where == "env" else clean_env
+        result = run_cli(*args, env=env)
+        assert result.returncode in (1, 2), result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "the token given by" in result.stderr
+        assert "abc" not in result.stderr and "tök" not in result.stderr  # not even part of it
+
+
+def test_an_agent_id_the_api_sends_with_a_line_break_is_not_used_in_a_header(
+    api_world: World, test_flows: Any
+) -> None:
+    run_id = api_world.run(api_world.flow(test_flows.hello))
+    api_world.server.fail_next(1, only_root="register_agent", status=200,
+                               body=b'{"data": {"register_agent": {"id": "x\\r\\nX-Evil: 1"}}}')
+    result = api_world.agent("--once")
+    assert result.returncode == 0, result.stderr
+    assert "the agent id it gave contains a line break" in result.stderr and "Traceback" not in result.stderr
+    assert api_world.state(run_id) == "Success"
 
 
 def test_config_file_with_a_token_readable_by_others_is_warned_about(
@@ -503,6 +548,28 @@ def test_config_file_with_a_token_readable_by_others_is_warned_about(
 ])
 def test_slugify_matches_python_slugify(name: str, slug: str) -> None:
     assert la.slugify(name) == slug
+
+
+def test_two_flows_whose_names_give_one_file_name_never_run_each_other(
+    world: World, test_flows: Any, flows_dir: Path
+) -> None:
+    first = la.Flow("Pay Salaries", test_flows.hello)
+    path = la.store_flow(first, world.storage_dir)
+    assert la.store_flow(first, world.storage_dir) == path  # the same flow again is fine
+    with pytest.raises(la.FlowStorageError, match="holds flow 'Pay Salaries', whose name gives the same file name"):
+        la.store_flow(la.Flow("pay-salaries", test_flows.fail), world.storage_dir)
+    # A file that holds another flow (stored before the index existed, or by hand) is refused at run time.
+    storage = la.local_storage("pay-salaries", path)
+    if world.kind == "sqlite":
+        serialized = {**la.serialize_flow(la.Flow("pay-salaries", test_flows.fail), path, ["test"]), "storage": storage}
+        flow_id = world.db.register_flow(world.project, serialized)
+    else:
+        flow_id = str(world.server.add_flow("pay-salaries", storage, labels=["test"]))
+    run_id = world.run(flow_id)
+    world.agent("--once")
+    assert world.state(run_id) == "Failed"
+    assert "holds flow 'Pay Salaries', not 'pay-salaries'" in world.message(run_id)
+    assert "Hello, world!" not in world.logs(run_id)  # the other flow never ran
 
 
 def test_store_and_load_a_flow(tmp_path: Path, test_flows: Any) -> None:
@@ -744,6 +811,35 @@ def test_quick_start_works_as_written(clean_env: dict[str, str]) -> None:
     assert "INFO - flow | Welcome to local_agent, world!" in result.stdout
     assert "finished: Success" in result.stderr
     assert "Agent successfully connected to embedded database" in result.stderr
+    # With an agent of the same name running already: one line saying so, no traceback.
+    agent = subprocess.Popen([sys.executable, str(AGENT), "start", "-l", "welcome-flow"], env=clean_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        home = Path(clean_env["PREFECT__HOME_DIR"])
+        deadline = time.monotonic() + 30
+        while not any(lock_held(path) for path in home.glob("agents/*/lock")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "examples/welcome.py"], cwd=AGENT.parent, env=clean_env,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        agent.terminate()
+        agent.communicate(timeout=60)
+    assert second.returncode == 1
+    assert second.stderr.startswith("welcome.py: an agent named 'agent' is already running"), second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
+
+
+def lock_held(path: Path) -> bool:
+    """Whether another process holds an agent directory's lock."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def test_run_runs_logs_flows_commands(embedded: World, test_flows: Any) -> None:
@@ -1192,6 +1288,74 @@ def test_polls_prefetch_ten_seconds_ahead(api_world: World) -> None:
     api_world.agent("--max-polls", "1")
     sent = la._parse_time(api_world.server.root_calls("get_runs_in_queue")[0].variables["input"]["before"])
     assert 9.5 < (sent - before_start).total_seconds() < 12
+
+
+SECRET = "hunter2-hunter2-hunter2"
+
+
+def test_secrets_never_reach_the_api_the_database_or_the_output(world: World, test_flows: Any) -> None:
+    run_id = world.run(world.flow(test_flows.leak_secrets))
+    result = world.agent("--once", "-v", "-f", "-t", TOKEN, "-e", f"MY_SECRET={SECRET}")
+    assert result.returncode == 1, result.stderr
+    message = world.message(run_id)
+    assert message == "RuntimeError: token [REDACTED] secret [REDACTED]", message
+    logs = "\n".join(world.logs(run_id))
+    assert "x" * 100 in logs and "y" * 100 in logs and "logging [REDACTED]" in logs
+    stored = b"".join(path.read_bytes() for path in world.storage_dir.parent.rglob("*") if path.is_file())
+    for secret in (TOKEN, SECRET):
+        for text in (logs, message, result.stdout, result.stderr):
+            assert secret[:8] not in text  # not whole, and not in halves across a cut
+        assert secret[:8].encode() not in stored  # the database, the spool, the ledger
+    if world.kind == "graphql":
+        sent = json.dumps([request.variables for request in world.server.requests])
+        assert TOKEN[:8] not in sent and SECRET[:8] not in sent
+
+
+def test_the_agents_files_are_private_whatever_the_umask(
+    embedded: World, test_flows: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "private-home"
+    flow = la.Flow("talk_slowly", test_flows.talk_slowly)
+    path = la.store_flow(flow, embedded.storage_dir)
+    previous = os.umask(0o022)
+    try:
+        db = la.SQLiteBackend(str(home / "agent.db"))  # a new database, made under that umask
+        flow_id = db.register_flow(db.ensure_project("p"), la.serialize_flow(flow, path, ["test"]))
+        run_id = db.create_flow_run(flow_id, parameters={"seconds": 0.5}, labels=None, scheduled_start_time=None,
+                                    idempotency_key="k")
+        agent = stepped_agent(embedded, monkeypatch, home_dir=str(home), flow_dirs=[str(embedded.storage_dir)],
+                              api=f"sqlite:///{home / 'agent.db'}", once=True)
+        job_modes: dict[Path, int] = {}
+        try:
+            drive(agent, lambda: bool(agent.book.jobs) and agent.book.jobs[0].out_path.exists())
+            job_modes = file_modes(list(agent.book.runs_dir.iterdir()))  # the run's output, while it runs
+            drive(agent, lambda: agent.phase == la.DONE)
+        finally:
+            agent.close()
+    finally:
+        os.umask(previous)
+    assert db.get_flow_run(run_id).state == "Success"  # type: ignore[union-attr]
+    db.close()
+    private = [home, home / "agents", *home.glob("agents/*"), *home.glob("agents/*/runs")]
+    assert {path: oct(path.stat().st_mode & 0o777) for path in private} == {path: "0o700" for path in private}
+    files = [*home.glob("agents/*/*.json*"), *home.glob("agents/*/lock"), *home.glob("agent.db*")]
+    assert job_modes and len(files) >= 3
+    modes = {path: oct(path.stat().st_mode & 0o777) for path in files}
+    modes.update({path: oct(mode) for path, mode in job_modes.items()})
+    assert modes == {path: "0o600" for path in modes}, modes
+
+
+def file_modes(paths: list[Path]) -> dict[Path, int]:
+    """The modes of the files that still exist (a run's files go once it is settled)."""
+    found = {}
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            found[path] = path.stat().st_mode & 0o777
+    return found
+
+
+def world_done(world: World, run_id: str) -> bool:
+    return world.state(run_id) in ("Success", "Failed")
 
 
 @pytest.mark.parametrize("source", ["flag", "env", "config"])

@@ -23,6 +23,9 @@ def welcome(name: str = "world") -> None:
 
 # The flow-run process imports this file to find `welcome`: keep side effects under the guard.
 if __name__ == "__main__":
-    welcome.deploy("My Project")
-    local_agent.create_flow_run("Welcome Flow")
-    sys.exit(welcome.run_agent(once=True, show_flow_logs=True))
+    try:
+        welcome.deploy("My Project")
+        local_agent.create_flow_run("Welcome Flow")
+        sys.exit(welcome.run_agent(once=True, show_flow_logs=True))
+    except local_agent.AgentError as exc:  # say what is wrong in one line, as the agent's commands do
+        sys.exit(f"welcome.py: {exc}")
