@@ -204,6 +204,12 @@ OUTPUT_POLL_SECONDS = 0.1
 ONCE_API_PATIENCE_SECONDS = 60.0
 #: How long a flow-run process waits out an API outage before giving up on it.
 FLOW_RUN_API_PATIENCE_SECONDS = 60.0
+#: The agent's HTTP endpoint: seconds a client has to send its request; clients served at once.
+ENDPOINT_TIMEOUT_SECONDS = 10.0
+ENDPOINT_MAX_CONNECTIONS = 16
+#: ``/api/health`` answers 503 when the agent has not polled the API successfully for this long
+#: (or for six of its longest poll intervals, when that is longer).
+HEALTH_STALE_SECONDS = 60.0
 #: ``logs --follow`` stops once the run is final and no line has come for this long.
 FOLLOW_LULL_SECONDS = 2.0
 
@@ -324,6 +330,14 @@ def _as_str(value: object, where: str) -> str:
     return str(value).strip()
 
 
+def _as_name(value: object, where: str) -> str:
+    """An agent name: not empty (it names the agent's directory and its logger)."""
+    name = _as_str(value, where)
+    if not name:
+        raise ConfigError(f"{where} must not be empty")
+    return name
+
+
 def _as_bool(value: object, where: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -343,6 +357,14 @@ def _as_number(value: object, where: str) -> float:
     if isinstance(value, bool) or not number >= 0 or number == float("inf"):
         raise ConfigError(f"{where} must be a number of seconds >= 0, got {value!r}")
     return number
+
+
+def _as_timeout(value: object, where: str) -> float:
+    """``--timeout``: seconds > 0 (leave it out for no timeout: 0 would read as "none" by accident)."""
+    seconds = _as_number(value, where)
+    if seconds == 0:
+        raise ConfigError(f"{where} must be more than 0 seconds; leave it out for no timeout")
+    return seconds
 
 
 def _as_positive(value: object, where: str) -> int:
@@ -495,7 +517,7 @@ _OPTIONS = (
                           "`sqlite:///<home_dir>/local_agent.db`"),
     _Option("tenant_id", ("cloud.tenant_id",), _as_token, "", ("--tenant-id",), "tenant to use (Prefect Cloud)",
             shown_default="Server's first tenant; Cloud: the key's"),
-    _Option("name", ("cloud.agent.name",), _as_str, DEFAULT_AGENT_NAME, ("-n", "--name"),
+    _Option("name", ("cloud.agent.name",), _as_name, DEFAULT_AGENT_NAME, ("-n", "--name"),
             "agent name, also its logger's name"),
     _Option("labels", ("cloud.agent.labels",), _as_labels, [], ("-l", "--label"), "a label (repeatable)", "append"),
     _Option("level", ("cloud.agent.level",), _as_level, "INFO", ("--log-level",),
@@ -522,7 +544,7 @@ _OPTIONS = (
             ("--max-poll-interval",), "longest wait between polls"),
     _Option("limit", ("cloud.agent.limit",), _as_positive, None, ("--limit",),
             "run at most this many flow runs at once"),
-    _Option("timeout", ("cloud.agent.timeout",), _as_number, None, ("--timeout",),
+    _Option("timeout", ("cloud.agent.timeout",), _as_timeout, None, ("--timeout",),
             "stop a flow run after this many seconds"),
     _Option("grace", ("cloud.agent.grace",), _as_number, 30.0, ("--grace",),
             "seconds to let flow runs finish after SIGTERM"),
@@ -1010,12 +1032,33 @@ def _import_script(path: str) -> Any:
         raise FlowStorageError(f"the flow's script {path} does not exist on this host")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    _IMPORTING_SCRIPTS.append(path)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
         raise
+    finally:
+        _IMPORTING_SCRIPTS.pop()
     return module
+
+
+#: The scripts being imported to load a flow from, innermost last. A script that deploys or
+#: runs something at import time lacks its ``__main__`` guard: see _refuse_when_importing.
+_IMPORTING_SCRIPTS: list[str] = []
+
+
+def _refuse_when_importing(what: str) -> None:
+    """Stop a flow's script that calls ``what`` while the flow-run process imports it.
+
+    Without ``if __name__ == "__main__":`` the script's deploy and run calls would run again in
+    every flow-run process (a new run each time, an agent inside the run); say how to fix it.
+    """
+    if _IMPORTING_SCRIPTS:
+        raise FlowStorageError(
+            f"the flow's script {_IMPORTING_SCRIPTS[-1]} calls {what} when it is imported: guard the script's "
+            'side effects with `if __name__ == "__main__":`'
+        )
 
 
 def _flow_name(obj: Any) -> str:
@@ -1029,6 +1072,7 @@ def store_flow(obj: Any, directory: str | os.PathLike[str]) -> str:
     """Pickle any named object to ``<directory>/<slug(name)>.prefect``; return the path."""
     import pickle
 
+    _refuse_when_importing("store_flow()")
     name = _flow_name(obj)
     folder = Path(directory).expanduser().absolute()
     buffer = io.BytesIO()
@@ -1534,7 +1578,7 @@ _FLOW_FIELDS = """id
 _FLOW_LIST = "query {\n    flow(%s) {\n        " + _FLOW_FIELDS + "\n    }\n}"
 _CREATE_FLOW_RUN = _mutation("create_flow_run", "id")
 _LOG_QUERY = """query {
-    log(where: { flow_run_id: { _eq: %s } }, order_by: [{ created: asc }, { id: asc }], offset: %d) {
+    log(where: { flow_run_id: { _eq: %s } }, order_by: [{ timestamp: asc }, { id: asc }], offset: %d) {
         timestamp
         level
         name
@@ -3845,6 +3889,7 @@ class LocalAgent:
         self._polls = self._empty_polls = self._connect_attempts = 0
         self._next_poll = self._next_watch = self._connect_started = 0.0
         self._grace_end: float | None = None
+        self._opened_at = self._last_poll_ok = 0.0
         self.api = _APIHealth(self.clock, self.logger)
         self._gave_up = False
         self._disk_full = False
@@ -3924,6 +3969,17 @@ class LocalAgent:
         self._poll_now = True
         self._wake.set()
 
+    def health_problem(self) -> str:
+        """Why the agent is unhealthy ("" when it is): it has not polled the API for too long."""
+        stale = max(HEALTH_STALE_SECONDS, 6 * self.settings.max_poll_interval)
+        since = self._last_poll_ok or self._opened_at
+        waited = self.clock.monotonic() - since
+        if since and waited > stale:
+            what = "polled" if self._last_poll_ok else "reached"
+            problem = self.api.problem or "no answer"
+            return self._redact(f"the agent has not {what} the API for {waited:.0f} s: {problem}")
+        return ""
+
     def status(self) -> dict[str, Any]:
         """What the agent is doing, for ``/api/status``."""
         return {
@@ -3953,6 +4009,9 @@ class LocalAgent:
         if self.settings.subreaper or os.getpid() == 1:
             self.subreaper = _become_subreaper()
         self._adopt_previous_runs()
+        self._opened_at = self.clock.monotonic()
+        if self.settings.agent_address:  # up before the API is: a health check then says why it is not
+            self._http = _serve_agent_address(self, self.settings.agent_address)
 
     def close(self) -> None:
         """Stop the endpoint, deliver what the API takes (the spool keeps the rest), release files."""
@@ -4042,8 +4101,6 @@ class LocalAgent:
             self.logger.debug("Assigned agent id: %s", self.agent_id)
             self.api.answered()
             self.logger.info("Agent successfully connected to %s", self._backend().location)
-            if self.settings.agent_address:
-                self._http = _serve_agent_address(self, self.settings.agent_address)
             self.logger.info("Waiting for flow runs...")
             self.phase, self._next_poll, self._next_watch = RUNNING, now, now
             return 0.0
@@ -4135,6 +4192,7 @@ class LocalAgent:
         before = self.clock.now() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
         try:
             run_ids = backend.get_runs_in_queue(self.labels, before)
+            self._last_poll_ok = self.clock.monotonic()
             # Read metadata only for runs there is room for; the rest stay queued for others.
             new_ids = [run_id for run_id in run_ids if not self.book.is_taken(run_id)][: self.book.free_slots()]
             if not new_ids:
@@ -4490,14 +4548,23 @@ def _lock_agent_directory(directory: Path, settings: Settings) -> IO[Any]:
 
 
 def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer:
-    """Serve ``GET /api/health``, ``/api/poke`` and ``/api/status`` on ``--agent-address``."""
+    """Serve ``GET /api/health``, ``/api/poke`` and ``/api/status`` on ``--agent-address``.
+
+    Each connection gets ENDPOINT_TIMEOUT_SECONDS to send its request, and at most
+    ENDPOINT_MAX_CONNECTIONS are served at once (more are closed at once): an idle or slow
+    client cannot tie up the agent. ``[::1]:PORT`` listens on IPv6.
+    """
+    import socket  # loaded by http.server anyway
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     parts = urlsplit(address if "://" in address else "http://" + address)
     if not parts.port:
         raise ConfigError(f"--agent-address {address!r} needs a port, like http://127.0.0.1:8080")
+    host = parts.hostname or "127.0.0.1"
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = ENDPOINT_TIMEOUT_SECONDS
+
         def do_GET(self) -> None:
             path = self.path.rstrip("/")
             if path == "/api/poke":
@@ -4505,8 +4572,14 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer
             elif path not in ("/api/health", "/api/status"):
                 self.send_error(404)
                 return
-            body = json.dumps(agent.status()).encode() if path == "/api/status" else b"{}"
-            self.send_response(200)
+            status, body = 200, b"{}"
+            if path == "/api/status":
+                body = json.dumps(agent.status()).encode()
+            elif path == "/api/health":
+                problem = agent.health_problem()
+                if problem:
+                    status, body = 503, json.dumps({"status": "unhealthy", "reason": problem}).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -4515,11 +4588,32 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer
         def log_message(self, format: str, *args: object) -> None:
             agent.logger.debug("agent address: " + format, *args)
 
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+        request_queue_size = 4 * ENDPOINT_MAX_CONNECTIONS  # a burst waits for accept(), not for SYN retries
+        slots = threading.BoundedSemaphore(ENDPOINT_MAX_CONNECTIONS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):  # all busy: drop this one, not the agent
+                self.shutdown_request(request)
+                return
+            threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                             name="agent-address-client", daemon=True).start()
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            agent.logger.debug("agent address: a client of %s went away: %s", client_address, sys.exc_info()[1])
+
     try:
-        server = ThreadingHTTPServer((parts.hostname or "127.0.0.1", parts.port), Handler)
+        server = Server((host, parts.port), Handler)
     except OSError as exc:
         raise ConfigError(f"cannot listen on --agent-address {address}: {exc.strerror or exc}") from None
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="agent-address", daemon=True).start()
     agent.logger.debug("Serving health checks at %s", address)
     return server
@@ -4650,6 +4744,7 @@ def deploy(
     token: str | None = None,
 ) -> str:
     """Store a flow and register it in ``project_name``; return the flow id."""
+    _refuse_when_importing("deploy()")
     settings = _settings_for(api, token)
     path = store_flow(obj, settings.flows_dir)
     backend = open_backend(settings)
@@ -4664,6 +4759,7 @@ def deploy(
 
 def run_agent(obj: Any, **agent_options: Any) -> int:
     """Run a LocalAgent in this process with a flow's labels (``once=True`` to drain and exit)."""
+    _refuse_when_importing("run_agent()")
     agent_options["labels"] = _flow_labels(obj, agent_options.get("labels"))
     return LocalAgent(resolve_settings(agent_options)).start()
 
@@ -4678,6 +4774,7 @@ def create_flow_run(
     token: str | None = None,
 ) -> str:
     """Schedule a run of the newest version of a registered flow; return the run id."""
+    _refuse_when_importing("create_flow_run()")
     with _backend_for(api, token) as backend:
         flow = backend.find_flow(flow_name)
         if flow is None:
@@ -4745,16 +4842,18 @@ class _backend_for:  # noqa: N801 (used as a context manager, reads like a funct
 def _parse_when(text: str) -> datetime:
     """``+30s``, ``+5m``, ``+2h``, ``+1d``, or ISO 8601 (local time when it has no offset)."""
     match = re.fullmatch(r"\+(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if match:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return _utcnow() + timedelta(seconds=float(match.group(1)) * unit)
     try:
+        if match:
+            unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+            return _utcnow() + timedelta(seconds=float(match.group(1)) * unit)
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # the user's local time
+        return moment.astimezone(timezone.utc)
+    except (OverflowError, OSError):  # past year 9999, or beyond what the local time zone can say
+        raise ValueError(f"{text!r} is too far away; give a time before the year 9999") from None
     except ValueError:
         raise ValueError(f"{text!r} is neither +30s/+5m/+2h/+1d nor an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # the user's local time
-    return moment.astimezone(timezone.utc)
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -4809,11 +4908,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
-        runs = backend.list_flow_runs(flow_name=args.flow, state=args.state, limit=args.count)
+        flow_name = _flow_named(backend, args.flow) if args.flow is not None else None
+        runs = backend.list_flow_runs(flow_name=flow_name, state=args.state, limit=args.count)
     rows = [(run.id, run.flow_name, run.state, _short_time(run.scheduled_start_time), _short_time(run.updated))
             for run in runs]
     print(_format_table(("ID", "FLOW", "STATE", "SCHEDULED (UTC)", "UPDATED (UTC)"), rows))
     return 0
+
+
+def _flow_named(backend: Backend, name: str) -> str:
+    """The registered flow ``name`` means: its own name, or the one whose slug it is."""
+    flows = backend.list_flows()
+    if any(flow.name == name for flow in flows):
+        return name
+    return next((flow.name for flow in flows if slugify(flow.name) == name), name)
+
+
+#: Every state a flow run can be in, for ``runs --state`` (any case).
+_STATE_NAMES = sorted(SCHEDULED_STATES | FINAL_STATES | {"Pending", "Submitted", "Running", "Cancelling",
+                                                         "ClientFailed"})
+
+
+def _state_name(text: str) -> str:
+    """A state's name in Prefect's spelling, whatever the case (``failed`` -> ``Failed``)."""
+    import argparse  # loaded already: the parser is calling
+
+    found = next((name for name in _STATE_NAMES if name.lower() == text.strip().lower()), None)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a state; use one of {', '.join(_STATE_NAMES)}")
+    return found
 
 
 def _cmd_flows(args: argparse.Namespace) -> int:
@@ -4851,6 +4974,11 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
+        run = backend.get_flow_run(args.run_id)
+        if run is None:
+            raise AgentError(f"there is no flow run {args.run_id} in the {backend.location}")
+        if is_final(run.state):
+            raise AgentError(f"flow run {args.run_id} has already finished ({run.state}); there is nothing to cancel")
         state = backend.cancel_flow_run(args.run_id)
     print(state)
     return 0
@@ -4898,7 +5026,8 @@ def _cmd_why(args: argparse.Namespace) -> int:
 
 
 def _nonnegative_int(text: str) -> int:
-    if not re.fullmatch(r"\d+", text.strip()):
+    """A whole number from 0 to a million (``runs --limit``)."""
+    if not re.fullmatch(r"\d{1,7}", text.strip()) or int(text) > 1_000_000:
         raise ValueError(text)
     return int(text)
 
@@ -4921,8 +5050,8 @@ def _flag_type(convert: Callable[[Any, str], Any], what: str) -> Callable[[str],
 
 #: What a flag's value is called in an error ("invalid whole number value: 'x'").
 _FLAG_VALUE_NAMES: dict[Callable[[Any, str], Any], str] = {
-    _as_positive: "whole number", _as_number: "number of seconds", _as_api: "URL", _as_level: "level",
-    _as_address: "address", _split_env_pair: "KEY=VALUE", _as_token: "token",
+    _as_positive: "whole number", _as_number: "number of seconds", _as_timeout: "number of seconds", _as_api: "URL",
+    _as_level: "level", _as_address: "address", _split_env_pair: "KEY=VALUE", _as_token: "token", _as_name: "name",
 }
 #: The settings every command that talks to an API takes (the rest are ``start``'s alone).
 _BACKEND_OPTIONS = ("api", "token", "tenant_id")
@@ -4964,6 +5093,7 @@ def _build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         """A command that talks to an API: it takes the API, token and tenant flags."""
         sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--version", action="version", version=f"local_agent {__version__}")
         for option_name in _BACKEND_OPTIONS:
             _add_option(sub, options[option_name])
         sub.set_defaults(func=func)
@@ -4991,8 +5121,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--at", type=_parse_when, help="when: ISO 8601, or +30s, +5m, +2h (default: now)")
 
     runs = command("runs", "list flow runs", _cmd_runs)
-    runs.add_argument("--flow", help="only this flow's runs")
-    runs.add_argument("--state", help="only runs in this state, e.g. Failed")
+    runs.add_argument("--flow", help="only this flow's runs (its name or its slug)")
+    runs.add_argument("--state", type=_state_name, help="only runs in this state, e.g. Failed (any case)")
     runs.add_argument("--limit", dest="count", type=_nonnegative_int, default=20,
                       help="how many (default: %(default)s)")
 
@@ -5041,6 +5171,10 @@ def _guarded(command: Callable[[Any], int], args: argparse.Namespace | None) -> 
     except KeyboardInterrupt:
         print("local_agent: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `logs RUN | head`: the reader has gone; end quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush cannot fail again
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -129,9 +129,11 @@ def talk_slowly(seconds=3.0):
     print("after the wait", flush=True)
 
 
-def orphan_maker():
+def orphan_maker(pid_file):
     import subprocess
-    subprocess.Popen(["sh", "-c", "sleep 0.5"])  # outlives the flow-run process
+    orphan = subprocess.Popen(["sleep", "1.5"])  # outlives the flow-run process
+    with open(pid_file, "w") as handle:
+        handle.write(str(orphan.pid))
 
 
 def leak_secrets():
@@ -645,6 +647,32 @@ def test_flows_defined_in_a_script_are_stored_by_reference_to_it(tmp_path: Path,
     assert "define it in a .py file" in stdin.stderr
 
 
+def test_a_script_without_its_main_guard_is_told_to_add_it_and_runs_nothing_twice(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(AGENT.parent)!r})
+        import local_agent
+
+        @local_agent.Flow("unguarded")
+        def unguarded():
+            pass
+
+        unguarded.deploy("P")  # the mistake: no `if __name__ == "__main__":`
+        local_agent.create_flow_run("unguarded")
+        sys.exit(unguarded.run_agent(once=True))
+    """))
+    result = subprocess.run([sys.executable, str(script)], env=clean_env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    runs = la.list_flow_runs(api=f"sqlite:///{tmp_path / 'home' / 'local_agent.db'}")
+    assert len(runs) == 1 and runs[0].state == "Failed"  # the import made no second run
+    assert runs[0].state_message == (f"the flow's script {script} calls deploy() when it is imported: guard the "
+                                     'script\'s side effects with `if __name__ == "__main__":`')
+
+
 # --- Agent behaviour, on both backends ----------------------------------------------------
 
 
@@ -853,6 +881,7 @@ def test_run_runs_logs_flows_commands(embedded: World, test_flows: Any) -> None:
     assert listing[1].split()[:3] == [run_id, "hello", "Scheduled"]
     embedded.agent("--once")
     assert run_cli("runs", "--state", "Success", env=env, check=True).stdout.count(run_id) == 1
+    assert run_cli("runs", "--state", "success", env=env, check=True).stdout.count(run_id) == 1  # any case
     assert run_cli("runs", "--state", "Failed", env=env, check=True).stdout.count(run_id) == 0
     logs = run_cli("logs", run_id, env=env, check=True).stdout
     assert "INFO - flow | Hello, CLI!" in logs
@@ -860,6 +889,33 @@ def test_run_runs_logs_flows_commands(embedded: World, test_flows: Any) -> None:
     flows = run_cli("flows", env=env, check=True).stdout.splitlines()
     assert flows[1].split()[:4] == ["hello", "1", "tests", "test"]
     assert str(embedded.storage_dir / "hello.prefect") in flows[1]
+    embedded.flow(test_flows.noop, name="Nightly ETL")
+    etl_run = run_cli("run", "Nightly ETL", env=env, check=True).stdout.strip()
+    assert etl_run in run_cli("runs", "--flow", "nightly-etl", env=env, check=True).stdout  # its slug will do
+    finished = run_cli("cancel", run_id, env=env)
+    assert finished.returncode == 1
+    assert finished.stderr.strip() == f"local_agent: error: flow run {run_id} has already finished (Success); " \
+                                      "there is nothing to cancel"
+
+
+def test_output_to_a_closed_pipe_ends_quietly(embedded: World, test_flows: Any) -> None:
+    run_id = embedded.run(embedded.flow(test_flows.hello))
+    embedded.db.write_run_logs([{"flow_run_id": run_id, "message": f"line {n}"} for n in range(5000)])
+    shell = f"{sys.executable} {AGENT} logs {run_id} | head -n 1"
+    result = subprocess.run(["sh", "-c", shell], env=embedded.env, capture_output=True, text=True, timeout=60)
+    assert result.stdout.count("\n") == 1 and result.stderr == "", result.stderr
+
+
+def test_logs_come_back_in_the_order_of_their_records_on_server(api_world: World, test_flows: Any) -> None:
+    run_id = api_world.run(api_world.flow(test_flows.hello))
+    backend = la.GraphQLBackend(api_world.api)
+    try:  # one batch, so the Server gives every row the same `created`
+        backend.write_run_logs([
+            {"flow_run_id": run_id, "timestamp": f"2026-01-01T00:00:0{second}+00:00", "level": "INFO", "name": "t",
+             "message": f"second {second}"} for second in (3, 1, 2)])
+        assert [line.message for line in backend.get_run_logs(run_id)] == ["second 1", "second 2", "second 3"]
+    finally:
+        backend.close()
 
 
 def test_logs_follow_waits_for_the_end_of_the_run(embedded: World, test_flows: Any) -> None:
@@ -1148,6 +1204,12 @@ def test_step_connects_once_the_api_answers_and_then_polls(api_world: World, mon
     ["start", "--agent-address", "localhost"],
     ["run", "flow", "--at", "tomorrow"],
     ["runs", "--limit", "x"],
+    ["start", "--timeout", "0"],  # "no timeout" is said by leaving it out, not by 0
+    ["start", "-n", ""],
+    ["run", "flow", "--at", "+100000000d"],
+    ["run", "flow", "--at", "9999-12-31T23:59:59-12:00"],  # in UTC, the year 10000
+    ["runs", "--limit", "1" + "0" * 30],
+    ["runs", "--state", "Bogus"],
 ])
 def test_usage_errors_exit_2_with_one_line(args: list[str], clean_env: dict[str, str]) -> None:
     result = run_cli(*args, env=clean_env)
@@ -1158,6 +1220,7 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], clean_env: dict[str,
 
 def test_version_and_help(clean_env: dict[str, str]) -> None:
     assert run_cli("--version", env=clean_env, check=True).stdout.strip() == f"local_agent {la.__version__}"
+    assert run_cli("start", "--version", env=clean_env, check=True).stdout.strip() == f"local_agent {la.__version__}"
     help_text = run_cli("start", "--help", env=clean_env, check=True).stdout
     for flag in ("--token", "--key", "--api", "--label", "--name", "--env", "--import-path", "--show-flow-logs",
                  "--no-hostname-label", "--max-polls", "--max-poll-interval", "--agent-address",
@@ -1433,6 +1496,58 @@ def test_agent_address_serves_health_and_poke(api_world: World, test_flows: Any)
         agent.kill()
         agent.communicate()
     assert api_world.state(run_id) == "Success"
+
+
+def test_the_agent_address_answers_before_the_api_and_says_why_it_is_unhealthy(
+    api_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    server = api_world.server
+    server.set_down(True)
+    agent = stepped_agent(api_world, monkeypatch, agent_address=f"http://[::1]:{port}")
+    url = f"http://[::1]:{port}/api/health"
+    try:
+        assert urllib.request.urlopen(url, timeout=5).read() == b"{}"  # up before the API answered once
+        agent.step()
+        assert agent.phase == la.CONNECTING
+        assert isinstance(agent.clock, JumpingClock)
+        agent.clock.offset += la.HEALTH_STALE_SECONDS + 1
+        with pytest.raises(urllib.error.HTTPError) as unhealthy:
+            urllib.request.urlopen(url, timeout=5)
+        with unhealthy.value as answer:
+            assert answer.code == 503
+            reason = json.loads(answer.read())["reason"]
+        assert reason.startswith("the agent has not reached the API for 61 s: the API at http:"), reason
+        # Idle clients take no more than their share of threads, and lose the agent nothing.
+        def handlers() -> int:
+            return sum(thread.name == "agent-address-client" for thread in threading.enumerate())
+
+        idle = [socket.create_connection(("::1", port)) for _ in range(3 * la.ENDPOINT_MAX_CONNECTIONS)]
+        assert api_world.wait_for(lambda: handlers() == la.ENDPOINT_MAX_CONNECTIONS, timeout=5), handlers()
+        time.sleep(0.2)
+        assert handlers() == la.ENDPOINT_MAX_CONNECTIONS  # the rest were turned away, not queued
+        for connection in idle:
+            connection.close()
+        server.set_down(False)
+        drive(agent, lambda: agent.phase == la.RUNNING and bool(server.root_calls("get_runs_in_queue")))
+        assert api_world.wait_for(lambda: health_of(url) == (200, b"{}"), timeout=5)
+    finally:
+        agent.close()
+
+
+def health_of(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+    except OSError:
+        return 0, b""
 
 
 def test_api_errors_never_kill_the_loop(api_world: World, test_flows: Any) -> None:
@@ -1967,19 +2082,19 @@ def test_undelivered_writes_wait_in_the_spool_for_the_next_start(api_world: Worl
     assert api_world.state(run_id) == "Success"
 
 
-def test_subreaper_reaps_orphaned_grandchildren(embedded: World, test_flows: Any) -> None:
-    embedded.run(embedded.flow(test_flows.orphan_maker))
-    agent = _agent_process(embedded, "--subreaper", "--max-polls", "20")
+def test_subreaper_adopts_and_reaps_orphaned_grandchildren(embedded: World, test_flows: Any, tmp_path: Path) -> None:
+    pid_file = tmp_path / "orphan.pid"
+    embedded.run(embedded.flow(test_flows.orphan_maker), parameters={"pid_file": str(pid_file)})
+    agent = _agent_process(embedded, "--subreaper", "--max-polls", "40")
     try:
-        deadline = time.monotonic() + 20
-        zombies: list[int] = []
-        while time.monotonic() < deadline and agent.poll() is None:
-            time.sleep(0.5)
-            children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(int(p)) == agent.pid]
-            zombies = [pid for pid in children if not _alive(pid)]
-            if embedded.db.list_flow_runs()[0].state == "Success" and not children:
-                break
-        assert zombies == []
+        assert embedded.wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
+        orphan = int(pid_file.read_text())
+        # Its parent, the flow-run process, ends at once: the agent, not init, becomes its parent...
+        assert embedded.wait_for(lambda: _parent_of(orphan) == agent.pid or not os.path.exists(f"/proc/{orphan}"),
+                                 timeout=10)
+        assert _parent_of(orphan) == agent.pid, "the orphan was not adopted by the agent"
+        # ...and reaps it when it ends, so no zombie is left.
+        assert embedded.wait_for(lambda: not os.path.exists(f"/proc/{orphan}"), timeout=10), "left a zombie"
     finally:
         agent.kill()
         agent.communicate()
