@@ -726,9 +726,11 @@ def test_missing_flow_file_fails_the_run_naming_the_host(world: World, test_flow
     flow_id = world.flow(test_flows.hello)
     (world.storage_dir / "hello.prefect").unlink()
     run_id = world.run(flow_id)
-    world.agent("--once")
+    result = world.agent("--once")
     assert world.state(run_id) == "Failed"
     assert f"does not exist on host {HOST}" in world.message(run_id)
+    assert f"Deployment of flow run {run_id} aborted" in result.stderr  # the agent checked: no process started
+    assert not any(line.startswith("Submitted for execution") for line in world.logs(run_id))
 
 
 def test_parameters_and_context_reach_the_flow(world: World, test_flows: Any) -> None:
@@ -2039,6 +2041,79 @@ def test_sigterm_drains_then_hands_unfinished_runs_back(world: World, test_flows
     assert world.state(slow) == "Scheduled"  # handed back for another agent
     assert "shut down before this run finished" in world.message(slow)
     assert not _alive(flow_pid) and not _alive(grandchild)  # no orphans left behind
+
+
+def test_sigterm_hands_back_a_run_claimed_and_not_yet_started(
+    api_world: World, test_flows: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Server a run is claimed a little before its start time; a stop in between hands it back."""
+    marker = tmp_path / "started.txt"
+    due = datetime.now(timezone.utc) + timedelta(seconds=5)
+    run_id = api_world.run(api_world.flow(test_flows.record_start), parameters={"path": str(marker)}, at=due)
+    monkeypatch.setattr(la, "CLAIM_SETTLE_SECONDS", 0.0)  # the claim's read-back, at once: the clock stays put
+    agent = stepped_agent(api_world, monkeypatch)
+    try:
+        drive(agent, lambda: agent.book.phase(run_id) == la.DUE)  # prefetched
+        assert isinstance(agent.clock, JumpingClock)
+        agent.clock.offset += (due - agent.clock.now()).total_seconds() - 0.15  # within the claim lead
+        drive(agent, lambda: agent.book.phase(run_id) == la.CLAIMED)
+        assert api_world.state(run_id) == "Submitted"
+        agent.stop(signal.SIGTERM)
+        drive(agent, lambda: agent.phase == la.DONE)
+    finally:
+        agent.close()
+    assert api_world.state(run_id) == "Scheduled"
+    assert "shut down before starting this run; rescheduled" in api_world.message(run_id)
+    assert not marker.exists()  # never started
+
+
+#: Kills the agent just as it saves the output offsets it read, after anything not held back
+#: has had time to reach the API: then each output line must reach the run's log once.
+DIES_RECORDING_OFFSETS = '''
+import os, signal, sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import local_agent as la
+
+read = la._Job.read_output
+save = la.RunBook.save
+state = {"lines": False}
+
+
+def reading(self, *args, **kwargs):
+    lines = read(self, *args, **kwargs)
+    state["lines"] = state["lines"] or any("before the wait" in line.message for line in lines)
+    return lines
+
+
+def saving(self):
+    if state["lines"]:
+        time.sleep(0.5)  # the outbox sends whatever it may send now
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(self)
+
+
+la._Job.read_output = reading
+la.RunBook.save = saving
+sys.exit(la.main(sys.argv[1:]))
+'''
+
+
+def test_output_reaches_the_log_once_when_the_agent_dies_recording_how_far_it_read(
+    world: World, test_flows: Any, tmp_path: Path
+) -> None:
+    run_id = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 1.5})
+    script = tmp_path / "dies_recording_offsets.py"
+    script.write_text(DIES_RECORDING_OFFSETS)
+    agent = subprocess.run(
+        [sys.executable, str(script), str(AGENT.parent), "start", "--api", world.api, "-l", "test",
+         "--no-hostname-label"], env=world.env, cwd=world.cwd, capture_output=True, text=True, timeout=60)
+    assert agent.returncode == -signal.SIGKILL, agent.stderr
+    restarted = world.agent("--once")
+    assert restarted.returncode == 0, restarted.stderr
+    logs = world.logs(run_id)
+    assert world.state(run_id) == "Success"
+    assert logs.count("before the wait") == 1 and logs.count("logged before the wait") == 1, logs
+    assert logs.count("after the wait") == 1, logs
 
 
 def test_a_second_sigterm_skips_the_grace_period(world: World, test_flows: Any, tmp_path: Path) -> None:
