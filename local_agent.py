@@ -2694,6 +2694,8 @@ class _Outbox:
         self.failing = ""
         #: Why the spool file cannot be written ("" while it can): entries then wait in memory.
         self.spool_failing = ""
+        #: Per run, the furthest output offset the spool held at start (see resume_offset).
+        self._loaded_offsets: dict[str, int] = {}
         if spool is not None and spool.exists():
             self._load_spool(spool)
 
@@ -2718,9 +2720,15 @@ class _Outbox:
         self._wake.set()
 
     def resume_offset(self, run_id: str) -> int:
-        """The furthest output offset of a run that the spool holds lines up to."""
+        """The furthest output offset of a run that the spool holds lines up to.
+
+        Lines loaded from the spool at start count even once delivered: they are sent while the
+        agent adopts its runs, and reading a run's output again from before them would send
+        them twice.
+        """
         with self._lock:
-            return max((int(e.get("o", 0)) for e in self._entries if e["r"] == run_id and e["k"] == "log"), default=0)
+            queued = (int(e.get("o", 0)) for e in self._entries if e["r"] == run_id and e["k"] == "log")
+            return max(self._loaded_offsets.get(run_id, 0), max(queued, default=0))
 
     def state(self, run_id: str, state: Mapping[str, Any], version: int | None, *, unless_final: bool = False) -> None:
         """Queue a state write; ``unless_final``: skip it if the run has a final state by then.
@@ -2827,6 +2835,9 @@ class _Outbox:
             if isinstance(entry, dict) and entry.get("k") in ("log", "state"):
                 self._entries.append(entry)
                 self._bytes += len(line) + 1
+                if entry["k"] == "log" and isinstance(entry.get("o"), int):
+                    run_id = str(entry.get("r"))
+                    self._loaded_offsets[run_id] = max(self._loaded_offsets.get(run_id, 0), entry["o"])
         if self._entries:
             self._idle.clear()
             self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)

@@ -1397,6 +1397,24 @@ def test_the_outbox_redacts_every_line_and_state_message_before_it_is_spooled_or
     db.close()
 
 
+def test_output_offsets_in_the_spool_still_count_once_their_lines_are_delivered(tmp_path: Path) -> None:
+    """A restarted agent reads a run's output on from the spool's furthest line, even when the
+    spool's lines were already sent by the time it adopts the run (no line twice)."""
+    db = la.SQLiteBackend(str(tmp_path / "db.sqlite"))
+    flow_id = db.register_flow(db.ensure_project("p"), la.serialize_flow(la.Flow("f", print), "/f", []))
+    run_id = db.create_flow_run(flow_id, parameters={}, labels=None, scheduled_start_time=None, idempotency_key="k")
+    spool = tmp_path / "spool.jsonl"
+    spool.write_text(json.dumps({"k": "log", "r": run_id, "t": "2026-01-01T00:00:00+00:00", "l": "INFO",
+                                 "n": "output", "m": "before the crash", "o": 120}) + "\n")
+    outbox = la._Outbox(db, spool, logging.getLogger("test"))
+    try:
+        assert outbox.flush(10) and outbox.pending == 0  # delivered before anyone asked
+        assert outbox.resume_offset(run_id) == 120
+    finally:
+        outbox.close()
+        db.close()
+
+
 def test_the_agents_files_are_private_whatever_the_umask(
     embedded: World, test_flows: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
