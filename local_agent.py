@@ -429,6 +429,12 @@ def _as_paths(value: object, where: str) -> list[str]:
     return [os.path.abspath(os.path.expanduser(path)) for path in paths]
 
 
+def _as_path(value: object, where: str) -> str:
+    """One path, absolute ("" stays "": the default)."""
+    path = _as_str(value, where)
+    return os.path.abspath(os.path.expanduser(path)) if path else ""
+
+
 def _as_env(value: object, where: str) -> dict[str, str]:
     if isinstance(value, (list, tuple)):
         return dict(_split_env_pair(item, where) for item in value)
@@ -527,6 +533,9 @@ _OPTIONS = (
             "append", check_item=_split_env_pair),
     _Option("import_paths", ("cloud.agent.import_paths",), _as_paths, [], ("-p", "--import-path"),
             "add to flow runs' PYTHONPATH (repeatable)", "append"),
+    _Option("python", ("cloud.agent.python",), _as_path, "", ("--python",),
+            "the Python that runs flow-run processes, e.g. a project's virtualenv with prefect",
+            shown_default="the agent's own"),
     _Option("flow_dirs", ("cloud.agent.flow_dirs",), _as_paths, [], ("--flows-dir",),
             "also load flow files from under this directory (repeatable); <home_dir>/flows always", "append",
             shown_default="`[]` (`<home_dir>/flows` always counts)"),
@@ -594,6 +603,7 @@ class Settings:
     home_dir: str
     env: dict[str, str]
     import_paths: list[str]
+    python: str
     flow_dirs: list[str]
     show_flow_logs: bool
     hostname_label: bool
@@ -2989,30 +2999,37 @@ class _RecordLineHandler(logging.Handler):
         super().__init__()
         self._stream = stream
         self.setFormatter(logging.Formatter("%(message)s"))
+        #: Says which records another handler ships to the API already (Prefect's own, on its
+        #: engine): those are marked, and the agent shows them but does not ship them again.
+        self.shipped_elsewhere: Callable[[logging.LogRecord], bool] = lambda record: False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            payload = {
+            payload: dict[str, Any] = {
                 "t": _format_time(datetime.fromtimestamp(record.created, timezone.utc)),
                 "l": record.levelname,
                 "n": record.name,
                 "m": self.format(record),
             }
+            if self.shipped_elsewhere(record):
+                payload["s"] = 1
             self._stream.write(_RECORD_MARK + json.dumps(payload) + "\n")
             self._stream.flush()
         except Exception:
             self.handleError(record)
 
 
-def _parse_output_line(text: str) -> LogLine:
-    """A line of a flow-run process's output: a marked log record, or plain output."""
+def _parse_output_line(text: str) -> tuple[LogLine, bool]:
+    """A line of a flow-run process's output (a marked log record, or plain output), and whether
+    the process shipped it to the API itself."""
     if text.startswith(_RECORD_MARK):
         try:
             record = json.loads(text[1:])
-            return LogLine(str(record["t"]), str(record["l"]), str(record["n"]), str(record["m"]))
+            line = LogLine(str(record["t"]), str(record["l"]), str(record["n"]), str(record["m"]))
+            return line, bool(record.get("s"))
         except (ValueError, KeyError, TypeError):
             pass
-    return LogLine(_format_time(_utcnow()), "INFO", "output", text)
+    return LogLine(_format_time(_utcnow()), "INFO", "output", text), False
 
 
 class _FlowRunProcess:
@@ -3090,6 +3107,8 @@ class _FlowRunProcess:
         except BaseException as exc:  # the flow's own modules may fail to import
             self.logger.error("Failed to load flow %r", run.flow_name, exc_info=True)
             return self._fail_to_load("Failed to load flow: " + _describe_exception(exc))
+        if _is_prefect_flow(flow) and isinstance(self.backend, GraphQLBackend):
+            return self._run_on_prefects_engine(flow, run)
         running = make_state("Running", "Running flow.")
         try:
             _retry_api(lambda: self.backend.set_flow_run_state(run.id, running, run.version),
@@ -3102,6 +3121,48 @@ class _FlowRunProcess:
         final = self._call(flow, run)
         self.logger.info("Flow run %s: %s", final["type"].upper(), final["message"])
         return _EXIT_REPORTED if self._report(final) else _EXIT_UNREPORTED
+
+    def _run_on_prefects_engine(self, flow: Any, run: FlowRun) -> int:
+        """Run a Prefect 1.x flow as ``prefect execute flow-run`` does: its CloudFlowRunner writes
+        the run's and its task runs' states, heartbeats and logs itself. A final state the API
+        does not have at the end is left to the agent (or, alone, sent) like any other."""
+        import prefect  # type: ignore[import-not-found]  # only a Prefect flow needs it
+
+        self._leave_prefects_logs_to_prefect()
+        context = {"flow_run_id": run.id, "flow_id": run.flow_id, "flow_run_name": run.name}
+        # As `prefect execute flow-run`: logs go to the backend, the storage's secrets are resolved.
+        with prefect.context(running_with_backend=True, **context):
+            try:
+                secrets = dict(prefect.context.get("secrets", {}))
+                for name in (run.storage.get("secrets") if isinstance(run.storage, Mapping) else None) or []:
+                    secrets[name] = prefect.tasks.secrets.PrefectSecret(name=name).run()
+                with prefect.context(secrets=secrets):
+                    final = prefect.engine.get_default_flow_runner_class()(flow=flow).run()
+            except Exception as exc:  # what Prefect's own entry point does with it
+                message = f"Failed to load and execute flow run: {exc!r}"
+                self.logger.error("%s", message)
+                return _EXIT_REPORTED if self._report(make_state("Failed", message)) else _EXIT_UNREPORTED
+        state = final.serialize()
+        current = _retry_api(lambda: self.backend.get_flow_run(run.id), FLOW_RUN_API_PATIENCE_SECONDS)
+        if current is not None and is_final(current.state):
+            self._write_result(dict(state), delivered=True)
+            return _EXIT_REPORTED
+        if not is_final(str(state.get("type"))):
+            return _EXIT_REPORTED  # Prefect's own answer: a run left Running, for a later retry
+        return _EXIT_REPORTED if self._report(dict(state)) else _EXIT_UNREPORTED
+
+    def _leave_prefects_logs_to_prefect(self) -> None:
+        """Prefect prints its records and ships them (CloudHandler): print them through our
+        record handler only, marked as shipped, so the agent shows them and never ships them twice."""
+        prefect_logger = logging.getLogger("prefect")
+        for handler in list(prefect_logger.handlers):
+            if type(handler) is logging.StreamHandler:  # its console handler; its CloudHandler stays
+                prefect_logger.removeHandler(handler)
+        ships = any(type(handler).__name__ == "CloudHandler" for handler in prefect_logger.handlers)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, _RecordLineHandler):
+                handler.shipped_elsewhere = lambda record: ships and (
+                    record.name == "prefect" or record.name.startswith("prefect."))
 
     def _call(self, flow: Any, run: FlowRun) -> dict[str, Any]:
         """Call the flow; its outcome as a final state."""
@@ -3521,9 +3582,10 @@ class _Job:
         self.out_path.unlink(missing_ok=True)
         self.result_path.unlink(missing_ok=True)
 
-    def read_output(self, redact: _Redactor, *, to_the_end: bool = False) -> list[LogLine]:
-        """The lines the process wrote since the last read, redacted (a flood is read in slices)."""
-        lines: list[LogLine] = []
+    def read_output(self, redact: _Redactor, *, to_the_end: bool = False) -> list[tuple[LogLine, bool]]:
+        """The lines the process wrote since the last read, redacted (a flood is read in slices),
+        each with whether the process shipped it itself."""
+        lines: list[tuple[LogLine, bool]] = []
         try:
             with open(self.out_path, "rb") as output:
                 output.seek(self.offset)
@@ -3542,7 +3604,7 @@ class _Job:
             self.partial = b""
         return lines
 
-    def _split(self, data: bytes, redact: _Redactor) -> list[LogLine]:
+    def _split(self, data: bytes, redact: _Redactor) -> list[tuple[LogLine, bool]]:
         raw_lines = data.split(b"\n")
         self.partial = raw_lines.pop()
         # An endless line is cut, never held whole; never through a secret, and only where
@@ -3554,7 +3616,7 @@ class _Job:
         return [line for raw in raw_lines for line in self._lines_of(raw, redact)]
 
     @staticmethod
-    def _lines_of(raw: bytes, redact: _Redactor) -> list[LogLine]:
+    def _lines_of(raw: bytes, redact: _Redactor) -> list[tuple[LogLine, bool]]:
         """A line of output, redacted whole and then cut to lines a run's log takes."""
         text = redact(raw.decode("utf-8", "replace"))
         return [_parse_output_line(text[start:start + MAX_LINE_BYTES]) for start in range(0, max(len(text), 1),
@@ -3908,6 +3970,7 @@ class LocalAgent:
         self._lock_file: IO[Any] | None = None
         self._http: ThreadingHTTPServer | None = None
         self._program = _source_file()  # what flow-run processes run: this file, or its compiled copy
+        self._python = sys.executable  # and with which interpreter (--python)
         self.subreaper = False
         self._redact = _Redactor(_secrets(self.settings, os.environ))
 
@@ -4013,7 +4076,10 @@ class LocalAgent:
         except OSError as exc:
             raise ConfigError(f"cannot create the agent's directory {self.directory}: {exc.strerror or exc}") from None
         self._lock_file = _lock_agent_directory(self.directory, self.settings)
-        self._program = _compiled_copy(self.settings.home / "cache") or _source_file()
+        self._python = self._check_python()
+        # The compiled copy is bytecode for this interpreter; another one runs the source.
+        same_python = os.path.realpath(self._python) == os.path.realpath(sys.executable)
+        self._program = (_compiled_copy(self.settings.home / "cache") if same_python else "") or _source_file()
         self._outbox = _Outbox(self.backend, self.directory / "spool.jsonl", self.logger, self._redact)
         if self._outbox.pending:
             self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
@@ -4023,6 +4089,29 @@ class LocalAgent:
         self._opened_at = self.clock.monotonic()
         if self.settings.agent_address:  # up before the API is: a health check then says why it is not
             self._http = _serve_agent_address(self, self.settings.agent_address)
+
+    def _check_python(self) -> str:
+        """The interpreter for flow-run processes, checked once: it runs; which of prefect and
+        cloudpickle it has (Prefect flows need both)."""
+        python = self.settings.python or sys.executable
+        if python == sys.executable:
+            return python
+        import subprocess  # only the agent starts processes
+
+        probe = ("import importlib.util as u; "
+                 "print(' '.join(m for m in ('prefect', 'cloudpickle') if u.find_spec(m)))")
+        try:
+            found = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60,
+                                   stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(f"--python {python} cannot be run ({_describe_exception(exc)}): give the path "
+                              "of a Python interpreter") from None
+        if found.returncode != 0:
+            raise ConfigError(f"--python {python} fails to start ({_one_line(found.stderr)}): give the path "
+                              "of a working Python interpreter")
+        self.logger.info("Flow runs use %s (%s)", python, f"with {found.stdout.strip()}" if found.stdout.strip()
+                         else "without prefect or cloudpickle")
+        return python
 
     def close(self) -> None:
         """Stop the endpoint, deliver what the API takes (the spool keeps the rest), release files."""
@@ -4303,7 +4392,7 @@ class LocalAgent:
             job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
                        started_at=time.time())
             environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
-            job.start([sys.executable, self._program, "execute", "flow-run"], environment)
+            job.start([self._python, self._program, "execute", "flow-run"], environment)
         except (FlowStorageError, OSError) as exc:
             message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
             self.logger.error("Deployment of flow run %s aborted: %s", run.id, message)
@@ -4328,8 +4417,8 @@ class LocalAgent:
         for job in self.book.jobs:
             exited = job.has_exited()
             offset = job.offset
-            for line in job.read_output(self._redact, to_the_end=exited):
-                self._collect(job, line)
+            for line, shipped in job.read_output(self._redact, to_the_end=exited):
+                self._collect(job, line, shipped)
             read_any = read_any or job.offset != offset
             if exited:
                 # The order makes every crash point safe: the outcome is in the spool before
@@ -4348,15 +4437,16 @@ class LocalAgent:
             self.book.save()
             self._api_writes().release()  # see _Outbox.release: after the ledger, never before
 
-    def _collect(self, job: _Job, line: LogLine) -> None:
-        """Keep a line for the failure message, echo it with ``-f``, ship it to the run log."""
+    def _collect(self, job: _Job, line: LogLine, shipped: bool = False) -> None:
+        """Keep a line for the failure message, echo it with ``-f``, ship it to the run log
+        (unless the process shipped it itself: Prefect's engine ships its own records)."""
         line = line._replace(message=line.message.rstrip("\r"))  # redacted by _Job.read_output
         shown = line.message if line.name == "output" else _format_log_line(line)
         job.tail.append(shown)
         if self.settings.show_flow_logs:
             sys.stdout.write(shown + "\n")
             sys.stdout.flush()
-        if not self.settings.cloud_logs:
+        if shipped or not self.settings.cloud_logs:
             return
         job.logged_bytes += len(line.message)
         if job.logged_bytes > MAX_RUN_LOG_BYTES:
@@ -5062,7 +5152,8 @@ def _flag_type(convert: Callable[[Any, str], Any], what: str) -> Callable[[str],
 #: What a flag's value is called in an error ("invalid whole number value: 'x'").
 _FLAG_VALUE_NAMES: dict[Callable[[Any, str], Any], str] = {
     _as_positive: "whole number", _as_number: "number of seconds", _as_timeout: "number of seconds", _as_api: "URL",
-    _as_level: "level", _as_address: "address", _split_env_pair: "KEY=VALUE", _as_token: "token", _as_name: "name",
+    _as_level: "level", _as_address: "address", _as_path: "path", _split_env_pair: "KEY=VALUE", _as_token: "token",
+    _as_name: "name",
 }
 #: The settings every command that talks to an API takes (the rest are ``start``'s alone).
 _BACKEND_OPTIONS = ("api", "token", "tenant_id")

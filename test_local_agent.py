@@ -2301,6 +2301,180 @@ def test_a_flow_file_outside_the_operators_directories_is_never_loaded_nor_claim
         assert world.state(new_run) == "Success"
 
 
+# --- Real Prefect 1.x flows -------------------------------------------------------------
+#
+# These need prefect 1.4.1, which the tests install once into a virtualenv they cache (the
+# pins that still install and work today: current marshmallow and pendulum break 1.4.1).
+# Without a package index they fail saying so; nothing is skipped.
+
+PREFECT1_PINS = """prefect==1.4.1
+marshmallow==3.18.0
+marshmallow-oneofschema==3.0.1
+pendulum==2.1.2
+python-box==6.0.2
+click==8.1.3
+cloudpickle==2.2.0
+croniter==1.3.7
+dask==2022.12.1
+distributed==2022.12.1
+docker==6.0.1
+msgpack==1.0.5
+packaging==21.3
+python-dateutil==2.8.2
+python-slugify==6.1.2
+pytz==2022.7
+requests==2.28.1
+urllib3==1.26.13
+toml==0.10.2
+tabulate==0.9.0
+PyYAML==6.0.1
+importlib-resources==5.10.2
+mypy-extensions==0.4.3
+tornado==6.2
+"""
+#: Where the virtualenv is kept between runs (read once, before any test moves HOME).
+TEST_CACHE = Path(os.environ.get("LOCAL_AGENT_TEST_CACHE") or Path.home() / ".cache" / "local_agent-tests")
+
+
+@pytest.fixture(scope="session")
+def prefect1_python() -> str:
+    """A Python with prefect 1.4.1: made once (under a lock, for parallel workers), then reused."""
+    import fcntl
+
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-{la._short_hash(PREFECT1_PINS.encode())}"
+    venv = TEST_CACHE / f"prefect-1.4.1-{tag}"
+    python = venv / "bin" / "python"
+    check = "from prefect.engine.state import Scheduled; Scheduled().serialize()"
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(TEST_CACHE / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if python.exists() and subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0:
+            return str(python)
+        shutil.rmtree(venv, ignore_errors=True)
+        pins = TEST_CACHE / f"{venv.name}-constraints.txt"
+        pins.write_text(PREFECT1_PINS)
+        steps = [[sys.executable, "-m", "venv", str(venv)],
+                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c", str(pins),
+                  "prefect==1.4.1"],
+                 [str(python), "-c", check]]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                pytest.fail(f"the real-Prefect tests need prefect 1.4.1 in a virtualenv at {venv}, and "
+                            f"`{' '.join(step)}` failed: {(done.stderr or done.stdout)[-1500:]}", pytrace=False)
+    return str(python)
+
+
+PREFECT_FLOW = """
+import sys
+import prefect
+from prefect import Flow, Parameter, task
+from prefect.run_configs import LocalRun
+
+
+@task
+def say(name):
+    prefect.context.logger.info("hi %s", name)
+    print("printed", name)
+    return name
+
+
+@task
+def fail_if(name):
+    if name == "boom":
+        raise ValueError("boom from a task")
+
+
+with Flow("prefect-hello", run_config=LocalRun(labels=["test"])) as flow:
+    fail_if(say(Parameter("name", default="world")))
+
+if __name__ == "__main__":
+    prefect.Client().create_project("P")
+    print(flow.register(project_name="P", add_default_labels=False))
+"""
+
+
+def register_prefect_flow(world: World, python: str, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """Register PREFECT_FLOW with Prefect 1.4.1's own client (Local storage); its id, and the
+    environment a Prefect 1.x user would run agents with."""
+    env = {**world.env, "PREFECT__BACKEND": "server", "PREFECT__SERVER__ENDPOINT": world.api,
+           "PREFECT__CLOUD__API": world.api}
+    script = tmp_path / "prefect_hello.py"
+    script.write_text(PREFECT_FLOW)
+    done = subprocess.run([python, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1], env
+
+
+def prefect_run_facts(server: Any, run_id: str) -> tuple[list[str], dict[str, str], list[dict[str, Any]]]:
+    """A run's state sequence, its task runs' final states by task slug, and its log rows."""
+    states = [state["type"] for state in server.states(run_id)]
+    task_states = {row["task_slug"] if "task_slug" in row else str(row.get("task_id")): row["state"]
+                   for row in server.task_runs(run_id)}
+    return states, task_states, server.logs(run_id)
+
+
+@pytest.mark.parametrize("name", ["you", "boom"])
+def test_a_real_prefect_flow_runs_on_prefects_engine_with_its_task_runs_and_logs_once(
+    api_world: World, prefect1_python: str, tmp_path: Path, name: str
+) -> None:
+    server = api_world.server
+    flow_id, env = register_prefect_flow(api_world, prefect1_python, tmp_path)
+    run_id = str(server.add_flow_run(flow_id, parameters={"name": name}))
+    result = run_in_process(["start", "--once", "-l", "test", "--no-hostname-label", "--python", prefect1_python],
+                            env=env, cwd=tmp_path)
+    assert "Flow runs use" in result.stderr and "with prefect cloudpickle" in result.stderr
+    states, task_states, logs = prefect_run_facts(server, run_id)
+    assert server.server_errors == []
+    messages = [log["message"] for log in logs]
+    if name == "you":
+        assert result.returncode == 0, result.stderr
+        assert states == ["Pending", "Scheduled", "Submitted", "Running", "Success"]
+        assert sorted(task_states.values()) == ["Success", "Success", "Success"]
+    else:
+        assert states[-1] == "Failed" and server.run(run_id)["state_message"] == "Some reference tasks failed."
+        assert sorted(task_states.values()) == ["Failed", "Success", "Success"]  # fail_if; say and name ran
+    for line in ("Beginning Flow run for 'prefect-hello'", f"hi {name}", f"printed {name}"):
+        assert messages.count(line) == 1, (line, messages)  # shipped once: by Prefect, or (a print) by the agent
+    task_logs = [log for log in logs if log["message"] == f"hi {name}"]
+    assert task_logs[0]["task_run_id"] in {row["id"] for row in server.task_runs(run_id)}
+
+
+def test_a_real_prefect_flow_reaches_the_api_as_under_prefects_own_agent(
+    tmp_path: Path, clean_env: dict[str, str], flows_dir: Path, prefect1_python: str
+) -> None:
+    """The same flow and run, once under Prefect 1.4.1's LocalAgent and once under ours."""
+    facts = {}
+    for who in ("prefect", "ours"):
+        with PrefectServerDouble() as server:
+            world = World("graphql", tmp_path / who, clean_env, flows_dir, server)
+            (tmp_path / who).mkdir()
+            flow_id, env = register_prefect_flow(world, prefect1_python, tmp_path / who)
+            run_id = str(server.add_flow_run(flow_id, parameters={"name": "both"}))
+            if who == "prefect":
+                agent = subprocess.Popen(
+                    [str(Path(prefect1_python).parent / "prefect"), "agent", "local", "start", "-l", "test",
+                     "--no-hostname-label"], env=env, cwd=tmp_path / who, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                try:
+                    assert world.wait_for(lambda run_id=run_id: server.run(run_id)["state"] in la.FINAL_STATES,
+                                          timeout=90)
+                    time.sleep(2)  # its last log batch
+                finally:
+                    agent.terminate()
+                    agent.wait(30)
+            else:
+                result = run_in_process(["start", "--once", "-l", "test", "--no-hostname-label", "--python",
+                                         prefect1_python], env=env, cwd=tmp_path / who)
+                assert result.returncode == 0, result.stderr
+            facts[who] = prefect_run_facts(server, run_id)
+    (prefect_states, prefect_tasks, prefect_logs), (our_states, our_tasks, our_logs) = facts["prefect"], facts["ours"]
+    assert our_states == prefect_states
+    assert sorted(our_tasks.values()) == sorted(prefect_tasks.values())
+    assert len(our_logs) <= 1.5 * len(prefect_logs), (len(our_logs), len(prefect_logs))
+    print(f"\nPrefect's agent: {prefect_states}, {len(prefect_logs)} log rows; ours: {len(our_logs)} log rows")
+
+
 def test_a_stored_object_that_cannot_run_fails_clearly(api_world: World) -> None:
     import pickle
 

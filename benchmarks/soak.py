@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak tests for "never lose or double a run", at full size, outside CI.
 
-    python3 benchmarks/soak.py            # about 10 minutes on 2 cores, as root; writes benchmarks/SOAK.md
+    python3 benchmarks/soak.py            # about 7 minutes on 2 cores, as root; writes benchmarks/SOAK.md
     python3 benchmarks/soak.py --quick    # smaller sizes, about 2 minutes
 
 Scenarios (real agent processes against real SQLite files and the Prefect Server double,
@@ -143,6 +143,13 @@ class Scenario:
         assert self.server is not None
         return str(self.server.run(run_id)["state"])
 
+    def message(self, run_id: str) -> str:
+        if self.kind == "sqlite":
+            run = self.db.get_flow_run(run_id)
+            return (run.state_message or "") if run else ""
+        assert self.server is not None
+        return str(self.server.run(run_id).get("state_message") or "")
+
     def log_lines(self, run_id: str) -> list[str]:
         if self.kind == "sqlite":
             return [line.message for line in self.db.get_run_logs(run_id)]
@@ -188,6 +195,12 @@ def overwritten(history: list[str]) -> bool:
     """Whether any state follows the run's first final state."""
     finals = [index for index, state in enumerate(history) if state in la.FINAL_STATES]
     return bool(finals) and finals[0] < len(history) - 1
+
+
+def overwritten_with_another(history: list[str]) -> bool:
+    """Whether a state of another type follows the run's first final state."""
+    finals = [index for index, state in enumerate(history) if state in la.FINAL_STATES]
+    return bool(finals) and any(state != history[finals[0]] for state in history[finals[0] + 1:])
 
 
 def duplicates(executed: list[str]) -> int:
@@ -328,10 +341,12 @@ def disk_full(runs: int, full_seconds: float) -> dict[str, Any]:
             "runs": runs, "seconds_full": round(seconds_full, 1), "free_bytes_while_full": free_while_full,
             "executed_while_full": executed_while_full, "all_final": settled,
             "success": runs - len(lost), "lost": len(lost), "overwritten": len(changed),
+            "overwritten_with_another": sum(overwritten_with_another(histories[run_id]) for run_id in changed),
             "duplicates": duplicates(executed), "executions": len(executed),
             "exit_code": agent.returncode, "traceback": "Traceback" in stderr,
             "writes_held": max(map(int, re.findall(r"Holding (\d+) API write", stderr)), default=0),
-            "problems": [f"{run_id}: {scenario.state(run_id)}, history {histories[run_id]}"
+            "problems": [f"{run_id}: {scenario.state(run_id)} ({scenario.message(run_id)[:300]!r}), history "
+                         f"{histories[run_id]}, logs {[line[:200] for line in scenario.log_lines(run_id)][-6:]}"
                          for run_id in dict.fromkeys([*lost, *changed])],
             "stderr_tail": stderr[-2000:] if agent.returncode or "Traceback" in stderr else "",
         }
@@ -439,13 +454,16 @@ def markdown(results: dict[str, Any]) -> str:
               "named with `--flows-dir`); one agent with `--limit 4` runs the burst, and once a third of it "
               "has run the tmpfs is filled to the last byte, kept full, then emptied. Most writes held back: "
               "the largest N in the agent's \"Holding N API write(s) back\" (its database writes refused "
-              "while the disk was full).", "",
+              "while the disk was full). Overwritten: any state after the run's first final state (in "
+              "parentheses: of another type than that final state). Runs lost or overwritten are listed "
+              "below the table with their state history.", "",
               "| runs | seconds full | bytes free while full | most writes held back | executed while full | "
-              "Success | lost | final states overwritten | duplicates | agent exit code | Traceback on stderr |",
+              "Success | lost | final states overwritten (by another state) | duplicates | agent exit code | "
+              "Traceback on stderr |",
               "|---|---|---|---|---|---|---|---|---|---|---|",
               f"| {full['runs']} | {full['seconds_full']:g} | {full['free_bytes_while_full']} | "
               f"{full['writes_held']} | {full['executed_while_full']} | {full['success']} | {full['lost']} | "
-              f"{full['overwritten']} | "
+              f"{full['overwritten']} ({full['overwritten_with_another']}) | "
               f"{full['duplicates']} | {full['exit_code']} | {'yes' if full['traceback'] else 'no'} |"]
     if full["problems"] or full["stderr_tail"]:
         lines += ["", *(f"- {problem}" for problem in full["problems"])]
