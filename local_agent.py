@@ -541,6 +541,9 @@ _OPTIONS = (
             shown_default="`[]` (`<home_dir>/flows` always counts)"),
     _Option("show_flow_logs", ("cloud.agent.show_flow_logs",), _as_bool, False, ("-f", "--show-flow-logs"),
             "show flow-run output", "true"),
+    _Option("local_label", ("cloud.agent.local_label",), _as_bool, True, ("--no-local-label",),
+            "do not add the label local (with --no-hostname-label and no -l, it takes unlabelled runs, as "
+            "Prefect 1.4.1's agent does)", "false"),
     _Option("hostname_label", ("cloud.agent.hostname_label",), _as_bool, True, ("--no-hostname-label",),
             "do not add the host name label", "false"),
     _Option("cloud_logs", ("cloud.send_flow_run_logs",), _as_bool, True, ("--no-cloud-logs",),
@@ -606,6 +609,7 @@ class Settings:
     python: str
     flow_dirs: list[str]
     show_flow_logs: bool
+    local_label: bool
     hostname_label: bool
     cloud_logs: bool
     agent_address: str
@@ -654,7 +658,7 @@ class Settings:
 
     def agent_labels(self) -> list[str]:
         """The labels ``start`` polls with: given ones, ``local``, then the host name."""
-        extra = [LOCAL_STORAGE_LABEL] + ([_hostname()] if self.hostname_label else [])
+        extra = ([LOCAL_STORAGE_LABEL] if self.local_label else []) + ([_hostname()] if self.hostname_label else [])
         return _unique([*self.labels, *extra])
 
 
@@ -708,11 +712,8 @@ def _load_config(environ: Mapping[str, str]) -> tuple[Path, dict[str, Any]]:
     explicit = environ.get("PREFECT__USER_CONFIG_PATH", "")
     path = Path(os.path.expanduser(explicit or "~/.prefect/config.toml"))
     if not path.exists():
-        if explicit:
-            raise ConfigError(
-                f"PREFECT__USER_CONFIG_PATH names {path}, which does not exist; "
-                "create it or unset the variable"
-            )
+        if explicit:  # Prefect 1.x ignores it too: one project's variable in another's shell is common
+            logging.getLogger(__name__).debug("PREFECT__USER_CONFIG_PATH names %s, which does not exist", path)
         return path, {}
     try:
         data = path.read_bytes()
@@ -4978,7 +4979,7 @@ def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _command_settings(args: argparse.Namespace) -> Settings:
     flags = {key: getattr(args, key, None) for key in ("api", "token", "tenant_id", "labels", "hostname_label",
-                                                         "flow_dirs")}
+                                                         "local_label", "flow_dirs")}
     return resolve_settings(flags)
 
 
@@ -5238,6 +5239,7 @@ def _build_parser() -> argparse.ArgumentParser:
     why.add_argument("run_id", metavar="RUN_ID", nargs="?")
     _add_option(why, options["labels"]._replace(help="the agent's label (repeatable)"))
     _add_option(why, options["hostname_label"])
+    _add_option(why, options["local_label"])
     _add_option(why, options["flow_dirs"])
 
     cancel = command("cancel", "cancel a flow run", _cmd_cancel)

@@ -449,7 +449,6 @@ def test_no_token_and_no_api_means_the_embedded_database(clean_env: dict[str, st
     ("PREFECT__CLOUD__AGENT__SHOW_FLOW_LOGS", "maybe", "must be true or false"),
     ("PREFECT__CLOUD__API", "ftp://host", "is not a valid API URL"),
     ("PREFECT__CLOUD__API", "sqlite://", "is not a valid API URL"),
-    ("PREFECT__USER_CONFIG_PATH", "/nonexistent/config.toml", "does not exist"),
 ])
 def test_bad_settings_give_one_clear_line(clean_env: dict[str, str], variable: str, value: str,
                                           message: str) -> None:
@@ -457,6 +456,24 @@ def test_bad_settings_give_one_clear_line(clean_env: dict[str, str], variable: s
     assert result.returncode == 1
     assert message in result.stderr
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_config_path_naming_no_file_is_ignored_as_prefect_ignores_it(clean_env: dict[str, str]) -> None:
+    result = run_cli("flows", env={**clean_env, "PREFECT__USER_CONFIG_PATH": "/nonexistent/config.toml"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_without_the_local_label_an_agent_takes_unlabelled_runs_as_prefects_does(
+    world: World, test_flows: Any
+) -> None:
+    unlabelled = world.run(world.flow(test_flows.hello, name="unlabelled", labels=()))
+    assert world.agent("--once").returncode == 0
+    assert world.state(unlabelled) == "Scheduled"  # an agent with labels never takes it
+    bare = run_in_process(["start", "--api", world.api, "--once", "--no-local-label", "--no-hostname-label"],
+                          env=world.env, cwd=world.cwd)
+    assert bare.returncode == 0, bare.stderr
+    assert "Starting LocalAgent with labels []" in bare.stderr
+    assert world.state(unlabelled) == "Success"
 
 
 def test_bad_config_files_give_one_clear_line(clean_env: dict[str, str], tmp_path: Path) -> None:
