@@ -2137,7 +2137,7 @@ state = {"lines": False}
 
 def reading(self, *args, **kwargs):
     lines = read(self, *args, **kwargs)
-    state["lines"] = state["lines"] or any("before the wait" in line.message for line in lines)
+    state["lines"] = state["lines"] or any("before the wait" in line.message for line, _ in lines)
     return lines
 
 

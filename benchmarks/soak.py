@@ -2,7 +2,7 @@
 """Soak tests for "never lose or double a run", at full size, outside CI.
 
     python3 benchmarks/soak.py            # about 7 minutes on 2 cores, as root; writes benchmarks/SOAK.md
-    python3 benchmarks/soak.py --quick    # smaller sizes, about 2 minutes
+    python3 benchmarks/soak.py --quick    # smaller sizes, about 3 minutes
 
 Scenarios (real agent processes against real SQLite files and the Prefect Server double,
 127.0.0.1 only):
