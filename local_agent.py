@@ -3209,8 +3209,10 @@ class _FlowRunProcess:
         try:
             _write_json_atomically(Path(self.result_file), {"state": state, "delivered": delivered})
         except OSError as exc:
-            self.logger.warning("Cannot write the result file %s (%s); reporting %s directly",
-                                self.result_file, exc.strerror or exc, state["type"])
+            then = ("the agent may send it again; it will not write over it" if delivered
+                    else f"reporting {state['type']} directly")
+            self.logger.warning("Cannot write the result file %s (%s); %s", self.result_file, exc.strerror or exc,
+                                then)
             return False
         return True
 
@@ -3656,9 +3658,6 @@ class _Outcome(NamedTuple):
     #: A line for the run's log, and its level ("" when there is nothing to add).
     note: str = ""
     level: str = "INFO"
-    #: The state is the agent's conclusion, not the process's report: written only if the run
-    #: has no final state by then (see _Outbox.state).
-    guessed: bool = True
 
 
 def _decide_outcome(
@@ -3677,8 +3676,7 @@ def _decide_outcome(
     the agent was stopping it. A final state the process reported always wins over a guess."""
     if reported is not None:
         state, delivered = reported
-        return _Outcome(state["type"] if state else "NotRun", state if state is not None and not delivered else None,
-                        guessed=False)
+        return _Outcome(state["type"] if state else "NotRun", state if state is not None and not delivered else None)
     if stopping == "timeout":
         message = f"Flow run timed out after {timeout or 0:g} s; its process {how}."
         return _Outcome("Failed", make_state("Failed", message))
@@ -4458,7 +4456,7 @@ class LocalAgent:
                                timestamp=_parse_time_or_now(line.timestamp), offset=job.line_offset)
 
     def _finish(self, job: _Job) -> None:
-        """Report how a run ended, as _decide_outcome settles it, and remove its files."""
+        """Report how a run ended, as _decide_outcome settles it (its files go afterwards)."""
         how = job.how_it_ended
         if job.returncode:
             self.logger.info("Process PID %d returned non-zero exit code %s (%s)", job.pid, job.returncode, how)
@@ -4466,17 +4464,31 @@ class LocalAgent:
             self._run_log(job.run_id, f"{job.dropped_lines} line(s) of output were not logged: a run's log "
                           f"keeps at most {MAX_RUN_LOG_BYTES // 1_000_000} MB", level="WARNING")
         self._run_log(job.run_id, f"Flow-run process PID {job.pid} {how}")
+        reported = _read_result(job.result_path)
+        final = "" if reported is not None else self._final_state_of(job.run_id)
+        if final:  # the process reported it, and could not leave the result file: nothing to guess
+            self._record_result(job.run_id, final)
+            return
         outcome = _decide_outcome(
-            _read_result(job.result_path), how, stopping=job.stopping, timeout=self.settings.timeout,
+            reported, how, stopping=job.stopping, timeout=self.settings.timeout,
             lost=job.adopted and job.process is None and job.returncode is None,
             last_output=" | ".join(line for line in job.tail if line.strip())[-1500:],
             pid=job.pid, host=_hostname(), now=self.clock.now(),
         )
         if outcome.note:
             self._run_log(job.run_id, outcome.note, level=outcome.level)
-        if outcome.state is not None:
-            self._api_writes().state(job.run_id, outcome.state, None, unless_final=outcome.guessed)
+        if outcome.state is not None:  # never over a final state the run has by then (see _Outbox.state)
+            self._api_writes().state(job.run_id, outcome.state, None, unless_final=True)
         self._record_result(job.run_id, outcome.result)
+
+    def _final_state_of(self, run_id: str) -> str:
+        """The run's final state in the API, or "" (not final, or the API cannot say now)."""
+        try:
+            run = self._backend().get_flow_run(run_id)
+        except APIError as exc:
+            self.logger.debug("Could not read flow run %s: %s", run_id, exc)
+            return ""
+        return run.state if run is not None and is_final(run.state) else ""
 
     def _record_result(self, run_id: str, state_type: str) -> None:
         self.results[run_id] = state_type

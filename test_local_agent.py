@@ -1822,6 +1822,7 @@ def test_a_removed_runs_directory_neither_fails_a_run_nor_the_runs_after_it(
     finally:
         agent.close()
     assert "Failed" not in world.history(first)  # it reported Success itself; the agent's guess did not win
+    assert agent.results[first] == "Success"  # and the agent says so too (--once's exit code reads this)
     assert "Hello, world!" in world.logs(second)  # the agent made its directories again
 
 
@@ -1843,6 +1844,27 @@ class FullDatabase(la.SQLiteBackend):
         self.full = False
         for connection in self._connections:
             self._limit(connection)
+
+
+def test_a_final_state_a_process_delivered_but_could_not_mark_delivered_is_not_written_again(
+    world: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = world.run(world.flow(test_flows.hello))
+    agent = stepped_agent(world, monkeypatch, once=True)
+    try:
+        drive(agent, lambda: bool(agent.book.jobs))
+        job = agent.book.jobs[0]
+        assert job.process is not None and job.process.wait(30) == 0  # ended; the agent has not looked yet
+        result = json.loads(job.result_path.read_text())
+        assert result["delivered"] is True and result["state"]["type"] == "Success"
+        # As if the disk had refused the second write: the file still says "not delivered".
+        job.result_path.write_text(json.dumps({**result, "delivered": False}))
+        drive(agent, lambda: agent.phase == la.DONE)
+    finally:
+        agent.close()
+    history = world.history(run_id)
+    assert history.count("Success") == 1, history
+    assert agent.results == {run_id: "Success"}
 
 
 def test_a_full_database_is_a_transient_error_and_no_final_state_is_dropped(tmp_path: Path) -> None:
