@@ -3160,10 +3160,15 @@ class _FlowRunProcess:
             if type(handler) is logging.StreamHandler:  # its console handler; its CloudHandler stays
                 prefect_logger.removeHandler(handler)
         ships = any(type(handler).__name__ == "CloudHandler" for handler in prefect_logger.handlers)
+
+        def shipped_by_prefect(record: logging.LogRecord) -> bool:
+            return ships and (record.name == "prefect" or record.name.startswith("prefect."))
+
         for handler in logging.getLogger().handlers:
-            if isinstance(handler, _RecordLineHandler):
-                handler.shipped_elsewhere = lambda record: ships and (
-                    record.name == "prefect" or record.name.startswith("prefect."))
+            if isinstance(handler, _RecordLineHandler):  # under an agent: printed, marked
+                handler.shipped_elsewhere = shipped_by_prefect
+            elif isinstance(handler, _RunLogHandler):  # alone: not sent a second time
+                handler.addFilter(lambda record: not shipped_by_prefect(record))
 
     def _call(self, flow: Any, run: FlowRun) -> dict[str, Any]:
         """Call the flow; its outcome as a final state."""

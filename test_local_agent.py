@@ -2478,6 +2478,26 @@ def test_a_real_prefect_flow_runs_on_prefects_engine_with_its_task_runs_and_logs
     assert task_logs[0]["task_run_id"] in {row["id"] for row in server.task_runs(run_id)}
 
 
+def test_a_real_prefect_flow_run_alone_by_execute_flow_run_ships_each_record_once(
+    api_world: World, prefect1_python: str, tmp_path: Path
+) -> None:
+    """``local_agent.py execute flow-run`` with no agent: it ships its own output, Prefect its records."""
+    server = api_world.server
+    flow_id, env = register_prefect_flow(api_world, prefect1_python, tmp_path)
+    run_id = str(server.add_flow_run(flow_id, parameters={"name": "alone"}))
+    child_env = {**env, "PREFECT__CONTEXT__FLOW_RUN_ID": run_id, "PREFECT__CONTEXT__FLOW_ID": flow_id,
+                 "PREFECT__ENGINE__FLOW_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudFlowRunner",
+                 "PREFECT__ENGINE__TASK_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudTaskRunner"}
+    done = subprocess.run([prefect1_python, str(AGENT), "execute", "flow-run"], env=child_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert server.run(run_id)["state"] == "Success"
+    assert api_world.wait_for(lambda: "Flow run SUCCESS: all reference tasks succeeded" in api_world.logs(run_id))
+    messages = api_world.logs(run_id)
+    for line in ("Beginning Flow run for 'prefect-hello'", "hi alone"):
+        assert messages.count(line) == 1, (line, messages)
+
+
 def test_a_real_prefect_flow_reaches_the_api_as_under_prefects_own_agent(
     tmp_path: Path, clean_env: dict[str, str], flows_dir: Path, prefect1_python: str
 ) -> None:
