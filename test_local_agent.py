@@ -2136,6 +2136,9 @@ def test_sigterm_hands_back_a_run_claimed_and_not_yet_started(
         drive(agent, lambda: agent.book.phase(run_id) == la.CLAIMED)
         assert api_world.state(run_id) == "Submitted"
         agent.stop(signal.SIGTERM)
+        agent.clock.offset += 1  # its start has come, and a signal came between two rounds:
+        agent._launch_due()  # nothing is launched after a stop signal, whatever the round had begun
+        assert agent.book.phase(run_id) == la.CLAIMED
         drive(agent, lambda: agent.phase == la.DONE)
     finally:
         agent.close()

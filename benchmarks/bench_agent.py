@@ -338,8 +338,9 @@ class Scenario:
         self.dir.mkdir(parents=True)
         self.project = project
         self.starts_file = self.dir / "starts.txt"
-        self.config = self.dir / "config.toml"  # empty: the user's ~/.prefect/config.toml must not count
-        self.config.write_text("")
+        # The user's ~/.prefect/config.toml must not count; the agents load flows from ./flows.
+        self.config = self.dir / "config.toml"
+        self.config.write_text(f"[cloud.agent]\nflow_dirs = [{json.dumps(str(self.dir / 'flows'))}]\n")
         import bench_flows
 
         flow = la.Flow("noop", bench_flows.noop)
