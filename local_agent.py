@@ -224,6 +224,8 @@ KEEPALIVE_IDLE_SECONDS = 4.0
 CLAIM_SETTLE_SECONDS = 0.2
 #: The agent claims no run while its directory's disk has less free space than this.
 MIN_FREE_DISK_BYTES = 1024 * 1024
+#: A run the agent cannot start is left to others, and looked at again after this many seconds.
+REFUSED_RECHECK_SECONDS = 60.0
 #: How often an idle agent looks for new work in the embedded database, in seconds.
 DB_CHANGE_CHECK_SECONDS = 0.1
 
@@ -1287,12 +1289,15 @@ class FlowRun:
         scheduled_start_time: datetime | None = None,
         state_message: str | None = None,
         updated: datetime | None = None,
+        run_config: Any = None,
     ) -> None:
         self.id, self.version, self.state, self.serialized_state = id, version, state, serialized_state
         self.flow_id, self.flow_name, self.storage = flow_id, flow_name, storage
         self.parameters = parameters if parameters is not None else {}
         self.name, self.labels = name, labels if labels is not None else []
         self.scheduled_start_time, self.state_message, self.updated = scheduled_start_time, state_message, updated
+        #: The flow's run config (Prefect's JSON: ``{"type": "LocalRun", "env": ..., ...}``), or None.
+        self.run_config = run_config
         #: Why this row cannot be run as it stands (a malformed API answer), or "".
         self.problem = ""
 
@@ -2039,6 +2044,7 @@ def _parse_flow_run(row: Any) -> FlowRun:
         name=str(row.get("name") or ""),
         labels=[label for label in row.get("labels") or [] if isinstance(label, str)],
         state_message=message if isinstance(message, str) else None,
+        run_config=_json_field(row.get("run_config")),
     )
     run.problem = _flow_run_problem(run, row)
     return run
@@ -2130,7 +2136,7 @@ CREATE TABLE agent (
 CREATE TABLE queue_version (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
 INSERT INTO queue_version VALUES (1, 0);
 """
-_RUN_SELECT = """SELECT r.*, f.name AS flow_name, f.storage AS flow_storage
+_RUN_SELECT = """SELECT r.*, f.name AS flow_name, f.storage AS flow_storage, f.run_config AS flow_run_config
 FROM flow_run r JOIN flow f ON f.id = r.flow_id"""
 _ADJECTIVES = ("amber", "brave", "calm", "dapper", "eager", "fuzzy", "gentle", "hasty", "icy", "jolly", "keen",
                "lucky", "merry", "nimble", "odd", "proud", "quick", "rosy", "sunny", "tidy", "witty", "zesty")
@@ -2383,6 +2389,7 @@ class SQLiteBackend(Backend):
             scheduled_start_time=_parse_time(row["scheduled_start_time"]),
             state_message=row["state_message"],
             updated=_parse_time(row["updated"]),
+            run_config=json.loads(row["flow_run_config"]) if row["flow_run_config"] else None,
         )
 
     def set_flow_run_state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
@@ -3487,13 +3494,49 @@ def _flow_run_environment(
     }
     if settings.tenant_id:
         fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
-    environment = {**os.environ, **settings.env, **fixed}
+    config = run.run_config if isinstance(run.run_config, Mapping) else {}
+    config_env = config.get("env")
+    from_config = {str(key): str(value) for key, value in config_env.items()} if isinstance(config_env, Mapping) else {}
+    # As Prefect's LocalAgent: the run config's variables win over --env, the fixed ones over both.
+    environment = {**os.environ, **settings.env, **from_config, **fixed}
     # The child reads the token from exactly one place, so a stale one cannot win.
     for key in ("PREFECT__CLOUD__AGENT__AUTH_TOKEN", "PREFECT__CLOUD__AUTH_TOKEN", "PREFECT__CLOUD__API_KEY"):
         environment.pop(key, None)
     if settings.token:
         environment["PREFECT__CLOUD__AUTH_TOKEN"] = settings.token
     return environment
+
+
+#: The run configs this agent runs flows with (Prefect 1.4.1's LocalAgent takes these two).
+_RUN_CONFIGS = ("LocalRun", "UniversalRun")
+
+
+def _why_not_here(run: FlowRun, trusted_dirs: Sequence[str], python_has: set[str]) -> str:
+    """Why this agent cannot start ``run`` ("" when it can): checked before claiming, cheaply, so
+    that in a mixed fleet each run goes to an agent that can run it."""
+    if run.problem:
+        return ""  # a record nobody can run: claimed and failed, saying why
+    config = run.run_config
+    kind = config.get("type") if isinstance(config, Mapping) else None
+    if kind is not None and kind not in _RUN_CONFIGS:
+        return f"its flow has a {kind} run config; this agent runs {' and '.join(_RUN_CONFIGS)}"
+    try:
+        path, _ = _locate_flow_file(run.flow_name, run.storage, trusted_dirs)
+    except FlowStorageError as exc:
+        return str(exc)
+    if _needs_prefect(path) and not {"prefect", "cloudpickle"} <= python_has:
+        return ("its flow was stored by Prefect, and the flow-run Python has no prefect: start the agent with "
+                "--python pointing at an environment with prefect 1.x")
+    return ""
+
+
+def _needs_prefect(path: str) -> bool:
+    """Whether a flow file was written by Prefect (cloudpickle in its JSON wrapper), not by this file."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(1) == b"{"
+    except OSError:
+        return False
 
 
 class _Job:
@@ -3521,7 +3564,7 @@ class _Job:
         self.exited = False
         self.adopted = adopted
 
-    def start(self, command: list[str], environment: dict[str, str]) -> None:
+    def start(self, command: list[str], environment: dict[str, str], cwd: str | None = None) -> None:
         """Start the flow-run process in its own session, its output going to a file."""
         import subprocess  # only the agent starts processes
 
@@ -3533,7 +3576,7 @@ class _Job:
             self.process = subprocess.Popen(
                 command,
                 env=environment,
-                cwd=os.getcwd(),
+                cwd=cwd or os.getcwd(),
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -3764,8 +3807,12 @@ class RunBook:
         """How many more runs ``--limit`` allows the agent to take."""
         return sys.maxsize if self.limit is None else self.limit - self.busy
 
-    def is_taken(self, run_id: str) -> bool:
-        """Whether a run is already on its way here (fetched, claimed, running or to be settled)."""
+    def is_taken(self, run_id: str, now: float = 0.0) -> bool:
+        """Whether a run is on its way here (fetched, claimed, running, to be settled), or was
+        refused less than REFUSED_RECHECK_SECONDS before ``now``."""
+        entry = self._entries.get(run_id)
+        if entry is not None and entry.phase == REFUSED and now - (entry.version or 0) >= REFUSED_RECHECK_SECONDS:
+            return False
         return self.phase(run_id) in (*_BUSY, INHERITED, REFUSED)
 
     def due(self, before: datetime) -> list[FlowRun]:
@@ -3815,10 +3862,10 @@ class RunBook:
         entry.phase, entry.job, entry.claim = LAUNCHED, job, ""
         self.save()
 
-    def refuse(self, run_id: str) -> None:
-        """A run this agent will not take: never fetched again (it holds no slot)."""
+    def refuse(self, run_id: str, now: float) -> None:
+        """A run this agent cannot start: not fetched again for REFUSED_RECHECK_SECONDS (no slot held)."""
         entry = self._entries.setdefault(run_id, _Entry(run_id, REFUSED))
-        entry.phase, entry.run = REFUSED, None
+        entry.phase, entry.run, entry.version = REFUSED, None, int(now)
 
     def settled(self, run_id: str) -> None:
         """The run needs nothing more from this agent: lost claim, failed start, final state, handed back."""
@@ -3975,6 +4022,9 @@ class LocalAgent:
         self._http: ThreadingHTTPServer | None = None
         self._program = _source_file()  # what flow-run processes run: this file, or its compiled copy
         self._python = sys.executable  # and with which interpreter (--python)
+        self._python_has: set[str] = {name for name in ("prefect", "cloudpickle")
+                                      if importlib.util.find_spec(name) is not None}
+        self._refusals_logged: set[str] = set()
         self.subreaper = False
         self._redact = _Redactor(_secrets(self.settings, os.environ))
 
@@ -4099,7 +4149,7 @@ class LocalAgent:
         cloudpickle it has (Prefect flows need both)."""
         python = self.settings.python or sys.executable
         if python == sys.executable:
-            return python
+            return python  # _python_has was read from this very interpreter
         import subprocess  # only the agent starts processes
 
         probe = ("import importlib.util as u; "
@@ -4115,6 +4165,7 @@ class LocalAgent:
                               "of a working Python interpreter")
         self.logger.info("Flow runs use %s (%s)", python, f"with {found.stdout.strip()}" if found.stdout.strip()
                          else "without prefect or cloudpickle")
+        self._python_has = set(found.stdout.split())
         return python
 
     def close(self) -> None:
@@ -4298,7 +4349,8 @@ class LocalAgent:
             run_ids = backend.get_runs_in_queue(self.labels, before)
             self._last_poll_ok = self.clock.monotonic()
             # Read metadata only for runs there is room for; the rest stay queued for others.
-            new_ids = [run_id for run_id in run_ids if not self.book.is_taken(run_id)][: self.book.free_slots()]
+            now = self.clock.monotonic()
+            new_ids = [run_id for run_id in run_ids if not self.book.is_taken(run_id, now)][: self.book.free_slots()]
             if not new_ids:
                 self.logger.debug("No ready flow runs found.")
                 self.api.answered()
@@ -4335,17 +4387,16 @@ class LocalAgent:
             self._start_run(run, version)
 
     def _may_load(self, run: FlowRun) -> bool:
-        """False for a run whose flow file lies where this agent may not load from: it is left
-        unclaimed, for an agent whose operator trusts that place (logged once)."""
-        try:
-            _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs)
-        except UntrustedFlowError as exc:
-            self.logger.warning("Leaving flow run %s to another agent: %s", run.id, exc)
-            self.book.refuse(run.id)
-            return False
-        except FlowStorageError:
-            pass  # claimed, and failed saying why (see _start_run)
-        return True
+        """False for a run this agent cannot start: it is left unclaimed, for an agent that can
+        (logged once per run; looked at again every REFUSED_RECHECK_SECONDS)."""
+        reason = _why_not_here(run, self.settings.trusted_flow_dirs, self._python_has)
+        if not reason:
+            return True
+        if run.id not in self._refusals_logged:
+            self._refusals_logged.add(run.id)
+            self.logger.warning("Leaving flow run %s to another agent: %s", run.id, reason)
+        self.book.refuse(run.id, self.clock.monotonic())
+        return False
 
     def _room_to_run(self) -> bool:
         """Whether the agent's disk has room for a run's output, result and ledger (logged once per change)."""
@@ -4396,7 +4447,9 @@ class LocalAgent:
             job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
                        started_at=time.time())
             environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
-            job.start([self._python, self._program, "execute", "flow-run"], environment)
+            config = run.run_config if isinstance(run.run_config, Mapping) else {}
+            working_dir = config.get("working_dir") if isinstance(config.get("working_dir"), str) else None
+            job.start([self._python, self._program, "execute", "flow-run"], environment, working_dir)
         except (FlowStorageError, OSError) as exc:
             message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
             self.logger.error("Deployment of flow run %s aborted: %s", run.id, message)
@@ -5117,10 +5170,9 @@ def _explain_run(run: FlowRun, agent_labels: Sequence[str], trusted_dirs: Sequen
         wait = int((run.start_time - now).total_seconds())
         due_in = f"{wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s"
         reasons.append(f"it is not due yet: due in {due_in} at {_short_time(run.start_time)} UTC")
-    try:
-        _locate_flow_file(run.flow_name, run.storage, trusted_dirs)
-    except FlowStorageError as exc:
-        reasons.append(str(exc))
+    problem = _why_not_here(run, trusted_dirs, {"prefect", "cloudpickle"})  # the agent's --python is not known
+    if problem:
+        reasons.append(problem)
     return reasons
 
 

@@ -731,23 +731,43 @@ def test_run_whose_labels_the_agent_lacks_stays_scheduled(world: World, test_flo
     assert world.state(unlabeled) == "Scheduled"  # only an agent with no labels takes it
 
 
-def test_non_local_storage_fails_the_run_clearly(world: World, test_flows: Any) -> None:
+def test_non_local_storage_is_left_for_an_agent_that_can_run_it(world: World, test_flows: Any) -> None:
     storage = {"type": "S3", "bucket": "b", "flows": {"hello": "s3://b/hello"}, "__version__": "1.4.1"}
     run_id = world.run(world.flow(test_flows.hello, storage=storage))
-    world.agent("--once")
-    assert world.state(run_id) == "Failed"
-    assert "uses S3 storage; this agent runs only Local storage" in world.message(run_id)
+    result = world.agent("--once")
+    assert world.history(run_id) == ["Pending", "Scheduled"]  # never claimed
+    assert f"Leaving flow run {run_id} to another agent: flow 'hello' uses S3 storage; this agent runs only " \
+           "Local storage" in result.stderr
 
 
-def test_missing_flow_file_fails_the_run_naming_the_host(world: World, test_flows: Any) -> None:
+def test_a_run_left_to_others_is_looked_at_again_and_taken_once_it_can_run_here(
+    embedded: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flow_id = embedded.flow(test_flows.hello)
+    stored = (embedded.storage_dir / "hello.prefect").read_bytes()
+    (embedded.storage_dir / "hello.prefect").unlink()
+    run_id = embedded.run(flow_id)
+    agent = stepped_agent(embedded, monkeypatch)
+    try:
+        drive(agent, lambda: agent.book.phase(run_id) == la.REFUSED)
+        (embedded.storage_dir / "hello.prefect").write_bytes(stored)  # the flow is stored here after all
+        drive(agent, lambda: False, budget=0.5, must=False)
+        assert embedded.state(run_id) == "Scheduled"  # not looked at again at once...
+        assert isinstance(agent.clock, JumpingClock)
+        agent.clock.offset += la.REFUSED_RECHECK_SECONDS  # ...but a minute later
+        drive(agent, lambda: embedded.state(run_id) == "Success")
+    finally:
+        agent.close()
+
+
+def test_missing_flow_file_leaves_the_run_for_another_host(world: World, test_flows: Any) -> None:
     flow_id = world.flow(test_flows.hello)
     (world.storage_dir / "hello.prefect").unlink()
     run_id = world.run(flow_id)
     result = world.agent("--once")
-    assert world.state(run_id) == "Failed"
-    assert f"does not exist on host {HOST}" in world.message(run_id)
-    assert f"Deployment of flow run {run_id} aborted" in result.stderr  # the agent checked: no process started
-    assert not any(line.startswith("Submitted for execution") for line in world.logs(run_id))
+    assert world.history(run_id) == ["Pending", "Scheduled"]  # left for the agent on the host that has the file
+    assert f"does not exist on host {HOST}" in result.stderr
+    assert result.stderr.count(f"Leaving flow run {run_id} to another agent") == 1
 
 
 def test_parameters_and_context_reach_the_flow(world: World, test_flows: Any) -> None:
@@ -2011,12 +2031,10 @@ def test_each_way_a_flow_run_process_can_die_ends_failed_with_the_reason(
         "os._exit": world.run(world.flow(test_flows.hard_exit), parameters={"code": 7}),
         "SIGKILL": world.run(world.flow(test_flows.kill_self), parameters={"signal_number": 9}),
         "segfault": world.run(world.flow(test_flows.segfault)),
-        "missing file": world.run(world.flow(test_flows.noop, name="gone")),
         "corrupt file": world.run(world.flow(test_flows.noop, name="corrupt")),
         "import error": world.run(world.flow(breaks.flow, name="breaks")),
         "hang": world.run(world.flow(test_flows.sleep), parameters={"seconds": 60}),
     }
-    (world.storage_dir / "gone.prefect").unlink()
     (world.storage_dir / "corrupt.prefect").write_bytes(b"\x80\x04not a pickle")
     (flows_dir / "breaks_on_import.py").write_text("raise ImportError('broken on purpose')\n")
     started = time.monotonic()
@@ -2029,7 +2047,6 @@ def test_each_way_a_flow_run_process_can_die_ends_failed_with_the_reason(
         "os._exit": "exited with code 7",
         "SIGKILL": "killed by SIGKILL (the out-of-memory killer may have ended it)",
         "segfault": "crashed with a segmentation fault (SIGSEGV)",
-        "missing file": f"does not exist on host {HOST}",
         "corrupt file": "is corrupt or unreadable here",
         "import error": "ImportError: broken on purpose",
         "hang": "timed out after 2 s",
@@ -2301,14 +2318,18 @@ _BAD_STORAGE = {
 
 
 @pytest.mark.parametrize("case", sorted(_BAD_STORAGE))
-def test_bad_storage_fails_the_run_with_a_clear_message(api_world: World, test_flows: Any, case: str) -> None:
-    """The bad-input matrix, storage part: the run ends Failed saying what is wrong; nothing is unpickled."""
+def test_bad_storage_is_one_clear_line_and_the_run_is_left_unclaimed(
+    api_world: World, test_flows: Any, case: str
+) -> None:
+    """The bad-input matrix, storage part: the agent says once what is wrong and claims nothing,
+    so an agent that can run the flow still may; nothing is unpickled."""
     storage, message = _BAD_STORAGE[case]
     run_id = api_world.run(api_world.flow(test_flows.hello, storage=storage))
     result = api_world.agent("--once")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert api_world.state(run_id) == "Failed"
-    assert message in api_world.message(run_id), api_world.message(run_id)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert api_world.state(run_id) == "Scheduled"
+    leaving = [line for line in result.stderr.splitlines() if f"Leaving flow run {run_id}" in line]
+    assert len(leaving) == 1 and message in leaving[0], result.stderr
 
 
 @pytest.mark.parametrize("place", ["/etc/passwd", "{flows}/../../etc/passwd", "{other}/hello.prefect"])
@@ -2426,23 +2447,35 @@ def fail_if(name):
         raise ValueError("boom from a task")
 
 
+@task
+def where():
+    import os
+    prefect.context.logger.info("FROM_RUN_CONFIG=%s cwd=%s", os.environ.get("FROM_RUN_CONFIG"), os.getcwd())
+
+
 with Flow("prefect-hello", run_config=LocalRun(labels=["test"])) as flow:
     fail_if(say(Parameter("name", default="world")))
 
 if __name__ == "__main__":
     prefect.Client().create_project("P")
+    if len(sys.argv) > 1:  # the run-config variant: LocalRun(env, working_dir), or a config of another kind
+        from prefect.run_configs import DockerRun
+        flow = Flow("prefect-docker" if sys.argv[1] == "docker" else "prefect-where", tasks=[where])
+        flow.run_config = (DockerRun(labels=["test"]) if sys.argv[1] == "docker" else
+                           LocalRun(env={"FROM_RUN_CONFIG": "yes"}, working_dir=sys.argv[1], labels=["test"]))
     print(flow.register(project_name="P", add_default_labels=False))
 """
 
 
-def register_prefect_flow(world: World, python: str, tmp_path: Path) -> tuple[str, dict[str, str]]:
+def register_prefect_flow(world: World, python: str, tmp_path: Path, *variant: str) -> tuple[str, dict[str, str]]:
     """Register PREFECT_FLOW with Prefect 1.4.1's own client (Local storage); its id, and the
     environment a Prefect 1.x user would run agents with."""
     env = {**world.env, "PREFECT__BACKEND": "server", "PREFECT__SERVER__ENDPOINT": world.api,
            "PREFECT__CLOUD__API": world.api}
     script = tmp_path / "prefect_hello.py"
     script.write_text(PREFECT_FLOW)
-    done = subprocess.run([python, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([python, str(script), *variant], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()[-1], env
 
@@ -2479,6 +2512,31 @@ def test_a_real_prefect_flow_runs_on_prefects_engine_with_its_task_runs_and_logs
         assert messages.count(line) == 1, (line, messages)  # shipped once: by Prefect, or (a print) by the agent
     task_logs = [log for log in logs if log["message"] == f"hi {name}"]
     assert task_logs[0]["task_run_id"] in {row["id"] for row in server.task_runs(run_id)}
+
+
+def test_prefect_runs_go_to_an_agent_that_can_run_them_with_their_run_config(
+    api_world: World, prefect1_python: str, tmp_path: Path
+) -> None:
+    server = api_world.server
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    flow_id, env = register_prefect_flow(api_world, prefect1_python, tmp_path, str(workdir))
+    run_id = str(server.add_flow_run(flow_id))
+    docker_flow, _ = register_prefect_flow(api_world, prefect1_python, tmp_path, "docker")
+    docker_run = str(server.add_flow_run(docker_flow))
+    argv = ["start", "--once", "-l", "test", "--no-hostname-label"]
+    # An agent whose Python has no prefect claims neither: another agent may run them.
+    without = run_in_process(argv, env=env, cwd=tmp_path)
+    assert without.returncode == 0, without.stderr
+    assert server.run(run_id)["state"] == "Scheduled" and server.run(docker_run)["state"] == "Scheduled"
+    assert f"Leaving flow run {run_id} to another agent: its flow was stored by Prefect, and the flow-run " \
+           "Python has no prefect" in without.stderr
+    assert f"Leaving flow run {docker_run} to another agent: its flow has a DockerRun run config" in without.stderr
+    # One with prefect runs the LocalRun one, with its variables and working directory.
+    able = run_in_process([*argv, "--python", prefect1_python, "-n", "able"], env=env, cwd=tmp_path)
+    assert able.returncode == 0, able.stderr
+    assert server.run(run_id)["state"] == "Success" and server.run(docker_run)["state"] == "Scheduled"
+    assert f"FROM_RUN_CONFIG=yes cwd={workdir}" in [log["message"] for log in server.logs(run_id)]
 
 
 def test_a_real_prefect_flow_run_alone_by_execute_flow_run_ships_each_record_once(

@@ -17,7 +17,7 @@ Scenarios (real agent processes against real SQLite files and the Prefect Server
   5. the agent killed with SIGKILL at each step of settling a finished run (_finish,
      RunBook.settled, RunBook.save, _Job.remove_files and just after it), K times per step and
      backend, then restarted: runs lost, final states overwritten, duplicates, files left behind;
-  6. the small-scale cases, through the test suite: the 9 ways a flow-run process can die,
+  6. the small-scale cases, through the test suite: the 8 ways a flow-run process can die,
      SIGTERM with running flows, and the bad-input matrix.
 """
 
@@ -405,9 +405,9 @@ def crash_while_settling(kind: str, trials: int) -> dict[str, dict[str, Any]]:
 
 
 def small_scale_cases() -> dict[str, Any]:
-    """The 9 failure modes, SIGTERM drains and the bad-input matrix, through the test suite."""
+    """The 8 failure modes, SIGTERM drains and the bad-input matrix, through the test suite."""
     groups = {
-        "the 9 child failure modes, all in one test per backend (tests)": "each_way",
+        "the 8 child failure modes, all in one test per backend (tests)": "each_way",
         "SIGTERM with running flows: drained, handed back, no orphans (tests, one per backend)": "sigterm",
         "bad-input matrix (cases)": "usage_errors or bad_settings or bad_config or bad_api or bad_storage "
                             "or corrupt_database or newer_schema or locked_database or read_only_database "
