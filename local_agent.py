@@ -654,6 +654,11 @@ class Settings:
         return self.home / "flows"
 
     @property
+    def trusted_script_dirs(self) -> list[str]:
+        """Where flows stored as scripts may also lie: the working directory and the import paths."""
+        return [os.getcwd(), *self.import_paths]
+
+    @property
     def trusted_flow_dirs(self) -> list[str]:
         """The only directories flow files are loaded from: ``<home>/flows`` and ``--flows-dir``'s."""
         return [str(self.flows_dir), *self.flow_dirs]
@@ -1204,11 +1209,14 @@ def local_storage(flow_name: str, path: str) -> dict[str, Any]:
     }
 
 
-def _locate_flow_file(flow_name: str, storage: Any, trusted: Sequence[str | os.PathLike[str]]) -> tuple[str, str]:
+def _locate_flow_file(flow_name: str, storage: Any, trusted: Sequence[str | os.PathLike[str]],
+                      scripts_too: Sequence[str | os.PathLike[str]] = ()) -> tuple[str, str]:
     """Check a run's storage is Local with a file under a ``trusted`` directory; return (path, that directory).
 
     The directories are the ones the operator named, never the storage's own ``directory``:
-    anyone who may register a flow chooses that one.
+    anyone who may register a flow chooses that one. A flow stored as a script (Prefect's
+    ``stored_as_script=True``) may also lie under ``scripts_too``: the agent's working
+    directory and its import paths, where its operator's code is.
     """
     if not isinstance(storage, Mapping):
         raise FlowStorageError(f"flow {flow_name!r} has no storage; register it with Local storage")
@@ -1224,13 +1232,14 @@ def _locate_flow_file(flow_name: str, storage: Any, trusted: Sequence[str | os.P
             f"the Local storage of flow {flow_name!r} names no file for it; register it again"
         )
     real_path = os.path.realpath(path)
-    real_dirs = [os.path.realpath(directory) for directory in trusted]
+    places = [*trusted, *scripts_too] if storage.get("stored_as_script") else trusted
+    real_dirs = [os.path.realpath(directory) for directory in places]
     home = next((directory for directory in real_dirs if os.path.commonpath([directory, real_path]) == directory), "")
     if not home:
         raise UntrustedFlowError(
             f"flow file {path} is not under a directory this agent loads flows from "
             f"({', '.join(real_dirs)}): store the flow there, or add its directory with --flows-dir "
-            "(setting cloud.agent.flow_dirs)"
+            "(setting cloud.agent.flow_dirs)" + (" or -p/--import-path" if storage.get("stored_as_script") else "")
         )
     if not os.path.isfile(real_path):
         raise FlowStorageError(
@@ -3050,10 +3059,10 @@ class _FlowRunProcess:
 
     def __init__(
         self, backend: Backend, run_id: str, *, cloud_logs: bool, level: str, result_file: str = "",
-        trusted_dirs: Sequence[str] = (), redact: _Redactor | None = None,
+        trusted_dirs: Sequence[str] = (), redact: _Redactor | None = None, script_dirs: Sequence[str] = (),
     ) -> None:
         self.backend = backend
-        self.trusted_dirs = trusted_dirs
+        self.trusted_dirs, self.script_dirs = trusted_dirs, script_dirs
         self.run_id = run_id
         self.result_file = result_file
         self.redact = redact or _Redactor(())
@@ -3100,8 +3109,9 @@ class _FlowRunProcess:
             self.logger.info("Flow run %s has already finished (%s); nothing to do.", run.id, run.state)
             return _EXIT_REPORTED
         try:
-            path, directory = _locate_flow_file(run.flow_name, run.storage, self.trusted_dirs)
-            flow = load_flow(path, directory)
+            path, directory = _locate_flow_file(run.flow_name, run.storage, self.trusted_dirs, self.script_dirs)
+            script = isinstance(run.storage, Mapping) and bool(run.storage.get("stored_as_script"))
+            flow = _load_flow_script(path, run.flow_name) if script else load_flow(path, directory)
             stored_as = getattr(flow, "name", run.flow_name)
             if isinstance(stored_as, str) and stored_as != run.flow_name:
                 raise FlowStorageError(
@@ -3263,6 +3273,29 @@ def _call_flow(flow: Any, parameters: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _script_dirs(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """Where flow scripts may lie: as the agent that started this process says, else as settings say."""
+    try:
+        given = json.loads(environ.get("LOCAL_AGENT_SCRIPT_DIRS", "null"))
+    except ValueError:
+        given = None
+    if isinstance(given, list) and all(isinstance(item, str) for item in given):
+        return list(given)
+    return settings.trusted_script_dirs
+
+
+def _load_flow_script(path: str, flow_name: str) -> Any:
+    """A Prefect flow stored as a script, found in it by name, as Prefect's Local storage does."""
+    try:
+        from prefect.utilities.storage import extract_flow_from_file  # type: ignore[import-not-found]
+    except ImportError:
+        raise FlowStorageError(
+            f"flow {flow_name!r} is stored as a script ({path}), which needs prefect: start the agent with "
+            "--python pointing at an environment with prefect 1.x"
+        ) from None
+    return extract_flow_from_file(file_path=path, flow_name=flow_name)
+
+
 def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     """The body of ``execute flow-run``: run the flow run named in the environment."""
     environ = os.environ if environ is None else environ
@@ -3277,7 +3310,7 @@ def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = No
         cloud_logs = _as_bool(environ.get("PREFECT__LOGGING__LOG_TO_CLOUD", "true"), "PREFECT__LOGGING__LOG_TO_CLOUD")
         result_file = environ.get("LOCAL_AGENT_RESULT_FILE", "")
         return _FlowRunProcess(backend, run_id, cloud_logs=cloud_logs, level=level, result_file=result_file,
-                               trusted_dirs=settings.trusted_flow_dirs,
+                               trusted_dirs=settings.trusted_flow_dirs, script_dirs=_script_dirs(settings, environ),
                                redact=_Redactor(_secrets(settings, environ))).run()
     finally:
         backend.close()
@@ -3491,6 +3524,7 @@ def _flow_run_environment(
         # Where flows may be loaded from: the agent's own directories, whatever set them.
         "PREFECT__HOME_DIR": str(settings.home),
         "PREFECT__CLOUD__AGENT__FLOW_DIRS": json.dumps(settings.flow_dirs),
+        "LOCAL_AGENT_SCRIPT_DIRS": json.dumps(settings.trusted_script_dirs),
     }
     if settings.tenant_id:
         fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
@@ -3511,7 +3545,8 @@ def _flow_run_environment(
 _RUN_CONFIGS = ("LocalRun", "UniversalRun")
 
 
-def _why_not_here(run: FlowRun, trusted_dirs: Sequence[str], python_has: set[str]) -> str:
+def _why_not_here(run: FlowRun, trusted_dirs: Sequence[str], python_has: set[str],
+                  script_dirs: Sequence[str] = ()) -> str:
     """Why this agent cannot start ``run`` ("" when it can): checked before claiming, cheaply, so
     that in a mixed fleet each run goes to an agent that can run it."""
     if run.problem:
@@ -3521,10 +3556,11 @@ def _why_not_here(run: FlowRun, trusted_dirs: Sequence[str], python_has: set[str
     if kind is not None and kind not in _RUN_CONFIGS:
         return f"its flow has a {kind} run config; this agent runs {' and '.join(_RUN_CONFIGS)}"
     try:
-        path, _ = _locate_flow_file(run.flow_name, run.storage, trusted_dirs)
+        path, _ = _locate_flow_file(run.flow_name, run.storage, trusted_dirs, script_dirs)
     except FlowStorageError as exc:
         return str(exc)
-    if _needs_prefect(path) and not {"prefect", "cloudpickle"} <= python_has:
+    script = isinstance(run.storage, Mapping) and bool(run.storage.get("stored_as_script"))
+    if (script or _needs_prefect(path)) and not {"prefect", "cloudpickle"} <= python_has:
         return ("its flow was stored by Prefect, and the flow-run Python has no prefect: start the agent with "
                 "--python pointing at an environment with prefect 1.x")
     return ""
@@ -4389,7 +4425,8 @@ class LocalAgent:
     def _may_load(self, run: FlowRun) -> bool:
         """False for a run this agent cannot start: it is left unclaimed, for an agent that can
         (logged once per run; looked at again every REFUSED_RECHECK_SECONDS)."""
-        reason = _why_not_here(run, self.settings.trusted_flow_dirs, self._python_has)
+        settings = self.settings
+        reason = _why_not_here(run, settings.trusted_flow_dirs, self._python_has, settings.trusted_script_dirs)
         if not reason:
             return True
         if run.id not in self._refusals_logged:
@@ -4443,7 +4480,8 @@ class LocalAgent:
         try:
             if run.problem:
                 raise FlowStorageError(f"the API's record of this run is unusable: {run.problem}")
-            _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs)
+            _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs,
+                              self.settings.trusted_script_dirs)
             job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
                        started_at=time.time())
             environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
@@ -5170,7 +5208,7 @@ def _explain_run(run: FlowRun, agent_labels: Sequence[str], trusted_dirs: Sequen
         wait = int((run.start_time - now).total_seconds())
         due_in = f"{wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s"
         reasons.append(f"it is not due yet: due in {due_in} at {_short_time(run.start_time)} UTC")
-    problem = _why_not_here(run, trusted_dirs, {"prefect", "cloudpickle"})  # the agent's --python is not known
+    problem = _why_not_here(run, trusted_dirs, {"prefect", "cloudpickle"}, [os.getcwd()])  # --python not known
     if problem:
         reasons.append(problem)
     return reasons

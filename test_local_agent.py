@@ -2458,7 +2458,10 @@ with Flow("prefect-hello", run_config=LocalRun(labels=["test"])) as flow:
 
 if __name__ == "__main__":
     prefect.Client().create_project("P")
-    if len(sys.argv) > 1:  # the run-config variant: LocalRun(env, working_dir), or a config of another kind
+    if len(sys.argv) > 1 and sys.argv[1] == "script":  # stored as this very script, found by name when run
+        from prefect.storage import Local
+        flow.storage = Local(stored_as_script=True, path=__file__, add_default_labels=False)
+    elif len(sys.argv) > 1:  # the run-config variant: LocalRun(env, working_dir), or a config of another kind
         from prefect.run_configs import DockerRun
         flow = Flow("prefect-docker" if sys.argv[1] == "docker" else "prefect-where", tasks=[where])
         flow.run_config = (DockerRun(labels=["test"]) if sys.argv[1] == "docker" else
@@ -2537,6 +2540,27 @@ def test_prefect_runs_go_to_an_agent_that_can_run_them_with_their_run_config(
     assert able.returncode == 0, able.stderr
     assert server.run(run_id)["state"] == "Success" and server.run(docker_run)["state"] == "Scheduled"
     assert f"FROM_RUN_CONFIG=yes cwd={workdir}" in [log["message"] for log in server.logs(run_id)]
+
+
+def test_a_real_prefect_flow_stored_as_a_script_runs_from_where_the_operator_keeps_code(
+    api_world: World, prefect1_python: str, tmp_path: Path
+) -> None:
+    server = api_world.server
+    project = tmp_path / "project"  # the agent's working directory: the operator's code
+    project.mkdir()
+    flow_id, env = register_prefect_flow(api_world, prefect1_python, project, "script")
+    assert server.flow(flow_id)["storage"]["stored_as_script"] is True
+    run_id = str(server.add_flow_run(flow_id, parameters={"name": "script"}))
+    argv = ["start", "--once", "-l", "test", "--no-hostname-label", "--python", prefect1_python]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    elsewhere = run_in_process(argv, env=env, cwd=other)  # not where the script is: not trusted
+    assert server.run(run_id)["state"] == "Scheduled", server.run(run_id)["state_message"]
+    assert "add its directory with --flows-dir (setting cloud.agent.flow_dirs) or -p/--import-path" in elsewhere.stderr
+    here = run_in_process([*argv, "-n", "in-project"], env=env, cwd=project)
+    assert here.returncode == 0, [log["message"] for log in server.logs(run_id)]
+    assert server.run(run_id)["state"] == "Success", server.run(run_id)["state_message"]
+    assert "hi script" in [log["message"] for log in server.logs(run_id)]
 
 
 def test_a_real_prefect_flow_run_alone_by_execute_flow_run_ships_each_record_once(
