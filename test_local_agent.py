@@ -2563,6 +2563,36 @@ def test_a_real_prefect_flow_stored_as_a_script_runs_from_where_the_operator_kee
     assert "hi script" in [log["message"] for log in server.logs(run_id)]
 
 
+def test_a_mixed_fleet_of_prefects_agent_and_ours_runs_each_run_once(
+    api_world: World, prefect1_python: str, tmp_path: Path
+) -> None:
+    """Prefect 1.4.1's LocalAgent and ours on the same labels and API; ours without prefect too."""
+    server = api_world.server
+    flow_id, env = register_prefect_flow(api_world, prefect1_python, tmp_path)
+    run_ids = [str(server.add_flow_run(flow_id, parameters={"name": f"run-{n}"})) for n in range(20)]
+    theirs = subprocess.Popen([str(Path(prefect1_python).parent / "prefect"), "agent", "local", "start", "-l", "test",
+                               "--no-hostname-label"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    ours = [subprocess.Popen([sys.executable, str(AGENT), "start", "-l", "test", "--no-hostname-label", "-n", name,
+                              *python], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+            for name, python in (("with-prefect", ["--python", prefect1_python]), ("without-prefect", []))]
+    try:
+        assert api_world.wait_for(lambda: all(server.run(run_id)["state"] in la.FINAL_STATES for run_id in run_ids),
+                                  timeout=120)
+    finally:
+        for agent in (theirs, *ours):
+            agent.terminate()
+        theirs.wait(30)
+        errors = [agent.communicate(timeout=60)[1] for agent in ours]
+    assert all(server.run(run_id)["state"] == "Success" for run_id in run_ids)
+    for n, run_id in enumerate(run_ids):
+        messages = [log["message"] for log in server.logs(run_id)]
+        assert messages.count(f"hi run-{n}") == 1, messages  # its tasks ran once
+        assert [state["type"] for state in server.states(run_id)].count("Running") == 1
+    assert "finished: " not in errors[1]  # the agent without prefect ran none of them
+
+
 def test_a_real_prefect_flow_run_alone_by_execute_flow_run_ships_each_record_once(
     api_world: World, prefect1_python: str, tmp_path: Path
 ) -> None:
