@@ -243,6 +243,8 @@ OUTBOX_GATHER_SECONDS = 0.05
 
 _AGENT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 _CHILD_FORMAT = "[%(asctime)s] %(levelname)s - %(name)s | %(message)s"
+#: The slug of the one task a flow of this file is registered with: its body (see serialize_flow).
+_BODY_TASK_SLUG = "flow-body"
 #: Starts a log record the flow-run process writes for its agent to collect (ASCII RS).
 _RECORD_MARK = "\x1e"
 #: Exit codes of ``execute flow-run``: a final state was reported (or handed to the agent
@@ -1417,6 +1419,13 @@ class Backend:
         """Append log lines (``flow_run_id``, ``timestamp``, ``level``, ``name``, ``message``)."""
         raise NotImplementedError
 
+    def get_task_runs(self, run_id: str) -> dict[str, tuple[str, int]]:
+        """The run's task runs that the API made when it made the run: task slug -> (id, version)."""
+        return {}
+
+    def set_task_run_state(self, task_run_id: str, state: Mapping[str, Any], version: int | None) -> None:
+        """Write a task run's state."""
+
     def heartbeat(self, run_id: str) -> None:
         """Tell the API this run's process is alive."""
         raise NotImplementedError
@@ -1611,6 +1620,20 @@ _LOG_QUERY = """query {
     }
 }"""
 _CANCEL_FLOW_RUN = _mutation("cancel_flow_run", "state")
+_TASK_RUNS = """query {
+    flow_run_by_pk(id: %s) {
+        task_runs(where: { map_index: { _eq: -1 } }) {
+            id
+            version
+            task {
+                slug
+            }
+        }
+    }
+}"""
+_SET_TASK_RUN_STATES = _mutation(
+    "set_task_run_states", "states {\n            id\n            status\n            message\n        }"
+)
 
 
 class _HTTPTransport:
@@ -1923,6 +1946,20 @@ class GraphQLBackend(Backend):
 
     def heartbeat(self, run_id: str) -> None:
         self.graphql(_HEARTBEAT % json.dumps(run_id), headers={"X-PREFECT-HEARTBEAT-ID": run_id})
+
+    def get_task_runs(self, run_id: str) -> dict[str, tuple[str, int]]:
+        row = _expect(self.graphql(_TASK_RUNS % json.dumps(run_id)).get("flow_run_by_pk"), dict, "flow_run_by_pk")
+        found = {}
+        for task_run in _expect(row.get("task_runs"), list, "task_runs"):
+            task_run = _expect(task_run, dict, "a task run")
+            slug = (task_run.get("task") or {}).get("slug")
+            if isinstance(slug, str) and isinstance(task_run.get("id"), str):
+                found[slug] = (task_run["id"], task_run["version"] if isinstance(task_run.get("version"), int) else 0)
+        return found
+
+    def set_task_run_state(self, task_run_id: str, state: Mapping[str, Any], version: int | None) -> None:
+        update = {"task_run_id": task_run_id, "version": version, "state": dict(state)}
+        self.graphql(_SET_TASK_RUN_STATES, {"input": {"states": [update]}})
 
     # Registration and the commands.
 
@@ -3136,7 +3173,9 @@ class _FlowRunProcess:
             return _EXIT_NOT_RUN
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         self.logger.info("Beginning flow run %r", run.flow_name)
+        tasks = self._start_task_runs(run)
         final = self._call(flow, run)
+        self._finish_task_runs(tasks, final)
         self.logger.info("Flow run %s: %s", final["type"].upper(), final["message"])
         return _EXIT_REPORTED if self._report(final) else _EXIT_UNREPORTED
 
@@ -3186,6 +3225,31 @@ class _FlowRunProcess:
                 handler.shipped_elsewhere = shipped_by_prefect
             elif isinstance(handler, _RunLogHandler):  # alone: not sent a second time
                 handler.addFilter(lambda record: not shipped_by_prefect(record))
+
+    def _start_task_runs(self, run: FlowRun) -> dict[str, tuple[str, int]]:
+        """Mark the task runs the API made for this run, as Prefect's UI shows them: each
+        parameter Success, the flow's body Running (see serialize_flow). Best effort: the flow
+        runs whatever these writes meet."""
+        try:
+            tasks = self.backend.get_task_runs(run.id)
+            for slug, (task_run_id, version) in tasks.items():
+                done = slug != _BODY_TASK_SLUG
+                state = make_state("Success" if done else "Running",
+                                   "Task run succeeded." if done else "Starting task run.")
+                self.backend.set_task_run_state(task_run_id, state, version)
+            return tasks
+        except APIError as exc:
+            self.logger.debug("Could not mark the task runs: %s", exc)
+            return {}
+
+    def _finish_task_runs(self, tasks: Mapping[str, tuple[str, int]], final: Mapping[str, Any]) -> None:
+        if _BODY_TASK_SLUG not in tasks:
+            return
+        message = "Task run succeeded." if final["type"] == "Success" else final.get("message")
+        try:
+            self.backend.set_task_run_state(tasks[_BODY_TASK_SLUG][0], make_state(str(final["type"]), message), None)
+        except APIError as exc:
+            self.logger.debug("Could not mark the flow's task run: %s", exc)
 
     def _call(self, flow: Any, run: FlowRun) -> dict[str, Any]:
         """Call the flow; its outcome as a final state."""
@@ -4928,17 +4992,38 @@ def _declared_parameters(obj: Any) -> list[dict[str, Any]]:
     return declared
 
 
+def _task_json(name: str, slug: str, kind: str, inputs: Iterable[str] = ()) -> dict[str, Any]:
+    """A task as Prefect 1.4.1 serializes it."""
+    return {
+        "name": name, "slug": slug, "type": kind, "inputs": {key: {"required": True, "type": "typing.Any"}
+                                                           for key in inputs},
+        "outputs": "typing.Any", "tags": [], "max_retries": 0, "retry_delay": None, "timeout": None,
+        "trigger": {"fn": "prefect.triggers.all_successful", "kwargs": {}}, "skip_on_upstream_skip": True,
+        "cache_for": None, "cache_key": None, "auto_generated": False,
+        "cache_validator": {"fn": "prefect.engine.cache_validators.never_use", "kwargs": {}},
+        "__version__": CORE_VERSION,
+    }
+
+
 def serialize_flow(obj: Any, path: str, labels: Sequence[str]) -> dict[str, Any]:
-    """The flow JSON Prefect Server 1.x accepts at registration, for a stored flow."""
+    """The flow JSON Prefect Server 1.x accepts at registration, for a stored flow: its parameters
+    as Prefect ``Parameter`` tasks feeding one task, the flow's body, so Prefect's tools and UI
+    show them (the flow-run process reports these task runs' states)."""
     name = _flow_name(obj)
+    parameters = _declared_parameters(obj)
+    body = _task_json(name, _BODY_TASK_SLUG, "prefect.tasks.core.function.FunctionTask",
+                      [parameter["name"] for parameter in parameters])
+    edges = [{"key": parameter["name"], "flattened": False, "mapped": False, "__version__": CORE_VERSION,
+              "upstream_task": {"slug": parameter["slug"], "__version__": CORE_VERSION},
+              "downstream_task": {"slug": _BODY_TASK_SLUG, "__version__": CORE_VERSION}} for parameter in parameters]
     return {
         "name": name,
         "type": "prefect.core.flow.Flow",
         "schedule": None,
-        "parameters": _declared_parameters(obj),
-        "tasks": [],
-        "edges": [],
-        "reference_tasks": [],
+        "parameters": parameters,
+        "tasks": [*(_task_json(p["name"], p["slug"], p["type"]) for p in parameters), body],
+        "edges": edges,
+        "reference_tasks": [{"slug": _BODY_TASK_SLUG, "__version__": CORE_VERSION}],
         "run_config": {"type": "UniversalRun", "labels": list(labels), "env": None, "__version__": CORE_VERSION},
         "storage": local_storage(name, path),
         "__version__": CORE_VERSION,

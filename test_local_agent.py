@@ -2593,6 +2593,30 @@ def test_a_mixed_fleet_of_prefects_agent_and_ours_runs_each_run_once(
     assert "finished: " not in errors[1]  # the agent without prefect ran none of them
 
 
+def test_flows_deployed_from_this_file_are_whole_to_prefects_tools(
+    api_world: World, test_flows: Any, prefect1_python: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their parameters and body are Prefect tasks: Prefect's client sees the parameters, and the
+    run's task runs end as the flow did."""
+    server = api_world.server
+    for key, value in api_world.env.items():
+        monkeypatch.setenv(key, value)
+    flow_id = la.Flow("hello", test_flows.hello).deploy("P", labels=["test"], api=server.url)
+    view = subprocess.run(
+        [prefect1_python, "-c", "import sys; from prefect.backend import FlowView; "
+         "print(sorted(p.name for p in FlowView.from_flow_id(sys.argv[1]).flow.parameters()))", flow_id],
+        env={**api_world.env, "PREFECT__BACKEND": "server", "PREFECT__SERVER__ENDPOINT": server.url},
+        capture_output=True, text=True, timeout=120)
+    assert view.stdout.strip() == "['name']", view.stderr[-2000:]
+    good = la.create_flow_run("hello", {"name": "tasks"}, labels=["test"], api=server.url)
+    fail_id = la.Flow("fail", test_flows.fail).deploy("P", labels=["test"], api=server.url)
+    assert fail_id
+    bad = la.create_flow_run("fail", labels=["test"], api=server.url)
+    assert api_world.agent("--once").returncode == 1  # one of the two failed
+    assert sorted((row["state"] for row in server.task_runs(good))) == ["Success", "Success"]  # name, body
+    assert [row["state"] for row in server.task_runs(bad)] == ["Failed"]  # no parameters: the body alone
+
+
 def test_a_real_prefect_flow_run_alone_by_execute_flow_run_ships_each_record_once(
     api_world: World, prefect1_python: str, tmp_path: Path
 ) -> None:
