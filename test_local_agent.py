@@ -2613,7 +2613,7 @@ def test_flows_deployed_from_this_file_are_whole_to_prefects_tools(
     assert fail_id
     bad = la.create_flow_run("fail", labels=["test"], api=server.url)
     assert api_world.agent("--once").returncode == 1  # one of the two failed
-    assert sorted((row["state"] for row in server.task_runs(good))) == ["Success", "Success"]  # name, body
+    assert sorted(row["state"] for row in server.task_runs(good)) == ["Success", "Success"]  # name, body
     assert [row["state"] for row in server.task_runs(bad)] == ["Failed"]  # no parameters: the body alone
 
 
