@@ -3164,6 +3164,8 @@ class _FlowRunProcess:
             return self._fail_to_load("Failed to load flow: " + _describe_exception(exc))
         if _is_prefect_flow(flow) and isinstance(self.backend, GraphQLBackend):
             return self._run_on_prefects_engine(flow, run)
+        if _is_prefect_flow(flow):  # run here by Prefect's local runner: its records are ours to ship
+            self._leave_prefects_logs_to_prefect(prefect_ships=False)
         running = make_state("Running", "Running flow.")
         try:
             _retry_api(lambda: self.backend.set_flow_run_state(run.id, running, run.version),
@@ -3185,7 +3187,7 @@ class _FlowRunProcess:
         does not have at the end is left to the agent (or, alone, sent) like any other."""
         import prefect  # type: ignore[import-not-found]  # only a Prefect flow needs it
 
-        self._leave_prefects_logs_to_prefect()
+        self._leave_prefects_logs_to_prefect(prefect_ships=True)
         context = {"flow_run_id": run.id, "flow_id": run.flow_id, "flow_run_name": run.name}
         # As `prefect execute flow-run`: logs go to the backend, the storage's secrets are resolved.
         with prefect.context(running_with_backend=True, **context):
@@ -3208,14 +3210,15 @@ class _FlowRunProcess:
             return _EXIT_REPORTED  # Prefect's own answer: a run left Running, for a later retry
         return _EXIT_REPORTED if self._report(dict(state)) else _EXIT_UNREPORTED
 
-    def _leave_prefects_logs_to_prefect(self) -> None:
-        """Prefect prints its records and ships them (CloudHandler): print them through our
-        record handler only, marked as shipped, so the agent shows them and never ships them twice."""
+    def _leave_prefects_logs_to_prefect(self, *, prefect_ships: bool) -> None:
+        """Prefect prints its records, and on a Prefect API ships them (CloudHandler): print them
+        through our record handler only, marked as shipped when Prefect ships them, so the agent
+        shows every record once and ships each once."""
         prefect_logger = logging.getLogger("prefect")
         for handler in list(prefect_logger.handlers):
             if type(handler) is logging.StreamHandler:  # its console handler; its CloudHandler stays
                 prefect_logger.removeHandler(handler)
-        ships = any(type(handler).__name__ == "CloudHandler" for handler in prefect_logger.handlers)
+        ships = prefect_ships and any(type(handler).__name__ == "CloudHandler" for handler in prefect_logger.handlers)
 
         def shipped_by_prefect(record: logging.LogRecord) -> bool:
             return ships and (record.name == "prefect" or record.name.startswith("prefect."))
@@ -3570,6 +3573,7 @@ def _flow_run_environment(
 ) -> dict[str, str]:
     """``os.environ``, then ``--env``, then the variables the flow-run process needs."""
     python_path = [os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH", "")]), *settings.import_paths]
+    embedded = settings.api.startswith("sqlite:")
     fixed = {
         "PREFECT__CLOUD__API": settings.api,
         "PREFECT__CONTEXT__FLOW_RUN_ID": run.id,
@@ -3579,8 +3583,11 @@ def _flow_run_environment(
         "PREFECT__LOGGING__LOG_TO_CLOUD": str(settings.cloud_logs).lower(),
         "PREFECT__CLOUD__SEND_FLOW_RUN_LOGS": str(settings.cloud_logs).lower(),
         "PREFECT__LOGGING__LEVEL": settings.level,
-        "PREFECT__ENGINE__FLOW_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudFlowRunner",
-        "PREFECT__ENGINE__TASK_RUNNER__DEFAULT_CLASS": "prefect.engine.cloud.CloudTaskRunner",
+        # Prefect's engine reports to a Prefect API; on the embedded database it runs locally.
+        "PREFECT__ENGINE__FLOW_RUNNER__DEFAULT_CLASS": "prefect.engine.flow_runner.FlowRunner" if embedded
+        else "prefect.engine.cloud.CloudFlowRunner",
+        "PREFECT__ENGINE__TASK_RUNNER__DEFAULT_CLASS": "prefect.engine.task_runner.TaskRunner" if embedded
+        else "prefect.engine.cloud.CloudTaskRunner",
         "PREFECT__CLOUD__REQUEST_TIMEOUT": str(settings.request_timeout),
         "PYTHONPATH": os.pathsep.join(python_path),
         "PYTHONUNBUFFERED": "1",  # output reaches the run log as it happens

@@ -2617,6 +2617,39 @@ def test_flows_deployed_from_this_file_are_whole_to_prefects_tools(
     assert [row["state"] for row in server.task_runs(bad)] == ["Failed"]  # no parameters: the body alone
 
 
+def test_a_real_prefect_flow_runs_on_the_embedded_database_on_prefects_local_runner(
+    embedded: World, prefect1_python: str, tmp_path: Path
+) -> None:
+    """No Prefect API to report to: the flow runs on Prefect's local runner, the agent reports it."""
+    script = tmp_path / "prefect_hello.py"
+    script.write_text(PREFECT_FLOW + textwrap.dedent("""
+        def build():
+            import json
+            from prefect.serialization.storage import StorageSchema
+            from prefect.storage import Local
+            flow.storage = Local(add_default_labels=False)
+            flow.storage.add_flow(flow)
+            flow.storage.build()
+            print(json.dumps(StorageSchema().dump(flow.storage)))
+    """))
+    built = subprocess.run([prefect1_python, "-c", "import prefect_hello; prefect_hello.build()"], cwd=tmp_path,
+                           env=embedded.env, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    storage = json.loads(built.stdout.strip().splitlines()[-1])
+    serialized = {**la.serialize_flow(la.Flow("prefect-hello", print), "/unused", ["test"]), "storage": storage}
+    flow_id = embedded.db.register_flow(embedded.project, serialized)
+    failing = embedded.run(flow_id, parameters={"name": "boom"})
+    run_id = embedded.run(flow_id, parameters={"name": "embedded"})
+    result = embedded.agent("--once", "--python", prefect1_python)
+    assert result.returncode == 1, result.stderr  # one of the two failed
+    assert embedded.history(run_id) == ["Pending", "Scheduled", "Submitted", "Running", "Success"]
+    assert embedded.state(failing) == "Failed" and "Some reference tasks failed" in embedded.message(failing)
+    logs = embedded.logs(run_id)
+    for line in ("hi embedded", "printed embedded", "Task 'say': Starting task run..."):
+        assert logs.count(line) == 1, (line, logs)  # Prefect's records and prints, each once
+    assert not [line for line in logs if line.endswith("| hi embedded")], logs  # not again as console output
+
+
 def test_a_real_prefect_flow_run_alone_by_execute_flow_run_ships_each_record_once(
     api_world: World, prefect1_python: str, tmp_path: Path
 ) -> None:
