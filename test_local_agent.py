@@ -2101,10 +2101,8 @@ def test_cancelling_a_running_run_stops_its_process_group(world: World, test_flo
         drive(agent, lambda: pids.exists() and pids.read_text().strip() != "")
         flow_pid, grandchild = map(int, pids.read_text().split())
         assert run_cli("cancel", run_id, "--api", world.api, env=world.env, check=True).stdout.strip() == "Cancelling"
-        drive(agent, lambda: False, budget=1, must=False)  # it looks every WATCH_SECONDS, not sooner
-        assert _alive(flow_pid) and agent.book.phase(run_id) == la.LAUNCHED
         assert isinstance(agent.clock, JumpingClock)
-        agent.clock.offset += la.WATCH_SECONDS
+        agent.clock.offset += la.WATCH_SECONDS  # the agent looks at its runs every WATCH_SECONDS
         drive(agent, lambda: agent.phase == la.DONE)
     finally:
         agent.close()
