@@ -66,15 +66,18 @@ A map of this file. Each section uses only the sections above it; read it top to
                   version-checked claims in ``set_flow_run_state``); ``open_backend``; the
                   ``_Outbox`` that delivers states and log lines in order and spools them.
  8. Flow-run process  ``execute flow-run``: ``_FlowRunProcess`` loads the run's flow, runs it,
-                  reports its final state (or leaves it in the result file for the agent).
+                  reports its final state (or leaves it in the result file for the agent); a
+                  Prefect 1.x flow runs on Prefect's engine (``_run_on_prefects_engine``), and
+                  this file's flows mark the task runs a Server made (``_start_task_runs``).
  9. The agent     ``_flow_run_environment`` (what a flow-run process gets), ``_Job`` (one
                   process: start, output, signals), ``_decide_outcome`` (how a finished run is
                   settled, a pure function), ``RunBook`` (every run the agent owns, its phase,
                   its slots, the ledger), ``_APIHealth``, and ``LocalAgent``: ``step()`` is the
-                  whole loop; claims in ``_claim``, launches in ``_start_run``, output and exits
-                  in ``_tend_jobs``, cancellation in ``_watch_owned_runs``, shutdown in ``_drain``.
-10. HTTP endpoint ``--agent-address``: health, poke and status (``_serve_agent_address``, which
-                  the agent starts once connected).
+                  whole loop; what it will not claim in ``_why_not_here``, claims in ``_claim``,
+                  launches in ``_start_run``, output and exits in ``_tend_jobs``, cancellation
+                  in ``_watch_owned_runs``, shutdown in ``_drain``.
+10. HTTP endpoint ``--agent-address``: health (503 when polls are stale), poke and status
+                  (``_serve_agent_address``, which the agent starts when it opens).
 11. Python API    ``Flow``, ``deploy``, ``run_agent``, ``create_flow_run`` and the listings.
 12. Command line  ``main``, the parser built from ``_OPTIONS``, one ``_cmd_*`` per command,
                   ``why``'s explanations (``_explain_run``).
