@@ -1772,47 +1772,12 @@ def test_process_lost_while_the_agent_was_down_fails_the_run(world: World, test_
     assert f"restarted and the flow-run process PID {flow_pid} was lost" in world.message(run_id)
 
 
-#: Patches that kill the agent (SIGKILL, no goodbye) at one step of settling a finished run.
-CRASHING_AGENT = '''
-import os, signal, sys
-sys.path.insert(0, sys.argv.pop(1))
-import local_agent as la
-
-step = os.environ["CRASH_AT"]
-seen = set()
-
-
-def crash_around(owner, name, when):
-    original = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        if when == "before" and (step == name or (step, name) == ("save after settling", "save") and "settled" in seen):
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(*args, **kwargs)
-        seen.add(name)
-        if when == "after" and step == name + " done":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    setattr(owner, name, wrapper)
-
-
-crash_around(la.LocalAgent, "_finish", "before")
-crash_around(la.RunBook, "settled", "before")
-crash_around(la.RunBook, "save", "before")
-crash_around(la._Job, "remove_files", "before")
-crash_around(la._Job, "remove_files", "after")
-sys.exit(la.main(sys.argv[1:]))
-'''
-
-
 @pytest.mark.parametrize("step", ["_finish", "settled", "save after settling", "remove_files", "remove_files done"])
 def test_an_agent_killed_at_any_step_of_settling_a_run_never_overwrites_its_final_state(
-    world: World, test_flows: Any, tmp_path: Path, step: str
+    world: World, test_flows: Any, step: str
 ) -> None:
     run_id = world.run(world.flow(test_flows.hello))
-    script = tmp_path / "crashing_agent.py"
-    script.write_text(CRASHING_AGENT)
+    script = AGENT.parent / "benchmarks" / "crashing_agent.py"  # kills itself at that step (shared with soak.py)
     agent = subprocess.run(
         [sys.executable, str(script), str(AGENT.parent), "start", "--api", world.api, "-l", "test",
          "--no-hostname-label", "--once"],

@@ -55,41 +55,8 @@ def talk(path, seconds=0.5):
     mark(path)
 '''
 
-#: Patches that kill the agent (SIGKILL, no goodbye) at one step of settling a finished run: the
-#: step named by $CRASH_AT ("save after settling": in RunBook.save once RunBook.settled has run;
-#: "remove_files done": just after _Job.remove_files returns). Run as
-#: ``python3 crashing_agent.py ROOT start ...``; as CRASHING_AGENT in test_local_agent.py.
-CRASHING_AGENT = '''
-import os, signal, sys
-sys.path.insert(0, sys.argv.pop(1))
-import local_agent as la
-
-step = os.environ["CRASH_AT"]
-seen = set()
-
-
-def crash_around(owner, name, when):
-    original = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        if when == "before" and (step == name or (step, name) == ("save after settling", "save") and "settled" in seen):
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(*args, **kwargs)
-        seen.add(name)
-        if when == "after" and step == name + " done":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    setattr(owner, name, wrapper)
-
-
-crash_around(la.LocalAgent, "_finish", "before")
-crash_around(la.RunBook, "settled", "before")
-crash_around(la.RunBook, "save", "before")
-crash_around(la._Job, "remove_files", "before")
-crash_around(la._Job, "remove_files", "after")
-sys.exit(la.main(sys.argv[1:]))
-'''
+#: The agent that kills itself at one step of settling a run (see crashing_agent.py).
+CRASHING_AGENT = ROOT / "benchmarks" / "crashing_agent.py"
 CRASH_STEPS = ("_finish", "settled", "save after settling", "remove_files", "remove_files done")
 
 
@@ -364,8 +331,7 @@ def crash_while_settling(kind: str, trials: int) -> dict[str, dict[str, Any]]:
     server = PrefectServerDouble().start() if kind == "graphql" else None
     try:
         scenario = Scenario(kind, server)
-        script = scenario.root / "crashing_agent.py"
-        script.write_text(CRASHING_AGENT)
+        script = CRASHING_AGENT
         flow_id = scenario.flow("mark")
         results: dict[str, dict[str, Any]] = {}
         for step in CRASH_STEPS:
