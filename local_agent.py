@@ -841,8 +841,12 @@ def _secrets(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     a name like ``..._SECRETS`` often holds just ``false``)."""
     found = [settings.token] if settings.token else []
     found += [value for key, value in settings.env.items() if _SECRET_NAME.search(key) and len(value) >= 4]
-    found += [value for key, value in environ.items() if _SECRET_NAME.search(key) and len(value) >= 8]
-    return found
+    return found + _inherited_secrets(environ)
+
+
+def _inherited_secrets(environ: Mapping[str, str]) -> list[str]:
+    """Values of secret-looking variables in ``environ`` (8+ characters)."""
+    return [value for key, value in environ.items() if _SECRET_NAME.search(key) and len(value) >= 8]
 
 
 class _RedactingFilter(logging.Filter):
@@ -3602,9 +3606,7 @@ def _flow_run_environment(
     }
     if settings.tenant_id:
         fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
-    config = run.run_config if isinstance(run.run_config, Mapping) else {}
-    config_env = config.get("env")
-    from_config = {str(key): str(value) for key, value in config_env.items()} if isinstance(config_env, Mapping) else {}
+    from_config, _ = _local_run(run)
     # As Prefect's LocalAgent: the run config's variables win over --env, the fixed ones over both.
     environment = {**os.environ, **settings.env, **from_config, **fixed}
     # The child reads the token from exactly one place, so a stale one cannot win.
@@ -3613,6 +3615,14 @@ def _flow_run_environment(
     if settings.token:
         environment["PREFECT__CLOUD__AUTH_TOKEN"] = settings.token
     return environment
+
+
+def _local_run(run: FlowRun) -> tuple[dict[str, str], str | None]:
+    """A run's ``LocalRun`` (or ``UniversalRun``) settings: its variables and its working directory."""
+    config = run.run_config if isinstance(run.run_config, Mapping) else {}
+    env, working_dir = config.get("env"), config.get("working_dir")
+    variables = {str(key): str(value) for key, value in env.items()} if isinstance(env, Mapping) else {}
+    return variables, working_dir if isinstance(working_dir, str) and working_dir else None
 
 
 #: The run configs this agent runs flows with (Prefect 1.4.1's LocalAgent takes these two).
@@ -4132,8 +4142,7 @@ class LocalAgent:
         self._http: ThreadingHTTPServer | None = None
         self._program = _source_file()  # what flow-run processes run: this file, or its compiled copy
         self._python = sys.executable  # and with which interpreter (--python)
-        self._python_has: set[str] = {name for name in ("prefect", "cloudpickle")
-                                      if importlib.util.find_spec(name) is not None}
+        self._python_has: set[str] = set()  # which of prefect and cloudpickle it has (see _check_python)
         self._refusals_logged: set[str] = set()
         self.subreaper = False
         self._redact = _Redactor(_secrets(self.settings, os.environ))
@@ -4259,7 +4268,8 @@ class LocalAgent:
         cloudpickle it has (Prefect flows need both)."""
         python = self.settings.python or sys.executable
         if python == sys.executable:
-            return python  # _python_has was read from this very interpreter
+            self._python_has = {name for name in ("prefect", "cloudpickle") if importlib.util.find_spec(name)}
+            return python
         import subprocess  # only the agent starts processes
 
         probe = ("import importlib.util as u; "
@@ -4559,8 +4569,7 @@ class LocalAgent:
             job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
                        started_at=time.time())
             environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
-            config = run.run_config if isinstance(run.run_config, Mapping) else {}
-            working_dir = config.get("working_dir") if isinstance(config.get("working_dir"), str) else None
+            _, working_dir = _local_run(run)
             job.start([self._python, self._program, "execute", "flow-run"], environment, working_dir)
         except (FlowStorageError, OSError) as exc:
             message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
@@ -5469,9 +5478,8 @@ def _guarded(command: Callable[[Any], int], args: argparse.Namespace | None) -> 
     try:
         return int(command(args))
     except AgentError as exc:
-        token = getattr(args, "token", None)
-        inherited = [value for key, value in os.environ.items() if _SECRET_NAME.search(key) and len(value) >= 8]
-        redact = _Redactor([token, *inherited] if isinstance(token, str) and token else inherited)
+        token = getattr(args, "token", None)  # settings may not have resolved: the flag, and the environment
+        redact = _Redactor([*([token] if isinstance(token, str) and token else []), *_inherited_secrets(os.environ)])
         print(redact(f"local_agent: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
