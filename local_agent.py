@@ -216,6 +216,18 @@ HEALTH_STALE_SECONDS = 60.0
 #: ``logs --follow`` stops once the run is final and no line has come for this long.
 FOLLOW_LULL_SECONDS = 2.0
 
+# The warm template of ``--preload`` (see _serve_template).
+#: Seconds the agent waits for a template to import its modules, and for its answer to a fork.
+TEMPLATE_START_SECONDS = 120.0
+TEMPLATE_FORK_SECONDS = 10.0
+#: How often an idle template looks for children that ended.
+TEMPLATE_REAP_SECONDS = 0.02
+#: After a template fails or goes stale, runs start afresh for up to this long before the next one is ready.
+TEMPLATE_RETRY_SECONDS = 30.0
+#: Variables an interpreter reads only as it starts: a run that sets them otherwise than the
+#: template was started with gets a fresh interpreter.
+_STARTUP_VARIABLE_PREFIXES = ("PYTHON", "LD_", "MALLOC_")
+
 # The APIs.
 REQUEST_TIMEOUT_SECONDS = 15.0
 #: Most bytes an API answer may have before it is refused as malformed.
@@ -436,6 +448,23 @@ def _as_paths(value: object, where: str) -> list[str]:
     return [os.path.abspath(os.path.expanduser(path)) for path in paths]
 
 
+def _as_module(value: object, where: str) -> str:
+    """A module name to import, like ``prefect`` or ``project.flows``."""
+    name = str(value).strip()
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise ConfigError(f"{where} must name a Python module, like prefect or project.flows, got {value!r}")
+    return name
+
+
+def _as_modules(value: object, where: str) -> list[str]:
+    """Module names: a list, a list literal, or names separated by commas."""
+    if isinstance(value, str):
+        value = _literal(value, where, "'[\"prefect\"]'") if value.strip().startswith("[") else value.split(",")
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of Python modules, like [\"prefect\"], got {value!r}")
+    return _unique(_as_module(name, where) for name in value if str(name).strip())
+
+
 def _as_path(value: object, where: str) -> str:
     """One path, absolute ("" stays "": the default)."""
     path = _as_str(value, where)
@@ -543,6 +572,9 @@ _OPTIONS = (
     _Option("python", ("cloud.agent.python",), _as_path, "", ("--python",),
             "the Python that runs flow-run processes, e.g. a project's virtualenv with prefect",
             shown_default="the agent's own"),
+    _Option("preload", ("cloud.agent.preload",), _as_modules, [], ("--preload",),
+            "import MODULE once in a warm process that forks each flow run (repeatable; e.g. prefect)", "append",
+            check_item=_as_module, shown_default="`[]` (a fresh interpreter per run)"),
     _Option("flow_dirs", ("cloud.agent.flow_dirs",), _as_paths, [], ("--flows-dir",),
             "also load flow files from under this directory (repeatable); <home_dir>/flows always", "append",
             shown_default="`[]` (`<home_dir>/flows` always counts)"),
@@ -614,6 +646,7 @@ class Settings:
     env: dict[str, str]
     import_paths: list[str]
     python: str
+    preload: list[str]
     flow_dirs: list[str]
     show_flow_logs: bool
     local_label: bool
@@ -3390,6 +3423,206 @@ def _execute_flow_run(settings: Settings, environ: Mapping[str, str] | None = No
         backend.close()
 
 
+# The warm template (``--preload``). One process imports the preloaded modules once (prefect,
+# a project's flow module) and forks each flow-run process from itself, as Python's
+# forkserver and gunicorn's --preload do. Each child is still a process of its own: its own
+# session and process group, output file, environment, working directory, signal handlers and
+# exit status, and it goes on exactly as ``execute flow-run`` does in a fresh interpreter. The
+# agent and the template talk over two pipes, one JSON object per line:
+#   agent → template   {"run": ID, "env": {...}, "cwd": DIR, "out": FILE}, then {"go": ID}
+#   template → agent   {"ready": [MODULE, ...]} or {"failed": WHY}, once, at start;
+#                      {"run": ID, "pid": PID} or {"run": ID, "refused": WHY}, per request;
+#                      {"exited": PID, "returncode": CODE}, as children end.
+# A forked child waits for its "go": a child whose agent gave up on the template before it
+# heard the pid (and so started the run afresh) never runs, so no run can run twice.
+
+def _serve_template(preload: Sequence[str], requests_fd: int, replies_fd: int) -> dict[str, Any] | None:
+    """The body of ``execute template``: import ``preload`` once, then fork a flow-run process per
+    request. Returns the request in each forked child, and None in the template once the agent hangs up."""
+    import gc  # only the template freezes its heap
+    import select  # only the template waits on a pipe
+
+    def reply(**message: Any) -> None:
+        os.write(replies_fd, (json.dumps(message) + "\n").encode())  # one line: under PIPE_BUF, atomic
+
+    name = ""
+    try:
+        for name in preload:
+            importlib.import_module(name)
+    except BaseException as exc:  # however a module fails on import, the agent says why and stops
+        reply(failed=f"--preload {name} cannot be imported: {_describe_exception(exc)}")
+        return None
+    if threading.active_count() > 1:
+        reply(failed=f"--preload {' '.join(preload)} started threads ({_thread_names()}), which a forked "
+                     "process would not have: preload modules that start no thread at import")
+        return None
+    loaded = _loaded_module_files()
+    gc.freeze()  # what the template imported stays out of the children's collections: fewer pages copied
+    reply(ready=list(preload))
+    children: set[int] = set()
+    waiting: dict[str, int] = {}  # run id → the pipe its forked child waits on for "go"
+    pending = b""
+    while True:
+        for pid, returncode in _reap_children(children):
+            reply(exited=pid, returncode=returncode)
+        if not select.select([requests_fd], [], [], TEMPLATE_REAP_SECONDS)[0]:
+            continue
+        data = os.read(requests_fd, 1 << 16)
+        if not data:
+            return None  # the agent hung up; children it started go on, and a restarted agent adopts them
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            request = json.loads(line)
+            if "go" in request:
+                go = waiting.pop(request["go"], -1)
+                with contextlib.suppress(OSError):
+                    os.write(go, b"g")
+                    os.close(go)
+                continue
+            why = _why_not_fork(loaded)
+            if why:
+                reply(run=request["run"], refused=why, stale=True)
+                continue
+            pid, go_or_problem = _fork_flow_run(request, (requests_fd, replies_fd, *waiting.values()))
+            if pid == 0:
+                return dict(request)  # the child: it runs the flow run
+            if isinstance(go_or_problem, str):
+                reply(run=request["run"], refused=go_or_problem)
+                continue
+            children.add(pid)
+            waiting[request["run"]] = go_or_problem
+            reply(run=request["run"], pid=pid)
+
+
+def _thread_names() -> str:
+    return ", ".join(thread.name for thread in threading.enumerate() if thread is not threading.current_thread())
+
+
+def _loaded_module_files() -> dict[str, tuple[int, int]]:
+    """Every imported module's file, with its modification time and size."""
+    files: dict[str, tuple[int, int]] = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path not in files:
+            with contextlib.suppress(OSError):
+                stat = os.stat(path)
+                files[path] = (stat.st_mtime_ns, stat.st_size)
+    return files
+
+
+def _why_not_fork(loaded: Mapping[str, tuple[int, int]]) -> str:
+    """Why the template must not fork a run ("" when it may): a thread a fork would lose, or
+    code changed on disk since it was imported (a fresh interpreter would run the new code)."""
+    if threading.active_count() > 1:
+        return f"the template has threads ({_thread_names()}), which a forked process would not have"
+    for path, (mtime, size) in loaded.items():
+        try:
+            stat = os.stat(path)
+            changed = (stat.st_mtime_ns, stat.st_size) != (mtime, size)
+        except OSError:
+            changed = True
+        if changed:
+            return f"{path} changed since the template imported it"
+    return ""
+
+
+def _fork_flow_run(request: Mapping[str, Any], template_fds: Sequence[int]) -> tuple[int, int | str]:
+    """Fork one flow-run process. In the child: (0, 0) once it is set up as a fresh process would
+    be and the agent said go. In the template: its pid and the pipe that says go to it, or (0, why)."""
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # nothing the template buffered may be written twice
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_read)
+        os.close(go_write)
+        try:
+            _become_flow_run(request, template_fds)
+        except BaseException as exc:
+            os.write(ready_write, _describe_exception(exc).encode()[:1000] or b"?")
+            os._exit(_EXIT_NOT_RUN)
+        os.close(ready_write)
+        if os.read(go_read, 1) != b"g":
+            os._exit(_EXIT_NOT_RUN)  # the agent gave up on the template and started this run afresh
+        os.close(go_read)
+        return 0, 0
+    os.close(ready_write)
+    os.close(go_read)
+    answer = b""
+    while chunk := os.read(ready_read, 1024):  # until the child closes it: set up, or gone
+        answer += chunk
+    os.close(ready_read)
+    if answer:
+        os.close(go_write)
+        os.waitpid(pid, 0)  # it exits at once
+        return 0, f"the forked process could not be set up: {answer.decode(errors='replace')}"
+    return pid, go_write
+
+
+def _become_flow_run(request: Mapping[str, Any], template_fds: Sequence[int]) -> None:
+    """Turn a forked child of the template into the flow-run process the agent asked for."""
+    os.setsid()  # its own session and process group, as start_new_session gives a fresh one
+    for fd in template_fds:
+        os.close(fd)
+    output = os.open(request["out"], os.O_WRONLY | os.O_APPEND)
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(nothing)
+    os.close(output)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    sys.argv[1:] = ["execute", "flow-run"]
+    _reload_prefects_configuration()
+
+
+def _reap_children(children: set[int]) -> list[tuple[int, int]]:
+    """The template's children that ended, with their return codes (negative: the signal)."""
+    ended = []
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        if pid in children:
+            children.discard(pid)
+            ended.append((pid, os.waitstatus_to_exitcode(status)))
+    return ended
+
+
+def _reload_prefects_configuration() -> None:
+    """Prefect read its configuration from the template's environment when it was imported; a
+    forked run reads it again from its own, as a fresh interpreter would (its API, token, run
+    config variables, logging level)."""
+    prefect: Any = sys.modules.get("prefect")
+    if prefect is None:
+        return
+    configuration: Any = sys.modules["prefect.configuration"]
+    prefect_logging: Any = sys.modules["prefect.utilities.logging"]
+    configuration.USER_CONFIG = os.getenv("PREFECT__USER_CONFIG_PATH", "~/.prefect/config.toml")
+    configuration.BACKEND_CONFIG = os.getenv("PREFECT__BACKEND_CONFIG_PATH", "~/.prefect/backend.toml")
+    old_extra_loggers = list(prefect.config.logging.get("extra_loggers", []))
+    fresh = configuration.load_default_config()
+    prefect.config.clear()
+    prefect.config.update(fresh)
+    prefect.context.clear()
+    type(prefect.context).__init__(prefect.context)  # the context a fresh import makes from the config
+    for name in {"prefect", *old_extra_loggers}:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+    prefect.context.logger = prefect_logging.prefect_logger = prefect_logging.configure_logging()
+    prefect_logging.configure_extra_loggers()
+
+
 # --- 9. The agent ------------------------------------------------------------------------
 #
 # Files under <home>/agents/<name>-<hash of API>/, so a restarted agent finds its runs:
@@ -3570,6 +3803,12 @@ def _reap_orphans(own_children: set[int]) -> None:
             return
 
 
+def _startup_variables_differ(template: Mapping[str, str], run: Mapping[str, str]) -> list[str]:
+    """The variables a Python reads only as it starts (PYTHON*, LD_*) that a run sets otherwise than its template."""
+    names = {name for name in (*template, *run) if name.startswith(_STARTUP_VARIABLE_PREFIXES)}
+    return sorted(name for name in names if template.get(name) != run.get(name))
+
+
 def _wait_then_wake(process: subprocess.Popen[bytes], wake: threading.Event) -> None:
     process.wait()
     wake.set()
@@ -3659,6 +3898,143 @@ def _needs_prefect(path: str) -> bool:
         return False
 
 
+class _TemplateUnavailableError(Exception):
+    """The warm template cannot fork this run; it starts in a fresh interpreter instead."""
+
+
+class _Template:
+    """The warm template of ``--preload``, from the agent's side: it starts the process, asks it
+    to fork runs and hears when they end (see _serve_template for the other side)."""
+
+    def __init__(self, python: str, program: str, modules: Sequence[str], environment: dict[str, str],
+                 log_path: Path, wake: threading.Event) -> None:
+        self.python, self.program, self.modules = python, program, list(modules)
+        self.environment, self.log_path, self._wake = environment, log_path, wake
+        self.process: subprocess.Popen[bytes] | None = None
+        self.answered = threading.Event()  # set once it is ready or has failed
+        self.problem = ""  # why it failed, went stale or stopped, "" while it works
+        self.gone = False  # its process has ended: it will say no more
+        self.stale = False  # code it imported changed on disk: replaced at once, not after a pause
+        self._requests = -1
+        self._changed = threading.Condition()
+        self._answers: dict[str, dict[str, Any]] = {}
+        self._exits: dict[int, int] = {}
+
+    def start(self) -> None:
+        """Start the template; it answers (``answered``) once it has imported its modules."""
+        import subprocess  # only the agent starts processes
+
+        requests_read, self._requests = os.pipe()
+        replies_read, replies_write = os.pipe()
+        try:
+            with _private_open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    [self.python, self.program, "execute", "template", str(requests_read), str(replies_write),
+                     *self.modules],
+                    env=self.environment, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    pass_fds=(requests_read, replies_write), start_new_session=True)
+        finally:
+            os.close(requests_read)
+            os.close(replies_write)
+        threading.Thread(target=self._read_replies, args=(replies_read,), name="template", daemon=True).start()
+
+    @property
+    def ready(self) -> bool:
+        """Whether it imported its modules and still runs."""
+        return self.answered.is_set() and not self.problem
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
+    def fork(self, run_id: str, environment: Mapping[str, str], cwd: str, out_path: Path) -> int:
+        """The pid of a flow-run process forked for ``run_id``; _TemplateUnavailableError when it cannot be."""
+        self._send({"run": run_id, "env": dict(environment), "cwd": cwd, "out": str(out_path)})
+        deadline = time.monotonic() + TEMPLATE_FORK_SECONDS
+        with self._changed:
+            while run_id not in self._answers and not self.problem and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+            answer = self._answers.pop(run_id, None)
+        if answer is None:
+            self.stop(self.problem or f"it did not answer within {TEMPLATE_FORK_SECONDS:g} s", at_once=True)
+            raise _TemplateUnavailableError(self.problem)  # a child it forked waits for a go that never comes
+        if "pid" not in answer:
+            if answer.get("stale"):
+                self.problem, self.stale = str(answer["refused"]), True  # replaced; it still hears its runs end
+            raise _TemplateUnavailableError(str(answer.get("refused", "it refused")))
+        self._send({"go": run_id})
+        return int(answer["pid"])
+
+    def exit_status(self, pid: int) -> tuple[bool, int | None]:
+        """Whether the template saw ``pid`` end, and its return code (negative: the signal)."""
+        with self._changed:
+            if pid in self._exits:
+                return True, self._exits.pop(pid)
+        return False, None
+
+    def stop(self, why: str, *, at_once: bool = False) -> None:
+        """Stop it; the runs it forked go on. ``at_once`` kills it: it hangs, and must fork nothing late."""
+        self.problem = self.problem or why
+        if self._requests >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._requests)  # it reads the end of its requests and exits
+            self._requests = -1
+        if self.process is not None:
+            if at_once:
+                self.process.kill()
+            try:
+                self.process.wait(timeout=5)
+            except Exception:  # subprocess.TimeoutExpired
+                self.process.kill()
+                self.process.wait()
+
+    def tail(self) -> str:
+        """The last line the template wrote, for an error message."""
+        with contextlib.suppress(OSError):
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            return lines[-1] if lines else ""
+        return ""
+
+    def _send(self, message: Mapping[str, Any]) -> None:
+        try:
+            data = (json.dumps(message) + "\n").encode()
+            while data:  # the agent's loop is the only writer: lines never interleave
+                data = data[os.write(self._requests, data):]
+        except OSError as exc:
+            raise _TemplateUnavailableError(f"it cannot be reached ({exc.strerror or exc})") from None
+
+    def _read_replies(self, replies: int) -> None:
+        pending = b""
+        try:
+            while data := os.read(replies, 1 << 16):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    self._take(json.loads(line))
+        except (OSError, ValueError) as exc:
+            self.problem = self.problem or f"its answers could not be read ({exc})"
+        finally:
+            os.close(replies)
+            with self._changed:
+                self.problem = self.problem or f"it exited ({self.tail() or 'no output'})"
+                self.gone = True
+                self._changed.notify_all()
+            self.answered.set()
+            self._wake.set()
+
+    def _take(self, message: Mapping[str, Any]) -> None:
+        with self._changed:
+            if "exited" in message:
+                self._exits[int(message["exited"])] = int(message["returncode"])
+                self._wake.set()  # the loop hears of the end at once
+            elif "run" in message:
+                self._answers[str(message["run"])] = dict(message)
+            elif "failed" in message:
+                self.problem = str(message["failed"])
+            self._changed.notify_all()
+        if "ready" in message or "failed" in message:
+            self.answered.set()
+
+
 class _Job:
     """A flow-run process this agent owns, started by it or adopted after a restart, and its output."""
 
@@ -3669,7 +4045,8 @@ class _Job:
         self.out_path = runs_dir / f"{run_id}.out"  # its stdout and stderr
         self.result_path = runs_dir / f"{run_id}.result"  # the final state it reported, or could not
         self.started_at = started_at  # wall-clock time at launch
-        self.process: subprocess.Popen[bytes] | None = None  # None when adopted from a previous start
+        self.process: subprocess.Popen[bytes] | None = None  # None when adopted, or forked by a template
+        self.template: _Template | None = None  # the warm template that forked it and hears its end
         self.start_ticks = start_ticks
         self.offset = offset  # how much of the output has been read
         self.partial = b""  # a line not finished yet
@@ -3705,6 +4082,17 @@ class _Job:
         self.pid = self.process.pid
         self.start_ticks = _process_start_ticks(self.pid)
 
+    def fork(self, template: _Template, environment: Mapping[str, str], cwd: str | None = None) -> None:
+        """Start the flow-run process as a fork of the warm template (same session, output and
+        signals as ``start`` gives); _TemplateUnavailableError when the template cannot."""
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        self.result_path.unlink(missing_ok=True)
+        with _private_open(self.out_path, "wb"):
+            pass  # the child appends to it
+        self.pid = template.fork(self.run_id, environment, cwd or os.getcwd(), self.out_path)
+        self.template = template
+        self.start_ticks = _process_start_ticks(self.pid)
+
     @classmethod
     def from_ledger(cls, run_id: str, entry: Mapping[str, Any], runs_dir: Path) -> _Job:
         """A job a previous start of the agent recorded in its ledger."""
@@ -3729,6 +4117,10 @@ class _Job:
             if self.process is not None:
                 self.returncode = self.process.poll()
                 self.exited = self.returncode is not None
+            elif self.template is not None:
+                self.exited, self.returncode = self.template.exit_status(self.pid)
+                if not self.exited and self.template.gone:  # nobody hears its end now: watch it as adopted
+                    self.template, self.adopted = None, True
             else:
                 self.exited = not _process_alive(self.pid, self.start_ticks)
         return self.exited
@@ -4144,6 +4536,9 @@ class LocalAgent:
         self._python = sys.executable  # and with which interpreter (--python)
         self._python_has: set[str] = set()  # which of prefect and cloudpickle it has (see _check_python)
         self._refusals_logged: set[str] = set()
+        self._template: _Template | None = None  # the warm template of --preload, when there is one
+        self._retired_templates: list[_Template] = []  # replaced ones, kept while runs they forked go on
+        self._next_template_at = 0.0
         self.subreaper = False
         self._redact = _Redactor(_secrets(self.settings, os.environ))
 
@@ -4253,6 +4648,8 @@ class LocalAgent:
         # The compiled copy is bytecode for this interpreter; another one runs the source.
         same_python = os.path.realpath(self._python) == os.path.realpath(sys.executable)
         self._program = (_compiled_copy(self.settings.home / "cache") if same_python else "") or _source_file()
+        if self.settings.preload:
+            self._start_template(wait=True)
         self._outbox = _Outbox(self.backend, self.directory / "spool.jsonl", self.logger, self._redact)
         if self._outbox.pending:
             self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
@@ -4288,11 +4685,79 @@ class LocalAgent:
         self._python_has = set(found.stdout.split())
         return python
 
+    def _start_template(self, *, wait: bool = False) -> None:
+        """Start the warm template of ``--preload``; with ``wait``, until it is ready (a module that
+        cannot be imported is then an error of the agent's start)."""
+        placeholder = FlowRun(id="", version=0, state="", serialized_state={}, flow_id="", flow_name="")
+        environment = _flow_run_environment(self.settings, self.labels, placeholder, Path(os.devnull))
+        template = _Template(self._python, self._program, self.settings.preload, environment,
+                             self.directory / "template.out", self._wake)
+        self._template, self._next_template_at = template, self.clock.monotonic() + TEMPLATE_RETRY_SECONDS
+        try:
+            template.start()
+        except OSError as exc:
+            template.problem = f"it cannot be started: {exc.strerror or exc}"
+        if not wait:
+            return
+        if not template.answered.wait(TEMPLATE_START_SECONDS):
+            template.stop(f"it was not ready within {TEMPLATE_START_SECONDS:g} s", at_once=True)
+        if template.problem:
+            raise ConfigError(f"the warm template of --preload {' '.join(self.settings.preload)} failed: "
+                              f"{template.problem}")
+        self.logger.info("Flow runs fork from a warm process (PID %d) that imported %s", template.pid,
+                         ", ".join(self.settings.preload))
+
+    def _warm_template(self) -> _Template | None:
+        """The template to fork runs from, if one is ready; a failed one is replaced (at most every
+        TEMPLATE_RETRY_SECONDS; runs start afresh meanwhile)."""
+        template = self._template
+        if template is not None and template.problem:
+            if template.stale:  # a new one imports the new code now
+                self._next_template_at = self.clock.monotonic()
+            else:
+                self.logger.warning("The warm template stopped: %s; runs start in fresh interpreters until "
+                                    "another is ready", template.problem)
+            self._retired_templates.append(template)
+            self._template = template = None
+        if template is None and self.settings.preload and self.clock.monotonic() >= self._next_template_at:
+            self._start_template()
+            template = self._template
+        return template if template is not None and template.ready else None
+
+    def _fork_from_template(self, job: _Job, environment: Mapping[str, str], working_dir: str | None) -> bool:
+        """Start the job as a fork of the warm template, if there is one and the run allows it."""
+        template = self._warm_template()
+        if template is None:
+            return False
+        differ = _startup_variables_differ(template.environment, environment)
+        if differ:
+            self.logger.debug("Flow run %s starts in a fresh interpreter: it sets %s, which Python reads "
+                              "only as it starts", job.run_id, ", ".join(differ))
+            return False
+        try:
+            job.fork(template, environment, working_dir)
+        except _TemplateUnavailableError as exc:
+            self.logger.warning("Flow run %s starts in a fresh interpreter: the warm template cannot fork it (%s)",
+                                job.run_id, exc)
+            return False
+        return True
+
+    def _tend_templates(self) -> None:
+        """Replace a failed or stale template (when due); stop replaced ones once no run they forked is left."""
+        if self.settings.preload and self.phase == RUNNING:
+            self._warm_template()
+        for template in list(self._retired_templates):
+            if not any(job.template is template for job in self.book.jobs):
+                template.stop("replaced")
+                self._retired_templates.remove(template)
+
     def close(self) -> None:
         """Stop the endpoint, deliver what the API takes (the spool keeps the rest), release files."""
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        for template in [*self._retired_templates, *filter(None, [self._template])]:
+            template.stop("the agent stopped")
         if self._outbox is not None:
             self._outbox.close(timeout=2.0 if self._outbox.failing else 10.0)  # the spool keeps the rest
             if self._outbox.pending:
@@ -4570,7 +5035,8 @@ class LocalAgent:
                        started_at=time.time())
             environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
             _, working_dir = _local_run(run)
-            job.start([self._python, self._program, "execute", "flow-run"], environment, working_dir)
+            if not self._fork_from_template(job, environment, working_dir):
+                job.start([self._python, self._program, "execute", "flow-run"], environment, working_dir)
         except (FlowStorageError, OSError) as exc:
             message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
             self.logger.error("Deployment of flow run %s aborted: %s", run.id, message)
@@ -4578,9 +5044,10 @@ class LocalAgent:
             self._set_final(run.id, make_state("Failed", message), version)
             self.book.settled(run.id)
             return
-        # A thread waits on the process, so the loop hears of its end at once, not on its next round.
-        threading.Thread(target=_wait_then_wake, args=(job.process, self._wake), name=f"wait-{job.pid}",
-                         daemon=True).start()
+        if job.process is not None:  # (a template says when what it forked ends)
+            # A thread waits on the process, so the loop hears of its end at once, not on its next round.
+            threading.Thread(target=_wait_then_wake, args=(job.process, self._wake), name=f"wait-{job.pid}",
+                             daemon=True).start()
         if self.settings.timeout:
             job.deadline = self.clock.monotonic() + self.settings.timeout
         self.book.launched(job)
@@ -4609,8 +5076,11 @@ class LocalAgent:
                 if self.settings.limit is not None:
                     self._poll_now = True  # a slot is free
         self._enforce_deadlines()
+        self._tend_templates()
         if self.subreaper:
-            _reap_orphans({job.pid for job in self.book.jobs if job.process is not None})
+            templates = [*self._retired_templates, *filter(None, [self._template])]
+            _reap_orphans({job.pid for job in self.book.jobs if job.process is not None} |
+                          {template.pid for template in templates})
         if read_any:
             self.book.save()
             self._api_writes().release()  # see _Outbox.release: after the ledger, never before
@@ -5206,6 +5676,12 @@ def _cmd_execute_flow_run(args: argparse.Namespace | None) -> int:
     return _execute_flow_run(resolve_settings({}))
 
 
+def _cmd_execute_template(args: argparse.Namespace) -> int:
+    if _serve_template(args.modules, args.requests_fd, args.replies_fd) is None:
+        return 0  # the template, once its agent has gone
+    return _cmd_execute_flow_run(None)  # a forked child: from here on, as a fresh ``execute flow-run``
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _command_settings(args)
     run_id = create_flow_run(
@@ -5365,7 +5841,7 @@ def _flag_type(convert: Callable[[Any, str], Any], what: str) -> Callable[[str],
 _FLAG_VALUE_NAMES: dict[Callable[[Any, str], Any], str] = {
     _as_positive: "whole number", _as_number: "number of seconds", _as_timeout: "number of seconds", _as_api: "URL",
     _as_level: "level", _as_address: "address", _as_path: "path", _split_env_pair: "KEY=VALUE", _as_token: "token",
-    _as_name: "name",
+    _as_name: "name", _as_module: "module",
 }
 #: The settings every command that talks to an API takes (the rest are ``start``'s alone).
 _BACKEND_OPTIONS = ("api", "token", "tenant_id")
@@ -5427,6 +5903,11 @@ def _build_parser() -> argparse.ArgumentParser:
     execute_commands.required = True
     flow_run = execute_commands.add_parser("flow-run", help="run the flow run named by PREFECT__CONTEXT__FLOW_RUN_ID")
     flow_run.set_defaults(func=_cmd_execute_flow_run)
+    template = execute_commands.add_parser("template", help="the warm process of --preload, forking flow runs")
+    template.add_argument("requests_fd", type=int, help="the pipe the agent's requests come on")
+    template.add_argument("replies_fd", type=int, help="the pipe the answers go back on")
+    template.add_argument("modules", nargs="*", metavar="MODULE", help="a module to import before forking")
+    template.set_defaults(func=_cmd_execute_template)
 
     run = command("run", "create a flow run and print its id", _cmd_run)
     run.add_argument("flow", metavar="FLOW", help="flow name")
@@ -5466,7 +5947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if list(sys.argv[1:] if argv is None else argv) == ["execute", "flow-run"]:
         return _guarded(_cmd_execute_flow_run, None)  # every run starts here: skip argparse
     args = _build_parser().parse_args(argv)
-    if args.func is not _cmd_execute_flow_run and not logging.getLogger().handlers:
+    if args.func not in (_cmd_execute_flow_run, _cmd_execute_template) and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_AGENT_FORMAT))
         logging.getLogger().addHandler(handler)

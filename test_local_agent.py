@@ -148,6 +148,32 @@ def leak_secrets():
     raise RuntimeError("token " + token + " secret " + secret)
 
 
+_CALLS = []  # module state: a forked run must start with the template's copy, never a sibling's
+
+
+def identify(path):
+    import json
+    import random
+    import signal
+    _CALLS.append(1)
+    with open("/proc/%d/cmdline" % os.getppid(), "rb") as parent:
+        parent_command = parent.read().split(b"\\0")
+    facts = {"pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0), "calls": len(_CALLS),
+             "random": random.random(), "cwd": os.getcwd(), "stdin": os.readlink("/proc/self/fd/0"),
+             "stdout": os.readlink("/proc/self/fd/1"), "sigint": signal.getsignal(signal.SIGINT).__name__,
+             "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+             "argv": sys.argv[1:], "parent": [part.decode() for part in parent_command],
+             "run_id": os.environ["PREFECT__CONTEXT__FLOW_RUN_ID"]}
+    with open(path, "a") as handle:
+        handle.write(json.dumps(facts) + "\\n")
+    print("identified", flush=True)
+
+
+def show_version():
+    import versioned
+    local_agent.context["logger"].info("version %s", versioned.VALUE)
+
+
 def ignore_sigterm(seconds=60):
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -278,8 +304,11 @@ class World:
     """One backend (embedded or the Prefect double) with helpers to seed and read it."""
 
     def __init__(self, kind: str, tmp_path: Path, env: dict[str, str], flows_dir: Path,
-                 server: Any = None) -> None:
+                 server: Any = None, warm: bool = False) -> None:
         self.kind = kind
+        #: Whether its agents fork runs from a warm template (``--preload local_agent``).
+        self.warm = warm
+        self.start_args = ("--preload", "local_agent") if warm else ()
         self.env = env
         self.cwd = flows_dir
         self.storage_dir = tmp_path / "home" / "flows"
@@ -345,10 +374,15 @@ class World:
         In this process through ``main()``, with idle waits passing at once (see
         run_in_process), or with ``real=True`` as its own process on the real clock.
         """
-        argv = ["start", "--api", self.api, "-l", "test", "--no-hostname-label", *args]
+        argv = ["start", "--api", self.api, "-l", "test", "--no-hostname-label", *self.start_args, *args]
         if real:
-            return run_cli(*argv, env=env or self.env, cwd=self.cwd, timeout=timeout)
-        return run_in_process(argv, env=env or self.env, cwd=self.cwd, timeout=timeout)
+            result = run_cli(*argv, env=env or self.env, cwd=self.cwd, timeout=timeout)
+        else:
+            result = run_in_process(argv, env=env or self.env, cwd=self.cwd, timeout=timeout)
+        if self.warm:  # its runs really were forked from the template
+            assert "Flow runs fork from a warm process" in result.stderr, result.stderr
+            assert "fresh interpreter" not in result.stderr, result.stderr
+        return result
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 30) -> bool:
         deadline = time.monotonic() + timeout
@@ -368,12 +402,19 @@ def server() -> Iterator[Any]:
 @pytest.fixture(params=["sqlite", "graphql"])
 def world(request: pytest.FixtureRequest, tmp_path: Path, clean_env: dict[str, str],
           flows_dir: Path) -> Iterator[World]:
-    """Each agent behaviour test runs against the embedded backend and the Prefect double."""
-    if request.param == "sqlite":
-        yield World("sqlite", tmp_path, clean_env, flows_dir)
+    """Each agent behaviour test runs against the embedded backend and the Prefect double
+    (and, where a test asks with WARM_TOO, with runs forked from a warm template)."""
+    kind, _, warm = request.param.partition("+")
+    if kind == "sqlite":
+        yield World("sqlite", tmp_path, clean_env, flows_dir, warm=bool(warm))
         return
     with PrefectServerDouble() as double:
-        yield World("graphql", tmp_path, clean_env, flows_dir, double)
+        yield World("graphql", tmp_path, clean_env, flows_dir, double, warm=bool(warm))
+
+
+#: For the tests of what a flow-run process is and how it ends: also with ``--preload``, whose
+#: runs are forks of a warm template, which must keep every one of these guarantees.
+WARM_TOO = pytest.mark.parametrize("world", ["sqlite", "graphql", "sqlite+warm", "graphql+warm"], indirect=True)
 
 
 # --- Settings ------------------------------------------------------------------------------
@@ -693,6 +734,7 @@ def test_a_script_without_its_main_guard_is_told_to_add_it_and_runs_nothing_twic
 # --- Agent behaviour, on both backends ----------------------------------------------------
 
 
+@WARM_TOO
 def test_flow_run_goes_from_scheduled_to_success_with_its_logs(world: World, test_flows: Any) -> None:
     run_id = world.run(world.flow(test_flows.hello), parameters={"name": "tests"})
     result = world.agent("--once")
@@ -770,6 +812,7 @@ def test_missing_flow_file_leaves_the_run_for_another_host(world: World, test_fl
     assert result.stderr.count(f"Leaving flow run {run_id} to another agent") == 1
 
 
+@WARM_TOO
 def test_parameters_and_context_reach_the_flow(world: World, test_flows: Any) -> None:
     flow_id = world.flow(test_flows.show_context)
     run_id = world.run(flow_id, parameters={})
@@ -790,6 +833,7 @@ def test_run_scheduled_ahead_starts_no_earlier_than_due(world: World, test_flows
     assert started - due.timestamp() < 5.0  # prefetched: on time, give or take a loaded machine
 
 
+@WARM_TOO
 def test_env_flags_reach_the_flow_and_fixed_variables_win(world: World, test_flows: Any) -> None:
     run_id = world.run(world.flow(test_flows.show_env))
     world.agent("--once", "-e", "FLOW_ENV=a=b", "-e", "PREFECT__CONTEXT__FLOW_RUN_ID=hijack")
@@ -797,6 +841,7 @@ def test_env_flags_reach_the_flow_and_fixed_variables_win(world: World, test_flo
     assert world.state(run_id) == "Success"  # the fixed run id won over --env
 
 
+@WARM_TOO
 def test_import_path_reaches_the_flow(world: World, test_flows: Any, tmp_path: Path) -> None:
     extra = tmp_path / "extra"
     extra.mkdir()
@@ -833,6 +878,7 @@ def test_child_crashes_become_failed_with_the_reason(world: World, test_flows: A
     assert "killed by SIGKILL (the out-of-memory killer may have ended it)" in world.message(runs["kill"])
 
 
+@WARM_TOO
 def test_timeout_stops_the_process_group_and_fails_the_run(world: World, test_flows: Any) -> None:
     run_id = world.run(world.flow(test_flows.sleep), parameters={"seconds": 30})
     started = time.monotonic()
@@ -843,6 +889,7 @@ def test_timeout_stops_the_process_group_and_fails_the_run(world: World, test_fl
         "Flow run timed out after 1 s; its process was stopped by the agent with SIGTERM (it timed out).")
 
 
+@WARM_TOO
 def test_a_flow_that_ignores_sigterm_is_killed_and_said_to_be_stopped_not_out_of_memory(
     world: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1400,6 +1447,7 @@ def test_polls_prefetch_ten_seconds_ahead(api_world: World) -> None:
 SECRET = "hunter2-hunter2-hunter2"
 
 
+@WARM_TOO
 def test_secrets_never_reach_the_api_the_database_or_the_output(world: World, test_flows: Any) -> None:
     run_id = world.run(world.flow(test_flows.leak_secrets))
     result = world.agent("--once", "-v", "-f", "-t", TOKEN, "-e", f"MY_SECRET={SECRET}")
@@ -1695,7 +1743,8 @@ def test_two_agents_on_server_run_each_run_once(api_world: World, test_flows: An
 
 def _agent_process(world: World, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(AGENT), "start", "--api", world.api, "-l", "test", "--no-hostname-label", *args],
+        [sys.executable, str(AGENT), "start", "--api", world.api, "-l", "test", "--no-hostname-label",
+         *world.start_args, *args],
         env=env or world.env, cwd=world.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -1739,6 +1788,7 @@ def test_a_claim_whose_answer_was_lost_still_counts(api_world: World, test_flows
     assert api_world.history(run_id)[-3:] == ["Submitted", "Running", "Success"]
 
 
+@WARM_TOO
 def test_agent_killed_mid_run_adopts_the_run_on_restart(world: World, test_flows: Any) -> None:
     run_id = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 2.0})
     agent = _agent_process(world)
@@ -1985,6 +2035,7 @@ def test_an_outage_in_a_burst_loses_nothing(api_world: World, test_flows: Any, m
     assert resumed < 5  # about a second (see the step test); generous here, where other tests run too
 
 
+@WARM_TOO
 def test_each_way_a_flow_run_process_can_die_ends_failed_with_the_reason(
     world: World, test_flows: Any, flows_dir: Path
 ) -> None:
@@ -2022,6 +2073,7 @@ def test_each_way_a_flow_run_process_can_die_ends_failed_with_the_reason(
     assert "about to exit hard" in world.message(runs["os._exit"])  # the last output lines
 
 
+@WARM_TOO
 def test_limit_never_runs_more_than_the_free_slots(world: World, test_flows: Any, tmp_path: Path) -> None:
     marker = tmp_path / "intervals.txt"
     flow_id = world.flow(test_flows.interval)
@@ -2038,7 +2090,8 @@ def test_limit_never_runs_more_than_the_free_slots(world: World, test_flows: Any
 def stepped_agent(world: World, monkeypatch: pytest.MonkeyPatch, **options: Any) -> la.LocalAgent:
     """An agent in this process on a JumpingClock, opened and ready for its test to call step()."""
     monkeypatch.chdir(world.cwd)  # flow-run processes import the test flows from here
-    flags = {"api": world.api, "labels": ["test"], "hostname_label": False, **options}
+    flags = {"api": world.api, "labels": ["test"], "hostname_label": False,
+             **({"preload": ["local_agent"]} if world.warm else {}), **options}
     agent = la.LocalAgent(la.resolve_settings(flags), clock=JumpingClock())
     agent.open()
     return agent
@@ -2057,6 +2110,7 @@ def drive(agent: la.LocalAgent, until: Callable[[], bool], budget: float = 30, *
         agent._wait(min(agent.step(), 0.05))
 
 
+@WARM_TOO
 def test_cancelling_a_running_run_stops_its_process_group(world: World, test_flows: Any, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     pids = tmp_path / "pids.txt"
@@ -2077,6 +2131,7 @@ def test_cancelling_a_running_run_stops_its_process_group(world: World, test_flo
     assert any("Cancellation requested" in line for line in world.logs(run_id))
 
 
+@WARM_TOO
 def test_sigterm_drains_then_hands_unfinished_runs_back(world: World, test_flows: Any, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     pids = tmp_path / "pids.txt"
@@ -2158,6 +2213,7 @@ sys.exit(la.main(sys.argv[1:]))
 '''
 
 
+@WARM_TOO
 def test_output_reaches_the_log_once_when_the_agent_dies_recording_how_far_it_read(
     world: World, test_flows: Any, tmp_path: Path
 ) -> None:
@@ -2326,6 +2382,115 @@ def test_a_flow_file_outside_the_operators_directories_is_never_loaded_nor_claim
         assert world.state(new_run) == "Success"
 
 
+# --- The warm template (--preload) ------------------------------------------------------
+#
+# Runs forked from a warm template keep every guarantee of a fresh interpreter: the tests
+# marked WARM_TOO above run both ways. These test what only the template can get wrong.
+
+
+@pytest.mark.parametrize("world", ["sqlite", "sqlite+warm"], indirect=True)
+def test_a_forked_run_is_a_process_of_its_own_as_a_fresh_one_is(world: World, test_flows: Any,
+                                                                 tmp_path: Path) -> None:
+    facts_file = tmp_path / "facts.jsonl"
+    flow_id = world.flow(test_flows.identify)
+    run_ids = [world.run(flow_id, parameters={"path": str(facts_file)}) for _ in range(3)]
+    preload = ("--preload", "test_flows") if world.warm else ()
+    result = world.agent("--once", *preload)
+    assert result.returncode == 0, result.stderr
+    facts = [json.loads(line) for line in facts_file.read_text().splitlines()]
+    assert sorted(fact["run_id"] for fact in facts) == sorted(run_ids)  # each ran, once
+    for fact in facts:
+        assert fact["sid"] == fact["pgid"] == fact["pid"]  # its own session and process group
+        assert fact["calls"] == 1  # module state is the template's copy, never a sibling's
+        assert fact["stdin"] == "/dev/null" and fact["stdout"].endswith(f"{fact['run_id']}.out")
+        assert fact["sigint"] == "default_int_handler" and fact["sigterm_default"]
+        assert fact["argv"] == ["execute", "flow-run"]
+        assert fact["cwd"] == str(world.cwd)
+        assert "identified" in world.logs(fact["run_id"])  # its output reached its own log
+        assert ("template" in fact["parent"]) is world.warm, fact["parent"]  # forked by the template, or not
+    assert len({fact["pid"] for fact in facts}) == 3 and len({fact["random"] for fact in facts}) == 3
+
+
+def test_a_preload_that_cannot_work_stops_the_start_with_one_line(embedded: World, tmp_path: Path) -> None:
+    (embedded.cwd / "starts_a_thread.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    cases = {
+        "no_such_module": "the warm template of --preload no_such_module failed: --preload no_such_module cannot "
+                          "be imported: ModuleNotFoundError: No module named 'no_such_module'",
+        "starts_a_thread": "started threads (Thread-1 (sleep)), which a forked process would not have",
+    }
+    for module, message in cases.items():
+        result = embedded.agent("--once", "--preload", module, real=True)
+        assert result.returncode == 1, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    bad = embedded.agent("--once", "--preload", "not a module", real=True)
+    assert bad.returncode == 2 and "must name a Python module" in bad.stderr
+
+
+def _template_of(agent: la.LocalAgent) -> Any:
+    template = agent._template
+    assert template is not None and template.ready, template and template.problem
+    return template
+
+
+@pytest.mark.parametrize("world", ["sqlite+warm"], indirect=True)
+def test_code_changed_since_the_template_imported_it_is_run_as_changed(
+    world: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh interpreter runs the code on disk; so does a warm one: a changed module replaces the template."""
+    (world.cwd / "versioned.py").write_text("VALUE = 1\n")
+    flow_id = world.flow(test_flows.show_version)
+    agent = stepped_agent(world, monkeypatch, preload=["local_agent", "versioned"])
+    try:
+        first_template = _template_of(agent).pid
+        runs = [world.run(flow_id)]
+        drive(agent, lambda: world.state(runs[0]) == "Success")
+        (world.cwd / "versioned.py").write_text("VALUE = 'two'\n")
+        runs.append(world.run(flow_id))
+        drive(agent, lambda: world.state(runs[1]) == "Success")
+        drive(agent, lambda: agent._template is not None and agent._template.ready)
+        runs.append(world.run(flow_id))
+        drive(agent, lambda: world.state(runs[2]) == "Success" and not agent.book.jobs)  # its output read
+        assert _template_of(agent).pid != first_template
+    finally:
+        agent.close()
+    assert [line for line in world.logs(runs[0]) if line.startswith("version")] == ["version 1"]
+    assert [line for line in world.logs(runs[1]) if line.startswith("version")] == ["version two"]
+    assert [line for line in world.logs(runs[2]) if line.startswith("version")] == ["version two"]
+    assert "versioned.py changed since the template imported it" in caplog.text
+
+
+@pytest.mark.parametrize("world", ["sqlite+warm", "graphql+warm"], indirect=True)
+def test_a_template_that_dies_or_hangs_loses_no_run_and_runs_none_twice(
+    world: World, test_flows: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "starts.txt"
+    slow = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 1.5})
+    record = world.flow(test_flows.record_start)
+    monkeypatch.setattr(la, "TEMPLATE_FORK_SECONDS", 1.0)
+    agent = stepped_agent(world, monkeypatch)
+    try:
+        dying = _template_of(agent)
+        drive(agent, lambda: "logged before the wait" in world.logs(slow))
+        os.kill(dying.pid, signal.SIGKILL)  # the run it forked goes on, and is settled from its result file
+        drive(agent, lambda: world.state(slow) == "Success")
+        assert isinstance(agent.clock, JumpingClock)
+        agent.clock.offset += la.TEMPLATE_RETRY_SECONDS
+        after_death = world.run(record, parameters={"path": str(marker)})
+        drive(agent, lambda: world.state(after_death) == "Success")  # fresh, while a new template starts
+        drive(agent, lambda: agent._template is not None and agent._template.ready)
+        hanging = _template_of(agent)
+        os.kill(hanging.pid, signal.SIGSTOP)  # it will never answer
+        after_hang = world.run(record, parameters={"path": str(marker)})
+        drive(agent, lambda: world.state(after_hang) == "Success")
+        assert hanging.process is not None and hanging.process.poll() == -signal.SIGKILL
+    finally:
+        agent.close()
+    assert "logged before the wait" in world.logs(slow) and "after the wait" in world.logs(slow)
+    assert len(marker.read_text().splitlines()) == 2  # each ran once
+
+
 # --- Real Prefect 1.x flows -------------------------------------------------------------
 #
 # These need prefect 1.4.1, which the tests install once into a virtualenv they cache (the
@@ -2414,6 +2579,8 @@ def fail_if(name):
 def where():
     import os
     prefect.context.logger.info("FROM_RUN_CONFIG=%s cwd=%s", os.environ.get("FROM_RUN_CONFIG"), os.getcwd())
+    # Prefect's configuration reads PREFECT__* variables: from the run's own environment, also when forked.
+    prefect.context.logger.info("prefect.config says %s", prefect.context.config.get("from_run_config"))
 
 
 with Flow("prefect-hello", run_config=LocalRun(labels=["test"])) as flow:
@@ -2428,7 +2595,8 @@ if __name__ == "__main__":
         from prefect.run_configs import DockerRun
         flow = Flow("prefect-docker" if sys.argv[1] == "docker" else "prefect-where", tasks=[where])
         flow.run_config = (DockerRun(labels=["test"]) if sys.argv[1] == "docker" else
-                           LocalRun(env={"FROM_RUN_CONFIG": "yes"}, working_dir=sys.argv[1], labels=["test"]))
+                           LocalRun(env={"FROM_RUN_CONFIG": "yes", "PREFECT__FROM_RUN_CONFIG": "yes"},
+                                    working_dir=sys.argv[1], labels=["test"]))
     print(flow.register(project_name="P", add_default_labels=False))
 """
 
@@ -2454,16 +2622,19 @@ def prefect_run_facts(server: Any, run_id: str) -> tuple[list[str], dict[str, st
     return states, task_states, server.logs(run_id)
 
 
+@pytest.mark.parametrize("preload", [(), ("--preload", "prefect")], ids=["fresh", "warm"])
 @pytest.mark.parametrize("name", ["you", "boom"])
 def test_a_real_prefect_flow_runs_on_prefects_engine_with_its_task_runs_and_logs_once(
-    api_world: World, prefect1_python: str, tmp_path: Path, name: str
+    api_world: World, prefect1_python: str, tmp_path: Path, name: str, preload: tuple[str, ...]
 ) -> None:
     server = api_world.server
     flow_id, env = register_prefect_flow(api_world, prefect1_python, tmp_path)
     run_id = str(server.add_flow_run(flow_id, parameters={"name": name}))
-    result = run_in_process(["start", "--once", "-l", "test", "--no-hostname-label", "--python", prefect1_python],
-                            env=env, cwd=tmp_path)
+    result = run_in_process(["start", "--once", "-l", "test", "--no-hostname-label", "--python", prefect1_python,
+                             *preload], env=env, cwd=tmp_path)
     assert "Flow runs use" in result.stderr and "with prefect cloudpickle" in result.stderr
+    assert ("Flow runs fork from a warm process" in result.stderr) is bool(preload)
+    assert "fresh interpreter" not in result.stderr
     states, task_states, logs = prefect_run_facts(server, run_id)
     assert server.server_errors == []
     messages = [log["message"] for log in logs]
@@ -2498,11 +2669,15 @@ def test_prefect_runs_go_to_an_agent_that_can_run_them_with_their_run_config(
     assert f"Leaving flow run {run_id} to another agent: its flow was stored by Prefect, and the flow-run " \
            "Python has no prefect" in without.stderr
     assert f"Leaving flow run {docker_run} to another agent: its flow has a DockerRun run config" in without.stderr
-    # One with prefect runs the LocalRun one, with its variables and working directory.
-    able = run_in_process([*argv, "--python", prefect1_python, "-n", "able"], env=env, cwd=tmp_path)
+    # One with prefect runs the LocalRun one, with its variables and working directory, also
+    # forked from a warm template that imported prefect with the agent's environment.
+    able = run_in_process([*argv, "--python", prefect1_python, "-n", "able", "--preload", "prefect"], env=env,
+                          cwd=tmp_path)
     assert able.returncode == 0, able.stderr
+    assert "Flow runs fork from a warm process" in able.stderr and "fresh interpreter" not in able.stderr
     assert server.run(run_id)["state"] == "Success" and server.run(docker_run)["state"] == "Scheduled"
-    assert f"FROM_RUN_CONFIG=yes cwd={workdir}" in [log["message"] for log in server.logs(run_id)]
+    messages = [log["message"] for log in server.logs(run_id)]
+    assert f"FROM_RUN_CONFIG=yes cwd={workdir}" in messages and "prefect.config says yes" in messages
 
 
 def test_a_real_prefect_flow_stored_as_a_script_runs_from_where_the_operator_keeps_code(
@@ -2603,8 +2778,9 @@ def test_a_real_prefect_flow_runs_on_the_embedded_database_on_prefects_local_run
     flow_id = embedded.db.register_flow(embedded.project, serialized)
     failing = embedded.run(flow_id, parameters={"name": "boom"})
     run_id = embedded.run(flow_id, parameters={"name": "embedded"})
-    result = embedded.agent("--once", "--python", prefect1_python)
+    result = embedded.agent("--once", "--python", prefect1_python, "--preload", "prefect")
     assert result.returncode == 1, result.stderr  # one of the two failed
+    assert "Flow runs fork from a warm process" in result.stderr and "fresh interpreter" not in result.stderr
     assert embedded.history(run_id) == ["Pending", "Scheduled", "Submitted", "Running", "Success"]
     assert embedded.state(failing) == "Failed" and "Some reference tasks failed" in embedded.message(failing)
     logs = embedded.logs(run_id)
