@@ -3511,10 +3511,9 @@ def _loaded_module_files() -> dict[str, tuple[int, int]]:
 
 
 def _why_not_fork(loaded: Mapping[str, tuple[int, int]]) -> str:
-    """Why the template must not fork a run ("" when it may): a thread a fork would lose, or
-    code changed on disk since it was imported (a fresh interpreter would run the new code)."""
-    if threading.active_count() > 1:
-        return f"the template has threads ({_thread_names()}), which a forked process would not have"
+    """Why the template must not fork a run ("" when it may): code changed on disk since it was
+    imported, which a fresh interpreter would run. (No thread can appear after the check at start:
+    nothing runs in the template but its loop.)"""
     for path, (mtime, size) in loaded.items():
         try:
             stat = os.stat(path)
@@ -3575,10 +3574,7 @@ def _become_flow_run(request: Mapping[str, Any], template_fds: Sequence[int]) ->
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in (signal.SIGTERM, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
-    sys.argv[1:] = ["execute", "flow-run"]
+    sys.argv[1:] = ["execute", "flow-run"]  # signal handlers are a fresh interpreter's: the template sets none
     _reload_prefects_configuration()
 
 
@@ -3732,8 +3728,10 @@ def _process_start_ticks(pid: int) -> str:
         return ""
 
 
-def _find_flow_run_process(run_id: str, result_file: str) -> int:
-    """The pid of a live flow-run process for this run that this agent started, or 0 (Linux)."""
+def _find_flow_run_process(result_file: str, out_file: str) -> int:
+    """The pid of a live flow-run process for this run that this agent started, or 0 (Linux): its
+    environment names the run's result file, or (forked by a template, which keeps its own
+    environment in /proc) its stdout is the run's output file."""
     marker = f"LOCAL_AGENT_RESULT_FILE={result_file}".encode()
     try:
         pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
@@ -3741,11 +3739,14 @@ def _find_flow_run_process(run_id: str, result_file: str) -> int:
         return 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/environ", "rb") as environ:
-                if marker in environ.read().split(b"\0") and _process_alive(pid, ""):
-                    return pid
+            if os.readlink(f"/proc/{pid}/fd/1") != out_file:
+                with open(f"/proc/{pid}/environ", "rb") as environ:
+                    if marker not in environ.read().split(b"\0"):
+                        continue
         except OSError:
             continue
+        if _process_alive(pid, ""):
+            return pid
     return 0
 
 
@@ -4799,7 +4800,7 @@ class LocalAgent:
         """A claim the last start wrote without recording a process: find the process, if any."""
         job = _Job(run_id, flow_name="", version=None, pid=0, runs_dir=self.book.runs_dir, started_at=time.time(),
                    adopted=True)
-        job.pid = _find_flow_run_process(run_id, str(job.result_path))
+        job.pid = _find_flow_run_process(str(job.result_path), str(job.out_path))
         if job.pid:
             job.start_ticks = _process_start_ticks(job.pid)
         elif not job.result_path.exists():

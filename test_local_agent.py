@@ -160,13 +160,14 @@ def identify(path):
         parent_command = parent.read().split(b"\\0")
     facts = {"pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0), "calls": len(_CALLS),
              "random": random.random(), "cwd": os.getcwd(), "stdin": os.readlink("/proc/self/fd/0"),
-             "stdout": os.readlink("/proc/self/fd/1"), "sigint": signal.getsignal(signal.SIGINT).__name__,
+             "stdout": os.readlink("/proc/self/fd/1"), "stderr": os.readlink("/proc/self/fd/2"), "sigint": signal.getsignal(signal.SIGINT).__name__,
              "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
              "argv": sys.argv[1:], "parent": [part.decode() for part in parent_command],
              "run_id": os.environ["PREFECT__CONTEXT__FLOW_RUN_ID"]}
     with open(path, "a") as handle:
         handle.write(json.dumps(facts) + "\\n")
     print("identified", flush=True)
+    print("identified on stderr", file=sys.stderr, flush=True)
 
 
 def show_version():
@@ -2213,6 +2214,37 @@ sys.exit(la.main(sys.argv[1:]))
 '''
 
 
+class _Crash(Exception):
+    """The agent dies here (as kill -9 would: nothing after this point is saved)."""
+
+
+@WARM_TOO
+def test_a_process_started_just_before_the_agent_died_is_adopted_not_run_again(
+    world: World, test_flows: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between starting a process and recording it in its ledger: the next start finds the process."""
+    marker = tmp_path / "starts.txt"
+    run_id = world.run(world.flow(test_flows.interval), parameters={"path": str(marker), "seconds": 1.0})
+    agent = stepped_agent(world, monkeypatch)
+
+    def die(job: Any) -> None:
+        raise _Crash
+
+    monkeypatch.setattr(agent.book, "launched", die)
+    try:
+        with pytest.raises(_Crash):
+            drive(agent, lambda: False)
+    finally:
+        agent.close()
+    assert not marker.exists()  # still running
+    restarted = world.agent("--once")
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"Adopting flow run {run_id}, started by this agent's last start just before it stopped" in \
+        restarted.stderr
+    assert world.state(run_id) == "Success"
+    assert len(marker.read_text().splitlines()) == 1  # it ran once
+
+
 @WARM_TOO
 def test_output_reaches_the_log_once_when_the_agent_dies_recording_how_far_it_read(
     world: World, test_flows: Any, tmp_path: Path
@@ -2402,11 +2434,12 @@ def test_a_forked_run_is_a_process_of_its_own_as_a_fresh_one_is(world: World, te
     for fact in facts:
         assert fact["sid"] == fact["pgid"] == fact["pid"]  # its own session and process group
         assert fact["calls"] == 1  # module state is the template's copy, never a sibling's
-        assert fact["stdin"] == "/dev/null" and fact["stdout"].endswith(f"{fact['run_id']}.out")
+        assert fact["stdin"] == "/dev/null" and fact["stdout"] == fact["stderr"]
+        assert fact["stdout"].endswith(f"{fact['run_id']}.out")
         assert fact["sigint"] == "default_int_handler" and fact["sigterm_default"]
         assert fact["argv"] == ["execute", "flow-run"]
         assert fact["cwd"] == str(world.cwd)
-        assert "identified" in world.logs(fact["run_id"])  # its output reached its own log
+        assert {"identified", "identified on stderr"} <= set(world.logs(fact["run_id"]))  # its output, in its log
         assert ("template" in fact["parent"]) is world.warm, fact["parent"]  # forked by the template, or not
     assert len({fact["pid"] for fact in facts}) == 3 and len({fact["random"] for fact in facts}) == 3
 
@@ -2485,10 +2518,22 @@ def test_a_template_that_dies_or_hangs_loses_no_run_and_runs_none_twice(
         after_hang = world.run(record, parameters={"path": str(marker)})
         drive(agent, lambda: world.state(after_hang) == "Success")
         assert hanging.process is not None and hanging.process.poll() == -signal.SIGKILL
+        # A template that forks a run but whose answer never arrives: the agent gives up on it and
+        # starts the run afresh; the forked child, never told to go, runs nothing.
+        agent.clock.offset += la.TEMPLATE_RETRY_SECONDS
+        drive(agent, lambda: agent._template is not None and agent._template.ready)
+        mute = _template_of(agent)
+        take = mute._take
+        monkeypatch.setattr(mute, "_take", lambda message: None if "pid" in message else take(message))
+        # (it takes longer than the agent waits: a child that wrongly went ahead would still be running)
+        after_mute = world.run(world.flow(test_flows.interval), parameters={"path": str(marker), "seconds": 1.5})
+        drive(agent, lambda: world.state(after_mute) == "Success" and not agent.book.jobs)
+        assert mute.process is not None and mute.process.poll() == -signal.SIGKILL
     finally:
         agent.close()
     assert "logged before the wait" in world.logs(slow) and "after the wait" in world.logs(slow)
-    assert len(marker.read_text().splitlines()) == 2  # each ran once
+    time.sleep(1.0)  # time enough for a forked child that wrongly went ahead to write its line
+    assert len(marker.read_text().splitlines()) == 3, marker.read_text()  # each ran once
 
 
 # --- Real Prefect 1.x flows -------------------------------------------------------------
