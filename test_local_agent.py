@@ -160,7 +160,8 @@ def identify(path):
         parent_command = parent.read().split(b"\\0")
     facts = {"pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0), "calls": len(_CALLS),
              "random": random.random(), "cwd": os.getcwd(), "stdin": os.readlink("/proc/self/fd/0"),
-             "stdout": os.readlink("/proc/self/fd/1"), "stderr": os.readlink("/proc/self/fd/2"), "sigint": signal.getsignal(signal.SIGINT).__name__,
+             "stdout": os.readlink("/proc/self/fd/1"), "stderr": os.readlink("/proc/self/fd/2"),
+             "sigint": signal.getsignal(signal.SIGINT).__name__,
              "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
              "argv": sys.argv[1:], "parent": [part.decode() for part in parent_command],
              "run_id": os.environ["PREFECT__CONTEXT__FLOW_RUN_ID"]}
@@ -2214,7 +2215,7 @@ sys.exit(la.main(sys.argv[1:]))
 '''
 
 
-class _Crash(Exception):
+class _CrashError(Exception):
     """The agent dies here (as kill -9 would: nothing after this point is saved)."""
 
 
@@ -2228,11 +2229,11 @@ def test_a_process_started_just_before_the_agent_died_is_adopted_not_run_again(
     agent = stepped_agent(world, monkeypatch)
 
     def die(job: Any) -> None:
-        raise _Crash
+        raise _CrashError
 
     monkeypatch.setattr(agent.book, "launched", die)
     try:
-        with pytest.raises(_Crash):
+        with pytest.raises(_CrashError):
             drive(agent, lambda: False)
     finally:
         agent.close()
