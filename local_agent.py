@@ -4735,6 +4735,10 @@ class LocalAgent:
             self.logger.debug("Flow run %s starts in a fresh interpreter: it sets %s, which Python reads "
                               "only as it starts", job.run_id, ", ".join(differ))
             return False
+        # Prefect's engine beats a run's heartbeat from a fresh `python -m prefect heartbeat`
+        # process by default: as heavy as the run itself. A forked run beats it from a thread
+        # of its own, unless its settings say otherwise.
+        environment = {"PREFECT__CLOUD__HEARTBEAT_MODE": "thread", **environment}
         try:
             job.fork(template, environment, working_dir)
         except _TemplateUnavailableError as exc:

@@ -2611,6 +2611,7 @@ from prefect.run_configs import LocalRun
 @task
 def say(name):
     prefect.context.logger.info("hi %s", name)
+    prefect.context.logger.info("heartbeat from a %s", prefect.context.config.cloud.heartbeat_mode)
     print("printed", name)
     return name
 
@@ -2695,6 +2696,10 @@ def test_a_real_prefect_flow_runs_on_prefects_engine_with_its_task_runs_and_logs
         assert messages.count(line) == 1, (line, messages)  # shipped once: by Prefect, or (a print) by the agent
     task_logs = [log for log in logs if log["message"] == f"hi {name}"]
     assert task_logs[0]["task_run_id"] in {row["id"] for row in server.task_runs(run_id)}
+    if preload:  # a forked run beats its heartbeat from a thread, at once, not from a second Prefect process
+        assert any(run_id in request.query + json.dumps(request.variables) for request in
+                   server.root_calls("update_flow_run_heartbeat")), "no heartbeat"
+    assert f"heartbeat from a {'thread' if preload else 'process'}" in messages
 
 
 def test_prefect_runs_go_to_an_agent_that_can_run_them_with_their_run_config(

@@ -699,9 +699,13 @@ class Bench:
         self.results["mode"] = "quick" if self.quick else "default"
         self.results["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
-            with Phase(self, "idle, bare limit, start-up, dispatch, overhead"):
-                self.first_phase()
-            self.burst_phase()
+            if "agent" in self.args.phases:
+                with Phase(self, "idle, bare limit, start-up, dispatch, overhead"):
+                    self.first_phase()
+            if "burst" in self.args.phases:
+                self.burst_phase()
+            if "prefect" in self.args.phases:
+                self.prefect_phase()
         finally:
             for agent in list(RUNNING):
                 agent.stop(5)
@@ -890,6 +894,17 @@ class Bench:
         overhead["api"]["note"] = "agent: api-mpi1 (--max-poll-interval 1); requests counted in the overhead windows"
         self.results["overhead"] = overhead
 
+    # Phase 3: real Prefect flows next to Prefect's own agent (see PrefectComparison).
+
+    def prefect_phase(self) -> None:
+        prefect_python = find_prefect_python(self.args.prefect_python)
+        if not prefect_python:
+            self.notes.append("the comparison with Prefect 1.4.1's own agent was not measured: no prefect 1.4.1 "
+                              "(run the tests once, which install it, or pass --prefect-python PATH)")
+            return
+        with Phase(self, "prefect comparison"):
+            self.results["prefect"] = PrefectComparison(self, prefect_python).run()
+
     # Phase 2: bursts and growth, one agent at a time, nothing else running.
 
     def burst_phase(self) -> None:
@@ -900,6 +915,15 @@ class Bench:
             time.sleep(1.0)
             with Phase(self, f"burst embedded --limit {limit}"):
                 bursts[f"embedded_l{limit}"] = self.burst(scenario, agent, self.burst_count, limit)
+            agent.stop()
+        # The same bursts with runs forked from a warm template that imported the flow's module.
+        for limit in (1, 2, 4):
+            scenario = self.scenario(f"burst-embedded-warm-l{limit}", "sqlite")
+            agent = Agent(scenario, f"burst-warm{limit}", ["--limit", str(limit), "--preload", "local_agent",
+                                                             "--preload", FLOWS_MODULE])
+            time.sleep(1.5)
+            with Phase(self, f"burst embedded --preload --limit {limit}"):
+                bursts[f"embedded_warm_l{limit}"] = self.burst(scenario, agent, self.burst_count, limit)
             agent.stop()
         # --limit 2: the growth agent: 10 runs, then the burst, then the rest up to growth_total.
         scenario = self.scenario("growth-embedded-l2", "sqlite")
@@ -1049,6 +1073,230 @@ def count_requests(requests: list[Any], runs: int) -> dict[str, Any]:
             "agent_by_root": agent, "flow_run_by_root": child}
 
 
+# --- Phase 3: real Prefect flows, next to Prefect 1.4.1's own agent ------------------------
+#
+# Each contender gets its own Prefect Server double and runs alone (nothing else on the
+# machine's two cores): Prefect's `prefect agent local start`, ours starting a fresh
+# interpreter per run, and ours forking runs from a warm template (--preload). Prefect's agent
+# always runs a real Prefect no-op flow; ours run that same flow, and (the "own" contenders)
+# this file's no-op flow. Bursts of 10 runs, each 1 s after the previous burst ended:
+# scheduled, due together 3 s ahead (due -> all Success; every agent is then in the same
+# corner of Prefect's poll backoff, 0.25, 0.5, 1, 2 s, so the runs are prefetched), and
+# ad-hoc, due at once with the agent then poked through its /api/poke, which both agents serve
+# (created -> all Success; the poll schedule does not decide it). Memory: the summed PSS
+# (pages shared by fork counted once) of the agent and all its descendants, at its peak while
+# 10 runs of a flow that sleeps 4 s run together.
+
+PREFECT_FLOWS = '''
+import time
+import prefect
+from prefect import Flow, Parameter, task
+from prefect.run_configs import LocalRun
+
+
+@task
+def nothing():
+    pass
+
+
+@task
+def hold(seconds):
+    time.sleep(seconds)
+
+
+with Flow("prefect-noop", run_config=LocalRun(labels=["bench"])) as noop_flow:
+    nothing()
+
+with Flow("prefect-hold", run_config=LocalRun(labels=["bench"])) as hold_flow:
+    hold(Parameter("seconds", default=4.0))
+
+if __name__ == "__main__":
+    prefect.Client().create_project("bench")
+    for flow in (noop_flow, hold_flow):
+        print("FLOW_ID=" + flow.register(project_name="bench", add_default_labels=False))
+'''
+
+
+def find_prefect_python(given: str) -> str:
+    """Prefect 1.4.1's Python: the one given, else the virtualenv the tests install and cache."""
+    if given:
+        return given
+    cache = Path(os.environ.get("LOCAL_AGENT_TEST_CACHE") or Path.home() / ".cache" / "local_agent-tests")
+    found = sorted(cache.glob("prefect-1.4.1-*/bin/python"))
+    return str(found[-1]) if found else ""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def tree_pss(root: int) -> int:
+    """Summed PSS (bytes) of ``root`` and all its descendants."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    members = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in members and pid not in members:
+                members.add(pid)
+                grew = True
+    total = 0
+    for pid in members:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                total += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+class Contender:
+    """One agent on its own double, with the flows it runs registered there."""
+
+    def __init__(self, bench: Any, name: str, prefect_python: str, kind: str, extra: list[str]) -> None:
+        self.name, self.kind = name, kind
+        self.dir = bench.root / f"prefect-{name}"
+        self.home = self.dir / "home"
+        self.home.mkdir(parents=True)
+        self.double = PrefectServerDouble().start()
+        url = self.double.url
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
+        self.env = {**base, "PREFECT__HOME_DIR": str(self.home), "PREFECT__USER_CONFIG_PATH": str(self.dir / "none"),
+                    "PREFECT__BACKEND": "server", "PREFECT__SERVER__ENDPOINT": url, "PREFECT__CLOUD__API": url,
+                    "BENCH_STARTS_FILE": str(self.dir / "starts.txt")}
+        if kind != "own":  # Prefect's no-op flow (and one that holds), registered by Prefect's client
+            script = self.dir / "prefect_bench_flows.py"
+            script.write_text(PREFECT_FLOWS)
+            done = subprocess.run([prefect_python, str(script)], env=self.env, cwd=self.dir, capture_output=True,
+                                  text=True, timeout=300)
+            if done.returncode != 0:
+                raise SystemExit(f"registering the Prefect flows failed: {done.stderr[-2000:]}")
+            self.noop, self.hold = [line[8:] for line in done.stdout.splitlines() if line.startswith("FLOW_ID=")]
+        else:  # this file's no-op flow, stored as the other benchmarks store it
+            import bench_flows
+
+            flow = la.Flow("noop", bench_flows.noop)
+            path = la.store_flow(flow, self.home / "flows")
+            self.noop = self.double.add_flow("noop", la.local_storage("noop", path), labels=[LABEL])
+        # Both agents serve /api/poke, which ends their wait for the next poll: an ad-hoc burst
+        # is created, then the agent poked, so the poll schedule does not decide the result.
+        self.address = f"http://127.0.0.1:{free_port()}"
+        if kind == "prefect":
+            command = [str(Path(prefect_python).parent / "prefect"), "agent", "local", "start", "-l", LABEL,
+                       "--no-hostname-label", "--agent-address", self.address]
+        else:
+            command = [PYTHON, str(AGENT), "start", "--api", url, "-l", LABEL, "--no-hostname-label", "-n", name,
+                       "--agent-address", self.address, *extra]
+        with open(self.dir / "agent.out", "wb") as out:
+            self.process = subprocess.Popen(command, env=self.env, cwd=bench.project, stdin=subprocess.DEVNULL,
+                                            stdout=out, stderr=subprocess.STDOUT)
+        if not wait_until(lambda: any("get_runs_in_queue" in r.roots for r in self.double.requests), 60, 0.05):
+            raise SystemExit(f"{name}: the agent never polled:\n{self.tail()}")
+
+    def poke(self) -> None:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.address}/api/poke", timeout=10) as answer:
+            answer.read()
+
+    def tail(self) -> str:
+        return "\n".join((self.dir / "agent.out").read_text(errors="replace").splitlines()[-20:])
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.double.stop()
+
+    def burst(self, flow_id: str, count: int, lead: float | None, pss: bool = False) -> dict[str, Any]:
+        """``count`` runs due ``lead`` s ahead (None: now); seconds from due (or creation) to all Success."""
+        created = time.time()
+        due = created + lead if lead is not None else None
+        run_ids = [self.double.add_flow_run(flow_id, scheduled_start_time=utc(due) if due else None)
+                   for _ in range(count)]
+        if due is None:
+            self.poke()
+        peak = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.1):
+                peak[0] = max(peak[0], tree_pss(self.process.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        if pss:
+            sampler.start()
+        wait_until(lambda: all(la.is_final(self.double.run(r)["state"]) for r in run_ids), 120 + 10 * count, 0.02)
+        stop.set()
+        if pss:
+            sampler.join()
+        successes = [to_epoch(next((s["timestamp"] for s in self.double.states(r) if s["type"] == "Success"), None))
+                     for r in run_ids]
+        ok = [moment for moment in successes if moment is not None]
+        start = due if due is not None else created
+        return {"seconds": max(ok) - start if len(ok) == count else None, "success": len(ok), "runs": count,
+                **({"peak_pss": peak[0]} if pss else {})}
+
+
+class PrefectComparison:
+    """Phase 3 (see the banner above): run by Bench.prefect_phase."""
+
+    def __init__(self, bench: Any, prefect_python: str) -> None:
+        self.bench = bench
+        self.prefect_python = prefect_python
+        self.reps = 1 if bench.quick else 3
+
+    def measure(self, name: str, kind: str, extra: list[str]) -> dict[str, Any]:
+        self.bench.log(f"prefect comparison: {name}")
+        contender = Contender(self.bench, name, self.prefect_python, kind, extra)
+        try:
+            contender.burst(contender.noop, 1, None)  # warm-up: its backoff starts from the bottom
+            result: dict[str, Any] = {"scheduled": [], "adhoc": [], "single": []}
+            for _ in range(self.reps):
+                time.sleep(1.0)
+                result["scheduled"].append(contender.burst(contender.noop, 10, 3.0))
+                time.sleep(1.0)
+                result["adhoc"].append(contender.burst(contender.noop, 10, None))
+            for _ in range(5):
+                time.sleep(1.0)
+                result["single"].append(contender.burst(contender.noop, 1, 2.0))
+            if kind != "own":
+                time.sleep(1.0)
+                result["memory"] = contender.burst(contender.hold, 10, 3.0, pss=True)
+        finally:
+            contender.close()
+        for key in ("scheduled", "adhoc", "single"):
+            result[key] = {**summary([r["seconds"] for r in result[key] if r["seconds"] is not None]),
+                           "failed": sum(r["runs"] - r["success"] for r in result[key])}
+        return result
+
+    def run(self) -> dict[str, Any]:
+        prefect = self.prefect_python
+        return {
+            "prefect_python": prefect,
+            "prefect_agent": self.measure("prefect-agent", "prefect", []),
+            "ours_fresh": self.measure("ours-fresh", "prefect-flow", ["--python", prefect]),
+            "ours_warm": self.measure("ours-warm", "prefect-flow", ["--python", prefect, "--preload", "prefect"]),
+            "own_fresh": self.measure("own-fresh", "own", []),
+            "own_warm": self.measure("own-warm", "own", ["--preload", "local_agent", "--preload", FLOWS_MODULE]),
+        }
+
+
 # --- Report ------------------------------------------------------------------------------
 
 
@@ -1159,7 +1407,9 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
             add("  API requests per run: flow-run process", requests["flow_run_per_run"], None, digits=1)
 
     for key, label in (("embedded_l1", "embedded --limit 1"), ("embedded_l2", "embedded --limit 2"),
-                       ("embedded_l4", "embedded --limit 4"), ("api_l2", "API --limit 2")):
+                       ("embedded_l4", "embedded --limit 4"), ("embedded_warm_l1", "embedded --preload, --limit 1"),
+                       ("embedded_warm_l2", "embedded --preload, --limit 2"),
+                       ("embedded_warm_l4", "embedded --preload, --limit 4"), ("api_l2", "API --limit 2")):
         entry = results.get("burst", {}).get(key)
         if not entry:
             continue
@@ -1179,6 +1429,43 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
             add("  API requests per run: flow-run process", requests["flow_run_per_run"], None, digits=1)
             add("  the double's own service time per run (s, in this process)",
                 entry.get("double_service_seconds_per_run"), None)
+
+    prefect = results.get("prefect")
+    if prefect:
+        theirs = prefect["prefect_agent"]
+        for key, label in (("scheduled", "scheduled burst of 10, due -> all Success"),
+                           ("adhoc", "ad-hoc burst of 10, created -> all Success"),
+                           ("single", "one run, due -> Success (per-run overhead)")):
+            add(f"real Prefect no-op flow, {label} (s): Prefect 1.4.1's agent", theirs[key]["median"],
+                theirs[key]["p95"])
+            for who, name in (("ours_fresh", "ours, fresh interpreter"), ("ours_warm", "ours, --preload prefect")):
+                add(f"  {name}", prefect[who][key]["median"], prefect[who][key]["p95"])
+            for who, name in (("ours_fresh", "fresh"), ("ours_warm", "--preload")):
+                ratio = (prefect[who][key]["median"] / theirs[key]["median"]
+                         if prefect[who][key]["median"] and theirs[key]["median"] else None)
+                target = "<= 0.5" if key == "scheduled" and who == "ours_warm" else ""
+                add(f"  ours {name} / Prefect's agent", ratio, None, target,
+                    check(ratio, at_most(0.5)) if target else None, digits=2)
+        theirs_pss = theirs.get("memory", {}).get("peak_pss")
+        add("real Prefect flow, 10 runs at once: summed PSS of the agent and its processes (MB): Prefect's agent",
+            theirs_pss, None, scale=1 / MB, digits=0)
+        for who, name in (("ours_fresh", "fresh"), ("ours_warm", "--preload")):
+            pss = prefect[who].get("memory", {}).get("peak_pss")
+            add(f"  ours {name}", pss, None, scale=1 / MB, digits=0)
+            ratio = pss / theirs_pss if pss and theirs_pss else None
+            target = "<= 0.5" if who == "ours_warm" else ""
+            add(f"  ours {name} / Prefect's agent", ratio, None, target,
+                check(ratio, at_most(0.5)) if target else None, digits=2)
+        for key, label, bound in (("scheduled", "scheduled burst of 10", 0.2), ("adhoc", "ad-hoc burst of 10", 0.35)):
+            for who, name in (("own_fresh", "fresh"), ("own_warm", "--preload")):
+                ours = prefect[who][key]["median"]
+                ratio = ours / theirs[key]["median"] if ours and theirs[key]["median"] else None
+                target = f"<= {bound:g}" if who == "own_warm" else ""
+                add(f"this file's no-op flow, {label}, ours {name} / Prefect's agent on its no-op flow", ratio,
+                    None, target, check(ratio, at_most(bound)) if target else None, digits=2)
+        failed = sum(prefect[who][key]["failed"] for who in ("prefect_agent", "ours_fresh", "ours_warm", "own_fresh",
+                                                               "own_warm") for key in ("scheduled", "adhoc", "single"))
+        add("  runs that did not succeed in the comparison", failed, None, "0", failed == 0, digits=0)
 
     growth = results.get("growth")
     if growth:
@@ -1217,6 +1504,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scenario directories (agent logs)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                         help="directory for the JSON results (default benchmarks/results)")
+    parser.add_argument("--phases", default="agent,burst,prefect",
+                        help="which phases to run, of agent, burst and prefect (default: all)")
+    parser.add_argument("--prefect-python", default="", metavar="PATH",
+                        help="a Python with prefect 1.4.1 for the comparison with Prefect's own agent (default: "
+                             "the virtualenv the tests install in ~/.cache/local_agent-tests)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to SECONDS for other processes to use < 5%% of the machine")
     args = parser.parse_args(argv)
