@@ -68,9 +68,11 @@ A map of this file. Each section uses only the sections above it; read it top to
  8. Flow-run process  ``execute flow-run``: ``_FlowRunProcess`` loads the run's flow, runs it,
                   reports its final state (or leaves it in the result file for the agent); a
                   Prefect 1.x flow runs on Prefect's engine (``_run_on_prefects_engine``), and
-                  this file's flows mark the task runs a Server made (``_start_task_runs``).
+                  this file's flows mark the task runs a Server made (``_start_task_runs``);
+                  the warm template of ``--preload`` (``_serve_template``), which forks runs.
  9. The agent     ``_flow_run_environment`` (what a flow-run process gets), ``_Job`` (one
-                  process: start, output, signals), ``_decide_outcome`` (how a finished run is
+                  process: start or fork, output, signals; ``_Template`` is the template's
+                  agent side), ``_decide_outcome`` (how a finished run is
                   settled, a pure function), ``RunBook`` (every run the agent owns, its phase,
                   its slots, the ledger), ``_APIHealth``, and ``LocalAgent``: ``step()`` is the
                   whole loop; what it will not claim in ``_why_not_here``, claims in ``_claim``,
@@ -132,7 +134,8 @@ __all__ = [
 # only are imported where they are used, and named here for the type checker: sqlite3 (the
 # embedded backend), http.client (the GraphQL backend; it loads the email package), pickle
 # (storing and loading flows), subprocess, http.server and ctypes (the agent), argparse (the
-# command line), uuid, hashlib, base64, gzip and inspect (registration and new records).
+# command line), uuid, hashlib, base64, gzip and inspect (registration and new records), gc
+# and select (the warm template).
 
 import ast
 import collections

@@ -2445,6 +2445,27 @@ def test_a_forked_run_is_a_process_of_its_own_as_a_fresh_one_is(world: World, te
     assert len({fact["pid"] for fact in facts}) == 3 and len({fact["random"] for fact in facts}) == 3
 
 
+def test_a_run_that_sets_what_python_reads_only_at_start_gets_a_fresh_interpreter(
+    api_world: World, test_flows: Any, tmp_path: Path
+) -> None:
+    facts_file = tmp_path / "facts.jsonl"
+    run_configs = {"plain": {"type": "LocalRun", "env": {"FROM_RUN_CONFIG": "yes"}},
+                   "hash seed": {"type": "LocalRun", "env": {"PYTHONHASHSEED": "7"}}}
+    runs = {}
+    for key, run_config in run_configs.items():
+        name = f"identify {key}"
+        path = la.store_flow(la.Flow(name, test_flows.identify), api_world.storage_dir)
+        flow_id = api_world.server.add_flow(name, la.local_storage(name, path), labels=["test"], run_config=run_config)
+        runs[key] = api_world.run(flow_id, parameters={"path": str(facts_file)})
+    result = api_world.agent("--once", "--preload", "local_agent", "-v")
+    assert result.returncode == 0, result.stderr
+    assert facts_file.exists(), result.stderr[-3000:]
+    parents = {fact["run_id"]: fact["parent"] for fact in map(json.loads, facts_file.read_text().splitlines())}
+    assert "template" in parents[runs["plain"]]
+    assert "template" not in parents[runs["hash seed"]]
+    assert f"Flow run {runs['hash seed']} starts in a fresh interpreter: it sets PYTHONHASHSEED" in result.stderr
+
+
 def test_a_preload_that_cannot_work_stops_the_start_with_one_line(embedded: World, tmp_path: Path) -> None:
     (embedded.cwd / "starts_a_thread.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")

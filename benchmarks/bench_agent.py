@@ -151,6 +151,33 @@ def cpu_seconds(pid: int, children: bool = False) -> float | None:
     return (int(fields[first]) + int(fields[first + 1])) / CLOCK_TICKS
 
 
+def descendants_cpu(pid: int) -> float | None:
+    """CPU seconds of ``pid``'s descendants: reaped ones, and live ones with theirs (a warm
+    template's forked runs are its children, not the agent's)."""
+    reaped = cpu_seconds(pid, children=True)
+    if reaped is None:
+        return None
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            used[int(entry)] = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
+    members, grew = {pid}, True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in members and child not in members:
+                members.add(child)
+                grew = True
+    return reaped + sum(used[member] for member in members if member != pid)
+
+
 def system_busy() -> tuple[float, float]:
     """(CPU seconds all CPUs spent busy, seconds stolen by the hypervisor) since boot."""
     with open("/proc/stat") as handle:
@@ -998,7 +1025,7 @@ class Bench:
         creation = time.time() - created
         if time.time() > due:
             self.notes.append(f"{scenario.name}: creating {count} runs took {creation:.2f} s, past their due time")
-        cpu0, own0, children0 = agent.cpu(), time.process_time(), cpu_seconds(agent.pid, children=True)
+        cpu0, own0, children0 = agent.cpu(), time.process_time(), descendants_cpu(agent.pid)
         timeout = 60 + count * 1.0
 
         def done() -> bool:
@@ -1007,7 +1034,7 @@ class Bench:
         wait_until(done, timeout, 0.1)
         stop.set()
         sampler.join()
-        cpu1, children1 = agent.cpu(), cpu_seconds(agent.pid, children=True)
+        cpu1, children1 = agent.cpu(), descendants_cpu(agent.pid)
         times = scenario.many_state_times(run_ids)
         finals = [max(v for k, v in t.items() if la.is_final(k)) for t in times.values()
                   if any(la.is_final(k) for k in t)]
