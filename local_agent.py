@@ -2939,7 +2939,10 @@ class _Outbox:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line torn by a crash mid-write
-            if isinstance(entry, dict) and entry.get("k") in ("log", "state"):
+            if isinstance(entry, dict) and entry.get("k") == "sent":  # delivered: not sent again
+                for _ in range(min(int(entry.get("c", 0)), len(self._entries))):
+                    self._bytes -= len(json.dumps(self._entries.popleft(), separators=(",", ":"))) + 1
+            elif isinstance(entry, dict) and entry.get("k") in ("log", "state"):
                 self._entries.append(entry)
                 self._bytes += len(line) + 1
                 if entry["k"] == "log" and isinstance(entry.get("o"), int):
@@ -3004,8 +3007,12 @@ class _Outbox:
                 for _ in batch:
                     self._bytes -= len(json.dumps(self._entries.popleft(), separators=(",", ":"))) + 1
                 self._sent_since_rewrite += len(batch)
+                if self._spool is not None and not self.spool_failing:
+                    # Said at once, so a restart does not send these again (the spool is
+                    # emptied or rewritten only now and then).
+                    self._append_to_spool(json.dumps({"k": "sent", "c": len(batch)}) + "\n")
                 if self._entries and self._sent_since_rewrite > 1000:
-                    with contextlib.suppress(OSError):  # a long backlog: do not resend all of it after a crash
+                    with contextlib.suppress(OSError):  # a long backlog: keep the spool short
                         self._rewrite_spool()
 
     def _next_batch(self) -> list[dict[str, Any]]:

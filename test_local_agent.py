@@ -1502,6 +1502,48 @@ def test_output_offsets_in_the_spool_still_count_once_their_lines_are_delivered(
         db.close()
 
 
+def test_lines_delivered_before_a_crash_are_not_sent_again_by_the_next_start(tmp_path: Path) -> None:
+    """The spool is emptied only once everything is delivered; what was delivered before a
+    crash, while newer lines still waited, is marked so, and the next start does not resend it."""
+    db = la.SQLiteBackend(str(tmp_path / "db.sqlite"))
+    flow_id = db.register_flow(db.ensure_project("p"), la.serialize_flow(la.Flow("f", print), "/f", []))
+    run_id = db.create_flow_run(flow_id, parameters={}, labels=None, scheduled_start_time=None, idempotency_key="k")
+    sending, go_on = threading.Event(), threading.Event()
+
+    class SlowAPI:  # the API takes its time with the first batch
+        def __getattr__(self, name: str) -> Any:
+            return getattr(db, name)
+
+        def write_run_logs(self, logs: Any) -> None:
+            sending.set()
+            assert go_on.wait(10)
+            db.write_run_logs(logs)
+
+    spool = tmp_path / "spool.jsonl"
+    crashed = la._Outbox(SlowAPI(), spool, logging.getLogger("test"))  # type: ignore[arg-type]
+    crashed.log(run_id, "delivered before the crash")
+    assert sending.wait(10)
+    crashed.log(run_id, "read, not yet released", offset=20)  # held: the ledger is not saved yet
+    go_on.set()
+    deadline = time.monotonic() + 10
+    while "delivered before the crash" not in [line.message for line in db.get_run_logs(run_id)] or \
+            '"k":"sent"' not in spool.read_text().replace(" ", ""):
+        assert time.monotonic() < deadline, "never delivered"
+        time.sleep(0.02)
+    assert spool.read_text().count("delivered before the crash") == 1  # still in the spool file
+    # The agent dies here; the next start loads the spool.
+    restarted = la._Outbox(db, spool, logging.getLogger("test"))
+    try:
+        assert restarted.flush(10)
+        messages = [line.message for line in db.get_run_logs(run_id)]
+        assert messages == ["delivered before the crash", "read, not yet released"]  # each once
+    finally:
+        restarted.close()
+        crashed._closed.set()
+        crashed._wake.set()
+        db.close()
+
+
 def test_the_agents_files_are_private_whatever_the_umask(
     embedded: World, test_flows: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1743,11 +1785,27 @@ def test_two_agents_on_server_run_each_run_once(api_world: World, test_flows: An
 # --- Never lose or double a run -------------------------------------------------------
 
 
+#: Agents a test started as processes: one a failing test left running is killed after it.
+_AGENT_PROCESSES: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_outlives_its_test() -> Iterator[None]:
+    yield
+    while _AGENT_PROCESSES:
+        agent = _AGENT_PROCESSES.pop()
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(30)
+
+
 def _agent_process(world: World, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    agent = subprocess.Popen(
         [sys.executable, str(AGENT), "start", "--api", world.api, "-l", "test", "--no-hostname-label",
          *world.start_args, *args],
         env=env or world.env, cwd=world.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _AGENT_PROCESSES.append(agent)
+    return agent
 
 
 def _alive(pid: int) -> bool:
