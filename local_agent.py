@@ -434,6 +434,9 @@ def _literal(value: object, where: str, example: str) -> object:
 
 
 def _as_labels(value: object, where: str) -> list[str]:
+    """Labels: a list, a list literal (Prefect's form), or names separated by commas (``etl,daily``)."""
+    if isinstance(value, str) and not value.strip().startswith(("[", "(")):
+        return _unique(label.strip() for label in value.split(",") if label.strip())
     labels = _literal(value, where, "'[\"dev\", \"etl\"]'")
     if isinstance(labels, str):
         labels = [labels]
@@ -4555,12 +4558,13 @@ class LocalAgent:
 
     # Public controls.
 
-    def start(self) -> int:
+    def start(self, *, banner: bool = True) -> int:
         """Run until stopped, ``--max-polls`` is reached or (``--once``) the queue is empty."""
         _attach_agent_logging(self.logger, self.settings.level, self._redact)
         try:
             self.open()  # bad settings and files fail here, before the banner
-            print(BANNER, flush=True)
+            if banner:
+                print(BANNER, flush=True)
             self.logger.info("Starting LocalAgent with labels %s", self.labels)
             self.logger.info("Agent documentation can be found at %s", _docs_location())
             _log_agent_settings(self)
@@ -5556,11 +5560,11 @@ def deploy(
     return flow_id
 
 
-def run_agent(obj: Any, **agent_options: Any) -> int:
+def run_agent(obj: Any, *, banner: bool = True, **agent_options: Any) -> int:
     """Run a LocalAgent in this process with a flow's labels (``once=True`` to drain and exit)."""
     _refuse_when_importing("run_agent()")
     agent_options["labels"] = _flow_labels(obj, agent_options.get("labels"))
-    return LocalAgent(resolve_settings(agent_options)).start()
+    return LocalAgent(resolve_settings(agent_options)).start(banner=banner)
 
 
 def create_flow_run(

@@ -451,6 +451,10 @@ def test_settings_precedence_is_flag_then_environment_then_config(
     settings = la.resolve_settings({"name": "from-flag", "labels": ["f1", "f1", "f2"]})
     assert (settings.name, settings.labels) == ("from-flag", ["f1", "f2"])
     assert settings.sources["name"] == "the --name flag"
+    monkeypatch.setenv("PREFECT__CLOUD__AGENT__LABELS", "etl, daily")  # as people write it, too
+    assert la.resolve_settings().labels == ["etl", "daily"]
+    monkeypatch.setenv("PREFECT__CLOUD__AGENT__PRELOAD", "prefect,project.flows")
+    assert la.resolve_settings().preload == ["prefect", "project.flows"]
 
 
 def test_token_order_and_its_source_without_its_value(
@@ -917,6 +921,18 @@ def test_a_flow_that_ignores_sigterm_is_killed_and_said_to_be_stopped_not_out_of
 @pytest.fixture
 def embedded(tmp_path: Path, clean_env: dict[str, str], flows_dir: Path) -> World:
     return World("sqlite", tmp_path, clean_env, flows_dir)
+
+
+def test_run_agent_can_leave_the_banner_out(embedded: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run_id = embedded.run(embedded.flow(test_flows.noop))
+    monkeypatch.chdir(embedded.cwd)
+    flow = la.Flow("noop", test_flows.noop, labels=["test"])
+    assert flow.run_agent(once=True, banner=False, api=embedded.api, hostname_label=False) == 0
+    assert embedded.state(run_id) == "Success"
+    assert "|___/" not in capsys.readouterr().out
+    flow.run_agent(once=True, api=embedded.api, hostname_label=False)
+    assert "|___/" in capsys.readouterr().out  # and by default it is there
 
 
 def test_quick_start_works_as_written(clean_env: dict[str, str]) -> None:
