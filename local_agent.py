@@ -216,6 +216,8 @@ ENDPOINT_MAX_CONNECTIONS = 16
 #: ``/api/health`` answers 503 when the agent has not polled the API successfully for this long
 #: (or for six of its longest poll intervals, when that is longer).
 HEALTH_STALE_SECONDS = 60.0
+#: Commands find a run by a start of its id or by its name among this many newest runs.
+RUN_LOOKUP_LIMIT = 1000
 #: ``logs --follow`` stops once the run is final and no line has come for this long.
 FOLLOW_LULL_SECONDS = 2.0
 
@@ -1519,6 +1521,10 @@ class Backend:
         """A run's log lines in the order they were written, from ``offset`` on."""
         raise NotImplementedError
 
+    def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
+        """A run's states, oldest first: (state, message, timestamp)."""
+        raise NotImplementedError
+
     def cancel_flow_run(self, run_id: str) -> str:
         """Ask for a run to be cancelled; return its new state."""
         raise NotImplementedError
@@ -1638,6 +1644,13 @@ _SET_FLOW_RUN_STATES = _mutation(
     "set_flow_run_states", "states {\n            id\n            status\n            message\n        }"
 )
 _WRITE_RUN_LOGS = _mutation("write_run_logs", "success")
+_STATE_HISTORY = """query {
+    flow_run_state(where: { flow_run_id: { _eq: %s } }, order_by: [{ timestamp: asc }, { id: asc }]) {
+        state
+        message
+        timestamp
+    }
+}"""
 _HEARTBEAT = """mutation {
     update_flow_run_heartbeat(input: { flow_run_id: %s }) {
         success
@@ -2096,6 +2109,12 @@ class GraphQLBackend(Backend):
                     str(row.get("message") or ""))
             for row in (_expect(row, dict, "log") for row in rows)
         ]
+
+    def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
+        rows = _expect(self.graphql(_STATE_HISTORY % json.dumps(run_id)).get("flow_run_state"), list,
+                       "flow_run_state")
+        return [(str(row.get("state") or ""), str(row.get("message") or ""), str(row.get("timestamp") or ""))
+                for row in (_expect(row, dict, "flow_run_state") for row in rows)]
 
     def cancel_flow_run(self, run_id: str) -> str:
         answer = self.graphql(_CANCEL_FLOW_RUN, {"input": {"flow_run_id": run_id}}).get("cancel_flow_run")
@@ -2709,6 +2728,11 @@ class SQLiteBackend(Backend):
             (run_id, int(offset)),
         )
         return [LogLine(row["timestamp"], row["level"], row["name"], row["message"]) for row in rows]
+
+    def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
+        rows = self._read("SELECT state, message, timestamp FROM flow_run_state WHERE flow_run_id = ? ORDER BY version",
+                          (run_id,))
+        return [(row["state"], row["message"] or "", row["timestamp"]) for row in rows]
 
     def cancel_flow_run(self, run_id: str) -> str:
         def cancel(db: sqlite3.Connection) -> str:
@@ -5719,10 +5743,50 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         flow_name = _flow_named(backend, args.flow) if args.flow is not None else None
         runs = backend.list_flow_runs(flow_name=flow_name, state=args.state, limit=args.count)
-    rows = [(run.id, run.flow_name, run.state, _short_time(run.scheduled_start_time), _short_time(run.updated))
-            for run in runs]
-    print(_format_table(("ID", "FLOW", "STATE", "SCHEDULED (UTC)", "UPDATED (UTC)"), rows))
+    if args.output == "json":
+        return _print_json([_run_json(run) for run in runs])
+    rows = [(run.id, run.name or "-", run.flow_name, run.state, _short_time(run.scheduled_start_time),
+             _short_time(run.updated)) for run in runs]
+    print(_format_table(("ID", "NAME", "FLOW", "STATE", "SCHEDULED (UTC)", "UPDATED (UTC)"), rows))
     return 0
+
+
+def _print_json(value: Any) -> int:
+    """``--output json``: one JSON document on stdout."""
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _time_json(moment: datetime | None) -> str | None:
+    return _format_time(moment) if moment else None
+
+
+def _run_json(run: FlowRun) -> dict[str, Any]:
+    """A run as ``--output json`` shows it (keys documented in the README)."""
+    return {"id": run.id, "name": run.name, "flow_name": run.flow_name, "flow_id": run.flow_id,
+            "state": run.state, "state_message": run.state_message, "labels": list(run.labels),
+            "parameters": run.parameters, "scheduled_start_time": _time_json(run.scheduled_start_time),
+            "updated": _time_json(run.updated), "version": run.version}
+
+
+def _find_run(backend: Backend, given: str) -> FlowRun:
+    """The run ``given`` names: its id, a start of its id that only it has, or its name (among the
+    newest RUN_LOOKUP_LIMIT runs)."""
+    text = given.strip()
+    if re.fullmatch(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", text):
+        run = backend.get_flow_run(text.lower())
+        if run is not None:
+            return run
+    matches = [run for run in backend.list_flow_runs(limit=RUN_LOOKUP_LIMIT)
+               if text and (run.id.startswith(text.lower()) or run.name == text)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise AgentError(f"there is no flow run {given!r} in the {backend.location}: give its id, the start of "
+                         "its id, or its name (`runs` lists them)")
+    named = ", ".join(f"{run.id} ({run.name})" for run in matches[:5])
+    more = ", ..." if len(matches) > 5 else ""
+    raise AgentError(f"{given!r} could be any of {len(matches)} flow runs ({named}{more}): give more of its id")
 
 
 def _flow_named(backend: Backend, name: str) -> str:
@@ -5751,6 +5815,9 @@ def _state_name(text: str) -> str:
 def _cmd_flows(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         flows = backend.list_flows()
+    if args.output == "json":
+        return _print_json([{"id": flow.id, "name": flow.name, "version": flow.version, "project": flow.project,
+                             "labels": list(flow.labels), "storage": flow.storage} for flow in flows])
     rows = []
     for flow in flows:
         files = flow.storage.get("flows", {}) if isinstance(flow.storage, dict) else {}
@@ -5762,15 +5829,18 @@ def _cmd_flows(args: argparse.Namespace) -> int:
 
 def _cmd_logs(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
-        run = backend.get_flow_run(args.run_id)
-        if run is None:
-            raise AgentError(f"there is no flow run {args.run_id} in the {backend.location}")
+        found: FlowRun | None = _find_run(backend, args.run_id)
+        run_id, run = found.id if found else "", found
         shown, quiet_since = 0, time.monotonic()
         while True:
             finished = run is None or is_final(run.state)
-            lines = backend.get_run_logs(args.run_id, shown)
+            lines = backend.get_run_logs(run_id, shown)
             for line in lines:
-                print(_format_log_line(line), flush=True)
+                if args.output == "json":  # one object per line, so --follow can stream them
+                    print(json.dumps({"timestamp": line.timestamp, "level": line.level, "name": line.name,
+                                      "message": line.message}, sort_keys=True), flush=True)
+                else:
+                    print(_format_log_line(line), flush=True)
             shown += len(lines)
             if lines:
                 quiet_since = time.monotonic()
@@ -5778,19 +5848,66 @@ def _cmd_logs(args: argparse.Namespace) -> int:
             if not args.follow or (finished and time.monotonic() - quiet_since > FOLLOW_LULL_SECONDS):
                 return 0
             time.sleep(0.5)
-            run = backend.get_flow_run(args.run_id)
+            run = backend.get_flow_run(run_id)
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
-        run = backend.get_flow_run(args.run_id)
-        if run is None:
-            raise AgentError(f"there is no flow run {args.run_id} in the {backend.location}")
+        run = _find_run(backend, args.run_id)
         if is_final(run.state):
-            raise AgentError(f"flow run {args.run_id} has already finished ({run.state}); there is nothing to cancel")
-        state = backend.cancel_flow_run(args.run_id)
+            raise AgentError(f"flow run {run.id} has already finished ({run.state}); there is nothing to cancel")
+        state = backend.cancel_flow_run(run.id)
     print(state)
     return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    with _backend_for(None, None, _command_settings(args)) as backend:
+        run = _find_run(backend, args.run_id)
+        history = backend.get_state_history(run.id)
+        log_lines = len(backend.get_run_logs(run.id))
+        flow = backend.find_flow(run.flow_name)
+    states = _history_json(history)
+    claimed = next((state["message"] for state in reversed(states) if state["state"] == "Submitted"), "")
+    facts = {**_run_json(run), "flow_version": flow.version if flow is not None and flow.id == run.flow_id else None,
+             "states": states, "log_lines": log_lines,
+             "claimed_by": claimed.partition("Submitted for execution by ")[2] or None}
+    if args.output == "json":
+        return _print_json(facts)
+    print(f"Flow run {run.id} ({run.name or 'no name'})")
+    version = f", version {facts['flow_version']}" if facts["flow_version"] else ""
+    for key, value in (("flow", f"{run.flow_name} ({run.flow_id}{version})"), ("state", run.state),
+                       ("labels", ", ".join(run.labels) or "-"), ("parameters", json.dumps(run.parameters)),
+                       ("scheduled", f"{_short_time(run.scheduled_start_time)} UTC"),
+                       ("claimed by", facts["claimed_by"] or "-"), ("log lines", str(log_lines)),
+                       ("message", run.state_message or "-")):
+        print(f"  {key + ':':<12}{value}")
+    print("  states:")
+    for state in states:
+        took = _duration_text(state["seconds"]) if state["seconds"] is not None else ""
+        print(f"    {state['timestamp']}  {state['state']:<10} {took:>11}  {state['message']}".rstrip())
+    return 0
+
+
+def _history_json(history: Sequence[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """A run's states with how long each lasted (until the next; None for the last)."""
+    moments = [_parse_time_or_now(stamp) for _, _, stamp in history]
+    return [{"state": state, "message": message, "timestamp": stamp,
+             "seconds": (moments[index + 1] - moments[index]).total_seconds() if index + 1 < len(history) else None}
+            for index, (state, message, stamp) in enumerate(history)]
+
+
+def _duration_text(seconds: float) -> str:
+    """``0.42 s``, ``12 s``, ``4 min 3 s``, ``3 d 4 h``: how long, as a person says it."""
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    whole = round(seconds)
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                               ("min", 60, "s", 1)):
+        if whole >= size:
+            rest = whole % size // smaller_size
+            return f"{whole // size} {unit}" + (f" {rest} {smaller}" if rest else "")
+    return f"{whole} s"
 
 
 def _explain_run(run: FlowRun, agent_labels: Sequence[str], trusted_dirs: Sequence[str],
@@ -5804,8 +5921,7 @@ def _explain_run(run: FlowRun, agent_labels: Sequence[str], trusted_dirs: Sequen
     if mismatch:
         reasons.append(mismatch)
     if run.start_time > now:
-        wait = int((run.start_time - now).total_seconds())
-        due_in = f"{wait // 3600}h{wait % 3600 // 60:02d}m{wait % 60:02d}s"
+        due_in = _duration_text((run.start_time - now).total_seconds())
         reasons.append(f"it is not due yet: due in {due_in} at {_short_time(run.start_time)} UTC")
     problem = _why_not_here(run, trusted_dirs, {"prefect", "cloudpickle"}, [os.getcwd()])  # --python not known
     if problem:
@@ -5817,12 +5933,12 @@ def _cmd_why(args: argparse.Namespace) -> int:
     settings = _command_settings(args)
     labels = settings.agent_labels()
     with _backend_for(None, None, settings) as backend:
-        if args.run_id:
-            runs = [run for run in [backend.get_flow_run(args.run_id)] if run is not None]
-            if not runs:
-                raise AgentError(f"there is no flow run {args.run_id} in the {backend.location}")
-        else:
-            runs = backend.list_flow_runs(state="Scheduled", limit=100)
+        runs = [_find_run(backend, args.run_id)] if args.run_id else backend.list_flow_runs(state="Scheduled",
+                                                                                            limit=100)
+    if args.output == "json":
+        return _print_json({"agent_labels": labels, "host": _hostname(), "runs": [
+            {**_run_json(run), "would_run": not reasons, "reasons": reasons}
+            for run, reasons in ((run, _explain_run(run, labels, settings.trusted_flow_dirs)) for run in runs)]})
     print(f"An agent with labels {labels} on {_hostname()}:")
     if not runs:
         print("  there are no Scheduled flow runs.")
@@ -5934,27 +6050,39 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", dest="run_labels", action="append", help="run label (default: the flow's)")
     run.add_argument("--at", type=_parse_when, help="when: ISO 8601, or +30s, +5m, +2h (default: now)")
 
+    def output_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--output", "-o", choices=("table", "json"), default="table",
+                            help="table (default), or json with the keys the README lists")
+
     runs = command("runs", "list flow runs", _cmd_runs)
+    output_option(runs)
     runs.add_argument("--flow", help="only this flow's runs (its name or its slug)")
     runs.add_argument("--state", type=_state_name, help="only runs in this state, e.g. Failed (any case)")
     runs.add_argument("--limit", dest="count", type=_nonnegative_int, default=20,
                       help="how many (default: %(default)s)")
 
     logs = command("logs", "print a flow run's log", _cmd_logs)
-    logs.add_argument("run_id", metavar="RUN_ID")
+    logs.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
+    output_option(logs)
     logs.add_argument("--follow", action="store_true", help="keep printing until the run is finished")
 
-    command("flows", "list registered flows", _cmd_flows)
+    output_option(command("flows", "list registered flows", _cmd_flows))
+
+    inspect = command("inspect", "show a flow run: parameters, labels, states and how long each lasted, ...",
+                      _cmd_inspect)
+    inspect.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
+    output_option(inspect)
 
     why = command("why", "explain whether an agent here would take Scheduled runs", _cmd_why)
-    why.add_argument("run_id", metavar="RUN_ID", nargs="?")
+    why.add_argument("run_id", metavar="RUN", nargs="?", help="the run's id, the start of it, or its name")
+    output_option(why)
     _add_option(why, options["labels"]._replace(help="the agent's label (repeatable)"))
     _add_option(why, options["hostname_label"])
     _add_option(why, options["local_label"])
     _add_option(why, options["flow_dirs"])
 
     cancel = command("cancel", "cancel a flow run", _cmd_cancel)
-    cancel.add_argument("run_id", metavar="RUN_ID")
+    cancel.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
     return parser
 
 

@@ -866,6 +866,58 @@ def test_show_flow_logs_streams_flow_output(world: World, test_flows: Any) -> No
     assert "Hello, world!" not in quiet.stdout
 
 
+#: The keys ``--output json`` promises (the README lists them).
+RUN_KEYS = {"id", "name", "flow_name", "flow_id", "state", "state_message", "labels", "parameters",
+            "scheduled_start_time", "updated", "version"}
+
+
+def test_runs_are_found_by_name_or_id_prefix_and_inspected_in_text_and_json(world: World, test_flows: Any) -> None:
+    flow_id = world.flow(test_flows.hello)
+    run_ids = [world.run(flow_id, parameters={"name": f"n{n}"}) for n in range(17)]
+    assert world.agent("--once").returncode == 0
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_in_process([*args, "--api", world.api], env=world.env, cwd=world.cwd)
+
+    listed = json.loads(cli("runs", "-o", "json", "--limit", "100").stdout)
+    assert {run["id"] for run in listed} == set(run_ids) and all(set(run) == RUN_KEYS for run in listed)
+    names = {run["id"]: run["name"] for run in listed}
+    assert all(re.fullmatch(r"[a-z]+-[a-z]+", name) for name in names.values()), names  # adjective-animal
+    run_id = run_ids[0]
+    unique = next(length for length in range(1, 37) if sum(other.startswith(run_id[:length]) for other in run_ids) == 1)
+    for given in (run_id, run_id[:unique], names[run_id]) if list(names.values()).count(names[run_id]) == 1 \
+            else (run_id, run_id[:unique]):
+        facts = json.loads(cli("inspect", given, "-o", "json").stdout)
+        assert facts["id"] == run_id and RUN_KEYS <= set(facts), given
+    assert [state["state"] for state in facts["states"]] == ["Pending", "Scheduled", "Submitted", "Running", "Success"]
+    assert all(isinstance(state["seconds"], float) for state in facts["states"][:-1])
+    assert facts["states"][-1]["seconds"] is None and facts["parameters"] == {"name": "n0"}
+    assert facts["log_lines"] == len(world.logs(run_id)) and facts["claimed_by"].startswith("agent agent (")
+    text = cli("inspect", run_id[:unique]).stdout
+    assert f"Flow run {run_id} ({names[run_id]})" in text and "Success" in text and '"name": "n0"' in text
+    # Seventeen ids, sixteen hex digits: some first digit is shared, and names more than one run.
+    shared = next(digit for digit in "0123456789abcdef" if sum(r.startswith(digit) for r in run_ids) > 1)
+    ambiguous = cli("logs", shared)
+    assert ambiguous.returncode == 1 and "could be any of" in ambiguous.stderr and "give more of its id" in \
+        ambiguous.stderr
+    missing = cli("cancel", "no-such-run")
+    assert missing.returncode == 1 and "there is no flow run 'no-such-run'" in missing.stderr
+    lines = [json.loads(line) for line in cli("logs", run_id[:unique], "-o", "json").stdout.splitlines()]
+    assert sorted(line["message"] for line in lines) == sorted(world.logs(run_id))
+    assert set(lines[0]) == {"timestamp", "level", "name", "message"}
+    why = json.loads(cli("why", run_id[:unique], "-o", "json").stdout)
+    assert why["runs"][0]["would_run"] is False and "it is Success, not Scheduled" in why["runs"][0]["reasons"]
+    flows = json.loads(cli("flows", "-o", "json").stdout)
+    assert [flow["name"] for flow in flows] == ["hello"]
+    assert set(flows[0]) == {"id", "name", "version", "project", "labels", "storage"}
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.4249, "0.42 s"), (12, "12 s"), (243, "4 min 3 s"), (3600, "1 h"),
+                                               (3 * 86400 + 4 * 3600 + 59, "3 d 4 h"), (97_479, "1 d 3 h")])
+def test_waits_and_durations_read_as_a_person_says_them(seconds: float, text: str) -> None:
+    assert la._duration_text(seconds) == text
+
+
 def test_max_polls_stops_the_agent(world: World) -> None:
     result = world.agent("--max-polls", "3", "-v")
     assert result.returncode == 0
@@ -981,8 +1033,8 @@ def test_run_runs_logs_flows_commands(embedded: World, test_flows: Any) -> None:
     run_id = created.stdout.strip()
     assert len(run_id) == 36
     listing = run_cli("runs", env=env, check=True).stdout.splitlines()
-    assert listing[0].split() == ["ID", "FLOW", "STATE", "SCHEDULED", "(UTC)", "UPDATED", "(UTC)"]
-    assert listing[1].split()[:3] == [run_id, "hello", "Scheduled"]
+    assert listing[0].split() == ["ID", "NAME", "FLOW", "STATE", "SCHEDULED", "(UTC)", "UPDATED", "(UTC)"]
+    assert listing[1].split()[:4:2] == [run_id, "hello"] and listing[1].split()[3] == "Scheduled"
     embedded.agent("--once")
     assert run_cli("runs", "--state", "Success", env=env, check=True).stdout.count(run_id) == 1
     assert run_cli("runs", "--state", "success", env=env, check=True).stdout.count(run_id) == 1  # any case
@@ -1054,7 +1106,7 @@ def test_why_explains_each_scheduled_run(embedded: World, test_flows: Any) -> No
     output = run_cli("why", "-l", "test", env=embedded.env, check=True).stdout
     lines = {line.split()[0]: line for line in output.splitlines()[1:]}
     assert "lacks label(s) gpu (start it with -l gpu)" in lines[gpu]
-    assert "not due yet: due in 1h59m" in lines[later] or "not due yet: due in 2h00m" in lines[later]
+    assert "not due yet: due in 1 h 59 min" in lines[later] or "not due yet: due in 2 h at" in lines[later]
     assert f"does not exist on host {HOST}" in lines[gone]
     assert lines[ready].endswith("would run it")
     single = run_cli("why", gpu, "-l", "test", "-l", "gpu", env=embedded.env, check=True).stdout
