@@ -216,6 +216,8 @@ ENDPOINT_MAX_CONNECTIONS = 16
 #: ``/api/health`` answers 503 when the agent has not polled the API successfully for this long
 #: (or for six of its longest poll intervals, when that is longer).
 HEALTH_STALE_SECONDS = 60.0
+#: ``run --watch`` says a run is still unclaimed, and why, this often.
+WATCH_NOTE_SECONDS = 10.0
 #: Commands find a run by a start of its id or by its name among this many newest runs.
 RUN_LOOKUP_LIMIT = 1000
 #: ``logs --follow`` stops once the run is final and no line has come for this long.
@@ -1498,6 +1500,7 @@ class Backend:
         labels: Sequence[str] | None,
         scheduled_start_time: datetime | None,
         idempotency_key: str,
+        name: str | None = None,
     ) -> str:
         """Create a Scheduled run of a flow; its id."""
         raise NotImplementedError
@@ -2063,6 +2066,7 @@ class GraphQLBackend(Backend):
         labels: Sequence[str] | None,
         scheduled_start_time: datetime | None,
         idempotency_key: str,
+        name: str | None = None,
     ) -> str:
         run_input: dict[str, Any] = {
             "flow_id": flow_id,
@@ -2073,6 +2077,8 @@ class GraphQLBackend(Backend):
             run_input["labels"] = list(labels)
         if scheduled_start_time is not None:
             run_input["scheduled_start_time"] = _format_time(scheduled_start_time)
+        if name:
+            run_input["flow_run_name"] = name
         answer = self.graphql(_CREATE_FLOW_RUN, {"input": run_input}).get("create_flow_run")
         return _expect(_expect(answer, dict, "create_flow_run").get("id"), str, "flow run id")
 
@@ -2661,6 +2667,7 @@ class SQLiteBackend(Backend):
         labels: Sequence[str] | None,
         scheduled_start_time: datetime | None,
         idempotency_key: str,
+        name: str | None = None,
     ) -> str:
         start = scheduled_start_time or _utcnow()
         state = make_state("Scheduled", "Flow run scheduled.", start_time=start)
@@ -2682,7 +2689,7 @@ class SQLiteBackend(Backend):
                 "scheduled_start_time, state, serialized_state, state_start_time, state_timestamp, version, "
                 "created, updated) VALUES (?, ?, ?, ?, ?, '{}', ?, ?, 'Pending', '{}', ?, ?, -1, ?, ?)",
                 (
-                    run_id, flow_id, f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}",
+                    run_id, flow_id, name or f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}",
                     json.dumps(run_labels), json.dumps(dict(parameters)), idempotency_key,
                     _format_time(start), _format_time(start), now, now, now,
                 ),
@@ -5597,10 +5604,13 @@ def create_flow_run(
     labels: Iterable[str] | None = None,
     scheduled_start_time: datetime | None = None,
     *,
+    name: str | None = None,
+    idempotency_key: str | None = None,
     api: str | None = None,
     token: str | None = None,
 ) -> str:
-    """Schedule a run of the newest version of a registered flow; return the run id."""
+    """Schedule a run of the newest version of a registered flow; return the run id (the same
+    run again for an ``idempotency_key`` used before)."""
     _refuse_when_importing("create_flow_run()")
     with _backend_for(api, token) as backend:
         flow = backend.find_flow(flow_name)
@@ -5614,7 +5624,8 @@ def create_flow_run(
             parameters=dict(parameters or {}),
             labels=None if labels is None else list(labels),
             scheduled_start_time=scheduled_start_time,
-            idempotency_key=os.urandom(16).hex(),
+            idempotency_key=idempotency_key or os.urandom(16).hex(),
+            name=name,
         )
 
 
@@ -5727,16 +5738,78 @@ def _cmd_execute_template(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _command_settings(args)
+    parameters = {**(_read_param_file(args.param_file) if args.param_file else {}), **dict(args.params or [])}
     run_id = create_flow_run(
         args.flow,
-        dict(args.params or []),
+        parameters,
         labels=args.run_labels,
         scheduled_start_time=args.at,
+        name=args.name,
+        idempotency_key=args.idempotency_key,
         api=settings.api,
         token=settings.token,
     )
-    print(run_id)
-    return 0
+    print(run_id, flush=True)
+    if not args.watch:
+        return 0
+    with _backend_for(None, None, settings) as backend:
+        return _watch_run(backend, run_id, settings)
+
+
+def _program_name() -> str:
+    """This program as the user invoked it, for usage lines and hints: ``local-agent``,
+    ``local_agent.py`` or ``python -m local_agent``."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if invoked == "__main__.py" or not invoked or invoked == "-c":
+        return "python -m local_agent"
+    if invoked.endswith(".pyc"):  # the compiled copy the agent re-executes: name the source
+        return os.path.basename(os.environ.get("LOCAL_AGENT_SOURCE", "local_agent.py"))
+    return invoked
+
+
+def _read_param_file(path: str) -> dict[str, Any]:
+    """``--param-file``: a JSON object of parameters."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parameters = json.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the parameter file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"the parameter file {path} is not JSON: {exc}") from None
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"the parameter file {path} must hold a JSON object of parameters, like {{\"day\": 1}}")
+    return parameters
+
+
+def _watch_run(backend: Backend, run_id: str, settings: Settings) -> int:
+    """``run --watch``: follow a run to its final state, its log as it comes; 0 on Success.
+
+    While nobody has claimed it, say so every WATCH_NOTE_SECONDS, with what ``why`` says."""
+    shown, seen_state, quiet_since = 0, "", time.monotonic()
+    next_note = time.monotonic() + WATCH_NOTE_SECONDS
+    while True:
+        run = backend.get_flow_run(run_id)
+        if run is None:
+            raise AgentError(f"flow run {run_id} has gone from the {backend.location}")
+        if run.state != seen_state:
+            print(f"{run.name or run_id} is {run.state}" + (f": {run.state_message}" if run.state_message else ""),
+                  flush=True)
+            seen_state = run.state
+        lines = backend.get_run_logs(run_id, shown)
+        for line in lines:
+            print(f"{run.name or run_id} | {_format_log_line(line)}", flush=True)
+        shown += len(lines)
+        if lines:
+            quiet_since = time.monotonic()
+        if is_final(run.state) and time.monotonic() - quiet_since > FOLLOW_LULL_SECONDS:
+            return 0 if run.state == "Success" else 1
+        if run.state in SCHEDULED_STATES and time.monotonic() >= next_note:
+            reasons = _explain_run(run, settings.agent_labels(), settings.trusted_flow_dirs)
+            print(f"{run.name or run_id} is not claimed yet: " + ("an agent here would take it; is one running "
+                  f"(`{_program_name()} start`)?" if not reasons else "an agent here would not: " + "; ".join(reasons)),
+                  flush=True)
+            next_note = time.monotonic() + WATCH_NOTE_SECONDS
+        time.sleep(0.5)
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
@@ -6010,7 +6083,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _parse_param.__name__ = "KEY=JSON"
     options = {option.name: option for option in _OPTIONS}
 
-    parser = Parser(prog="local_agent", description="A Prefect-style Local Agent in one file.")
+    parser = Parser(prog=_program_name(), description="A Prefect-style Local Agent in one file.")
     parser.add_argument("--version", action="version", version=f"local_agent {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
@@ -6047,6 +6120,12 @@ def _build_parser() -> argparse.ArgumentParser:
     run = command("run", "create a flow run and print its id", _cmd_run)
     run.add_argument("flow", metavar="FLOW", help="flow name")
     run.add_argument("--param", dest="params", action="append", type=_parse_param, help="KEY=JSON (repeatable)")
+    run.add_argument("--param-file", metavar="FILE", help="a JSON object of parameters (--param wins over it)")
+    run.add_argument("--name", help="the run's name (default: a readable one, like jolly-koala)")
+    run.add_argument("--idempotency-key", metavar="KEY",
+                     help="a run created again with the same key is the same run (for retrying scripts)")
+    run.add_argument("--watch", action="store_true",
+                     help="follow the run and its log to its final state; exit 0 on Success, else 1")
     run.add_argument("--label", dest="run_labels", action="append", help="run label (default: the flow's)")
     run.add_argument("--at", type=_parse_when, help="when: ISO 8601, or +30s, +5m, +2h (default: now)")
 

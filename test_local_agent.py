@@ -1095,6 +1095,54 @@ def test_run_at_a_later_time_and_parameters_as_json(embedded: World, test_flows:
     assert missing.returncode == 1 and "no flow named 'no-such-flow'" in missing.stderr
 
 
+@pytest.mark.parametrize("world", ["sqlite", "graphql"], indirect=True)
+def test_run_takes_a_name_a_parameter_file_a_key_and_watches_to_the_end(
+    world: World, test_flows: Any, tmp_path: Path
+) -> None:
+    world.flow(test_flows.hello)
+    world.flow(test_flows.fail)
+    params = tmp_path / "params.json"
+    params.write_text('{"name": "from the file"}')
+    base = ["--api", world.api, "--label", "test"]
+    first = run_cli("run", "hello", "--param-file", str(params), "--name", "nightly-load", "--idempotency-key",
+                    "2026-11-30", *base, env=world.env, check=True).stdout.strip()
+    again = run_cli("run", "hello", "--idempotency-key", "2026-11-30", *base, env=world.env, check=True)
+    assert again.stdout.strip() == first  # the same key: the same run, not a second one
+    agent = _agent_process(world)
+    watched = run_cli("run", "hello", "--param-file", str(params), "--param", 'name="the flag"', "--watch", *base,
+                      env=world.env, timeout=60)
+    failing = run_cli("run", "fail", "--watch", *base, env=world.env, timeout=60)
+    agent.terminate()
+    agent.communicate(timeout=60)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    run_id, *lines = watched.stdout.splitlines()
+    name = next(run["name"] for run in json.loads(run_cli("runs", "-o", "json", "--api", world.api,
+                                                          env=world.env, check=True).stdout) if run["id"] == run_id)
+    assert f"{name} is Success: All reference tasks succeeded." in lines or f"{name} is Success" in " ".join(lines)
+    assert any(line.startswith(f"{name} | ") and line.endswith("Hello, the flag!") for line in lines), lines
+    assert failing.returncode == 1 and "boom from the flow" in failing.stdout
+    run = json.loads(run_cli("inspect", "nightly-load", "-o", "json", "--api", world.api, env=world.env,
+                             check=True).stdout)
+    assert run["id"] == first and run["parameters"] == {"name": "from the file"} and run["state"] == "Success"
+    bad = run_cli("run", "hello", "--param-file", str(tmp_path / "none.json"), *base, env=world.env)
+    assert bad.returncode == 1 and "cannot read the parameter file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_watch_says_why_nobody_claims_a_run(embedded: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run_id = embedded.run(embedded.flow(test_flows.hello, labels=("test", "gpu")))
+    monkeypatch.setattr(la, "WATCH_NOTE_SECONDS", 0.2)
+    threading.Timer(1.5, lambda: la.cancel_flow_run(run_id, api=embedded.api)).start()  # then it ends, Cancelled
+    backend = la.open_backend(la.resolve_settings({"api": embedded.api}))
+    try:
+        code = la._watch_run(backend, run_id, la.resolve_settings({"api": embedded.api, "hostname_label": False}))
+    finally:
+        backend.close()
+    out = capsys.readouterr().out
+    assert code == 1 and "is Cancelled" in out
+    assert "is not claimed yet: an agent here would not: the agent lacks label(s) gpu, test" in out
+
+
 def test_why_explains_each_scheduled_run(embedded: World, test_flows: Any) -> None:
     gpu = embedded.run(embedded.flow(test_flows.hello, labels=("test", "gpu")))
     later = embedded.run(embedded.flow(test_flows.noop, labels=("test",)),
