@@ -1392,8 +1392,9 @@ class LogLine(NamedTuple):
 
 
 def _format_log_line(line: LogLine) -> str:
+    """A log line as people read it: local time to the millisecond, level, logger, message."""
     try:
-        stamp = _short_time(_parse_time(line.timestamp))
+        stamp = _parse_time(line.timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     except ValueError:
         stamp = line.timestamp
     return f"[{stamp}] {line.level} - {line.name} | {line.message}"
@@ -1526,6 +1527,14 @@ class Backend:
 
     def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
         """A run's states, oldest first: (state, message, timestamp)."""
+        raise NotImplementedError
+
+    def delete_flow_run(self, run_id: str) -> bool:
+        """Delete a run with its states and logs; False if there was none."""
+        raise NotImplementedError
+
+    def archive_flow(self, flow_id: str) -> None:
+        """Archive a flow version as Server does: it cannot be run, its Scheduled runs are cancelled."""
         raise NotImplementedError
 
     def cancel_flow_run(self, run_id: str) -> str:
@@ -1682,6 +1691,8 @@ _LOG_QUERY = """query {
     }
 }"""
 _CANCEL_FLOW_RUN = _mutation("cancel_flow_run", "state")
+_DELETE_FLOW_RUN = _mutation("delete_flow_run", "success")
+_ARCHIVE_FLOW = _mutation("archive_flow", "success")
 _TASK_RUNS = """query {
     flow_run_by_pk(id: %s) {
         task_runs(where: { map_index: { _eq: -1 } }) {
@@ -2115,6 +2126,15 @@ class GraphQLBackend(Backend):
                     str(row.get("message") or ""))
             for row in (_expect(row, dict, "log") for row in rows)
         ]
+
+    def delete_flow_run(self, run_id: str) -> bool:
+        answer = self.graphql(_DELETE_FLOW_RUN, {"input": {"flow_run_id": run_id}}).get("delete_flow_run")
+        return _expect(answer, dict, "delete_flow_run").get("success") is True
+
+    def archive_flow(self, flow_id: str) -> None:
+        answer = self.graphql(_ARCHIVE_FLOW, {"input": {"flow_id": flow_id}}).get("archive_flow")
+        if _expect(answer, dict, "archive_flow").get("success") is not True:
+            raise APIError(f"the API did not archive flow {flow_id}")
 
     def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
         rows = _expect(self.graphql(_STATE_HISTORY % json.dumps(run_id)).get("flow_run_state"), list,
@@ -2735,6 +2755,25 @@ class SQLiteBackend(Backend):
             (run_id, int(offset)),
         )
         return [LogLine(row["timestamp"], row["level"], row["name"], row["message"]) for row in rows]
+
+    def delete_flow_run(self, run_id: str) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM flow_run_state WHERE flow_run_id = ?", (run_id,))
+            db.execute("DELETE FROM log WHERE flow_run_id = ?", (run_id,))
+            return bool(db.execute("DELETE FROM flow_run WHERE id = ?", (run_id,)).rowcount)
+
+        return self._write(delete)
+
+    def archive_flow(self, flow_id: str) -> None:
+        def archive(db: sqlite3.Connection) -> None:
+            if not db.execute("UPDATE flow SET archived = 1 WHERE id = ?", (flow_id,)).rowcount:
+                raise APIError(f"there is no flow with id {flow_id}")
+            for row in db.execute("SELECT id, version FROM flow_run WHERE flow_id = ? AND state = 'Scheduled'",
+                                  (flow_id,)).fetchall():
+                state = make_state("Cancelled", f"Flow {flow_id} was archived.")
+                self._apply_state(db, row["id"], row["version"] + 1, state, json.dumps(state))
+
+        self._write(archive)
 
     def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
         rows = self._read("SELECT state, message, timestamp FROM flow_run_state WHERE flow_run_id = ? ORDER BY version",
@@ -4105,6 +4144,7 @@ class _Job:
         self.returncode: int | None = None
         self.exited = False
         self.adopted = adopted
+        self.run_name = ""  # the run's readable name, for -f (not kept in the ledger)
 
     def start(self, command: list[str], environment: dict[str, str], cwd: str | None = None) -> None:
         """Start the flow-run process in its own session, its output going to a file."""
@@ -5083,6 +5123,7 @@ class LocalAgent:
                               self.settings.trusted_script_dirs)
             job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
                        started_at=time.time())
+            job.run_name = run.name
             environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
             _, working_dir = _local_run(run)
             if not self._fork_from_template(job, environment, working_dir):
@@ -5141,8 +5182,8 @@ class LocalAgent:
         line = line._replace(message=line.message.rstrip("\r"))  # redacted by _Job.read_output
         shown = line.message if line.name == "output" else _format_log_line(line)
         job.tail.append(shown)
-        if self.settings.show_flow_logs:
-            sys.stdout.write(shown + "\n")
+        if self.settings.show_flow_logs:  # whose line it is: several runs may be writing
+            sys.stdout.write(f"{job.run_name or job.run_id[:8]} | {shown}\n")
             sys.stdout.flush()
         if shipped or not self.settings.cloud_logs:
             return
@@ -5815,13 +5856,29 @@ def _watch_run(backend: Backend, run_id: str, settings: Settings) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         flow_name = _flow_named(backend, args.flow) if args.flow is not None else None
-        runs = backend.list_flow_runs(flow_name=flow_name, state=args.state, limit=args.count)
+        # Enough to order well: the ones a person looks for first may not be the newest scheduled.
+        fetched = backend.list_flow_runs(flow_name=flow_name, state=args.state, limit=max(args.count * 5, 200))
+    runs = _as_people_look_for_them(fetched)[:args.count]
     if args.output == "json":
         return _print_json([_run_json(run) for run in runs])
     rows = [(run.id, run.name or "-", run.flow_name, run.state, _short_time(run.scheduled_start_time),
              _short_time(run.updated)) for run in runs]
     print(_format_table(("ID", "NAME", "FLOW", "STATE", "SCHEDULED (UTC)", "UPDATED (UTC)"), rows))
     return 0
+
+
+def _as_people_look_for_them(runs: Sequence[FlowRun], now: datetime | None = None) -> list[FlowRun]:
+    """Running ones first, then the most recent first, then the upcoming ones, soonest first."""
+    now = now or _utcnow()
+    active = [run for run in runs if run.state in ("Submitted", "Running", "Cancelling")]
+    upcoming = [run for run in runs if run.state in SCHEDULED_STATES and run.start_time > now]
+    rest = [run for run in runs if run not in active and run not in upcoming]
+
+    def when(run: FlowRun) -> datetime:
+        return run.scheduled_start_time or run.start_time
+
+    return [*sorted(active, key=when, reverse=True), *sorted(rest, key=when, reverse=True),
+            *sorted(upcoming, key=when)]
 
 
 def _print_json(value: Any) -> int:
@@ -5922,6 +5979,30 @@ def _cmd_logs(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(0.5)
             run = backend.get_flow_run(run_id)
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    with _backend_for(None, None, _command_settings(args)) as backend:
+        if args.what == "run":
+            run = _find_run(backend, args.target)
+            if run.state in ("Submitted", "Running", "Cancelling"):
+                raise AgentError(f"flow run {run.id} is {run.state}: cancel it first (`{_program_name()} cancel "
+                                 f"{run.id}`), then delete it")
+            backend.delete_flow_run(run.id)
+            print(f"Deleted flow run {run.id} ({run.name})")
+            return 0
+        name = _flow_named(backend, args.target)
+        archived = 0
+        flow = backend.find_flow(name)
+        while flow is not None and archived < 10_000:  # every version; bounded, as every loop is
+            backend.archive_flow(flow.id)
+            archived += 1
+            flow = backend.find_flow(name)
+        if not archived:
+            raise AgentError(f"no flow named {args.target!r} is registered in the {backend.location} "
+                             f"(`{_program_name()} flows` lists them)")
+    print(f"Deleted flow {name} ({archived} version(s) archived; its Scheduled runs are cancelled)")
+    return 0
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
@@ -6159,6 +6240,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_option(why, options["hostname_label"])
     _add_option(why, options["local_label"])
     _add_option(why, options["flow_dirs"])
+
+    delete = command("delete", "delete a flow (archived, as Prefect Server does) or a flow run", _cmd_delete)
+    delete.add_argument("what", choices=("flow", "run"), help="flow or run")
+    delete.add_argument("target", metavar="NAME", help="the flow's name, or the run's id (the start of it) or name")
 
     cancel = command("cancel", "cancel a flow run", _cmd_cancel)
     cancel.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")

@@ -861,6 +861,8 @@ def test_show_flow_logs_streams_flow_output(world: World, test_flows: Any) -> No
     world.run(world.flow(test_flows.hello))
     shown = world.agent("--once", "-f")
     assert "Hello, world!" in shown.stdout and "printed by the flow" in shown.stdout
+    name = la.list_flow_runs(api=world.api)[0].name
+    assert f"{name} | printed by the flow" in shown.stdout.splitlines()  # whose line it is
     world.run(world.flow(test_flows.hello))
     quiet = world.agent("--once")
     assert "Hello, world!" not in quiet.stdout
@@ -916,6 +918,21 @@ def test_runs_are_found_by_name_or_id_prefix_and_inspected_in_text_and_json(worl
                                                (3 * 86400 + 4 * 3600 + 59, "3 d 4 h"), (97_479, "1 d 3 h")])
 def test_waits_and_durations_read_as_a_person_says_them(seconds: float, text: str) -> None:
     assert la._duration_text(seconds) == text
+
+
+def test_runs_lists_running_first_then_the_most_recent_then_what_is_upcoming() -> None:
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+
+    def run(name: str, state: str, hours: float) -> la.FlowRun:
+        start = now + timedelta(hours=hours)
+        return la.FlowRun(id=name, version=1, state=state, serialized_state={"type": state,
+                          "start_time": la._format_time(start)}, flow_id="f", flow_name="f", name=name,
+                          scheduled_start_time=start)
+
+    runs = [run("in 2 h", "Scheduled", 2), run("in 1 h", "Scheduled", 1), run("running", "Running", -1),
+            run("late", "Scheduled", -0.5), run("2 h ago", "Success", -2), run("1 h ago", "Failed", -1)]
+    assert [r.name for r in la._as_people_look_for_them(runs, now)] == [
+        "running", "late", "1 h ago", "2 h ago", "in 1 h", "in 2 h"]
 
 
 def test_max_polls_stops_the_agent(world: World) -> None:
@@ -1039,9 +1056,13 @@ def test_run_runs_logs_flows_commands(embedded: World, test_flows: Any) -> None:
     assert run_cli("runs", "--state", "Success", env=env, check=True).stdout.count(run_id) == 1
     assert run_cli("runs", "--state", "success", env=env, check=True).stdout.count(run_id) == 1  # any case
     assert run_cli("runs", "--state", "Failed", env=env, check=True).stdout.count(run_id) == 0
-    logs = run_cli("logs", run_id, env=env, check=True).stdout
+    logs = run_cli("logs", run_id, env={**env, "TZ": "Asia/Kolkata"}, check=True).stdout
     assert "INFO - flow | Hello, CLI!" in logs
     assert "INFO - agent | Submitted for execution: PID:" in logs
+    stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\] INFO - ", logs)  # local time, milliseconds
+    assert stamp, logs
+    shown_at = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone(timedelta(hours=5.5)))
+    assert abs((shown_at - datetime.now(timezone.utc)).total_seconds()) < 300  # Kolkata's time, not UTC
     flows = run_cli("flows", env=env, check=True).stdout.splitlines()
     assert flows[1].split()[:4] == ["hello", "1", "tests", "test"]
     assert str(embedded.storage_dir / "hello.prefect") in flows[1]
@@ -1126,6 +1147,34 @@ def test_run_takes_a_name_a_parameter_file_a_key_and_watches_to_the_end(
     assert run["id"] == first and run["parameters"] == {"name": "from the file"} and run["state"] == "Success"
     bad = run_cli("run", "hello", "--param-file", str(tmp_path / "none.json"), *base, env=world.env)
     assert bad.returncode == 1 and "cannot read the parameter file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("world", ["sqlite", "graphql"], indirect=True)
+def test_delete_a_run_and_a_flow(world: World, test_flows: Any) -> None:
+    flow_id = world.flow(test_flows.hello)
+    done = world.run(flow_id)
+    assert world.agent("--once").returncode == 0
+    later = world.run(flow_id, at=datetime.now(timezone.utc) + timedelta(hours=1))
+    busy = world.run(flow_id, at=datetime.now(timezone.utc) + timedelta(hours=1))
+    backend = la.open_backend(la.resolve_settings({"api": world.api}))
+    try:
+        backend.set_flow_run_state(busy, la.make_state("Running", "Running flow."), None)
+    finally:
+        backend.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_in_process([*args, "--api", world.api], env=world.env, cwd=world.cwd)
+
+    assert cli("delete", "run", done[:13]).returncode == 0
+    assert "there is no flow run" in cli("inspect", done).stderr
+    refused = cli("delete", "run", busy)
+    assert refused.returncode == 1 and f"flow run {busy} is Running: cancel it first" in refused.stderr
+    deleted = cli("delete", "flow", "hello")
+    assert deleted.returncode == 0, deleted.stderr
+    assert world.state(later) == "Cancelled" and world.state(busy) == "Running"  # an active run is left alone
+    assert json.loads(cli("flows", "-o", "json").stdout) == []
+    assert "no flow named 'hello'" in cli("run", "hello").stderr
+    assert "no flow named 'hello'" in cli("delete", "flow", "hello").stderr
 
 
 def test_watch_says_why_nobody_claims_a_run(embedded: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch,
