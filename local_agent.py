@@ -1595,8 +1595,10 @@ _AUTH_INFO_QUERY = "query {\n    auth_info {\n        tenant_id\n    }\n}"
 _HELLO_QUERY = "query {\n    hello\n}"
 _REGISTER_AGENT = _mutation("register_agent", "id")
 _GET_RUNS_IN_QUEUE = _mutation("get_runs_in_queue", "flow_run_ids")
+# Prefect 1.4.1's agent takes Scheduled runs here; ours also takes Retrying ones (its flows'
+# retries, see _retry_if_due): both are in Server's queue of Scheduled-family states.
 _FLOW_RUN_METADATA = """query {
-    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _eq: "Scheduled" } },
+    flow_run(where: { id: { _in: %(ids)s }, _or: [{ state: { _in: ["Scheduled", "Retrying"] } },
              { state: { _eq: "Running" }, task_runs: { state_start_time: { _lte: %(now3)s } } }] }) {
         id
         version
@@ -3297,9 +3299,13 @@ class _FlowRunProcess:
             self.logger.warning("Not running flow run %s: its state changed (%s)", run.id, exc)
             return _EXIT_NOT_RUN
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
-        self.logger.info("Beginning flow run %r", run.flow_name)
+        attempt, attempts = _attempt_of(run), 1 + int(getattr(flow, "retries", 0) or 0)
+        if attempts > 1:
+            self.logger.info("Beginning flow run %r, attempt %d of %d", run.flow_name, attempt, attempts)
+        else:
+            self.logger.info("Beginning flow run %r", run.flow_name)
         tasks = self._start_task_runs(run)
-        final = self._call(flow, run)
+        final = _retry_if_due(self._call(flow, run), attempt, attempts, float(getattr(flow, "retry_delay", 0) or 0))
         self._finish_task_runs(tasks, final)
         self.logger.info("Flow run %s: %s", final["type"].upper(), final["message"])
         return _EXIT_REPORTED if self._report(final) else _EXIT_UNREPORTED
@@ -3461,6 +3467,30 @@ def _call_flow(flow: Any, parameters: Mapping[str, Any]) -> str | None:
     else:
         raise FlowStorageError(f"the stored {type(flow).__name__} is not callable and has no run()")
     return None
+
+
+def _attempt_of(run: FlowRun) -> int:
+    """Which attempt at the run this is: one more than the ``run_count`` of the Retrying state
+    it was claimed from (Prefect's count of the attempts made)."""
+    before = run.serialized_state.get("state") if run.state == "Submitted" else run.serialized_state
+    if isinstance(before, Mapping) and before.get("type") == "Retrying":
+        count = before.get("run_count")
+        return (count if isinstance(count, int) and count > 0 else 1) + 1
+    return 1
+
+
+def _retry_if_due(final: dict[str, Any], attempt: int, attempts: int, delay: float) -> dict[str, Any]:
+    """A failed attempt with attempts left becomes Prefect's Retrying, due ``delay`` seconds on,
+    for any agent with the run's labels; the last one stays Failed, saying so."""
+    if final["type"] != "Failed" or attempts <= 1:
+        return final
+    if attempt >= attempts:
+        return make_state("Failed", f"{final['message']} (attempt {attempt} of {attempts}: no retries left)")
+    due = _utcnow() + timedelta(seconds=delay)
+    retrying = make_state("Retrying", f"Attempt {attempt} of {attempts} failed ({final['message']}); "
+                                      f"retrying at {_short_time(due)} UTC", start_time=due)
+    retrying["run_count"] = attempt
+    return retrying
 
 
 def _script_dirs(settings: Settings, environ: Mapping[str, str]) -> list[str]:
@@ -5476,17 +5506,30 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer
 # --- 11. The Python API ------------------------------------------------------------------
 
 
+def _retry_settings(retries: int, retry_delay: float | timedelta) -> tuple[int, float]:
+    """``retries`` (a whole number, 0 or more) and ``retry_delay`` in seconds (0 or more)."""
+    delay = retry_delay.total_seconds() if isinstance(retry_delay, timedelta) else retry_delay
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a whole number, 0 or more, got {retries!r}")
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
+        raise ValueError(f"retry_delay must be 0 or more seconds (or a timedelta), got {retry_delay!r}")
+    return retries, float(delay)
+
+
 class Flow:
     """A named callable with labels: store it, deploy it, run it with an agent."""
 
     def __init__(
-        self, name: str, fn: Callable[..., Any] | None = None, labels: Iterable[str] = ()
+        self, name: str, fn: Callable[..., Any] | None = None, labels: Iterable[str] = (), *, retries: int = 0,
+        retry_delay: float | timedelta = 0,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError("a Flow needs a non-empty name")
         self.name = name
         self.fn = fn
         self.labels = _unique(labels)
+        #: A failed run is tried again this many times, each ``retry_delay`` seconds after the last failed.
+        self.retries, self.retry_delay = _retry_settings(retries, retry_delay)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the flow's function; the first call on a Flow without one makes it a decorator."""
@@ -5513,11 +5556,16 @@ class Flow:
         project_name: str,
         labels: Iterable[str] | None = None,
         *,
+        retries: int | None = None,
+        retry_delay: float | timedelta | None = None,
         api: str | None = None,
         token: str | None = None,
     ) -> str:
         """Store the flow and register it with the API; return the flow id."""
         self.labels = _unique([*self.labels, *(labels or [])])  # run_agent() needs them too
+        if retries is not None or retry_delay is not None:
+            self.retries, self.retry_delay = _retry_settings(
+                self.retries if retries is None else retries, self.retry_delay if retry_delay is None else retry_delay)
         return deploy(self, project_name, api=api, token=token)
 
     def run_agent(self, **agent_options: Any) -> int:
@@ -5533,7 +5581,7 @@ class Flow:
         qualname = getattr(self.fn, "__qualname__", "")
         if owner is not None and qualname and _lookup(owner, qualname) is self:
             return _reference_to(str(self.fn.__module__), qualname, self.name)
-        return (Flow, (self.name, self.fn, self.labels))
+        return (Flow, (self.name, self.fn, self.labels), {"retries": self.retries, "retry_delay": self.retry_delay})
 
 
 def _settings_for(api: str | None, token: str | None) -> Settings:
@@ -5572,12 +5620,14 @@ def _declared_parameters(obj: Any) -> list[dict[str, Any]]:
     return declared
 
 
-def _task_json(name: str, slug: str, kind: str, inputs: Iterable[str] = ()) -> dict[str, Any]:
+def _task_json(name: str, slug: str, kind: str, inputs: Iterable[str] = (), retries: int = 0,
+               retry_delay: float = 0.0) -> dict[str, Any]:
     """A task as Prefect 1.4.1 serializes it."""
     return {
         "name": name, "slug": slug, "type": kind, "inputs": {key: {"required": True, "type": "typing.Any"}
                                                            for key in inputs},
-        "outputs": "typing.Any", "tags": [], "max_retries": 0, "retry_delay": None, "timeout": None,
+        "outputs": "typing.Any", "tags": [], "max_retries": retries,
+        "retry_delay": round(retry_delay) if retries else None, "timeout": None,
         "trigger": {"fn": "prefect.triggers.all_successful", "kwargs": {}}, "skip_on_upstream_skip": True,
         "cache_for": None, "cache_key": None, "auto_generated": False,
         "cache_validator": {"fn": "prefect.engine.cache_validators.never_use", "kwargs": {}},
@@ -5591,8 +5641,10 @@ def serialize_flow(obj: Any, path: str, labels: Sequence[str]) -> dict[str, Any]
     show them (the flow-run process reports these task runs' states)."""
     name = _flow_name(obj)
     parameters = _declared_parameters(obj)
+    # The flow's retries are its body's, where Prefect's UI shows a task's.
     body = _task_json(name, _BODY_TASK_SLUG, "prefect.tasks.core.function.FunctionTask",
-                      [parameter["name"] for parameter in parameters])
+                      [parameter["name"] for parameter in parameters], getattr(obj, "retries", 0),
+                      getattr(obj, "retry_delay", 0.0))
     edges = [{"key": parameter["name"], "flattened": False, "mapped": False, "__version__": CORE_VERSION,
               "upstream_task": {"slug": parameter["slug"], "__version__": CORE_VERSION},
               "downstream_task": {"slug": _BODY_TASK_SLUG, "__version__": CORE_VERSION}} for parameter in parameters]

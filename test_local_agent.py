@@ -176,6 +176,15 @@ def show_version():
     local_agent.context["logger"].info("version %s", versioned.VALUE)
 
 
+def flaky(path, failures=2):
+    with open(path, "a") as handle:
+        handle.write("attempt\\n")
+    with open(path) as handle:
+        attempt = len(handle.read().splitlines())
+    if attempt <= failures:
+        raise RuntimeError("failing on attempt %d" % attempt)
+
+
 def ignore_sigterm(seconds=60):
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -323,9 +332,9 @@ class World:
             self.api = server.url
 
     def flow(self, fn: Any, name: str | None = None, labels: tuple[str, ...] = ("test",),
-             storage: Any = "local") -> str:
-        """Store ``fn`` as a flow and register it; return the flow id."""
-        flow = la.Flow(name or fn.__name__, fn)
+             storage: Any = "local", **options: Any) -> str:
+        """Store ``fn`` as a flow (``options`` for Flow) and register it; return the flow id."""
+        flow = la.Flow(name or fn.__name__, fn, **options)
         path = la.store_flow(flow, self.storage_dir)
         if storage == "local":
             storage = la.local_storage(flow.name, path)
@@ -1175,6 +1184,52 @@ def test_delete_a_run_and_a_flow(world: World, test_flows: Any) -> None:
     assert json.loads(cli("flows", "-o", "json").stdout) == []
     assert "no flow named 'hello'" in cli("run", "hello").stderr
     assert "no flow named 'hello'" in cli("delete", "flow", "hello").stderr
+
+
+@pytest.fixture(params=["sqlite", "graphql"])
+def retry_world(request: pytest.FixtureRequest, tmp_path: Path, clean_env: dict[str, str],
+                flows_dir: Path) -> Iterator[World]:
+    """Both backends; Server without its 30-s guard against a second Submitted, which would hold
+    each retry back until 30 s after the claim before it (as it does on a real Server)."""
+    if request.param == "sqlite":
+        yield World("sqlite", tmp_path, clean_env, flows_dir)
+        return
+    with PrefectServerDouble(submitted_guard_seconds=0) as double:
+        yield World("graphql", tmp_path, clean_env, flows_dir, double)
+
+
+def test_a_failed_run_is_retried_when_due_until_its_retries_run_out(retry_world: World, test_flows: Any,
+                                                                     tmp_path: Path) -> None:
+    world = retry_world
+    attempts = tmp_path / "attempts.txt"
+    recovers = world.run(world.flow(test_flows.flaky, retries=2, retry_delay=0.5),
+                         parameters={"path": str(attempts), "failures": 2})
+    gives_up = world.run(world.flow(test_flows.fail, retries=1))
+    agent = _agent_process(world)  # the retries come due while it runs
+    try:
+        done = world.wait_for(lambda: all(la.is_final(world.state(r)) for r in (recovers, gives_up)), timeout=60)
+    finally:
+        agent.terminate()
+        err = agent.communicate(timeout=60)[1]
+    assert done, (world.history(recovers), world.history(gives_up), err[-3000:])
+    assert world.state(recovers) == "Success" and len(attempts.read_text().splitlines()) == 3
+    assert world.history(recovers)[2:] == ["Submitted", "Running", "Retrying"] * 2 + ["Submitted", "Running", "Success"]
+    logs = world.logs(recovers)
+    assert "Beginning flow run 'flaky', attempt 3 of 3" in logs
+    assert any(line.startswith("Flow run RETRYING: Attempt 1 of 3 failed (RuntimeError: failing on attempt 1)")
+               for line in logs), logs
+    assert world.state(gives_up) == "Failed"
+    assert world.message(gives_up) == "ValueError: boom from the flow (attempt 2 of 2: no retries left)"
+    assert world.history(gives_up).count("Retrying") == 1
+    backend = la.open_backend(la.resolve_settings({"api": world.api}))
+    try:  # never started before it was due (Server's claims may be written 0.3 s ahead, launches never)
+        states = backend.get_state_history(recovers)
+    finally:
+        backend.close()
+    retried_at = [la._parse_time(stamp) for state, _, stamp in states if state == "Retrying"]
+    started_at = [la._parse_time(stamp) for state, _, stamp in states if state == "Running"][1:]
+    assert len(retried_at) == len(started_at) == 2
+    assert all(start - retry >= timedelta(seconds=0.45) for retry, start in zip(retried_at, started_at))
 
 
 def test_watch_says_why_nobody_claims_a_run(embedded: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch,
