@@ -1008,6 +1008,23 @@ _TRANSLITERATIONS = {
 
 
 
+def _code_file(obj: Any) -> str:
+    """The source file a flow's code is defined in ("" when there is none, e.g. a built-in)."""
+    target = obj.fn if type(obj).__name__ == "Flow" and hasattr(obj, "fn") else obj
+    code = getattr(target, "__code__", None)
+    path = code.co_filename if code is not None else getattr(sys.modules.get(getattr(target, "__module__", "")),
+                                                            "__file__", None)
+    return os.path.abspath(path) if isinstance(path, str) and os.path.isfile(path) else ""
+
+
+def _file_digest(path: str) -> str:
+    """A digest of a file's bytes ("" when it cannot be read)."""
+    try:
+        return _short_hash(Path(path).read_bytes())
+    except OSError:
+        return ""
+
+
 def _short_hash(data: bytes) -> str:
     """A short stable digest for names (not security): CRC-32 and length, in hex.
 
@@ -3282,6 +3299,7 @@ class _FlowRunProcess:
                 )
             _share_context(flow_run_id=run.id, flow_id=run.flow_id, flow_name=run.flow_name,
                            parameters=dict(run.parameters), logger=logging.getLogger("flow"))
+            self._note_changed_code(run)
         except FlowStorageError as exc:
             return self._fail_to_load(str(exc))
         except BaseException as exc:  # the flow's own modules may fail to import
@@ -3393,6 +3411,15 @@ class _FlowRunProcess:
         if failure is not None:
             return make_state("Failed", failure)
         return make_state("Success", "All reference tasks succeeded.")
+
+    def _note_changed_code(self, run: FlowRun) -> None:
+        """Say in the run's log when the flow's code changed since its version was deployed."""
+        env, _ = _local_run(run)
+        path, deployed = env.get("LOCAL_AGENT_CODE_FILE", ""), env.get("LOCAL_AGENT_CODE_DIGEST", "")
+        if path and deployed and _file_digest(path) != deployed:
+            self.logger.warning("The code of flow %r (%s) changed since this version of the flow was deployed: "
+                                "this run runs the code as it is now; deploy the flow again to record the change as "
+                                "a new version", run.flow_name, path)
 
     def _fail_to_load(self, message: str) -> int:
         self.logger.error("%s", message)
@@ -5656,10 +5683,20 @@ def serialize_flow(obj: Any, path: str, labels: Sequence[str]) -> dict[str, Any]
         "tasks": [*(_task_json(p["name"], p["slug"], p["type"]) for p in parameters), body],
         "edges": edges,
         "reference_tasks": [{"slug": _BODY_TASK_SLUG, "__version__": CORE_VERSION}],
-        "run_config": {"type": "UniversalRun", "labels": list(labels), "env": None, "__version__": CORE_VERSION},
+        # Which code this version runs: the file it is defined in and a digest of it. A new digest
+        # makes a new version at registration, and a run notes when the code changed since.
+        "run_config": {"type": "UniversalRun", "labels": list(labels), "env": _code_fingerprint(obj),
+                       "__version__": CORE_VERSION},
         "storage": local_storage(name, path),
         "__version__": CORE_VERSION,
     }
+
+
+def _code_fingerprint(obj: Any) -> dict[str, str] | None:
+    """The file a flow's code is in and its digest, as run-config variables; None when unknown."""
+    path = _code_file(obj)
+    digest = _file_digest(path) if path else ""
+    return {"LOCAL_AGENT_CODE_FILE": path, "LOCAL_AGENT_CODE_DIGEST": digest} if digest else None
 
 
 def deploy(

@@ -720,6 +720,45 @@ def test_flows_defined_in_a_script_are_stored_by_reference_to_it(tmp_path: Path,
     assert "define it in a .py file" in stdin.stderr
 
 
+def test_changed_code_makes_a_new_version_and_a_run_says_when_its_code_changed(embedded: World,
+                                                                               tmp_path: Path) -> None:
+    script = tmp_path / "versioned_flow.py"
+    source = textwrap.dedent("""
+        import sys
+        import local_agent
+
+        @local_agent.Flow("versioned", labels=["test"])
+        def versioned():
+            print("running version", VALUE)
+
+        VALUE = 1
+
+        if __name__ == "__main__":
+            print(versioned.deploy("P", api=sys.argv[1]))
+    """)
+    script.write_text(source)
+    env = {**embedded.env, "PYTHONPATH": str(AGENT.parent)}
+
+    def deploy() -> int:
+        subprocess.run([sys.executable, str(script), embedded.api], env=env, cwd=tmp_path, check=True,
+                       capture_output=True, timeout=60)
+        return int(json.loads(run_cli("flows", "-o", "json", "--api", embedded.api, env=env,
+                                      check=True).stdout)[0]["version"])
+
+    assert deploy() == 1
+    assert deploy() == 1  # the same code: the same version
+    run_id = run_cli("run", "versioned", "--label", "test", "--api", embedded.api, env=env, check=True).stdout.strip()
+    script.write_text(source.replace("VALUE = 1", "VALUE = 2"))
+    assert embedded.agent("--once").returncode == 0
+    logs = embedded.logs(run_id)
+    assert "running version 2" in logs
+    assert any("changed since this version of the flow was deployed" in line for line in logs), logs
+    assert deploy() == 2  # deployed again with the change: a new version
+    again = run_cli("run", "versioned", "--label", "test", "--api", embedded.api, env=env, check=True).stdout.strip()
+    assert embedded.agent("--once").returncode == 0
+    assert not any("changed since" in line for line in embedded.logs(again))
+
+
 def test_a_script_without_its_main_guard_is_told_to_add_it_and_runs_nothing_twice(
     tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
