@@ -1397,6 +1397,9 @@ class FlowSummary(NamedTuple):
     project: str
     labels: list[str]
     storage: Any
+    #: Its declared parameters, as Prefect serializes Parameter tasks; its run config.
+    parameters: Any = None
+    run_config: Any = None
 
 
 class LogLine(NamedTuple):
@@ -1694,6 +1697,7 @@ _FLOW_FIELDS = """id
         name
         version
         storage
+        parameters
         run_config
         environment
         project {
@@ -2247,6 +2251,8 @@ def _parse_flow_summary(row: Any) -> FlowSummary:
         project=str(project.get("name") or ""),
         labels=[str(label) for label in labels],
         storage=_json_field(row.get("storage")),
+        parameters=_json_field(row.get("parameters")),
+        run_config=run_config,
     )
 
 
@@ -2682,7 +2688,8 @@ class SQLiteBackend(Backend):
 
     def _flow_summaries(self, where: str, arguments: Sequence[Any]) -> list[FlowSummary]:
         rows = self._read(
-            "SELECT f.id, f.name, f.version, f.labels, f.storage, p.name AS project FROM flow f "
+            "SELECT f.id, f.name, f.version, f.labels, f.storage, f.parameters, f.run_config, p.name AS project "
+            "FROM flow f "
             f"JOIN project p ON p.id = f.project_id WHERE {where}",
             arguments,
         )
@@ -2690,6 +2697,8 @@ class SQLiteBackend(Backend):
             FlowSummary(
                 id=row["id"], name=row["name"], version=row["version"], project=row["project"],
                 labels=json.loads(row["labels"]), storage=json.loads(row["storage"]) if row["storage"] else None,
+                parameters=json.loads(row["parameters"]) if row["parameters"] else None,
+                run_config=json.loads(row["run_config"]) if row["run_config"] else None,
             )
             for row in rows
         ]
@@ -5692,11 +5701,47 @@ def serialize_flow(obj: Any, path: str, labels: Sequence[str]) -> dict[str, Any]
     }
 
 
-def _code_fingerprint(obj: Any) -> dict[str, str] | None:
-    """The file a flow's code is in and its digest, as run-config variables; None when unknown."""
+def _code_fingerprint(obj: Any) -> dict[str, str]:
+    """Run-config variables about a flow's code: the file it is in and its digest, and whether it
+    takes parameters it does not name (``**kwargs``); None when there is nothing to say."""
     path = _code_file(obj)
     digest = _file_digest(path) if path else ""
-    return {"LOCAL_AGENT_CODE_FILE": path, "LOCAL_AGENT_CODE_DIGEST": digest} if digest else None
+    variables = {"LOCAL_AGENT_CODE_FILE": path, "LOCAL_AGENT_CODE_DIGEST": digest} if digest else {}
+    variables[_PARAMETERS_KIND] = "open" if _takes_any_parameter(obj) else "exact"
+    return variables
+
+
+#: A run-config variable saying whether a flow takes only the parameters it declares ("exact")
+#: or others too ("open": ``**kwargs``). Flows registered without it are checked only when they
+#: declare parameters (an older registration may have declared none).
+_PARAMETERS_KIND = "LOCAL_AGENT_PARAMETERS"
+
+
+def _takes_any_parameter(obj: Any) -> bool:
+    """Whether a flow takes keyword arguments it does not name, or cannot be inspected to tell."""
+    import inspect
+
+    fn = obj.fn if isinstance(obj, Flow) else obj if inspect.isfunction(obj) else None
+    if fn is None:
+        return True
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+def _check_parameters(flow: FlowSummary, parameters: Mapping[str, Any]) -> None:
+    """Refuse, at creation, parameters a flow does not have and required ones that are missing."""
+    declared = [item for item in flow.parameters or [] if isinstance(item, Mapping) and "name" in item]
+    names = [str(item["name"]) for item in declared]
+    env = flow.run_config.get("env") if isinstance(flow.run_config, Mapping) else None
+    kind = env.get(_PARAMETERS_KIND) if isinstance(env, Mapping) else None
+    exact = kind == "exact" or (kind is None and bool(names))
+    unknown = sorted(set(parameters) - set(names))
+    if unknown and exact:
+        raise AgentError(f"flow {flow.name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are "
+                         f"{', '.join(names) or 'none'}")
+    missing = [str(item["name"]) for item in declared if item.get("required") and item["name"] not in parameters]
+    if missing:
+        raise AgentError(f"flow {flow.name!r} needs parameter {', '.join(map(repr, missing))}: give it with "
+                         f"--param {missing[0]}=JSON")
 
 
 def deploy(
@@ -5749,6 +5794,7 @@ def create_flow_run(
                 f"no flow named {flow_name!r} is registered in the {backend.location}; deploy it "
                 "first (`local_agent.py flows` lists the registered ones)"
             )
+        _check_parameters(flow, parameters or {})
         return backend.create_flow_run(
             flow.id,
             parameters=dict(parameters or {}),

@@ -185,6 +185,14 @@ def flaky(path, failures=2):
         raise RuntimeError("failing on attempt %d" % attempt)
 
 
+def needs(day):
+    local_agent.context["logger"].info("day %s", day)
+
+
+def takes_anything(**options):
+    local_agent.context["logger"].info("options %s", sorted(options))
+
+
 def ignore_sigterm(seconds=60):
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -1269,6 +1277,36 @@ def test_a_failed_run_is_retried_when_due_until_its_retries_run_out(retry_world:
     started_at = [la._parse_time(stamp) for state, _, stamp in states if state == "Running"][1:]
     assert len(retried_at) == len(started_at) == 2
     assert all(start - retry >= timedelta(seconds=0.45) for retry, start in zip(retried_at, started_at))
+
+
+@pytest.mark.parametrize("world", ["sqlite", "graphql"], indirect=True)
+def test_parameters_a_flow_does_not_have_or_needs_are_refused_when_the_run_is_created(
+    world: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in world.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(world.cwd)
+    for fn in (test_flows.hello, test_flows.needs, test_flows.takes_anything):
+        la.Flow(fn.__name__, fn).deploy("P", labels=["test"], api=world.api)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_in_process(["run", *args, "--label", "test", "--api", world.api], env=world.env, cwd=world.cwd)
+
+    typo = run("hello", "--param", "nmae=you")
+    assert typo.returncode == 1 and "flow 'hello' has no parameter 'nmae'; its parameters are name" in typo.stderr
+    missing = run("needs")
+    assert missing.returncode == 1 and "flow 'needs' needs parameter 'day': give it with --param day=JSON" in \
+        missing.stderr
+    assert run("needs", "--param", "day=1").returncode == 0
+    anything = run("takes_anything", "--param", "color=blue")  # **options: any parameter goes
+    assert anything.returncode == 0, anything.stderr
+    assert world.agent("--once").returncode == 0
+    assert "options ['color']" in world.logs(anything.stdout.strip())
+    if world.kind == "graphql":  # registered by another tool, declaring its parameters: checked too
+        other = world.server.add_flow("other", None, labels=["test"], parameters=[
+            {"name": "size", "slug": "size", "default": 1, "required": False,
+             "type": "prefect.core.parameter.Parameter", "outputs": "typing.Any", "tags": [], "__version__": "1.4.1"}])
+        assert other and "flow 'other' has no parameter 'colour'" in run("other", "--param", "colour=1").stderr
 
 
 def test_watch_says_why_nobody_claims_a_run(embedded: World, test_flows: Any, monkeypatch: pytest.MonkeyPatch,
