@@ -11,8 +11,9 @@ configured, an embedded SQLite database, so the whole loop works on one machine.
 Usage::
 
     python local_agent.py start [-t TOKEN] [-a API] [-l LABEL]... [options]
-    python local_agent.py run FLOW [--param KEY=JSON]... [--at WHEN]
-    python local_agent.py runs | logs RUN_ID [--follow] | flows | why [RUN_ID] | cancel RUN_ID
+    python local_agent.py run FLOW [--param KEY=JSON]... [--at WHEN] [--watch]
+    python local_agent.py runs | inspect RUN | logs RUN [--follow] | flows | why [RUN] | cancel RUN
+    python local_agent.py delete flow NAME | delete run RUN
     python local_agent.py --help
 
 Settings resolve in one order: command-line flag, then ``PREFECT__*`` environment
