@@ -151,31 +151,40 @@ def cpu_seconds(pid: int, children: bool = False) -> float | None:
     return (int(fields[first]) + int(fields[first + 1])) / CLOCK_TICKS
 
 
+def process_table() -> dict[int, list[str]]:
+    """Every process's /proc stat fields (after the command name), by pid."""
+    table: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    table[int(entry)] = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+    return table
+
+
+def descendants(table: dict[int, list[str]], root: int) -> set[int]:
+    """``root`` and every process below it in ``table``."""
+    members, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, fields in table.items():
+            if int(fields[1]) in members and pid not in members:
+                members.add(pid)
+                grew = True
+    return members
+
+
 def descendants_cpu(pid: int) -> float | None:
     """CPU seconds of ``pid``'s descendants: reaped ones, and live ones with theirs (a warm
     template's forked runs are its children, not the agent's)."""
     reaped = cpu_seconds(pid, children=True)
     if reaped is None:
         return None
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry)] = int(fields[1])
-            used[int(entry)] = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
-    members, grew = {pid}, True
-    while grew:
-        grew = False
-        for child, parent in parents.items():
-            if parent in members and child not in members:
-                members.add(child)
-                grew = True
-    return reaped + sum(used[member] for member in members if member != pid)
+    table = process_table()
+    return reaped + sum(sum(int(v) for v in table[member][11:15]) / CLOCK_TICKS
+                        for member in descendants(table, pid) if member != pid)
 
 
 def system_busy() -> tuple[float, float]:
@@ -1163,24 +1172,8 @@ def free_port() -> int:
 
 def tree_pss(root: int) -> int:
     """Summed PSS (bytes) of ``root`` and all its descendants."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    members = {root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in members and pid not in members:
-                members.add(pid)
-                grew = True
     total = 0
-    for pid in members:
+    for pid in descendants(process_table(), root):
         try:
             with open(f"/proc/{pid}/smaps_rollup") as handle:
                 total += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("Pss:"))
