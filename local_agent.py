@@ -3595,16 +3595,9 @@ def _serve_template(preload: Sequence[str], requests_fd: int, replies_fd: int) -
     def reply(**message: Any) -> None:
         os.write(replies_fd, (json.dumps(message) + "\n").encode())  # one line: under PIPE_BUF, atomic
 
-    name = ""
-    try:
-        for name in preload:
-            importlib.import_module(name)
-    except BaseException as exc:  # however a module fails on import, the agent says why and stops
-        reply(failed=f"--preload {name} cannot be imported: {_describe_exception(exc)}")
-        return None
-    if threading.active_count() > 1:
-        reply(failed=f"--preload {' '.join(preload)} started threads ({_thread_names()}), which a forked "
-                     "process would not have: preload modules that start no thread at import")
+    problem = _preload(preload)
+    if problem:
+        reply(failed=problem)
         return None
     loaded = _loaded_module_files()
     gc.freeze()  # what the template imported stays out of the children's collections: fewer pages copied
@@ -3642,6 +3635,20 @@ def _serve_template(preload: Sequence[str], requests_fd: int, replies_fd: int) -
             children.add(pid)
             waiting[request["run"]] = go_or_problem
             reply(run=request["run"], pid=pid)
+
+
+def _preload(modules: Sequence[str]) -> str:
+    """Import the modules a template forks runs with; why that cannot be done ("" when it can)."""
+    name = ""
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    except BaseException as exc:  # however a module fails on import, the agent says why and stops
+        return f"--preload {name} cannot be imported: {_describe_exception(exc)}"
+    if threading.active_count() > 1:
+        return (f"--preload {' '.join(modules)} started threads ({_thread_names()}), which a forked process "
+                "would not have: preload modules that start no thread at import")
+    return ""
 
 
 def _thread_names() -> str:
