@@ -2435,13 +2435,15 @@ def test_limit_never_runs_more_than_the_free_slots(world: World, test_flows: Any
     marker = tmp_path / "intervals.txt"
     flow_id = world.flow(test_flows.interval)
     for _ in range(6):
-        world.run(flow_id, parameters={"path": str(marker), "seconds": 0.4})
+        world.run(flow_id, parameters={"path": str(marker), "seconds": 1.0})
     result = world.agent("--once", "--limit", "2")
     assert result.returncode == 0, result.stderr
     intervals = [tuple(map(float, line.split())) for line in marker.read_text().splitlines()]
     assert len(intervals) == 6
     most = max(sum(start <= moment < end for start, end in intervals) for moment, _ in intervals)
-    assert most == 2
+    # Never more than the limit. (Exactly two at once is likely, not certain: on a loaded
+    # machine one run may end before the other's interpreter has started.)
+    assert most <= 2
 
 
 def stepped_agent(world: World, monkeypatch: pytest.MonkeyPatch, **options: Any) -> la.LocalAgent:
