@@ -1010,15 +1010,6 @@ _TRANSLITERATIONS = {
 
 
 
-def _code_file(obj: Any) -> str:
-    """The source file a flow's code is defined in ("" when there is none, e.g. a built-in)."""
-    target = obj.fn if type(obj).__name__ == "Flow" and hasattr(obj, "fn") else obj
-    code = getattr(target, "__code__", None)
-    path = code.co_filename if code is not None else getattr(sys.modules.get(getattr(target, "__module__", "")),
-                                                            "__file__", None)
-    return os.path.abspath(path) if isinstance(path, str) and os.path.isfile(path) else ""
-
-
 def _file_digest(path: str) -> str:
     """A digest of a file's bytes ("" when it cannot be read)."""
     try:
@@ -5640,11 +5631,28 @@ def _flow_labels(obj: Any, extra: Iterable[str] | None = None) -> list[str]:
     return _unique([LOCAL_STORAGE_LABEL, slugify(_flow_name(obj)), *own_labels, *(extra or [])])
 
 
+def _flow_function(obj: Any) -> Callable[..., Any] | None:
+    """The plain function a stored flow calls (a Flow's, or the object itself), or None."""
+    import inspect
+
+    fn = obj.fn if isinstance(obj, Flow) else obj
+    return fn if inspect.isfunction(fn) else None
+
+
+def _code_file(obj: Any) -> str:
+    """The source file a flow's code is defined in ("" when there is none, e.g. a built-in)."""
+    fn = _flow_function(obj)
+    target = obj.fn if isinstance(obj, Flow) else obj  # a class or callable object: its module's file
+    path = fn.__code__.co_filename if fn is not None else getattr(
+        sys.modules.get(getattr(target, "__module__", "")), "__file__", None)
+    return os.path.abspath(path) if isinstance(path, str) and os.path.isfile(path) else ""
+
+
 def _declared_parameters(obj: Any) -> list[dict[str, Any]]:
     """The parameters of a flow's function, as Prefect serializes ``Parameter`` tasks."""
     import inspect
 
-    fn = obj.fn if isinstance(obj, Flow) else obj if inspect.isfunction(obj) else None
+    fn = _flow_function(obj)
     if fn is None:
         return []
     declared: list[dict[str, Any]] = []
@@ -5730,7 +5738,7 @@ def _takes_any_parameter(obj: Any) -> bool:
     """Whether a flow takes keyword arguments it does not name, or cannot be inspected to tell."""
     import inspect
 
-    fn = obj.fn if isinstance(obj, Flow) else obj if inspect.isfunction(obj) else None
+    fn = _flow_function(obj)
     if fn is None:
         return True
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
@@ -6103,8 +6111,8 @@ def _cmd_flows(args: argparse.Namespace) -> int:
 
 def _cmd_logs(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
-        found: FlowRun | None = _find_run(backend, args.run_id)
-        run_id, run = found.id if found else "", found
+        run: FlowRun | None = _find_run(backend, args.run_id)
+        run_id = run.id if run else ""
         shown, quiet_since = 0, time.monotonic()
         while True:
             finished = run is None or is_final(run.state)
