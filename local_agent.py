@@ -146,6 +146,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -986,6 +987,822 @@ def _state_start_time(serialized: Mapping[str, Any] | None) -> datetime | None:
         return _parse_time(value)
     except ValueError:
         return None
+
+
+def _duration_text(seconds: float) -> str:
+    """``0.42 s``, ``12 s``, ``4 min 3 s``, ``3 d 4 h``: how long, as a person says it."""
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    whole = round(seconds)
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                               ("min", 60, "s", 1)):
+        if whole >= size:
+            rest = whole % size // smaller_size
+            return f"{whole // size} {unit}" + (f" {rest} {smaller}" if rest else "")
+    return f"{whole} s"
+
+
+# --- 5a. Schedules: Prefect 1.4.1's clocks -----------------------------------------------
+#
+# A schedule is a list of clocks, each a cron expression or an interval, with parameters
+# and labels of its own; it fires at the merged times of its clocks. The times must be the
+# ones Prefect 1.4.1 computes, since a Server creates runs from the same schedule JSON and
+# users compare the two. Prefect's times come from croniter 1.3.7, pytz and pendulum 2.1,
+# whose handling of daylight-saving changes has quirks (a 02:30 job fires at 03:30 on the
+# spring-forward day; a repeated hour fires once, on its second occurrence; an interval of a
+# day or more is added to the wall clock). The code below reproduces those libraries' steps
+# with ``zoneinfo``; the tests compare its output with real Prefect's, time for time. The
+# comments name the routine of croniter (K), prefect.schedules.clocks (C) or pendulum (P)
+# each step copies. One deliberate difference: where Prefect 1.4.1 loops forever (a job that
+# fires every minute, asked on a fall-back day before the repeated hour), this code goes on
+# after the last time it gave.
+
+#: croniter stops looking this many years after the start (then: "failed to find next date").
+_CRON_SEARCH_YEARS = 50
+#: Prefect's CronClock gives at most this many times per call; Schedule.next at most 10,000.
+_CLOCK_EVENT_LIMIT, _SCHEDULE_EVENT_LIMIT = 1000, 10000
+#: pytz reads only the 32-bit part of a zone file: its offsets stop changing at 2**31 s.
+_PYTZ_LAST_CHANGE = datetime(2038, 1, 19, 3, 14, 7)
+#: pendulum extends a zone's rule 400 years past 2037, then its offsets stop changing.
+_PENDULUM_LAST_CHANGE = datetime(2438, 1, 1)
+#: Zones whose pendulum (pytzdata 2020.1) file ends in a dummy 2038 entry: frozen like pytz.
+_PENDULUM_FROZEN_IN_2038 = frozenset({
+    "America/Miquelon", "America/Santiago", "Antarctica/Troll", "Atlantic/Azores", "Australia/LHI",
+    "Australia/Lord_Howe", "Chile/Continental", "Chile/EasterIsland", "NZ-CHAT", "Pacific/Chatham",
+    "Pacific/Easter", "Pacific/Norfolk",
+})
+#: Prefect's IntervalClock starts here when no start date is given.
+_INTERVAL_DEFAULT_START = datetime(2019, 1, 1)
+_UNIX_EPOCH = datetime(1970, 1, 1)
+_ZoneState = tuple[timedelta, timedelta, str]  # offset, DST part, abbreviation
+
+
+class ClockEvent(NamedTuple):
+    """One time a schedule fires, with the parameters and labels of the clock that fired."""
+
+    start_time: datetime
+    parameter_defaults: dict[str, Any]
+    labels: list[str] | None
+
+
+def check_timezone(name: str) -> str:
+    """Return ``name`` if it is a time zone this machine knows (IANA name or UTC), else raise."""
+    if name.upper() == "UTC":
+        return "UTC"
+    try:
+        _zoneinfo(name)
+    except (ValueError, OSError, LookupError):
+        raise ValueError(
+            f"unknown time zone {name!r}: use an IANA name such as Europe/Berlin or America/New_York"
+        ) from None
+    return name
+
+
+def _zoneinfo(name: str) -> Any:
+    import zoneinfo  # only where a schedule is computed
+
+    if name.upper() == "UTC":
+        return timezone.utc
+    return zoneinfo.ZoneInfo(name)
+
+
+class _ZoneView:
+    """A named time zone as pytz or pendulum sees it: the same rules, frozen after a date.
+
+    Instants are naive UTC datetimes, wall times naive local ones.
+    """
+
+    def __init__(self, name: str, frozen_after: datetime | None) -> None:
+        self.name = name
+        self.frozen_after = frozen_after
+        self.zone = _zoneinfo(name)
+
+    def state(self, instant: datetime) -> _ZoneState:
+        if self.frozen_after is not None and instant > self.frozen_after:
+            instant = self.frozen_after
+        local = instant.replace(tzinfo=timezone.utc).astimezone(self.zone)
+        return local.utcoffset() or timedelta(0), local.dst() or timedelta(0), local.tzname() or ""
+
+    def offset(self, instant: datetime) -> timedelta:
+        return self.state(instant)[0]
+
+    def to_local(self, instant: datetime) -> datetime:
+        return instant + self.offset(instant)
+
+    def candidates(self, wall: datetime) -> list[tuple[datetime, _ZoneState]]:
+        """pytz's search: the instants, earliest first, that show ``wall`` (none in a gap, two
+        in a repeated hour), found from the offsets one day either side."""
+        found = {}
+        for side in (timedelta(days=-1), timedelta(days=1)):
+            offset = self.offset(wall + side)
+            instant = wall - offset
+            state = self.state(instant)
+            if state[0] == offset:
+                found[instant] = state
+        return sorted(found.items())
+
+    def localize_pytz(self, wall: datetime) -> datetime:
+        """``pytz.timezone(name).localize(wall, is_dst=False)``: a repeated hour's standard-time
+        occurrence; in a gap, the wall time read with the offset before the gap."""
+        found = self.candidates(wall)
+        if len(found) == 1:
+            return found[0][0]
+        if not found:
+            return self.localize_pytz(wall - timedelta(hours=6)) + timedelta(hours=6)
+        standard = [instant for instant, state in found if not state[1]]
+        return standard[0] if len(standard) == 1 else min(instant for instant, _ in found)
+
+    def localize_pendulum(self, wall: datetime) -> datetime:
+        """``pendulum.datetime(..., tz=name)`` (POST_TRANSITION): a repeated hour's later
+        occurrence; in a gap, the wall time read with the offset before the gap (P:tz)."""
+        found = self.candidates(wall)
+        if found:
+            return found[-1][0]
+        return self.localize_pendulum(wall - timedelta(hours=6)) + timedelta(hours=6)
+
+    def localize_fold0(self, wall: datetime) -> datetime:
+        """A plain datetime with pendulum's tzinfo and fold=0: the earlier occurrence; in a
+        gap, the wall time read with the offset after the gap."""
+        found = self.candidates(wall)
+        if found:
+            return found[0][0]
+        before = self.localize_pendulum(wall - timedelta(hours=6)) + timedelta(hours=6)
+        return wall - self.offset(before)
+
+    def pendulum_instant(self, instant: datetime) -> datetime:
+        """The instant a pendulum DateTime converted from ``instant`` really denotes: pendulum
+        sets ``fold = not is_dst`` (P:tz/timezone.py ``_convert``), which swaps a repeated
+        hour's two occurrences in zones with negative DST (Europe/Dublin)."""
+        found = self.candidates(self.to_local(instant))
+        if len(found) < 2:
+            return instant
+        return found[0][0] if self.state(instant)[1] else found[-1][0]
+
+
+def _pytz_view(name: str) -> _ZoneView:
+    return _ZoneView(name, _PYTZ_LAST_CHANGE)
+
+
+def _pendulum_view(name: str) -> _ZoneView:
+    frozen = _PYTZ_LAST_CHANGE if name in _PENDULUM_FROZEN_IN_2038 else _PENDULUM_LAST_CHANGE
+    return _ZoneView(name, frozen)
+
+
+def _seconds(span: timedelta) -> float:
+    """croniter's ``timedelta_to_seconds``: microseconds first, so the float rounds alike."""
+    return (span.microseconds + (span.seconds + span.days * 86400) * 10**6) / 10**6
+
+
+def _timestamp(instant: datetime) -> float:
+    return _seconds(instant - _UNIX_EPOCH)
+
+
+def _from_timestamp(value: float) -> datetime:
+    return datetime.fromtimestamp(value, timezone.utc).replace(tzinfo=None)
+
+
+# Cron expressions, parsed as croniter 1.3.7's ``_expand`` parses them (K:600-772): exactly
+# the expressions Prefect accepts, with a message that names the bad field.
+
+_CRON_FIELDS = ("minute", "hour", "day_of_month", "month", "day_of_week", "second")
+_CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7), (0, 59))
+_CRON_NAMES: tuple[dict[str, Any], ...] = (
+    {}, {}, {"l": "l"},
+    {name: number for number, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), start=1)},
+    {name: number for number, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))},
+    {},
+)
+_CRON_LOW_MAP: tuple[dict[int, int], ...] = ({}, {}, {0: 1}, {0: 1}, {7: 0}, {})
+_CRON_ALIASES = {
+    "@midnight": "0 0 * * *", "@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *",
+}
+_CRON_RANGE = re.compile(r"^([^-]+)-([^-/]+)(/(\d+))?$")
+_CRON_NTH_WEEKDAY = re.compile(r"^(\w+)#(\d+)|l(\d+)$")
+_CRON_HASHED = re.compile(r"^(h|r)(\((\d+)-(\d+)\))?(\/(\d+))?$")
+_CronValue = Any  # an int, "*" or "l" (last day of the month)
+
+
+class CronFields(NamedTuple):
+    """A parsed cron expression: each field's sorted values or ``["*"]``, and nth weekdays."""
+
+    expression: str
+    values: tuple[list[_CronValue], ...]
+    nth_weekdays: dict[int, set[Any]]
+
+
+def parse_cron(expression: str) -> CronFields:
+    """Parse a cron expression as Prefect 1.4.1 does; ValueError names the bad field."""
+    if not isinstance(expression, str):
+        raise ValueError("a cron expression must be a string")
+    lowered = expression.lower()
+    aliased = _CRON_ALIASES.get(lowered)
+    fields = (aliased or lowered).split()
+    shown = fields if aliased else expression.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(
+            f"cron expression {expression!r} has {len(fields)} fields; expected 5 (minute hour "
+            "day_of_month month day_of_week) or 6 (the same and second)"
+        )
+    values: list[list[_CronValue]] = []
+    nth: dict[int, set[Any]] = {}
+    for index, field in enumerate(fields):
+        values.append(_parse_cron_field(index, field, shown[index], len(fields), nth))
+    plain_weekdays = set(values[4]) - set(nth) - {"*"}
+    if nth and plain_weekdays:
+        raise _cron_field_error(4, shown[4], "plain weekdays cannot be mixed with nth (#) or last (L) weekdays")
+    return CronFields(expression, tuple(values), nth)
+
+
+def _cron_field_error(index: int, text: str, problem: str) -> ValueError:
+    return ValueError(f"field {_CRON_FIELDS[index]!r} ({text}): {problem}")
+
+
+def _parse_cron_field(index: int, field: str, shown: str, field_count: int,
+                      nth: dict[int, set[Any]]) -> list[_CronValue]:
+    """One field's values; croniter's stack of comma-separated items, ranges pushed back."""
+    low_bound, high_bound = _CRON_RANGES[index]
+    if _CRON_HASHED.match(field):
+        raise _cron_field_error(index, shown, "hashed (H) and random (R) values are not supported")
+    items: list[Any] = field.split(",")
+    found: list[_CronValue] = []
+    while items:
+        item, nth_of_item = str(items.pop()), None  # type: str, Any
+        if index == 4:
+            item, nth_of_item = _split_nth_weekday(item, shown)
+        text = re.sub(r"^\*(\/.+)$", rf"{low_bound}-{high_bound}\1", item)
+        match = _CRON_RANGE.search(text)
+        if not match:
+            text = re.sub(r"^(.+)\/(.+)$", rf"\1-{high_bound}/\2", item)
+            match = _CRON_RANGE.search(text)
+        if match:
+            items += _expand_cron_range(index, shown, match, nth_of_item)
+            continue
+        value = _cron_single_value(index, shown, text, field_count)
+        found.append(value)
+        if index == 4 and nth_of_item:
+            nth.setdefault(value, set()).add(nth_of_item)
+    unique = sorted(set(found), key=lambda value: f"{value:02d}" if isinstance(value, int) else value)
+    if len(unique) == (60, 24, 31, 12, 7, 60)[index]:
+        return ["*"]  # croniter: every value is "*", which changes day_or's meaning (K:755)
+    return ["*"] if unique == ["*"] else unique
+
+
+def _split_nth_weekday(item: str, shown: str) -> tuple[str, Any]:
+    """``fri#2`` is the second Friday, ``l5`` the last one."""
+    match = _CRON_NTH_WEEKDAY.match(item)
+    if not match:
+        return item, None
+    day, number, last = match.groups()
+    if last:
+        return last, "l"
+    if not (number.isdigit() and 1 <= int(number) <= 5):
+        raise _cron_field_error(4, shown, f"{item!r}: the n in day#n must be 1-5")
+    return day, int(number)
+
+
+def _expand_cron_range(index: int, shown: str, match: re.Match[str], nth_of_item: Any) -> list[Any]:
+    low_bound, high_bound = _CRON_RANGES[index]
+    low, high, step_text = match.group(1), match.group(2), match.group(4) or "1"
+    if index == 2 and high == "l":
+        high = "31"
+    low, high = (_cron_name_to_number(index, shown, part) for part in (low, high))
+    if not low.isdigit() or not high.isdigit():
+        raise _cron_field_error(index, shown, "'L' cannot start a range")
+    if int(low) > int(high):
+        if index == 4 and high == "0":
+            high = "7"  # "fri-sun": a range ending on Sunday ends on 7
+        else:
+            raise _cron_field_error(index, shown, f"range {low}-{high} is reversed")
+    first, last, step = int(low), int(high), int(step_text)
+    if max(first, last) > high_bound:
+        raise _cron_field_error(index, shown, f"{max(first, last)} is out of range {low_bound}-{high_bound}")
+    if step == 0:
+        raise _cron_field_error(index, shown, "the step must be greater than 0")
+    if index == 4 and nth_of_item and nth_of_item != "l":
+        return [f"{value}#{nth_of_item}" for value in range(first, last + 1, step)]
+    return list(range(first, last + 1, step))
+
+
+def _cron_name_to_number(index: int, shown: str, part: str) -> str:
+    if part.isdigit():
+        return part
+    if part not in _CRON_NAMES[index]:
+        raise _cron_field_error(index, shown, f"{part!r} is not a valid value")
+    return str(_CRON_NAMES[index][part])
+
+
+def _cron_single_value(index: int, shown: str, text: str, field_count: int) -> _CronValue:
+    low_bound, high_bound = _CRON_RANGES[index]
+    if text.startswith("-"):
+        raise _cron_field_error(index, shown, "negative numbers are not allowed")
+    value: Any = text
+    if not (text == "*" or text.isdigit()):
+        if text not in _CRON_NAMES[index]:
+            raise _cron_field_error(index, shown, f"{text!r} is not a valid value")
+        value = _CRON_NAMES[index][text]
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    # croniter maps 0 to 1 in the day and month fields and 7 to Sunday (0), except where its
+    # field numbering for 6-field expressions makes it skip the map (K:728-735).
+    skips_map = (index in (2, 3) and field_count == 5) or (index in (3, 4) and field_count == 6)
+    if isinstance(value, int) and value in _CRON_LOW_MAP[index] and not skips_map:
+        value = _CRON_LOW_MAP[index][value]
+    if value not in ("*", "l") and not low_bound <= int(value) <= high_bound:
+        raise _cron_field_error(index, shown, f"{value} is out of range {low_bound}-{high_bound}")
+    return value
+
+
+# croniter's forward search on the wall clock (K:333-531).
+
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _days_in_month(month: int, year: int) -> int:
+    leap = month == 2 and (year % 400 == 0 or (year % 4 == 0 and year % 100 != 0))
+    return _MONTH_DAYS[month - 1] + leap
+
+
+def _nearest_difference(current: int, values: Sequence[_CronValue], size: int) -> int:
+    """How far the next allowed value is from ``current``, wrapping at ``size``."""
+    for value in values:
+        value = size if value == "l" else value
+        if value >= current:
+            return int(value) - current
+    return int(values[0]) - current + size
+
+
+def _nth_weekdays(year: int, month: int, weekday: int) -> tuple[int, ...]:
+    """The days of ``month`` that fall on ``weekday`` (0 = Sunday)."""
+    import calendar
+
+    weeks = calendar.Calendar((weekday + 6) % 7).monthdayscalendar(year, month)
+    if weeks[0][0] == 0:
+        weeks.pop(0)
+    return tuple(week[0] for week in weeks)
+
+
+def _next_nth_weekday_difference(moment: datetime, nth: Mapping[int, set[Any]]) -> int | None:
+    """Days to the next wanted nth weekday in this month, or None when none is left."""
+    candidates = []
+    for weekday, numbers in nth.items():
+        days = _nth_weekdays(moment.year, moment.month, weekday)
+        for number in numbers:
+            if number == "l":
+                day = days[-1]
+            elif len(days) < number:
+                continue
+            else:
+                day = days[number - 1]
+            if moment.day <= day:
+                candidates.append(day)
+    return min(candidates) - moment.day if candidates else None
+
+
+def _midnight(moment: datetime) -> datetime:
+    return moment.replace(hour=0, minute=0, second=0)
+
+
+def _cron_match_on_wall(moment: datetime, values: Sequence[list[_CronValue]], nth: Mapping[int, set[Any]]) -> datetime:
+    """The first wall time at or after ``moment`` that the fields allow (croniter's ``_calc``)."""
+    minutes, hours, days, months, weekdays = values[:5]
+    start_year = moment.year
+    while abs(moment.year - start_year) <= _CRON_SEARCH_YEARS:
+        if months != ["*"]:
+            difference = _nearest_difference(moment.month, months, 12)
+            if difference:
+                month = moment.month - 1 + difference
+                moment = datetime(moment.year + month // 12, month % 12 + 1, 1)
+                continue
+        if days != ["*"]:
+            length = _days_in_month(moment.month, moment.year)
+            if not ("l" in days and moment.day == length):
+                difference = _nearest_difference(moment.day, days, length)
+                if difference:
+                    moment = _midnight(moment) + timedelta(days=difference)
+                    continue
+        if nth:
+            nth_difference = _next_nth_weekday_difference(moment, nth)
+            if nth_difference is None:
+                length = _days_in_month(moment.month, moment.year)
+                moment = _midnight(moment) + timedelta(days=length - moment.day + 1)
+                continue
+            if nth_difference:
+                moment = _midnight(moment) + timedelta(days=nth_difference)
+                continue
+        elif weekdays != ["*"]:
+            difference = _nearest_difference(moment.isoweekday() % 7, weekdays, 7)
+            if difference:
+                moment = _midnight(moment) + timedelta(days=difference)
+                continue
+        if hours != ["*"]:
+            difference = _nearest_difference(moment.hour, hours, 24)
+            if difference:
+                moment = moment.replace(minute=0, second=0) + timedelta(hours=difference)
+                continue
+        if minutes != ["*"]:
+            difference = _nearest_difference(moment.minute, minutes, 60)
+            if difference:
+                moment = moment.replace(second=0) + timedelta(minutes=difference)
+                continue
+        if len(values) == 6:
+            if values[5] != ["*"]:
+                difference = _nearest_difference(moment.second, values[5], 60)
+                if difference:
+                    moment += timedelta(seconds=difference)
+                    continue
+        else:
+            moment = moment.replace(second=0)
+        return moment.replace(microsecond=0)
+    raise ValueError("no time matches the cron expression within 50 years")
+
+
+class _Croniter:
+    """croniter(expression, start, day_or).get_next(), in one of the two ways Prefect uses it.
+
+    With pytz (Prefect's normal path) croniter's arithmetic keeps the offset of the search's
+    start, so a result across a DST change is shifted by the change, then partly corrected
+    (K:259-289). With pendulum (Prefect's escape from a "DST loop", C:338) every wall time is
+    read with fold=0.
+    """
+
+    def __init__(self, fields: CronFields, start: float, zone: _ZoneView, *, day_or: bool, pendulum: bool = False):
+        self.fields = fields
+        self.zone = zone
+        self.day_or = day_or
+        self.pendulum = pendulum
+        self.current = start
+        self.dst_start = start
+
+    def _search(self, now: float, values: Sequence[list[_CronValue]]) -> float:
+        step = 1 if len(values) == 6 else 60
+        instant = _from_timestamp(math.floor(now) + step)
+        if self.pendulum:
+            wall = _cron_match_on_wall(self.zone.to_local(instant), values, self.fields.nth_weekdays)
+            return _timestamp(self.zone.localize_fold0(wall))
+        offset = self.zone.offset(instant)  # the frozen offset of the search's start
+        wall = _cron_match_on_wall(instant + offset, values, self.fields.nth_weekdays)
+        return _timestamp(wall - offset)
+
+    def _next_timestamp(self) -> float:
+        values = list(self.fields.values)
+        if values[2] != ["*"] and values[4] != ["*"] and self.day_or:
+            # Day of month OR day of week: the earlier of the two searches (K:243). The first
+            # still applies nth weekdays, so "1 * L5" style expressions never match.
+            by_day = self._search(self.current, [*values[:4], ["*"], *values[5:]])
+            by_weekday = self._search(self.current, [*values[:2], ["*"], *values[3:]])
+            return min(by_day, by_weekday)
+        return self._search(self.current, values)
+
+    def get_next(self) -> datetime:
+        """The next matching wall time (naive, local)."""
+        result = self._next_timestamp()
+        if self.pendulum:
+            return self._fix_dst_pendulum(result)
+        zone = self.zone
+        start = _from_timestamp(self.dst_start)
+        start_state, instant = zone.state(start), _from_timestamp(result)
+        state = zone.state(instant)
+        wall = instant + state[0]
+        if state[0] != start_state[0] and self._dst_fix_applies(
+            _seconds(state[0] - start_state[0]), _seconds(instant - start) / 3600, (start + start_state[0]).hour
+        ):
+            adjusted_wall = wall - (state[0] - start_state[0])
+            adjusted = _timestamp(adjusted_wall - state[0])
+            if zone.state(_from_timestamp(adjusted)) == state:  # only if that time exists
+                wall, result = adjusted_wall, adjusted
+            self.dst_start = result
+        self.current = result
+        return wall
+
+    @staticmethod
+    def _dst_fix_applies(lag: float, lag_hours: float, start_hour: int) -> bool:
+        """croniter's test for "the offset changed since the start, so correct the result"."""
+        hours_before_midnight = 24 - start_hour
+        if lag > 0:
+            return abs(lag_hours) >= hours_before_midnight
+        return 3600 * abs(lag_hours) + abs(lag) >= hours_before_midnight * 3600
+
+    def _fix_dst_pendulum(self, result: float) -> datetime:
+        # The same correction, with both times sharing one pendulum tzinfo: differences are
+        # wall-clock differences and offsets come from fold=0.
+        zone = self.zone
+        start_wall = zone.to_local(_from_timestamp(self.dst_start))
+        wall = zone.to_local(_from_timestamp(result))
+        start_offset = start_wall - zone.localize_fold0(start_wall)
+        offset = wall - zone.localize_fold0(wall)
+        if offset != start_offset and self._dst_fix_applies(
+            _seconds(offset - start_offset), _seconds(wall - start_wall) / 3600, start_wall.hour
+        ):
+            wall -= offset - start_offset
+            result = _timestamp(zone.localize_fold0(wall))
+            self.dst_start = result
+        self.current = result
+        return wall
+
+
+def _as_naive_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is None else moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+class _Event:
+    """A clock's time: the instant (naive UTC) and the wall time Prefect compares it by."""
+
+    __slots__ = ("clock", "instant", "wall", "zone")
+
+    def __init__(self, instant: datetime, wall: datetime, zone: str, clock: int) -> None:
+        self.instant, self.wall, self.zone, self.clock = instant, wall, zone, clock
+
+    def __lt__(self, other: _Event) -> bool:
+        # pendulum compares two times of one zone by wall clock, others by instant (C:25-35).
+        if self.zone == other.zone:
+            return self.wall < other.wall
+        return self.instant < other.instant
+
+    def same_time(self, other: _Event) -> bool:
+        return self.wall == other.wall if self.zone == other.zone else self.instant == other.instant
+
+
+class CronClock:
+    """Fire at the times of a cron expression in a time zone, as Prefect 1.x's CronClock."""
+
+    kind = "CronClock"
+
+    def __init__(
+        self,
+        cron: str,
+        timezone: str = "UTC",
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        day_or: bool = True,
+        parameter_defaults: Mapping[str, Any] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        self.cron = cron
+        self.fields = parse_cron(cron)
+        self.timezone = check_timezone(timezone)
+        self.start_wall = _wall_time(start, self.timezone)
+        self.end_wall = _wall_time(end, self.timezone)
+        self.day_or = day_or
+        self.parameter_defaults = dict(parameter_defaults or {})
+        self.labels = list(labels) if labels is not None else None
+
+    def __repr__(self) -> str:
+        return f"CronClock({self.cron!r}, {self.timezone!r})"
+
+    def describe(self) -> str:
+        """``cron '0 9 * * 1-5' Europe/Berlin``."""
+        return f"cron '{self.cron}' {self.timezone}" + ("" if self.day_or else " (day AND weekday)")
+
+    def events(self, after: datetime, number: int = 0) -> Iterable[_Event]:
+        """This clock's times strictly after ``after`` (CronClock.events, C:275-356)."""
+        pendulum_zone = _pendulum_view(self.timezone)
+        after_instant = pendulum_zone.pendulum_instant(_as_naive_utc(after))
+        after_wall = pendulum_zone.to_local(after_instant)
+        if self.start_wall is not None:
+            # max(after, start - 1 s), compared by wall clock (one pendulum tzinfo).
+            before_start = pendulum_zone.localize_pendulum(self.start_wall) - timedelta(seconds=1)
+            if pendulum_zone.to_local(before_start) > after_wall:
+                after_instant = pendulum_zone.pendulum_instant(before_start)
+                after_wall = pendulum_zone.to_local(after_instant)
+        end = pendulum_zone.localize_pendulum(self.end_wall) if self.end_wall is not None else None
+        start = _pytz_view(self.timezone).localize_pytz(after_wall)
+        if after_wall.microsecond:
+            start += timedelta(seconds=1)  # Prefect rounds up, croniter floors (C:314)
+        for instant in self._instants(_timestamp(start), after_instant):
+            if end is not None and instant > end:
+                return
+            yield _Event(instant, pendulum_zone.to_local(instant), self.timezone, number)
+
+    def _instants(self, start: float, after: datetime) -> Iterable[datetime]:
+        pytz_zone, pendulum_zone = _pytz_view(self.timezone), _pendulum_view(self.timezone)
+        cron = _Croniter(self.fields, start, pytz_zone, day_or=self.day_or)
+        given: set[datetime] = set()
+        for _ in range(_CLOCK_EVENT_LIMIT):
+            instant = pendulum_zone.localize_pendulum(cron.get_next())
+            stuck, seen = 0, set()  # type: int, set[tuple[bool, float, float]]
+            last_one = False
+            while instant == after or instant in given:
+                instant = pendulum_zone.localize_pendulum(cron.get_next())
+                stuck += 1
+                if stuck > _CLOCK_EVENT_LIMIT:
+                    raise ValueError(f"cron expression {self.cron!r} repeats times near {instant} UTC")
+                if stuck == 3:
+                    # Prefect: "stuck in a DST loop", so a new croniter with pendulum's tzinfo.
+                    after = instant
+                    cron = _Croniter(self.fields, _timestamp(instant), pendulum_zone, day_or=self.day_or, pendulum=True)
+                    instant = pendulum_zone.localize_pendulum(cron.get_next())
+                    last_one = instant in given
+                elif stuck > 3:
+                    position = (cron.pendulum, cron.current, cron.dst_start)
+                    if position in seen:
+                        # Prefect 1.4.1 would loop here forever: go on after the last time given.
+                        cron = _Croniter(self.fields, _timestamp(max(given)), pytz_zone, day_or=self.day_or)
+                        stuck, seen = 0, set()
+                    seen.add(position)
+            given.add(instant)
+            yield instant
+            if last_one:
+                return
+
+    def to_prefect(self) -> dict[str, Any]:
+        """This clock as Prefect 1.4.1's ClockSchema writes it."""
+        start = self.start_wall
+        if start is None and self.timezone != "UTC":
+            start = datetime(2000, 1, 1)  # Prefect takes a cron clock's zone only from its start date
+        return {
+            "type": self.kind, "cron": self.cron, "day_or": self.day_or,
+            "start_date": _prefect_time(start, self.timezone), "end_date": _prefect_time(self.end_wall, self.timezone),
+            "parameter_defaults": dict(self.parameter_defaults), "labels": self.labels, "__version__": CORE_VERSION,
+        }
+
+
+class IntervalClock:
+    """Fire every ``every`` from an anchor time, as Prefect 1.x's IntervalClock."""
+
+    kind = "IntervalClock"
+
+    def __init__(
+        self,
+        every: timedelta | float,
+        *,
+        anchor: datetime | None = None,
+        timezone: str | None = None,
+        end: datetime | None = None,
+        parameter_defaults: Mapping[str, Any] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        self.every = every if isinstance(every, timedelta) else timedelta(seconds=every)
+        if self.every <= timedelta(0):
+            raise ValueError("an interval must be longer than 0 s")
+        zone_of_anchor = getattr(anchor.tzinfo, "key", None) if anchor is not None else None
+        self.timezone = check_timezone(timezone or zone_of_anchor or "UTC")
+        self.anchor_wall = _wall_time(anchor, self.timezone)
+        if self.anchor_wall is None and self.timezone != "UTC":
+            self.anchor_wall = _INTERVAL_DEFAULT_START  # so that the zone is in the schedule JSON
+        self.end_wall = _wall_time(end, self.timezone)
+        self.parameter_defaults = dict(parameter_defaults or {})
+        self.labels = list(labels) if labels is not None else None
+
+    def __repr__(self) -> str:
+        return f"IntervalClock({self.every!r}, {self.timezone!r})"
+
+    def describe(self) -> str:
+        """``every 1 h 30 min from 2026-01-01 08:15 America/New_York``."""
+        text = f"every {_duration_text(self.every.total_seconds())}"
+        if self.anchor_wall is not None:
+            text += f" from {self.anchor_wall:%Y-%m-%d %H:%M:%S} {self.timezone}"
+        return text
+
+    def events(self, after: datetime, number: int = 0) -> Iterable[_Event]:
+        """This clock's times from ``after`` on (IntervalClock.events, C:163-216)."""
+        zone = _pendulum_view(self.timezone)
+        if self.anchor_wall is None:
+            start_wall = start = _INTERVAL_DEFAULT_START
+        else:
+            start = zone.localize_pendulum(self.anchor_wall)
+            start_wall = zone.to_local(start)
+        end = zone.localize_pendulum(self.end_wall) if self.end_wall is not None else None
+        after_instant = _as_naive_utc(after)
+        interval = self.every.total_seconds()
+        skip = _seconds(after_instant - start) / interval
+        skip = 0 if skip < 0 else (skip + 1 if int(skip) == skip else int(skip + 1))
+        offset = self.every * skip
+        while True:
+            # An offset of a day or more is added to the wall clock, a shorter one to the instant.
+            days, seconds = offset.days, offset.total_seconds() - offset.days * 86400
+            if days:
+                instant = zone.localize_pendulum(_pendulum_add(start_wall, days, seconds))
+            else:
+                instant = zone.pendulum_instant(_pendulum_add(start, 0, seconds))
+            offset += self.every
+            if instant < after_instant:  # not <=: Prefect lets a time equal to after through (C:203)
+                continue
+            if end is not None and instant > end:
+                return
+            yield _Event(instant, zone.to_local(instant), self.timezone, number)
+
+    def to_prefect(self) -> dict[str, Any]:
+        """This clock as Prefect 1.4.1's ClockSchema writes it."""
+        return {
+            "type": self.kind, "interval": self.every // timedelta(microseconds=1),
+            "start_date": _prefect_time(self.anchor_wall, self.timezone),
+            "end_date": _prefect_time(self.end_wall, self.timezone),
+            "parameter_defaults": dict(self.parameter_defaults), "labels": self.labels, "__version__": CORE_VERSION,
+        }
+
+
+def _pendulum_add(moment: datetime, days: int, seconds: float) -> datetime:
+    """pendulum.helpers.add_duration for days and seconds: its carrying, float rounding and all."""
+    minutes = hours = 0.0
+    if abs(seconds) > 59:
+        sign = int(math.copysign(1, seconds))
+        minutes, seconds = (value * sign for value in divmod(seconds * sign, 60))
+    if abs(minutes) > 59:
+        sign = int(math.copysign(1, minutes))
+        hours, minutes = (value * sign for value in divmod(minutes * sign, 60))
+    if abs(hours) > 23:
+        sign = int(math.copysign(1, hours))
+        extra_days, hours = (value * sign for value in divmod(hours * sign, 24))
+        days += int(extra_days)
+    return moment + timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def _wall_time(moment: datetime | None, zone_name: str) -> datetime | None:
+    """An aware time as the wall clock of ``zone_name`` shows it; a naive one is that already."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(_zoneinfo(zone_name)).replace(tzinfo=None)
+
+
+def _prefect_time(wall: datetime | None, zone_name: str) -> dict[str, str] | None:
+    """Prefect's DateTimeTZ JSON: the naive wall time and the zone's name."""
+    return None if wall is None else {"dt": wall.isoformat(), "tz": zone_name}
+
+
+class Schedule:
+    """Clocks whose merged times are when a flow runs, as Prefect 1.x's Schedule."""
+
+    def __init__(self, clocks: Sequence[CronClock | IntervalClock]) -> None:
+        if not clocks:
+            raise ValueError("a schedule needs at least one clock")
+        self.clocks = list(clocks)
+
+    def __repr__(self) -> str:
+        return f"Schedule({self.clocks!r})"
+
+    def describe(self) -> str:
+        """Each clock in words, ``; `` between them."""
+        return "; ".join(clock.describe() for clock in self.clocks)
+
+    def next(self, n: int, after: datetime | None = None) -> list[ClockEvent]:
+        """The next ``n`` times after ``after`` (default: now), as Prefect's ``Schedule.next``."""
+        import heapq
+
+        after = after or _utcnow()
+        merged = heapq.merge(*(clock.events(after, number) for number, clock in enumerate(self.clocks)))
+        events: list[ClockEvent] = []
+        previous: tuple[_Event, ClockEvent] | None = None
+        for event in merged:
+            clock = self.clocks[event.clock]
+            found = ClockEvent(event.instant.replace(tzinfo=timezone.utc), clock.parameter_defaults, clock.labels)
+            if previous is not None and previous[0].same_time(event) and previous[1][1:] == found[1:]:
+                continue  # Prefect drops an event equal to the one before (S:143)
+            previous = (event, found)
+            events.append(found)
+            if len(events) >= min(n, _SCHEDULE_EVENT_LIMIT):
+                break
+        return events
+
+    def to_prefect(self) -> dict[str, Any]:
+        """This schedule as Prefect 1.4.1's ScheduleSchema writes it (the flow JSON's ``schedule``)."""
+        return {
+            "clocks": [clock.to_prefect() for clock in self.clocks], "filters": [], "not_filters": [],
+            "or_filters": [], "adjustments": [], "__version__": CORE_VERSION,
+        }
+
+    @classmethod
+    def from_prefect(cls, data: Mapping[str, Any]) -> Schedule:
+        """Read Prefect 1.x schedule JSON (a flow's or a Server flow group's); ValueError if unusable."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("clocks"), list):
+            raise ValueError("a schedule is an object with a list of clocks")
+        for key in ("filters", "or_filters", "not_filters", "adjustments"):
+            if data.get(key):
+                raise ValueError(f"schedules with {key} are not supported; use cron expressions instead")
+        return cls([_clock_from_prefect(clock) for clock in data["clocks"]])
+
+
+def _clock_from_prefect(data: Any) -> CronClock | IntervalClock:
+    if not isinstance(data, Mapping):
+        raise ValueError("a clock is an object")
+    zone, start = _from_prefect_time(data.get("start_date"))
+    _, end = _from_prefect_time(data.get("end_date"))
+    common: dict[str, Any] = {
+        "end": end, "parameter_defaults": data.get("parameter_defaults") or {}, "labels": data.get("labels"),
+    }
+    if data.get("type") == "CronClock":
+        day_or = data.get("day_or")
+        return CronClock(str(data.get("cron")), zone, start=start, day_or=True if day_or is None else bool(day_or),
+                         **common)
+    if data.get("type") == "IntervalClock":
+        interval = data.get("interval")
+        if not isinstance(interval, int):
+            raise ValueError("an IntervalClock's interval is a whole number of microseconds")
+        return IntervalClock(timedelta(microseconds=interval), anchor=start, timezone=zone, **common)
+    raise ValueError(f"clocks of type {data.get('type')!r} are not supported; use CronClock or IntervalClock")
+
+
+def _from_prefect_time(data: Any) -> tuple[str, datetime | None]:
+    """A DateTimeTZ JSON value as (zone name, naive wall time); no value is UTC and no time."""
+    if data is None:
+        return "UTC", None
+    if not isinstance(data, Mapping) or not isinstance(data.get("dt"), str):
+        raise ValueError("a clock's date is an object with 'dt' and 'tz'")
+    zone = check_timezone(str(data.get("tz") or "UTC"))
+    moment = datetime.fromisoformat(data["dt"])
+    return zone, _wall_time(moment, zone)
 
 
 # --- 6. Flow storage ---------------------------------------------------------------------
@@ -6201,19 +7018,6 @@ def _history_json(history: Sequence[tuple[str, str, str]]) -> list[dict[str, Any
     return [{"state": state, "message": message, "timestamp": stamp,
              "seconds": (moments[index + 1] - moments[index]).total_seconds() if index + 1 < len(history) else None}
             for index, (state, message, stamp) in enumerate(history)]
-
-
-def _duration_text(seconds: float) -> str:
-    """``0.42 s``, ``12 s``, ``4 min 3 s``, ``3 d 4 h``: how long, as a person says it."""
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    whole = round(seconds)
-    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
-                                               ("min", 60, "s", 1)):
-        if whole >= size:
-            rest = whole % size // smaller_size
-            return f"{whole // size} {unit}" + (f" {rest} {smaller}" if rest else "")
-    return f"{whole} s"
 
 
 def _explain_run(run: FlowRun, agent_labels: Sequence[str], trusted_dirs: Sequence[str],
