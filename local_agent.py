@@ -94,16 +94,21 @@ __all__ = [
     "AgentError",
     "AuthError",
     "Backend",
+    "ClockEvent",
     "ConfigError",
+    "CronClock",
+    "CronFields",
     "Flow",
     "FlowRun",
     "FlowStorageError",
     "FlowSummary",
     "GraphQLBackend",
+    "IntervalClock",
     "LocalAgent",
     "LogLine",
     "RunBook",
     "SQLiteBackend",
+    "Schedule",
     "Settings",
     "StateUpdateFailed",
     "UntrustedFlowError",
@@ -121,6 +126,7 @@ __all__ = [
     "main",
     "make_state",
     "open_backend",
+    "parse_cron",
     "resolve_settings",
     "run_agent",
     "serialize_flow",
@@ -141,6 +147,7 @@ __all__ = [
 import ast
 import collections
 import contextlib
+import functools
 import importlib
 import importlib.util
 import io
@@ -224,6 +231,11 @@ WATCH_NOTE_SECONDS = 10.0
 RUN_LOOKUP_LIMIT = 1000
 #: ``logs --follow`` stops once the run is final and no line has come for this long.
 FOLLOW_LULL_SECONDS = 2.0
+#: The embedded scheduler keeps each active schedule's next runs created, as Server's does
+#: (``max_scheduled_runs_per_flow``); an agent tops them up at least this often, and sooner
+#: when half of a schedule's runs are used.
+SCHEDULED_RUNS_AHEAD = 10
+SCHEDULER_SECONDS = 60.0
 
 # The warm template of ``--preload`` (see _serve_template).
 #: Seconds the agent waits for a template to import its modules, and for its answer to a fork.
@@ -1045,7 +1057,7 @@ class ClockEvent(NamedTuple):
     labels: list[str] | None
 
 
-def check_timezone(name: str) -> str:
+def _check_timezone(name: str) -> str:
     """Return ``name`` if it is a time zone this machine knows (IANA name or UTC), else raise."""
     if name.upper() == "UTC":
         return "UTC"
@@ -1542,7 +1554,7 @@ class CronClock:
     ) -> None:
         self.cron = cron
         self.fields = parse_cron(cron)
-        self.timezone = check_timezone(timezone)
+        self.timezone = _check_timezone(timezone)
         self.start_wall = _wall_time(start, self.timezone)
         self.end_wall = _wall_time(end, self.timezone)
         self.day_or = day_or
@@ -1638,7 +1650,7 @@ class IntervalClock:
         if self.every <= timedelta(0):
             raise ValueError("an interval must be longer than 0 s")
         zone_of_anchor = getattr(anchor.tzinfo, "key", None) if anchor is not None else None
-        self.timezone = check_timezone(timezone or zone_of_anchor or "UTC")
+        self.timezone = _check_timezone(timezone or zone_of_anchor or "UTC")
         self.anchor_wall = _wall_time(anchor, self.timezone)
         if self.anchor_wall is None and self.timezone != "UTC":
             self.anchor_wall = _INTERVAL_DEFAULT_START  # so that the zone is in the schedule JSON
@@ -1800,7 +1812,7 @@ def _from_prefect_time(data: Any) -> tuple[str, datetime | None]:
         return "UTC", None
     if not isinstance(data, Mapping) or not isinstance(data.get("dt"), str):
         raise ValueError("a clock's date is an object with 'dt' and 'tz'")
-    zone = check_timezone(str(data.get("tz") or "UTC"))
+    zone = _check_timezone(str(data.get("tz") or "UTC"))
     moment = datetime.fromisoformat(data["dt"])
     return zone, _wall_time(moment, zone)
 
@@ -2210,6 +2222,11 @@ class FlowSummary(NamedTuple):
     #: Its declared parameters, as Prefect serializes Parameter tasks; its run config.
     parameters: Any = None
     run_config: Any = None
+    #: Its schedule as Prefect's JSON (the flow group's, else the flow's), and whether it is on.
+    schedule: Any = None
+    schedule_active: bool = False
+    #: Server's id of all the flow's versions (the embedded database has none).
+    flow_group_id: str = ""
 
 
 class LogLine(NamedTuple):
@@ -2367,6 +2384,20 @@ class Backend:
         """Archive a flow version as Server does: it cannot be run, its Scheduled runs are cancelled."""
         raise NotImplementedError
 
+    def set_schedule(self, flow: FlowSummary, schedule: Schedule) -> None:
+        """Give a flow (all its versions) this schedule and turn it on, as Server's flow-group schedule."""
+        raise NotImplementedError
+
+    def set_schedule_active(self, flow: FlowSummary, active: bool) -> bool:
+        """Turn a flow's schedule on (runs are created at once) or off (its future runs are deleted);
+        False when there is no schedule to turn on."""
+        raise NotImplementedError
+
+    def top_up_schedules(self, now: datetime, flow_id: str | None = None) -> datetime | None:
+        """Create the next runs of every active schedule (or one flow's); when to do it again
+        (None: the API does it)."""
+        return None
+
     def cancel_flow_run(self, run_id: str) -> str:
         """Ask for a run to be cancelled; return its new state."""
         raise NotImplementedError
@@ -2510,9 +2541,20 @@ _FLOW_FIELDS = """id
         parameters
         run_config
         environment
+        schedule
+        is_schedule_active
+        flow_group_id
+        flow_group {
+            schedule
+        }
         project {
             name
         }"""
+_SET_SCHEDULE_ACTIVE = _mutation("set_schedule_active", "success")
+_SET_SCHEDULE_INACTIVE = _mutation("set_schedule_inactive", "success")
+_SET_FLOW_GROUP_SCHEDULE = _mutation("set_flow_group_schedule", "success")
+#: Server refuses interval clocks shorter than this (Prefect's IntervalClockSchema).
+_SERVER_SHORTEST_INTERVAL = timedelta(minutes=1)
 _FLOW_LIST = "query {\n    flow(%s) {\n        " + _FLOW_FIELDS + "\n    }\n}"
 _CREATE_FLOW_RUN = _mutation("create_flow_run", "id")
 _LOG_QUERY = """query {
@@ -2892,7 +2934,24 @@ class GraphQLBackend(Backend):
             "idempotency_key": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         }
         answer = self.graphql(_CREATE_FLOW, {"input": flow_input}).get("create_flow_from_compressed_string")
-        return _expect(_expect(answer, dict, "create_flow").get("id"), str, "flow id")
+        flow_id = _expect(_expect(answer, dict, "create_flow").get("id"), str, "flow id")
+        if serialized_flow.get("schedule"):  # as flow.register() does: Server's scheduler takes it from here
+            self._schedule_mutation(_SET_SCHEDULE_ACTIVE, flow_id)
+        return flow_id
+
+    def _schedule_mutation(self, document: str, flow_id: str) -> bool:
+        answer = self.graphql(document, {"input": {"flow_id": flow_id}})
+        return bool(_expect(next(iter(answer.values()), None), dict, "schedule mutation").get("success"))
+
+    def set_schedule(self, flow: FlowSummary, schedule: Schedule) -> None:
+        clocks = _flow_group_clocks(schedule)
+        answer = self.graphql(_SET_FLOW_GROUP_SCHEDULE, {"input": {"flow_group_id": flow.flow_group_id, **clocks}})
+        if not _expect(answer.get("set_flow_group_schedule"), dict, "set_flow_group_schedule").get("success"):
+            raise APIError(f"the {self.location} did not set the schedule of flow {flow.name!r}")
+        self.set_schedule_active(flow, True)
+
+    def set_schedule_active(self, flow: FlowSummary, active: bool) -> bool:
+        return self._schedule_mutation(_SET_SCHEDULE_ACTIVE if active else _SET_SCHEDULE_INACTIVE, flow.id)
 
     def find_flow(self, name: str) -> FlowSummary | None:
         arguments = (
@@ -3046,6 +3105,27 @@ def _read_timestamp(run: FlowRun, row: Mapping[str, Any], column: str) -> str:
     return ""
 
 
+def _flow_group_clocks(schedule: Schedule) -> dict[str, Any]:
+    """A schedule as Server's ``set_flow_group_schedule`` takes it: cron and interval clocks in
+    one time zone, intervals in whole seconds, starting now (Server sets the start date)."""
+    zones = {clock.timezone for clock in schedule.clocks}
+    if len(zones) > 1:
+        raise AgentError("Prefect Server gives a flow group's schedule one time zone; use one for every clock")
+    cron_clocks, interval_clocks = [], []
+    for clock in schedule.clocks:
+        if isinstance(clock, CronClock):
+            cron_clocks.append({"cron": clock.cron, "parameter_defaults": clock.parameter_defaults})
+            continue
+        if clock.every < _SERVER_SHORTEST_INTERVAL or clock.every % timedelta(seconds=1):
+            raise AgentError("Prefect Server takes intervals of whole seconds, 60 s or more")
+        if clock.anchor_wall is not None and clock.anchor_wall != _INTERVAL_DEFAULT_START:
+            raise AgentError("Prefect Server starts a flow group's intervals when the schedule is set: leave out "
+                             "--anchor, or deploy the flow with the schedule in it (Flow(schedule=...))")
+        interval_clocks.append({"interval": int(clock.every.total_seconds()),
+                                "parameter_defaults": clock.parameter_defaults})
+    return {"cron_clocks": cron_clocks, "interval_clocks": interval_clocks, "timezone": zones.pop()}
+
+
 def _parse_flow_summary(row: Any) -> FlowSummary:
     row = _expect(row, dict, "a flow row")
     run_config = _json_field(row.get("run_config")) or {}
@@ -3054,6 +3134,7 @@ def _parse_flow_summary(row: Any) -> FlowSummary:
         environment.get("labels") if isinstance(environment, dict) else None
     ) or []
     project = row.get("project") if isinstance(row.get("project"), dict) else {}
+    group = row.get("flow_group") if isinstance(row.get("flow_group"), dict) else {}
     return FlowSummary(
         id=_expect(row.get("id"), str, "flow.id"),
         name=str(row.get("name") or ""),
@@ -3063,6 +3144,9 @@ def _parse_flow_summary(row: Any) -> FlowSummary:
         storage=_json_field(row.get("storage")),
         parameters=_json_field(row.get("parameters")),
         run_config=run_config,
+        schedule=_json_field(group.get("schedule")) or _json_field(row.get("schedule")),
+        schedule_active=bool(row.get("is_schedule_active")),
+        flow_group_id=str(row.get("flow_group_id") or ""),
     )
 
 
@@ -3072,7 +3156,7 @@ def _parse_flow_summary(row: Any) -> FlowSummary:
 # versions: a state write names the version it read and fails if the run moved on, inside
 # one transaction, so any number of agents sharing the file run each run exactly once.
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _APPLICATION_ID = 0x4C414731  # "LAG1": marks the file as ours
 _SCHEMA = """
 CREATE TABLE project (
@@ -3108,6 +3192,21 @@ CREATE TABLE agent (
 CREATE TABLE queue_version (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
 INSERT INTO queue_version VALUES (1, 0);
 """
+#: What each schema version adds to the one before; a database is brought up to date on open.
+_SCHEMA_CHANGES = {
+    1: _SCHEMA,
+    # Schedules: a flow's own (from its flow JSON), its flow group's (set by the schedule command,
+    # kept across versions, as Server's), whether it is on, and which runs the scheduler made.
+    2: """
+ALTER TABLE flow ADD COLUMN schedule TEXT;
+ALTER TABLE flow ADD COLUMN is_schedule_active INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE flow_run ADD COLUMN auto_scheduled INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX flow_run_auto_scheduled ON flow_run(flow_id, auto_scheduled, state, scheduled_start_time);
+CREATE TABLE flow_group (
+    project_id TEXT NOT NULL REFERENCES project(id), name TEXT NOT NULL, schedule TEXT,
+    PRIMARY KEY (project_id, name));
+""",
+}
 _RUN_SELECT = """SELECT r.*, f.name AS flow_name, f.storage AS flow_storage, f.run_config AS flow_run_config
 FROM flow_run r JOIN flow f ON f.id = r.flow_id"""
 _ADJECTIVES = ("amber", "brave", "calm", "dapper", "eager", "fuzzy", "gentle", "hasty", "icy", "jolly", "keen",
@@ -3188,8 +3287,8 @@ class SQLiteBackend(Backend):
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA foreign_keys=ON")
-            if connection.execute("PRAGMA user_version").fetchone()[0] == 0:
-                self._create_schema(connection)
+            if connection.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                self._update_schema(connection)
         except BaseException as exc:
             connection.close()
             if isinstance(exc, sqlite3.Error):
@@ -3213,15 +3312,18 @@ class SQLiteBackend(Backend):
                 f"local_agent {__version__} understands ({_SCHEMA_VERSION}): upgrade local_agent"
             )
 
-    def _create_schema(self, connection: sqlite3.Connection) -> None:
+    def _update_schema(self, connection: sqlite3.Connection) -> None:
+        """Create the tables, or bring an older database up to date, in one transaction."""
         connection.execute("BEGIN IMMEDIATE")
         try:
-            if connection.execute("PRAGMA user_version").fetchone()[0] == 0:  # we won the race
-                for statement in _SCHEMA.split(";"):
+            version = connection.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+            for change in range(version + 1, _SCHEMA_VERSION + 1):
+                for statement in _SCHEMA_CHANGES[change].split(";"):
                     if statement.strip():
                         connection.execute(statement)
+            if version == 0:
                 connection.execute(f"PRAGMA application_id={_APPLICATION_ID}")
-                connection.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            connection.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             connection.execute("COMMIT")
         except BaseException:
             _roll_back(connection)
@@ -3481,26 +3583,38 @@ class SQLiteBackend(Backend):
             if latest and latest["idempotency_key"] == key:
                 return str(latest["id"])
             flow_id = _new_id()
+            # The old versions' scheduled runs go (as Server's archiving does); the new one makes its own.
+            db.execute("DELETE FROM flow_run WHERE auto_scheduled = 1 AND state = 'Scheduled' AND flow_id IN "
+                       "(SELECT id FROM flow WHERE project_id = ? AND name = ?)", (project_id, name))
             db.execute("UPDATE flow SET archived = 1 WHERE project_id = ? AND name = ?", (project_id, name))
+            group = db.execute("SELECT schedule FROM flow_group WHERE project_id = ? AND name = ?",
+                               (project_id, name)).fetchone()
+            schedule = serialized_flow.get("schedule")
             db.execute(
                 "INSERT INTO flow (id, project_id, name, version, storage, run_config, labels, parameters, "
-                "serialized_flow, idempotency_key, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "serialized_flow, idempotency_key, created, schedule, is_schedule_active) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     flow_id, project_id, name, (latest["version"] + 1) if latest else 1,
                     json.dumps(serialized_flow.get("storage")), json.dumps(serialized_flow.get("run_config")),
                     json.dumps(labels), json.dumps(serialized_flow.get("parameters") or []), text, key,
-                    _format_time(_utcnow()),
+                    _format_time(_utcnow()), json.dumps(schedule) if schedule else None,
+                    # As flow.register() does, a new version's schedule is on if it has one.
+                    bool(schedule or (group and group["schedule"])),
                 ),
             )
             return flow_id
 
-        return self._write(register)
+        flow_id = self._write(register)
+        self.top_up_schedules(_utcnow(), flow_id)
+        return flow_id
 
     def _flow_summaries(self, where: str, arguments: Sequence[Any]) -> list[FlowSummary]:
         rows = self._read(
-            "SELECT f.id, f.name, f.version, f.labels, f.storage, f.parameters, f.run_config, p.name AS project "
-            "FROM flow f "
-            f"JOIN project p ON p.id = f.project_id WHERE {where}",
+            "SELECT f.id, f.name, f.version, f.labels, f.storage, f.parameters, f.run_config, p.name AS project, "
+            "coalesce(g.schedule, f.schedule) AS schedule, f.is_schedule_active "
+            "FROM flow f JOIN project p ON p.id = f.project_id "
+            f"LEFT JOIN flow_group g ON g.project_id = f.project_id AND g.name = f.name WHERE {where}",
             arguments,
         )
         return [
@@ -3509,6 +3623,8 @@ class SQLiteBackend(Backend):
                 labels=json.loads(row["labels"]), storage=json.loads(row["storage"]) if row["storage"] else None,
                 parameters=json.loads(row["parameters"]) if row["parameters"] else None,
                 run_config=json.loads(row["run_config"]) if row["run_config"] else None,
+                schedule=json.loads(row["schedule"]) if row["schedule"] else None,
+                schedule_active=bool(row["is_schedule_active"]),
             )
             for row in rows
         ]
@@ -3528,37 +3644,44 @@ class SQLiteBackend(Backend):
         name: str | None = None,
     ) -> str:
         start = scheduled_start_time or _utcnow()
-        state = make_state("Scheduled", "Flow run scheduled.", start_time=start)
 
         def create(db: sqlite3.Connection) -> str:
-            existing = db.execute("SELECT id FROM flow_run WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
-            if existing:
-                return str(existing["id"])
-            flow = db.execute("SELECT labels, parameters, archived FROM flow WHERE id = ?", (flow_id,)).fetchone()
-            if flow is None:
-                raise APIError(f"there is no flow with id {flow_id}")
-            if flow["archived"]:
-                raise APIError(f"Flow {flow_id} is archived.")
-            _check_required_parameters(json.loads(flow["parameters"]), parameters)
-            run_id, now = _new_id(), _format_time(_utcnow())
-            run_labels = sorted(labels if labels is not None else json.loads(flow["labels"]))
-            db.execute(
-                "INSERT INTO flow_run (id, flow_id, name, labels, parameters, context, idempotency_key, "
-                "scheduled_start_time, state, serialized_state, state_start_time, state_timestamp, version, "
-                "created, updated) VALUES (?, ?, ?, ?, ?, '{}', ?, ?, 'Pending', '{}', ?, ?, -1, ?, ?)",
-                (
-                    run_id, flow_id, name or f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}",
-                    json.dumps(run_labels), json.dumps(dict(parameters)), idempotency_key,
-                    _format_time(start), _format_time(start), now, now, now,
-                ),
-            )
-            # Like Server: the run is written Pending (version 0), then Scheduled (version 1).
-            pending = make_state("Pending", "Flow run created")
-            self._apply_state(db, run_id, 0, pending, json.dumps(pending))
-            self._apply_state(db, run_id, 1, state, json.dumps(state))
-            return run_id
+            return self._insert_flow_run(db, flow_id, parameters, labels, start, idempotency_key, name)
 
         return self._write(create)
+
+    def _insert_flow_run(self, db: sqlite3.Connection, flow_id: str, parameters: Mapping[str, Any],
+                         labels: Sequence[str] | None, start: datetime, idempotency_key: str, name: str | None,
+                         *, auto_scheduled: bool = False) -> str:
+        """Create a Scheduled run as Server does (the run for a known idempotency key, if there is one)."""
+        state = make_state("Scheduled", "Flow run scheduled.", start_time=start)
+        existing = db.execute("SELECT id FROM flow_run WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        if existing:
+            return str(existing["id"])
+        flow = db.execute("SELECT labels, parameters, archived FROM flow WHERE id = ?", (flow_id,)).fetchone()
+        if flow is None:
+            raise APIError(f"there is no flow with id {flow_id}")
+        if flow["archived"]:
+            raise APIError(f"Flow {flow_id} is archived.")
+        _check_required_parameters(json.loads(flow["parameters"]), parameters)
+        run_id, now = _new_id(), _format_time(_utcnow())
+        run_labels = sorted(labels if labels is not None else json.loads(flow["labels"]))
+        db.execute(
+            "INSERT INTO flow_run (id, flow_id, name, labels, parameters, context, idempotency_key, "
+            "scheduled_start_time, state, serialized_state, state_start_time, state_timestamp, version, "
+            "created, updated, auto_scheduled) VALUES (?, ?, ?, ?, ?, '{}', ?, ?, 'Pending', '{}', ?, ?, -1, ?, "
+            "?, ?)",
+            (
+                run_id, flow_id, name or f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}",
+                json.dumps(run_labels), json.dumps(dict(parameters)), idempotency_key,
+                _format_time(start), _format_time(start), now, now, now, auto_scheduled,
+            ),
+        )
+        # Like Server: the run is written Pending (version 0), then Scheduled (version 1).
+        pending = make_state("Pending", "Flow run created")
+        self._apply_state(db, run_id, 0, pending, json.dumps(pending))
+        self._apply_state(db, run_id, 1, state, json.dumps(state))
+        return run_id
 
     def list_flows(self) -> list[FlowSummary]:
         return self._flow_summaries("f.archived = 0 ORDER BY f.name, f.created", ())
@@ -3606,12 +3729,114 @@ class SQLiteBackend(Backend):
         def archive(db: sqlite3.Connection) -> None:
             if not db.execute("UPDATE flow SET archived = 1 WHERE id = ?", (flow_id,)).rowcount:
                 raise APIError(f"there is no flow with id {flow_id}")
+            db.execute("DELETE FROM flow_run WHERE flow_id = ? AND state = 'Scheduled' AND auto_scheduled = 1",
+                       (flow_id,))
             for row in db.execute("SELECT id, version FROM flow_run WHERE flow_id = ? AND state = 'Scheduled'",
                                   (flow_id,)).fetchall():
                 state = make_state("Cancelled", f"Flow {flow_id} was archived.")
                 self._apply_state(db, row["id"], row["version"] + 1, state, json.dumps(state))
 
         self._write(archive)
+
+    # Schedules: what Server's scheduler service and its schedule mutations do.
+
+    def set_schedule(self, flow: FlowSummary, schedule: Schedule) -> None:
+        text = json.dumps(schedule.to_prefect())
+
+        def write(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT project_id, name FROM flow WHERE id = ?", (flow.id,)).fetchone()
+            if row is None:
+                raise APIError(f"there is no flow with id {flow.id}")
+            db.execute("INSERT INTO flow_group (project_id, name, schedule) VALUES (?, ?, ?) "
+                       "ON CONFLICT (project_id, name) DO UPDATE SET schedule = excluded.schedule",
+                       (row["project_id"], row["name"], text))
+            self._delete_auto_scheduled(db, flow.id)
+
+        self._write(write)
+        self.set_schedule_active(flow, True)
+
+    def set_schedule_active(self, flow: FlowSummary, active: bool) -> bool:
+        def write(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT coalesce(g.schedule, f.schedule) AS schedule FROM flow f LEFT JOIN flow_group g "
+                "ON g.project_id = f.project_id AND g.name = f.name WHERE f.id = ?", (flow.id,)).fetchone()
+            if row is None or (active and not row["schedule"]):
+                return False
+            db.execute("UPDATE flow SET is_schedule_active = ? WHERE id = ?", (active, flow.id))
+            if not active:
+                self._delete_auto_scheduled(db, flow.id)
+            return True
+
+        changed = self._write(write)
+        if changed and active:
+            self.top_up_schedules(_utcnow(), flow.id)
+        return changed
+
+    @staticmethod
+    def _delete_auto_scheduled(db: sqlite3.Connection, flow_id: str) -> None:
+        """Delete the scheduler's runs that have not started, as Server does when a schedule changes."""
+        for table in ("flow_run_state", "log"):
+            db.execute(f"DELETE FROM {table} WHERE flow_run_id IN (SELECT id FROM flow_run WHERE flow_id = ? "
+                       "AND auto_scheduled = 1 AND state = 'Scheduled')", (flow_id,))
+        db.execute("DELETE FROM flow_run WHERE flow_id = ? AND auto_scheduled = 1 AND state = 'Scheduled'", (flow_id,))
+
+    def top_up_schedules(self, now: datetime, flow_id: str | None = None) -> datetime | None:
+        """Keep each active schedule's next runs created, as Server's scheduler service does.
+
+        Every agent and command sharing the file may do this at once: a run's idempotency key
+        names the flow, the time and the clock's parameters, so each time is one run. A flow
+        with enough future runs is skipped without computing its schedule.
+        """
+        rows = self._read(
+            "SELECT f.id, coalesce(g.schedule, f.schedule) AS schedule, "
+            "(SELECT count(*) FROM flow_run r WHERE r.flow_id = f.id AND r.auto_scheduled = 1 "
+            "AND r.state = 'Scheduled' AND r.scheduled_start_time > ?) AS upcoming "
+            "FROM flow f LEFT JOIN flow_group g ON g.project_id = f.project_id AND g.name = f.name "
+            "WHERE f.is_schedule_active = 1 AND f.archived = 0 AND (? IS NULL OR f.id = ?)",
+            (_format_time(now), flow_id, flow_id),
+        )
+        next_time = now + timedelta(seconds=SCHEDULER_SECONDS)
+        for row in rows:
+            if row["upcoming"] >= SCHEDULED_RUNS_AHEAD:
+                next_time = min(next_time, self._when_half_used(row["id"], now))
+                continue
+            try:
+                events = Schedule.from_prefect(json.loads(row["schedule"])).next(SCHEDULED_RUNS_AHEAD, now)
+                self._write(functools.partial(self._create_scheduled_runs, flow_id=row["id"], events=events,
+                                              now=now))
+            except (ValueError, APIError) as exc:  # Server logs a schedule it cannot use and goes on
+                if isinstance(exc, APIError) and exc.transient:
+                    raise
+                logging.getLogger(__name__).error("Cannot schedule runs of flow %s: %s", row["id"], exc)
+                continue
+            if len(events) > SCHEDULED_RUNS_AHEAD // 2:
+                next_time = min(next_time, events[SCHEDULED_RUNS_AHEAD // 2].start_time)
+        return max(next_time, now + timedelta(seconds=1))
+
+    def _when_half_used(self, flow_id: str, now: datetime) -> datetime:
+        rows = self._read("SELECT scheduled_start_time FROM flow_run WHERE flow_id = ? AND auto_scheduled = 1 AND "
+                          "state = 'Scheduled' AND scheduled_start_time > ? ORDER BY scheduled_start_time LIMIT 1 "
+                          "OFFSET ?", (flow_id, _format_time(now), SCHEDULED_RUNS_AHEAD // 2))
+        return _parse_time(rows[0][0]) if rows else now
+
+    def _create_scheduled_runs(self, db: sqlite3.Connection, *, flow_id: str, events: Sequence[ClockEvent],
+                               now: datetime) -> None:
+        """Server's ``schedule_flow_runs``: a run per event, none for a time already scheduled."""
+        import hashlib
+
+        last = db.execute("SELECT max(scheduled_start_time) FROM flow_run WHERE flow_id = ? AND auto_scheduled = 1",
+                          (flow_id,)).fetchone()[0]
+        last_scheduled = _parse_time(last) if last else now
+        for event in events:
+            key = f"auto-scheduled:{flow_id}:{event.start_time.isoformat()}"
+            if event.parameter_defaults or event.labels is not None:
+                # Clocks with their own parameters or labels may fire at the same time.
+                extra = json.dumps([event.parameter_defaults, event.labels], sort_keys=True)
+                key += ":" + hashlib.sha256(extra.encode("utf-8")).hexdigest()[:32]
+            elif event.start_time <= last_scheduled:
+                continue
+            self._insert_flow_run(db, flow_id, event.parameter_defaults, event.labels, event.start_time, key, None,
+                                  auto_scheduled=True)
 
     def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
         rows = self._read("SELECT state, message, timestamp FROM flow_run_state WHERE flow_run_id = ? ORDER BY version",
@@ -5491,7 +5716,7 @@ class LocalAgent:
         self._hurry = threading.Event()
         self._stop_signal = 0
         self._polls = self._empty_polls = self._connect_attempts = 0
-        self._next_poll = self._next_watch = self._connect_started = 0.0
+        self._next_poll = self._next_watch = self._connect_started = self._next_top_up = 0.0
         self._grace_end: float | None = None
         self._opened_at = self._last_poll_ok = 0.0
         self.api = _APIHealth(self.clock, self.logger)
@@ -5904,6 +6129,7 @@ class LocalAgent:
         self.logger.debug("Querying for ready flow runs...")
         before = self.clock.now() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
         try:
+            self._top_up_schedules()
             run_ids = backend.get_runs_in_queue(self.labels, before)
             self._last_poll_ok = self.clock.monotonic()
             # Read metadata only for runs there is room for; the rest stay queued for others.
@@ -5927,6 +6153,17 @@ class LocalAgent:
         for run in runs:
             self.book.fetched(run)
         return bool(runs)
+
+    def _top_up_schedules(self) -> None:
+        """Create the next runs of the embedded database's schedules when due (a Server has a
+        service for that: there it is never due)."""
+        now = self.clock.monotonic()
+        if now < self._next_top_up:
+            return
+        moment = self.clock.now()
+        next_time = self._backend().top_up_schedules(moment)
+        wait = math.inf if next_time is None else (next_time - moment).total_seconds()
+        self._next_top_up = now + max(1.0, wait)
 
     def _launch_due(self) -> None:
         """Claim fetched runs as their start nears, and launch each at its start time, in order.
@@ -6369,18 +6606,35 @@ def _retry_settings(retries: int, retry_delay: float | timedelta) -> tuple[int, 
     return retries, float(delay)
 
 
+def _as_schedule(schedule: Schedule | CronClock | IntervalClock | Sequence[CronClock | IntervalClock] | None,
+                 ) -> Schedule | None:
+    """A Schedule from a schedule, one clock or a list of clocks (None stays None)."""
+    if schedule is None or isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, (CronClock, IntervalClock)):
+        return Schedule([schedule])
+    if isinstance(schedule, (list, tuple)) and all(isinstance(c, (CronClock, IntervalClock)) for c in schedule):
+        return Schedule(list(schedule))
+    raise TypeError(f"a schedule is a Schedule, a CronClock, an IntervalClock or a list of clocks, got {schedule!r}")
+
+
 class Flow:
     """A named callable with labels: store it, deploy it, run it with an agent."""
 
+    #: When the API creates runs of it by itself (flows pickled before schedules existed have none).
+    schedule: Schedule | None = None
+
     def __init__(
-        self, name: str, fn: Callable[..., Any] | None = None, labels: Iterable[str] = (), *, retries: int = 0,
-        retry_delay: float | timedelta = 0,
+        self, name: str, fn: Callable[..., Any] | None = None, labels: Iterable[str] = (), *,
+        schedule: Schedule | CronClock | IntervalClock | Sequence[CronClock | IntervalClock] | None = None,
+        retries: int = 0, retry_delay: float | timedelta = 0,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError("a Flow needs a non-empty name")
         self.name = name
         self.fn = fn
         self.labels = _unique(labels)
+        self.schedule = _as_schedule(schedule)
         #: A failed run is tried again this many times, each ``retry_delay`` seconds after the last failed.
         self.retries, self.retry_delay = _retry_settings(retries, retry_delay)
 
@@ -6409,13 +6663,16 @@ class Flow:
         project_name: str,
         labels: Iterable[str] | None = None,
         *,
+        schedule: Schedule | CronClock | IntervalClock | Sequence[CronClock | IntervalClock] | None = None,
         retries: int | None = None,
         retry_delay: float | timedelta | None = None,
         api: str | None = None,
         token: str | None = None,
     ) -> str:
-        """Store the flow and register it with the API; return the flow id."""
+        """Store the flow and register it with the API (its schedule on); return the flow id."""
         self.labels = _unique([*self.labels, *(labels or [])])  # run_agent() needs them too
+        if schedule is not None:
+            self.schedule = _as_schedule(schedule)
         if retries is not None or retry_delay is not None:
             self.retries, self.retry_delay = _retry_settings(
                 self.retries if retries is None else retries, self.retry_delay if retry_delay is None else retry_delay)
@@ -6434,7 +6691,8 @@ class Flow:
         qualname = getattr(self.fn, "__qualname__", "")
         if owner is not None and qualname and _lookup(owner, qualname) is self:
             return _reference_to(str(self.fn.__module__), qualname, self.name)
-        return (Flow, (self.name, self.fn, self.labels), {"retries": self.retries, "retry_delay": self.retry_delay})
+        return (Flow, (self.name, self.fn, self.labels),
+                {"retries": self.retries, "retry_delay": self.retry_delay, "schedule": self.schedule})
 
 
 def _settings_for(api: str | None, token: str | None) -> Settings:
@@ -6511,6 +6769,7 @@ def serialize_flow(obj: Any, path: str, labels: Sequence[str]) -> dict[str, Any]
     show them (the flow-run process reports these task runs' states)."""
     name = _flow_name(obj)
     parameters = _declared_parameters(obj)
+    schedule = getattr(obj, "schedule", None)
     # The flow's retries are its body's, where Prefect's UI shows a task's.
     body = _task_json(name, _BODY_TASK_SLUG, "prefect.tasks.core.function.FunctionTask",
                       [parameter["name"] for parameter in parameters], getattr(obj, "retries", 0),
@@ -6521,7 +6780,7 @@ def serialize_flow(obj: Any, path: str, labels: Sequence[str]) -> dict[str, Any]
     return {
         "name": name,
         "type": "prefect.core.flow.Flow",
-        "schedule": None,
+        "schedule": schedule.to_prefect() if isinstance(schedule, Schedule) else None,
         "parameters": parameters,
         "tasks": [*(_task_json(p["name"], p["slug"], p["type"]) for p in parameters), body],
         "edges": edges,
