@@ -1057,9 +1057,13 @@ class ClockEvent(NamedTuple):
     labels: list[str] | None
 
 
+#: Names of UTC that Prefect's zone lists spell otherwise.
+_UTC_NAMES = frozenset({"UTC", "ETC/UTC", "UCT", "ETC/UCT", "UNIVERSAL", "ETC/UNIVERSAL", "ZULU", "ETC/ZULU"})
+
+
 def _check_timezone(name: str) -> str:
     """Return ``name`` if it is a time zone this machine knows (IANA name or UTC), else raise."""
-    if name.upper() == "UTC":
+    if name.upper() in _UTC_NAMES:
         return "UTC"
     try:
         _zoneinfo(name)
@@ -1662,9 +1666,9 @@ class IntervalClock:
         return f"IntervalClock({self.every!r}, {self.timezone!r})"
 
     def describe(self) -> str:
-        """``every 1 h 30 min from 2026-01-01 08:15 America/New_York``."""
+        """``every 1 h 30 min from 2026-01-01 08:15:00 America/New_York``."""
         text = f"every {_duration_text(self.every.total_seconds())}"
-        if self.anchor_wall is not None:
+        if self.anchor_wall not in (None, _INTERVAL_DEFAULT_START):
             text += f" from {self.anchor_wall:%Y-%m-%d %H:%M:%S} {self.timezone}"
         return text
 
@@ -3584,8 +3588,9 @@ class SQLiteBackend(Backend):
                 return str(latest["id"])
             flow_id = _new_id()
             # The old versions' scheduled runs go (as Server's archiving does); the new one makes its own.
-            db.execute("DELETE FROM flow_run WHERE auto_scheduled = 1 AND state = 'Scheduled' AND flow_id IN "
-                       "(SELECT id FROM flow WHERE project_id = ? AND name = ?)", (project_id, name))
+            versions = db.execute("SELECT id FROM flow WHERE project_id = ? AND name = ?", (project_id, name))
+            for old in versions.fetchall():
+                self._delete_auto_scheduled(db, old["id"])
             db.execute("UPDATE flow SET archived = 1 WHERE project_id = ? AND name = ?", (project_id, name))
             group = db.execute("SELECT schedule FROM flow_group WHERE project_id = ? AND name = ?",
                                (project_id, name)).fetchone()
@@ -3729,8 +3734,7 @@ class SQLiteBackend(Backend):
         def archive(db: sqlite3.Connection) -> None:
             if not db.execute("UPDATE flow SET archived = 1 WHERE id = ?", (flow_id,)).rowcount:
                 raise APIError(f"there is no flow with id {flow_id}")
-            db.execute("DELETE FROM flow_run WHERE flow_id = ? AND state = 'Scheduled' AND auto_scheduled = 1",
-                       (flow_id,))
+            self._delete_auto_scheduled(db, flow_id)
             for row in db.execute("SELECT id, version FROM flow_run WHERE flow_id = ? AND state = 'Scheduled'",
                                   (flow_id,)).fetchall():
                 state = make_state("Cancelled", f"Flow {flow_id} was archived.")
@@ -7147,6 +7151,128 @@ def _find_run(backend: Backend, given: str) -> FlowRun:
     raise AgentError(f"{given!r} could be any of {len(matches)} flow runs ({named}{more}): give more of its id")
 
 
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    with _backend_for(None, None, _command_settings(args)) as backend:
+        name = _flow_named(backend, args.flow)
+        flow = backend.find_flow(name)
+        if flow is None:
+            raise AgentError(f"no flow named {args.flow!r} is registered in the {backend.location} "
+                             f"(`{_program_name()} flows` lists them)")
+        if args.off or args.on:
+            if not backend.set_schedule_active(flow, bool(args.on)):
+                raise AgentError(f"flow {name!r} has no schedule to turn on: give it one with --cron or --every")
+            if args.off:
+                print(f"Schedule of flow {name} is off; its future scheduled runs are deleted")
+                return 0
+        elif args.cron or args.every:
+            schedule = Schedule([_clock_from_args(args)])
+            _check_schedule_parameters(flow, schedule)
+            backend.set_schedule(flow, schedule)
+        flow = backend.find_flow(name) or flow
+    print(_schedule_text(flow, upcoming=SCHEDULED_RUNS_AHEAD // 2))
+    return 0
+
+
+def _clock_from_args(args: argparse.Namespace) -> CronClock | IntervalClock:
+    """The clock ``schedule --cron`` or ``--every`` describes; ValueError is shown as a usage error."""
+    zone = args.timezone or _local_zone_name()
+    parameters = dict(args.params or [])
+    if args.cron:
+        if args.anchor:
+            raise AgentError("--anchor goes with --every; a cron schedule is anchored by its expression")
+        return CronClock(args.cron, zone, parameter_defaults=parameters)
+    # With no anchor an interval counts from midnight, 2019-01-01, in its zone (Prefect's start),
+    # so "every 1h" runs on the hour; a Server counts from when the schedule is set.
+    return IntervalClock(args.every, anchor=args.anchor, timezone=zone, parameter_defaults=parameters)
+
+
+def _check_schedule_parameters(flow: FlowSummary, schedule: Schedule) -> None:
+    """Refuse a schedule whose runs would lack a required parameter or name an unknown one."""
+    for clock in schedule.clocks:
+        try:
+            _check_parameters(flow, clock.parameter_defaults)
+        except AgentError as exc:
+            raise AgentError(f"the schedule's runs would be refused: {exc}") from None
+
+
+def _schedule_text(flow: FlowSummary, upcoming: int = 0) -> str:
+    """What a flow's schedule is and, when it is on, when its next runs are."""
+    schedule = _flow_schedule(flow)
+    if schedule is None:
+        return f"Flow {flow.name} has no schedule"
+    text = f"Flow {flow.name} runs on {schedule.describe()}" + ("" if flow.schedule_active else " (off)")
+    if flow.schedule_active and upcoming:
+        zone = _zoneinfo(schedule.clocks[0].timezone)
+        times = [event.start_time.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z") for event in
+                 schedule.next(upcoming)]
+        text += "\nNext runs: " + ", ".join(times)
+    return text
+
+
+def _flow_schedule(flow: FlowSummary) -> Schedule | None:
+    """A listed flow's schedule, or None when it has none or it cannot be read."""
+    try:
+        return Schedule.from_prefect(flow.schedule) if flow.schedule else None
+    except ValueError:
+        return None
+
+
+def _local_zone_name() -> str:
+    """This machine's time zone as an IANA name (``TZ``, else /etc/localtime's link), else UTC."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    with contextlib.suppress(OSError):
+        candidates.append(os.path.realpath("/etc/localtime").partition("zoneinfo/")[2])
+    for name in candidates:
+        with contextlib.suppress(ValueError):
+            if name:
+                return _check_timezone(name)
+    return "UTC"
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|min|m|s)", re.IGNORECASE)
+
+
+def _timezone_name(text: str) -> str:
+    """``--timezone``: an IANA zone name this machine knows."""
+    return _argument(_check_timezone, text.strip())
+
+
+def _cron_expression(text: str) -> str:
+    """``--cron``: an expression Prefect accepts (the error names the bad field)."""
+    _argument(parse_cron, text)
+    return text
+
+
+def _argument(check: Callable[[str], _T], text: str) -> _T:
+    """Run a check on a command-line value; its ValueError becomes argparse's usage error, word for word."""
+    import argparse  # loaded already: the parser is calling
+
+    try:
+        return check(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``1h30m``, ``1d``, ``2w`` (or plain seconds): a positive duration."""
+    return _argument(_duration, text)
+
+
+def _duration(text: str) -> timedelta:
+    compact = text.strip().lower()
+    units = {"w": 604800, "d": 86400, "h": 3600, "min": 60, "m": 60, "s": 1}
+    try:
+        seconds = float(compact)
+    except ValueError:
+        parts = _DURATION_PART.findall(compact)
+        if not parts or _DURATION_PART.sub("", compact).strip():
+            raise ValueError(f"{text!r} is not a duration; use 90s, 15m, 1h30m, 1d or 2w") from None
+        seconds = sum(float(number) * units[unit] for number, unit in parts)
+    if not 0 < seconds < 10**9:
+        raise ValueError(f"{text!r} is not a duration longer than 0 s")
+    return timedelta(seconds=seconds)
+
+
 def _flow_named(backend: Backend, name: str) -> str:
     """The registered flow ``name`` means: its own name, or the one whose slug it is."""
     flows = backend.list_flows()
@@ -7173,15 +7299,25 @@ def _state_name(text: str) -> str:
 def _cmd_flows(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         flows = backend.list_flows()
+    now = _utcnow()
+    schedules = [_flow_schedule(flow) for flow in flows]
+    next_runs = [schedule.next(1, now) if schedule and flow.schedule_active else [] for flow, schedule in
+                 zip(flows, schedules)]
     if args.output == "json":
         return _print_json([{"id": flow.id, "name": flow.name, "version": flow.version, "project": flow.project,
-                             "labels": list(flow.labels), "storage": flow.storage} for flow in flows])
+                             "labels": list(flow.labels), "storage": flow.storage,
+                             "schedule": schedule.describe() if schedule else None,
+                             "schedule_active": bool(schedule and flow.schedule_active),
+                             "next_run": _format_time(next_run[0].start_time) if next_run else None}
+                            for flow, schedule, next_run in zip(flows, schedules, next_runs)])
     rows = []
-    for flow in flows:
+    for flow, schedule, next_run in zip(flows, schedules, next_runs):
         files = flow.storage.get("flows", {}) if isinstance(flow.storage, dict) else {}
         path = files.get(flow.name, "-") if isinstance(files, dict) else "-"
-        rows.append((flow.name, str(flow.version), flow.project, ", ".join(flow.labels) or "-", str(path)))
-    print(_format_table(("NAME", "VERSION", "PROJECT", "LABELS", "FLOW FILE"), rows))
+        described = (schedule.describe() + ("" if flow.schedule_active else " (off)")) if schedule else "-"
+        rows.append((flow.name, str(flow.version), flow.project, ", ".join(flow.labels) or "-", described,
+                     _short_time(next_run[0].start_time) if next_run else "-", str(path)))
+    print(_format_table(("NAME", "VERSION", "PROJECT", "LABELS", "SCHEDULE", "NEXT RUN (UTC)", "FLOW FILE"), rows))
     return 0
 
 
@@ -7377,6 +7513,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _nonnegative_int.__name__ = "whole number"
     _parse_when.__name__ = "time"
     _parse_param.__name__ = "KEY=JSON"
+    _parse_duration.__name__ = "duration"
+    _timezone_name.__name__ = "time zone"
+    _cron_expression.__name__ = "cron expression"
     options = {option.name: option for option in _OPTIONS}
 
     parser = Parser(prog=_program_name(), description="A Prefect-style Local Agent in one file.")
@@ -7455,6 +7594,21 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_option(why, options["hostname_label"])
     _add_option(why, options["local_label"])
     _add_option(why, options["flow_dirs"])
+
+    schedule = command("schedule", "show, set or turn off a flow's schedule", _cmd_schedule)
+    schedule.add_argument("flow", metavar="FLOW", help="flow name")
+    when = schedule.add_mutually_exclusive_group()
+    when.add_argument("--cron", metavar="EXPR", type=_cron_expression,
+                      help="a cron expression, e.g. '0 9 * * 1-5' or @daily")
+    when.add_argument("--every", metavar="DURATION", type=_parse_duration, help="an interval: 90s, 15m, 1h30m, 1d")
+    when.add_argument("--off", action="store_true", help="turn the schedule off and delete its future runs")
+    when.add_argument("--on", action="store_true", help="turn the schedule on again")
+    schedule.add_argument("--timezone", metavar="TZ", type=_timezone_name,
+                          help="the zone the times are in, e.g. Europe/Berlin (default: this machine's)")
+    schedule.add_argument("--anchor", metavar="WHEN", type=_parse_when,
+                          help="with --every: a time the intervals count from (default: midnight 2019-01-01)")
+    schedule.add_argument("--param", dest="params", action="append", type=_parse_param,
+                          help="KEY=JSON for the scheduled runs (repeatable)")
 
     delete = command("delete", "delete a flow (archived, as Prefect Server does) or a flow run", _cmd_delete)
     delete.add_argument("what", choices=("flow", "run"), help="flow or run")

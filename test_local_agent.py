@@ -3293,3 +3293,277 @@ def _parent_of(pid: int) -> int:
     except (OSError, ValueError):
         return 0
 
+
+
+# --- Schedules -----------------------------------------------------------------------------
+
+
+def _auto_runs(world: World) -> list[sqlite3.Row]:
+    """The embedded scheduler's runs, earliest first."""
+    return world.db._read("SELECT * FROM flow_run WHERE auto_scheduled = 1 ORDER BY scheduled_start_time")
+
+
+def _flow_summary(world: World, name: str) -> la.FlowSummary:
+    flow = world.db.find_flow(name)
+    assert flow is not None
+    return flow
+
+
+def test_a_deployed_schedule_creates_its_next_ten_runs_once(embedded: World, test_flows: Any) -> None:
+    schedule = la.Schedule([la.CronClock("*/5 * * * *", "Europe/Berlin", parameter_defaults={"name": "cron"}),
+                            la.IntervalClock(timedelta(hours=1), labels=["hourly"])])
+    before = datetime.now(timezone.utc)
+    embedded.flow(test_flows.hello, schedule=schedule)
+    rows = _auto_runs(embedded)
+    expected = schedule.next(10, before)
+    # The same events, give or take the first one if a five-minute mark passed meanwhile.
+    got = sorted((la._parse_time(row["scheduled_start_time"]), row["parameters"], json.loads(row["labels"]))
+                 for row in rows)
+    if got[0][0] != expected[0].start_time:  # a five-minute mark passed since ``before``
+        expected = schedule.next(10, got[0][0] - timedelta(microseconds=1))
+    assert got == sorted((event.start_time, json.dumps(event.parameter_defaults), event.labels or ["test"])
+                         for event in expected)
+    assert all(row["state"] == "Scheduled" for row in rows)
+    # Every agent and command may top up: more rounds, from other connections too, add nothing.
+    others = [la.SQLiteBackend(la._sqlite_path(embedded.api)) for _ in range(3)]
+    threads = [threading.Thread(target=other.top_up_schedules, args=(datetime.now(timezone.utc),)) for other in others]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    embedded.db.top_up_schedules(datetime.now(timezone.utc))
+    assert [row["id"] for row in _auto_runs(embedded)] == [row["id"] for row in rows]
+    for other in others:
+        other.close()
+
+
+def test_the_scheduler_tops_up_as_time_passes_and_skips_what_it_made(embedded: World, test_flows: Any) -> None:
+    flow_id = embedded.flow(test_flows.hello, schedule=la.IntervalClock(timedelta(minutes=10)))
+    first = _auto_runs(embedded)
+    later = la._parse_time(first[3]["scheduled_start_time"]) + timedelta(seconds=1)  # 4 of the 10 are past
+    next_due = embedded.db.top_up_schedules(later)
+    rows = _auto_runs(embedded)
+    times = [la._parse_time(row["scheduled_start_time"]) for row in rows]
+    assert len(rows) == 14 and len(set(times)) == 14
+    assert all(b - a == timedelta(minutes=10) for a, b in itertools.pairwise(times))
+    assert next_due is not None and later < next_due <= times[-5]  # again by the time half are used
+    assert {row["flow_id"] for row in rows} == {flow_id}
+
+
+def test_turning_a_schedule_off_deletes_its_future_runs_only(embedded: World, test_flows: Any) -> None:
+    embedded.flow(test_flows.hello, schedule=la.CronClock("0 * * * *"))
+    ad_hoc = embedded.run(embedded.db.find_flow("hello").id, at=datetime.now(timezone.utc) + timedelta(hours=1))
+    assert len(_auto_runs(embedded)) == 10
+    flow = _flow_summary(embedded, "hello")
+    assert embedded.db.set_schedule_active(flow, False)
+    assert _auto_runs(embedded) == []
+    assert embedded.state(ad_hoc) == "Scheduled"
+    assert not _flow_summary(embedded, "hello").schedule_active
+    embedded.db.top_up_schedules(datetime.now(timezone.utc))
+    assert _auto_runs(embedded) == []
+    assert embedded.db.set_schedule_active(flow, True)
+    assert len(_auto_runs(embedded)) == 10
+
+
+def test_a_new_version_replaces_the_old_versions_scheduled_runs(embedded: World, test_flows: Any) -> None:
+    old = embedded.flow(test_flows.hello, schedule=la.CronClock("0 * * * *"))
+    new = embedded.flow(test_flows.hello, schedule=la.CronClock("30 * * * *"))
+    rows = _auto_runs(embedded)
+    assert old != new and {row["flow_id"] for row in rows} == {new}
+    assert {la._parse_time(row["scheduled_start_time"]).minute for row in rows} == {30}
+    assert len(rows) == 10
+
+
+def test_schedule_command_sets_shows_and_turns_off_a_schedule(embedded: World, test_flows: Any) -> None:
+    embedded.flow(test_flows.hello)
+    result = run_cli("schedule", "hello", "--cron", "0 9 * * mon-fri", "--timezone", "America/New_York",
+                     "--param", "name=\"cron\"", env=embedded.env, check=True)
+    assert result.stdout.startswith("Flow hello runs on cron '0 9 * * mon-fri' America/New_York\nNext runs: ")
+    rows = _auto_runs(embedded)
+    new_york = la._zoneinfo("America/New_York")
+    local_times = [la._parse_time(row["scheduled_start_time"]).astimezone(new_york) for row in rows]
+    assert len(rows) == 10 and {(t.hour, t.minute) for t in local_times} == {(9, 0)}
+    assert {t.weekday() for t in local_times} <= {0, 1, 2, 3, 4}
+    assert {row["parameters"] for row in rows} == {'{"name": "cron"}'}
+    # The flow group's schedule outlives a new version, as on Server.
+    embedded.flow(test_flows.hello)
+    assert len(_auto_runs(embedded)) == 10
+    listed = json.loads(run_cli("flows", "-o", "json", env=embedded.env, check=True).stdout)
+    assert listed[0]["schedule"] == "cron '0 9 * * mon-fri' America/New_York"
+    assert listed[0]["schedule_active"] is True
+    assert la._parse_time(listed[0]["next_run"]) == la._parse_time(_auto_runs(embedded)[0]["scheduled_start_time"])
+    table = run_cli("flows", env=embedded.env, check=True).stdout
+    assert "SCHEDULE" in table and "cron '0 9 * * mon-fri' America/New_York" in table
+    result = run_cli("schedule", "hello", "--every", "90m", "--anchor", "2026-01-01T00:15:00+00:00",
+                     "--timezone", "UTC", env=embedded.env, check=True)
+    assert "every 1 h 30 min from 2026-01-01 00:15:00 UTC" in result.stdout
+    times = [la._parse_time(row["scheduled_start_time"]) for row in _auto_runs(embedded)]
+    assert len(times) == 10 and all((t - datetime(2026, 1, 1, 0, 15, tzinfo=timezone.utc)) % timedelta(minutes=90)
+                                    == timedelta(0) for t in times)
+    result = run_cli("schedule", "hello", "--off", env=embedded.env, check=True)
+    assert "is off" in result.stdout and _auto_runs(embedded) == []
+    assert "(off)" in run_cli("flows", env=embedded.env, check=True).stdout
+    run_cli("schedule", "hello", "--on", env=embedded.env, check=True)
+    assert len(_auto_runs(embedded)) == 10
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (("--cron", "0 26 * * *"), 2, "argument --cron: field 'hour' (26): 26 is out of range 0-23"),
+    (("--cron", "0 9 * *"), 2, "has 4 fields; expected 5"),
+    (("--cron", "@reboot"), 2, "argument --cron:"),
+    (("--every", "5x"), 2, "'5x' is not a duration; use 90s, 15m, 1h30m, 1d or 2w"),
+    (("--every", "0s"), 2, "is not a duration longer than 0 s"),
+    (("--cron", "@daily", "--timezone", "Mars/Olympus"), 2, "unknown time zone 'Mars/Olympus'"),
+    (("--cron", "@daily", "--every", "1h"), 2, "not allowed with argument"),
+    (("--cron", "@daily", "--anchor", "+1h"), 1, "--anchor goes with --every"),
+    (("--cron", "@daily", "--param", "nope=1"), 1, "flow 'hello' has no parameter 'nope'"),
+    (("--on",), 1, "flow 'hello' has no schedule to turn on"),
+])
+def test_schedule_command_refuses_bad_input_with_one_line(embedded: World, test_flows: Any, args: tuple[str, ...],
+                                                          code: int, message: str) -> None:
+    embedded.flow(test_flows.hello)
+    result = run_cli("schedule", "hello", *args, env=embedded.env)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert _auto_runs(embedded) == []
+
+
+def test_a_schedule_needs_every_required_parameter(embedded: World, test_flows: Any) -> None:
+    embedded.flow(test_flows.record_start)
+    result = run_cli("schedule", "record_start", "--every", "1h", env=embedded.env)
+    assert result.returncode == 1 and "needs parameter 'path'" in result.stderr, result.stderr
+    run_cli("schedule", "record_start", "--every", "1h", "--param", "path=\"x\"", env=embedded.env, check=True)
+    assert len(_auto_runs(embedded)) == 10
+
+
+def test_agents_run_each_scheduled_time_once(embedded: World, test_flows: Any, tmp_path: Path) -> None:
+    """Three agents share one database and a schedule every 2 s: each time runs exactly once, none is skipped."""
+    marker = tmp_path / "starts.txt"
+    clock = la.IntervalClock(timedelta(seconds=2), parameter_defaults={"path": str(marker)})
+    embedded.flow(test_flows.record_start, schedule=clock)
+    agents = [_agent_process(embedded, "-n", f"agent-{n}", "--limit", "4") for n in range(3)]
+    finished = lambda: embedded.db._read(  # noqa: E731
+        "SELECT count(*) FROM flow_run WHERE auto_scheduled = 1 AND state = 'Success'")[0][0]
+    assert embedded.wait_for(lambda: finished() >= 12, timeout=120), [a.poll() for a in agents]
+    embedded.db.set_schedule_active(_flow_summary(embedded, "record_start"), False)
+    for agent in agents:
+        agent.send_signal(signal.SIGTERM)
+    errors = [agent.communicate(timeout=60)[1] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0, 0], errors
+    rows = _auto_runs(embedded)
+    times = [la._parse_time(row["scheduled_start_time"]) for row in rows]
+    assert len(set(times)) == len(times)  # one run per scheduled time
+    assert all(b - a == timedelta(seconds=2) for a, b in itertools.pairwise(times))  # none skipped
+    succeeded = [row for row in rows if row["state"] == "Success"]
+    for row in succeeded:
+        assert embedded.history(row["id"]) == ["Pending", "Scheduled", "Submitted", "Running", "Success"]
+    assert len(marker.read_text().split()) == len(succeeded)  # each ran once
+    took = [error.count("finished: Success") for error in errors]
+    print(f"\n3 agents, a schedule every 2 s: {len(succeeded)} runs, per agent {took}, duplicates 0, gaps 0")
+
+
+def test_an_agent_tops_up_the_schedules_as_its_clock_moves(embedded: World, test_flows: Any) -> None:
+    clock = JumpingClock()
+    embedded.flow(test_flows.noop, schedule=la.IntervalClock(timedelta(minutes=1)))
+    # An agent without the runs' labels: it tops up the schedule and takes nothing.
+    settings = la.resolve_settings({"api": embedded.api, "labels": ["elsewhere"], "hostname_label": False},
+                                   environ=embedded.env)
+    agent = la.LocalAgent(settings, clock=clock)
+    agent.open()
+    try:
+        agent.step()
+        assert len(_auto_runs(embedded)) == 10
+        clock.offset = 7 * 60.0  # seven of them are past now
+        for _ in range(3):
+            agent._next_poll = 0.0
+            agent.step()
+        upcoming = [row for row in _auto_runs(embedded)
+                    if la._parse_time(row["scheduled_start_time"]) > clock.now()]
+        assert len(upcoming) == 10
+    finally:
+        agent.stop()
+        agent.close()
+
+
+def test_a_database_of_schema_1_is_brought_up_to_date(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(la._SCHEMA_CHANGES[1])
+        connection.execute(f"PRAGMA application_id={la._APPLICATION_ID}")
+        connection.execute("PRAGMA user_version=1")
+        connection.execute("INSERT INTO project (id, name, created) VALUES ('p', 'old', '2026-01-01')")
+    connection.close()
+    backend = la.SQLiteBackend(str(path))
+    try:
+        assert backend._read("PRAGMA user_version")[0][0] == la._SCHEMA_VERSION
+        assert backend.ensure_project("old") == "p"
+        flow = la.Flow("f", print, schedule=la.CronClock("@hourly"))
+        flow_id = backend.register_flow("p", la.serialize_flow(flow, str(tmp_path / "f.prefect"), ["x"]))
+        assert backend.find_flow("f").schedule_active and backend.find_flow("f").id == flow_id
+        assert len(backend._read("SELECT id FROM flow_run WHERE auto_scheduled = 1")) == 10
+    finally:
+        backend.close()
+
+
+def test_a_flow_pickled_before_schedules_loads_without_one(tmp_path: Path) -> None:
+    import pickle
+
+    flow = la.Flow("old", print)
+    del flow.__dict__["schedule"]  # what a flow pickled by an older release holds
+    restored = pickle.loads(pickle.dumps(flow))
+    assert restored.schedule is None
+    assert la.serialize_flow(restored, str(tmp_path / "old.prefect"), [])["schedule"] is None
+
+
+def _server_query(server: Any, document: str) -> Any:
+    """Ask the Server double over its GraphQL API, as any client would."""
+    backend = la.GraphQLBackend(server.url)
+    try:
+        return backend.graphql(document)
+    finally:
+        backend.close()
+
+
+def _server_auto_runs(server: Any, flow_id: str) -> list[dict[str, Any]]:
+    where = '{ flow_id: { _eq: "%s" }, auto_scheduled: { _eq: true } }' % flow_id
+    answer = _server_query(server, "query { flow_run(where: %s, order_by: { scheduled_start_time: asc }) "
+                                   "{ scheduled_start_time parameters state } }" % where)
+    return list(answer["flow_run"])
+
+
+def test_server_gets_the_schedule_in_the_flow_json_and_creates_the_runs(api_world: World, test_flows: Any) -> None:
+    server = api_world.server
+    schedule = la.Schedule([la.CronClock("0 9 * * *", "Europe/Berlin", parameter_defaults={"name": "cron"})])
+    flow = la.Flow("hello", test_flows.hello, labels=["test"], schedule=schedule)
+    before = datetime.now(timezone.utc)
+    flow_id = flow.deploy("tests", api=server.url)
+    stored = server.flow(flow_id)
+    assert stored["schedule"] == schedule.to_prefect() and stored["is_schedule_active"]
+    assert server.root_calls("set_schedule_active")
+    runs = _server_auto_runs(server, flow_id)
+    assert [la._parse_time(run["scheduled_start_time"]) for run in runs] == [
+        event.start_time for event in schedule.next(10, before)]
+    assert all(run["parameters"] == {"name": "cron"} and run["state"] == "Scheduled" for run in runs)
+    listed = json.loads(run_cli("flows", "-o", "json", "--api", server.url, env=api_world.env, check=True).stdout)
+    assert listed[0]["schedule"] == "cron '0 9 * * *' Europe/Berlin" and listed[0]["schedule_active"]
+
+
+def test_schedule_command_on_server_uses_its_flow_group_schedule(api_world: World, test_flows: Any) -> None:
+    server = api_world.server
+    flow_id = la.Flow("hello", test_flows.hello, labels=["test"]).deploy("tests", api=server.url)
+    result = run_cli("schedule", "hello", "--every", "2h", "--timezone", "Asia/Kolkata", "--api", server.url,
+                     env=api_world.env)
+    assert result.returncode == 0, result.stderr
+    answer = _server_query(server, 'query { flow_by_pk(id: "%s") { flow_group { schedule } } }' % flow_id)
+    clock = answer["flow_by_pk"]["flow_group"]["schedule"]["clocks"][0]
+    assert clock["interval"] == 2 * 3600 * 10**6 and clock["start_date"]["tz"] == "Asia/Kolkata"
+    assert len(_server_auto_runs(server, flow_id)) == 10
+    assert "every 2 h" in result.stdout
+    for args, message in ((("--every", "30s"), "60 s or more"),
+                          (("--every", "1h", "--anchor", "+1h"), "leave out --anchor")):
+        refused = run_cli("schedule", "hello", *args, "--api", server.url, env=api_world.env)
+        assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+    run_cli("schedule", "hello", "--off", "--api", server.url, env=api_world.env, check=True)
+    assert server.root_calls("set_schedule_inactive")
+    assert _server_auto_runs(server, flow_id) == []
