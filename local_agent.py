@@ -3475,6 +3475,8 @@ class SQLiteBackend(Backend):
 
         def write(db: sqlite3.Connection) -> None:
             row = db.execute("SELECT version FROM flow_run WHERE id = ?", (run_id,)).fetchone()
+            if row is None and version is not None:  # deleted since it was read (a schedule turned off)
+                raise StateUpdateFailed(f"State update failed for flow run ID {run_id}: it was deleted.")
             if row is None:
                 raise APIError(f"there is no flow run with id {run_id}")
             if version is not None and version != row["version"]:

@@ -3365,6 +3365,15 @@ def test_turning_a_schedule_off_deletes_its_future_runs_only(embedded: World, te
     assert len(_auto_runs(embedded)) == 10
 
 
+def test_a_run_deleted_before_its_claim_is_a_lost_race_not_an_error(embedded: World, test_flows: Any) -> None:
+    embedded.flow(test_flows.hello, schedule=la.CronClock("0 * * * *"))
+    run = embedded.db.get_flow_run(_auto_runs(embedded)[0]["id"])
+    assert run is not None
+    embedded.db.set_schedule_active(_flow_summary(embedded, "hello"), False)  # deletes it
+    submitted = la.make_state("Submitted", "claim", previous=run.serialized_state)
+    assert embedded.db.claim_flow_runs([(run, submitted)]) == [None]
+
+
 def test_a_new_version_replaces_the_old_versions_scheduled_runs(embedded: World, test_flows: Any) -> None:
     old = embedded.flow(test_flows.hello, schedule=la.CronClock("0 * * * *"))
     new = embedded.flow(test_flows.hello, schedule=la.CronClock("30 * * * *"))
@@ -3389,6 +3398,8 @@ def test_schedule_command_sets_shows_and_turns_off_a_schedule(embedded: World, t
     embedded.flow(test_flows.hello)
     assert len(_auto_runs(embedded)) == 10
     listed = json.loads(run_cli("flows", "-o", "json", env=embedded.env, check=True).stdout)
+    assert set(listed[0]) == {"id", "name", "version", "project", "labels", "storage", "schedule", "schedule_active",
+                              "next_run"}  # as the README lists them
     assert listed[0]["schedule"] == "cron '0 9 * * mon-fri' America/New_York"
     assert listed[0]["schedule_active"] is True
     assert la._parse_time(listed[0]["next_run"]) == la._parse_time(_auto_runs(embedded)[0]["scheduled_start_time"])

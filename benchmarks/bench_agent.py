@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -742,6 +742,9 @@ class Bench:
                 self.burst_phase()
             if "prefect" in self.args.phases:
                 self.prefect_phase()
+            if "scheduler" in self.args.phases:
+                with Phase(self, "scheduler"):
+                    self.scheduler_phase()
         finally:
             for agent in list(RUNNING):
                 agent.stop(5)
@@ -940,6 +943,42 @@ class Bench:
             return
         with Phase(self, "prefect comparison"):
             self.results["prefect"] = PrefectComparison(self, prefect_python).run()
+
+    # Phase 4: the embedded scheduler, in this process: the CPU one top-up of every active
+    # schedule costs an agent (each agent sharing the database pays it).
+
+    def scheduler_phase(self, count: int = 1000) -> None:
+        self.log(f"scheduler: {count} flows with active schedules")
+        scenario = self.scenario("scheduler", "sqlite")
+        backend = la.SQLiteBackend(la._sqlite_path(scenario.api))
+        zones = ("UTC", "Europe/Berlin", "America/New_York", "Australia/Sydney", "Asia/Kolkata")
+        project = backend.ensure_project("bench")
+        began = time.process_time()
+        for number in range(count):  # a mix: every 5 min to daily crons in five zones, and intervals
+            clock: Any = (la.CronClock(("*/5 * * * *", "0 * * * *", "30 9 * * mon-fri", "@daily")[number % 4],
+                                       zones[number % 5]) if number % 5 else
+                          la.IntervalClock(600 * (1 + number % 7), timezone=zones[number % 3]))
+            flow = la.Flow(f"scheduled-{number}", None, schedule=clock)
+            serialized = la.serialize_flow(flow, str(self.root / f"scheduled-{number}.prefect"), ["bench"])
+            backend.register_flow(project, serialized)  # turns the schedule on: its first 10 runs
+        first = (time.process_time() - began) / count
+        now = datetime.now(timezone.utc)
+        idle = []
+        for _ in range(5):  # every schedule has its 10 future runs: nothing to compute
+            began = time.process_time()
+            backend.top_up_schedules(now)
+            idle.append(time.process_time() - began)
+        catch_up = []
+        for step in range(1, 6):  # 30 min later each time: the frequent ones need new runs
+            began = time.process_time()
+            backend.top_up_schedules(now + timedelta(minutes=30 * step))
+            catch_up.append(time.process_time() - began)
+        runs = backend._read("SELECT count(*) FROM flow_run")[0][0]
+        backend.close()
+        self.results["scheduler"] = {
+            "schedules": count, "runs": runs, "register_cpu_seconds_per_flow": first,
+            "idle_top_up_cpu_seconds": summary(idle), "catch_up_top_up_cpu_seconds": summary(catch_up),
+        }
 
     # Phase 2: bursts and growth, one agent at a time, nothing else running.
 
@@ -1487,6 +1526,16 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
                                                                "own_warm") for key in ("scheduled", "adhoc", "single"))
         add("  runs that did not succeed in the comparison", failed, None, "0", failed == 0, digits=0)
 
+    scheduler = results.get("scheduler")
+    if scheduler:
+        count = scheduler["schedules"]
+        add(f"scheduler, {count} active schedules: CPU per top-up, all runs made (s)",
+            scheduler["idle_top_up_cpu_seconds"]["median"], scheduler["idle_top_up_cpu_seconds"]["p95"])
+        add("  CPU per top-up, 30 min on (s)", scheduler["catch_up_top_up_cpu_seconds"]["median"],
+            scheduler["catch_up_top_up_cpu_seconds"]["p95"])
+        add("  CPU to register a scheduled flow and make its first 10 runs (ms)",
+            scheduler["register_cpu_seconds_per_flow"], None, scale=1000, digits=1)
+
     growth = results.get("growth")
     if growth:
         add(f"growth: RSS after {growth['runs']} runs - after 10 (MB)", growth.get("growth_bytes"), None, "< 2",
@@ -1524,8 +1573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scenario directories (agent logs)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                         help="directory for the JSON results (default benchmarks/results)")
-    parser.add_argument("--phases", default="agent,burst,prefect",
-                        help="which phases to run, of agent, burst and prefect (default: all)")
+    parser.add_argument("--phases", default="agent,burst,prefect,scheduler",
+                        help="which phases to run, of agent, burst, prefect and scheduler (default: all)")
     parser.add_argument("--prefect-python", default="", metavar="PATH",
                         help="a Python with prefect 1.4.1 for the comparison with Prefect's own agent (default: "
                              "the virtualenv the tests install in ~/.cache/local_agent-tests)")
