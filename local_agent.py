@@ -1616,7 +1616,7 @@ class CronClock:
                     if position in seen:
                         # Prefect 1.4.1 would loop here forever: go on after the last time given.
                         cron = _Croniter(self.fields, _timestamp(max(given)), pytz_zone, day_or=self.day_or)
-                        stuck, seen = 0, set()
+                        stuck, seen, last_one = 0, set(), False
                     seen.add(position)
             given.add(instant)
             yield instant

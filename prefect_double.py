@@ -31,7 +31,16 @@ Options: ``cloud=True`` adds ``auth_info`` and makes ``get_runs_in_queue``'s ``t
 optional (Prefect Cloud); ``require_token`` answers requests without ``Authorization: Bearer
 <token>`` with Cloud's ``UNAUTHENTICATED`` error (HTTP 200); ``version_locking=True`` refuses
 state writes whose ``version`` is stale (Cloud); ``submitted_guard_seconds`` sets Server's
-duplicate-``Submitted`` window (``0`` disables it); ``with_tenant=False`` starts empty.
+duplicate-``Submitted`` window (``0`` disables it); ``with_tenant=False`` starts empty;
+``scheduler_seconds=S`` runs Server's scheduler service every ``S`` seconds (Server: 150).
+
+Schedules follow Server: ``set_schedule_active`` refuses clocks that leave a required parameter
+unset, turns the schedule on and creates the next 10 runs at once; ``set_schedule_inactive``
+and ``set_flow_group_schedule``/``delete_flow_group_schedule`` (a flow group's schedule wins
+over its flows' own) delete the auto-scheduled runs still ``Scheduled``; the scheduler keeps
+each active, unarchived flow 10 runs ahead, idempotently (``auto-scheduled:<UTC start>`` keys).
+Without ``scheduler_seconds`` a test runs a pass with ``run_scheduler_once()``. Clock events
+come from local_agent.py's port of Prefect 1.4.1's clocks, imported on first use.
 
 Server facts a test may trip over (read in PrefectHQ/server's source): a new run's history
 is ``Pending`` (version 0) then ``Scheduled`` (version 1); each task of the flow gets a
@@ -45,7 +54,7 @@ Tests seed and inspect the data directly (``add_flow``, ``add_flow_run``, ``run`
 ``root_calls``) and inject faults (``fail_next``, ``set_down``). All data sits behind one
 lock; the server is quiet (nothing is written to stderr). Not modelled: fragments and
 directives (rejected with 400), Hasura aggregates, concurrency limits and Server's
-background services (scheduler, Lazarus, zombie killer).
+other background services (Lazarus, zombie killer).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ import base64
 import copy
 import functools
 import gzip
+import hashlib
 import json
 import operator
 import random
@@ -63,11 +73,15 @@ import threading
 import time
 import traceback
 import uuid
+import zoneinfo
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
+
+if TYPE_CHECKING:
+    import local_agent
 
 __version__ = "1.0.0"
 __all__ = ["ApiError", "GraphQLError", "PrefectServerDouble", "RecordedRequest"]
@@ -82,6 +96,10 @@ QUEUED_RUNS_RETURNED_LIMIT = 25
 CORE_VERSION_CUTOFF = (0, 6, 1)
 #: ``sys.getsizeof(json.dumps(state))`` above this is "State payload is too large."
 STATE_PAYLOAD_LIMIT = 1_000_000
+#: Server's ``services.towel.max_scheduled_runs_per_flow``: runs the scheduler keeps ahead.
+MAX_SCHEDULED_RUNS_PER_FLOW = 10
+#: Server's ``Scheduler.loop_seconds_default``; the double's ``scheduler_seconds`` replaces it.
+SERVER_SCHEDULER_SECONDS = 150.0
 
 _UTC = timezone.utc
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
@@ -665,6 +683,9 @@ type Mutation {
   register_tasks(input: register_tasks_input!): success_payload
   register_edges(input: register_edges_input!): success_payload
   set_schedule_active(input: set_schedule_active_input!): success_payload
+  set_schedule_inactive(input: set_schedule_inactive_input!): success_payload
+  set_flow_group_schedule(input: set_flow_group_schedule_input!): success_payload
+  delete_flow_group_schedule(input: delete_flow_group_schedule_input!): success_payload
   archive_flow(input: archive_flow_input!): success_payload
 }
 
@@ -701,6 +722,13 @@ input create_flow_from_compressed_string_input {
 input register_tasks_input { flow_id: UUID! serialized_tasks: JSON! }
 input register_edges_input { flow_id: UUID! serialized_edges: JSON! }
 input set_schedule_active_input { flow_id: UUID! }
+input set_schedule_inactive_input { flow_id: UUID! }
+input set_flow_group_schedule_input {
+  flow_group_id: UUID! cron_clocks: [cron_clock_input!] interval_clocks: [interval_clock_input!] timezone: String
+}
+input cron_clock_input { cron: String! parameter_defaults: JSON }
+input interval_clock_input { interval: Int! parameter_defaults: JSON }
+input delete_flow_group_schedule_input { flow_group_id: UUID! }
 input archive_flow_input { flow_id: UUID! }
 
 type success_payload { success: Boolean error: String }
@@ -1460,6 +1488,68 @@ class _Database:
         return (1, json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value)
 
 
+# --- Schedules -----------------------------------------------------------------------
+
+
+def _load_schedule(serialized: Any) -> local_agent.Schedule:
+    """A schedule from Prefect 1.4.1's ``ScheduleSchema`` JSON (ValueError when Prefect refuses it).
+
+    The events come from the agent's port of Prefect 1.4.1's clocks, which is tested against
+    real Prefect. It is imported on first use so that the double, vendored without
+    local_agent.py, still serves everything but schedules.
+    """
+    import local_agent
+
+    return local_agent.Schedule.from_prefect(serialized)
+
+
+@functools.lru_cache(maxsize=1)
+def _timezone_names() -> frozenset[str]:
+    """The IANA zone names, standing in for ``pendulum.timezones`` (reading them is slow).
+
+    "localtime" and "posixrules" are files some systems keep beside the zones, not zones.
+    """
+    return frozenset(zoneinfo.available_timezones() - {"localtime", "posixrules"})
+
+
+def _auto_scheduled_key(event: local_agent.ClockEvent, last_scheduled_run: datetime) -> str | None:
+    """Server's idempotency key for a run of ``event``, or None when it is already scheduled.
+
+    An event with parameter defaults or labels gets an md5 of them in its key, so that two
+    clocks may schedule the same instant; only a plain event is skipped when it is not after
+    the last auto-scheduled start. The key's time is ``str()`` of a pendulum time in UTC.
+    """
+    start = event.start_time.astimezone(_UTC).isoformat()
+    if event.parameter_defaults or event.labels is not None:
+        # Server's recipe as written: sorted() over the characters of the JSON texts.
+        param_string = str(sorted(json.dumps(event.parameter_defaults)))
+        label_string = str(sorted(json.dumps(event.labels)))
+        digest = hashlib.md5((param_string + label_string).encode("utf-8"), usedforsecurity=False)
+        return f"auto-scheduled:{start}:{digest.hexdigest()}"
+    if event.start_time <= last_scheduled_run:
+        return None
+    return f"auto-scheduled:{start}"
+
+
+def _json_object(value: Any, method: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else the AttributeError Server's ``value.<method>`` raises."""
+    if not isinstance(value, dict):
+        raise ApiError(f"'{type(value).__name__}' object has no attribute '{method}'")
+    return value
+
+
+def _clock_parameter_names(clock: Any) -> set[str]:
+    """Server's ``set(c.get("parameter_defaults", {}).keys())`` (a null value fails)."""
+    return set(_json_object(_json_object(clock, "get").get("parameter_defaults", {}), "keys"))
+
+
+def _iterable(value: Any) -> list[Any]:
+    """A list input Server iterates; an explicit null fails as Python's ``for`` does."""
+    if value is None:
+        raise ApiError("'NoneType' object is not iterable")
+    return list(value)
+
+
 # --- Server's rules ------------------------------------------------------------------
 
 _ADJECTIVES = (
@@ -2043,9 +2133,12 @@ class _Server:
         return sorted(chosen)
 
     def delete_flow_run_root(self, data: dict[str, Any], _context: _Context) -> dict[str, Any]:
-        run_id = data["flow_run_id"]
+        return {"success": self.delete_flow_run(data["flow_run_id"])}
+
+    def delete_flow_run(self, run_id: str) -> bool:
+        """Delete a run with its task runs, states and logs (Server's cascades)."""
         if self.db.get("flow_run", run_id) is None:
-            return {"success": False}
+            return False
         for task_run in self.db.tables["task_run"].where("flow_run_id", run_id):
             for table, column in (("task_run_state", "task_run_id"), ("log", "task_run_id")):
                 for row in self.db.tables[table].where(column, task_run["id"]):
@@ -2055,7 +2148,7 @@ class _Server:
             for row in self.db.tables[table].where("flow_run_id", run_id):
                 self.db.delete(table, row["id"])
         self.db.delete("flow_run", run_id)
-        return {"success": True}
+        return True
 
     # Flows.
 
@@ -2084,8 +2177,10 @@ class _Server:
             where = {"project_id": {"_eq": project_id}, "name": {"_eq": flow.get("name")}}
             previous = self.db.first("flow", where, order_by=[{"created": "desc"}])
             version_group_id = previous["version_group_id"] if previous else None
-        flow_id = self.insert_flow(flow, project_id, version_group_id, description, idempotency_key)
-        if set_schedule_active and flow.get("schedule") is not None:
+        flow_id, created = self.insert_flow(flow, project_id, version_group_id, description, idempotency_key)
+        # Server turns the schedule on only for a new version with a schedule of its own or
+        # of its flow group; an idempotent re-registration returns before that step.
+        if created and set_schedule_active and self.has_schedule(self.db.tables["flow"].rows[flow_id]):
             try:
                 self.set_schedule_active(flow_id)
             except ApiError:
@@ -2103,8 +2198,11 @@ class _Server:
         version_group_id: str | None,
         description: str | None,
         idempotency_key: str | None,
-    ) -> str:
-        """Server's ``api.flows.create_flow``: flow group, idempotency, version, tasks, edges."""
+    ) -> tuple[str, bool]:
+        """Server's ``api.flows.create_flow``: flow group, idempotency, version, tasks, edges.
+
+        Returns the flow's id and whether it is new (False: the idempotency key matched).
+        """
         project = self.db.get("project", project_id)
         if project is None:
             raise ApiError("Invalid project.")
@@ -2129,7 +2227,7 @@ class _Server:
                 where = {"version_group_id": {"_eq": version_group_id}, "archived": {"_eq": False}}
                 latest = self.db.first("flow", where, order_by=[{"version": "desc"}])
                 if latest is not None:
-                    return str(latest["id"])
+                    return str(latest["id"]), False
             self.db.update(
                 "flow_group", group["id"], settings={**group["settings"], "idempotency_key": idempotency_key}
             )
@@ -2160,7 +2258,7 @@ class _Server:
         )
         self.insert_tasks(row, flow.get("tasks", []), flow.get("edges", []), flow.get("reference_tasks", []))
         self.insert_edges(row, flow.get("edges", []))
-        return str(row["id"])
+        return str(row["id"]), True
 
     def insert_tasks(
         self, flow: _Row, tasks: list[dict[str, Any]], edges: list[dict[str, Any]], reference: list[Any]
@@ -2230,21 +2328,185 @@ class _Server:
             raise ApiError("Invalid flow ID.")
         return flow
 
+    # Schedules and the scheduler service (api/flows.py, api/flow_groups.py, services/towel).
+
+    def flow_group_of(self, flow: _Row) -> _Row:
+        return self.db.tables["flow_group"].rows[flow["flow_group_id"]]
+
+    def has_schedule(self, flow: _Row) -> bool:
+        """Whether the flow or its flow group has a schedule (Server's ``is None`` tests)."""
+        return flow["schedule"] is not None or self.flow_group_of(flow)["schedule"] is not None
+
     def set_schedule_active_root(self, data: dict[str, Any], _context: _Context) -> dict[str, Any]:
         return {"success": self.set_schedule_active(data["flow_id"])}
 
     def set_schedule_active(self, flow_id: str) -> bool:
-        """Mark the schedule active (the double has no scheduler to create runs)."""
+        """Server's ``set_schedule_active``: check parameters, turn on, schedule runs at once.
+
+        Only the flow's own clocks (with the group's default parameters) are checked against
+        its required parameters: a flow-group schedule that lacks one fails later, in
+        ``create_flow_run``, with the schedule already on, as in Server.
+        """
         flow = self.db.get("flow", flow_id)
         if flow is None:
             return False
-        required = {p.get("name") for p in flow["parameters"] or [] if p.get("required")}
-        if flow["schedule"] is not None and required:
-            clocks = flow["schedule"].get("clocks", [])
-            if not all(required <= set(clock.get("parameter_defaults") or {}) for clock in clocks):
-                raise ApiError("Can not schedule a flow that has required parameters.")
+        self.check_scheduled_parameters(flow)
+        if not self.has_schedule(flow):
+            return False  # Server leaves it off: an active flag without a schedule confuses
         self.db.update("flow", flow_id, is_schedule_active=True)
+        self.schedule_flow_runs(flow_id)
         return True
+
+    def check_scheduled_parameters(self, flow: _Row) -> None:
+        """Refuse a flow schedule with a clock that leaves a required parameter unset."""
+        required = {p.get("name") for p in flow["parameters"] or [] if p.get("required")}
+        if flow["schedule"] is None or not required:
+            return
+        unset = required - set(self.flow_group_of(flow)["default_parameters"] or {})
+        clocks = _json_object(flow["schedule"], "get").get("clocks", [])
+        # Every clock is read before any is judged, so a null parameter_defaults fails first.
+        names = [_clock_parameter_names(clock) for clock in clocks]
+        if not all(unset <= clock_names for clock_names in names):
+            raise ApiError("Can not schedule a flow that has required parameters.")
+
+    def set_schedule_inactive_root(self, data: dict[str, Any], _context: _Context) -> dict[str, Any]:
+        return {"success": self.set_schedule_inactive(data["flow_id"])}
+
+    def set_schedule_inactive(self, flow_id: str) -> bool:
+        """Server's ``set_schedule_inactive``: turn off, delete the runs not yet started."""
+        if self.db.get("flow", flow_id) is None:
+            return False
+        self.db.update("flow", flow_id, is_schedule_active=False)
+        self.delete_auto_scheduled_runs([flow_id])
+        return True
+
+    def delete_auto_scheduled_runs(self, flow_ids: Iterable[str]) -> None:
+        """Delete the flows' auto-scheduled runs still in ``Scheduled`` (not its subclasses)."""
+        for flow_id in flow_ids:
+            for run in self.db.tables["flow_run"].where("flow_id", flow_id):
+                if run["auto_scheduled"] and run["state"] == "Scheduled":
+                    self.delete_flow_run(run["id"])
+
+    def set_flow_group_schedule_root(self, data: dict[str, Any], _context: _Context) -> dict[str, Any]:
+        """Server's resolver: cron clocks as given, interval clocks from seconds to microseconds."""
+        clocks = [{"type": "CronClock", **clock} for clock in _iterable(data.get("cron_clocks", []))]
+        for interval_clock in _iterable(data.get("interval_clocks", [])):
+            clock = {"type": "IntervalClock", "interval": interval_clock["interval"] * 1_000_000}
+            if interval_clock.get("parameter_defaults"):  # unlike a cron clock's, {} is dropped
+                clock["parameter_defaults"] = interval_clock["parameter_defaults"]
+            clocks.append(clock)
+        return {"success": self.set_flow_group_schedule(data["flow_group_id"], clocks, data.get("timezone"))}
+
+    def set_flow_group_schedule(self, flow_group_id: str, clocks: list[dict[str, Any]], tz: str | None) -> bool:
+        """Server's ``set_flow_group_schedule``: validate, store, delete the group's pending runs.
+
+        No run is created here: the flows pick the new schedule up on the next scheduler pass.
+        """
+        start_date = self.schedule_start_date(tz)
+        for clock in clocks:
+            clock["start_date"] = start_date
+            try:
+                _load_schedule({"type": "Schedule", "clocks": [clock]})
+            except (ValueError, TypeError):  # Server's bare except around ClockSchema().load
+                raise ApiError(f"Invalid clock provided for schedule: {clock}") from None
+        return self.replace_flow_group_schedule(flow_group_id, {"type": "Schedule", "clocks": clocks})
+
+    def schedule_start_date(self, tz: str | None) -> dict[str, str] | None:
+        """A flow-group schedule's clocks start "now" in ``tz`` (naive time and zone name)."""
+        if not tz:
+            return None
+        if tz not in _timezone_names():
+            raise ApiError(f"Invalid timezone provided for schedule: {tz}")
+        local_now = self.db.clock.now().astimezone(zoneinfo.ZoneInfo(tz))
+        return {"dt": local_now.replace(tzinfo=None).isoformat(), "tz": tz}
+
+    def delete_flow_group_schedule_root(self, data: dict[str, Any], _context: _Context) -> dict[str, Any]:
+        return {"success": self.replace_flow_group_schedule(data["flow_group_id"], None)}
+
+    def replace_flow_group_schedule(self, flow_group_id: str, schedule: dict[str, Any] | None) -> bool:
+        """Store the group's schedule (None deletes it) and delete the runs made by the old one."""
+        if not flow_group_id:
+            raise ApiError("Invalid flow group ID")
+        found = self.db.get("flow_group", flow_group_id) is not None
+        if found:
+            self.db.update("flow_group", flow_group_id, schedule=schedule)
+        # Server deletes even when no group matched (there are then no runs to delete).
+        flows = self.db.tables["flow"].where("flow_group_id", flow_group_id)
+        self.delete_auto_scheduled_runs(flow["id"] for flow in flows)
+        return found
+
+    def schedule_flow_runs(self, flow_id: str, max_runs: int = MAX_SCHEDULED_RUNS_PER_FLOW) -> list[str]:
+        """Server's ``schedule_flow_runs``: a run for each of the schedule's next ``max_runs`` events.
+
+        Only an active, unarchived flow with a schedule is scheduled, by its flow group's
+        schedule if there is one. Returns the ids ``create_flow_run`` answered, runs that
+        already had the idempotency key included. Server creates the runs concurrently: every
+        event that can become a run does, then the first failure is raised and none of them
+        is marked ``auto_scheduled``.
+        """
+        flow = self.db.get("flow", flow_id)
+        if flow is None or not flow["is_schedule_active"] or flow["archived"] or not self.has_schedule(flow):
+            return []
+        try:
+            schedule = _load_schedule(self.flow_group_of(flow)["schedule"] or flow["schedule"])
+        except (ValueError, TypeError):
+            return []  # Server logs "Failed to deserialize schedule" and moves on
+        now = self.db.clock.now()
+        last_scheduled_run = self.last_auto_scheduled_start(flow_id) or now
+        run_ids: list[str] = []
+        failure: ApiError | None = None
+        for event in schedule.next(max_runs, after=now):
+            key = _auto_scheduled_key(event, last_scheduled_run)
+            if key is None:
+                continue
+            labels = None if event.labels is None else list(event.labels)
+            try:
+                run_id = self.create_flow_run(
+                    flow_id=flow_id,
+                    scheduled_start_time=event.start_time,
+                    parameters=event.parameter_defaults,
+                    labels=labels,
+                    idempotency_key=key,
+                )
+            except ApiError as error:
+                failure = failure or error
+                continue
+            run_ids.append(run_id)
+        if failure is not None:
+            raise failure
+        for run_id in dict.fromkeys(run_ids):
+            self.db.update("flow_run", run_id, auto_scheduled=True)
+        return run_ids
+
+    def last_auto_scheduled_start(self, flow_id: str) -> datetime | None:
+        """The latest ``scheduled_start_time`` of the flow's auto-scheduled runs, in any state."""
+        starts = [
+            run["scheduled_start_time"]
+            for run in self.db.tables["flow_run"].where("flow_id", flow_id)
+            if run["auto_scheduled"]
+        ]
+        return max(starts, default=None)
+
+    def run_scheduler_once(self) -> tuple[int, list[str]]:
+        """Server's ``Scheduler.run_once``: ``schedule_flow_runs`` for each active, unarchived flow.
+
+        Returns the count Server logs (the lengths of the id lists, so runs found by their
+        idempotency key count too) and the tracebacks of unexpected errors. A flow whose
+        scheduling fails is skipped, as ``gather(return_exceptions=True)`` does.
+        """
+        flows = [
+            flow for flow in self.db.tables["flow"].rows.values() if flow["is_schedule_active"] and not flow["archived"]
+        ]
+        flows.sort(key=lambda flow: str(flow["id"]), reverse=True)  # Server pages through flows by id, descending
+        scheduled, crashes = 0, []
+        for flow in flows:
+            try:
+                scheduled += len(self.schedule_flow_runs(flow["id"]))
+            except ApiError:
+                continue
+            except Exception:  # a bug in the double (or the clocks): keep it for server_errors
+                crashes.append(traceback.format_exc())
+        return scheduled, crashes
 
     def archive_flow_root(self, data: dict[str, Any], _context: _Context) -> dict[str, Any]:
         return {"success": self.archive_flow(data["flow_id"])}
@@ -2258,7 +2520,7 @@ class _Server:
             if run["state"] != "Scheduled":
                 continue
             if run["auto_scheduled"]:
-                self.delete_flow_run_root({"flow_run_id": run["id"]}, _Context({}))
+                self.delete_flow_run(run["id"])
             else:
                 self.cancel_flow_run(run["id"], f"Flow {flow_id} was archived.")
         return True
@@ -2526,6 +2788,9 @@ class PrefectServerDouble:
             (``VERSION_LOCKING_ERROR``), as Prefect Cloud did; Server never compares.
         submitted_guard_seconds: Server's window for refusing a second ``Submitted``.
         with_tenant: create the ``default`` tenant (Server needs one to be usable).
+        scheduler_seconds: run Server's scheduler service in a thread every this many
+            seconds from :meth:`start` (Server's loop is 150 s); None runs it only when a
+            test calls :meth:`run_scheduler_once`.
     """
 
     def __init__(
@@ -2536,7 +2801,10 @@ class PrefectServerDouble:
         version_locking: bool = False,
         submitted_guard_seconds: float = 30.0,
         with_tenant: bool = True,
+        scheduler_seconds: float | None = None,
     ) -> None:
+        if scheduler_seconds is not None and not scheduler_seconds > 0:
+            raise ValueError(f"scheduler_seconds must be greater than 0, not {scheduler_seconds!r}")
         schema = _build_schema(cloud)
         self._lock = threading.RLock()
         self._inputs = _Inputs(schema)
@@ -2552,6 +2820,9 @@ class PrefectServerDouble:
         self._http: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._scheduler_seconds = scheduler_seconds
+        self._scheduler_stop = threading.Event()
+        self._scheduler_thread: threading.Thread | None = None
         self.url = ""
         if with_tenant:
             self._server.create_tenant("default", "default")
@@ -2569,12 +2840,23 @@ class PrefectServerDouble:
             target=self._http.serve_forever, args=(0.05,), name="prefect-double", daemon=True
         )
         self._thread.start()
+        if self._scheduler_seconds is not None:
+            self._scheduler_thread = threading.Thread(
+                target=self._scheduler_loop,
+                args=(self._scheduler_seconds,),
+                name="prefect-double-scheduler",
+                daemon=True,
+            )
+            self._scheduler_thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop listening; open keep-alive connections are hung up on their next request."""
+        """Stop the scheduler and listening; keep-alive connections are hung up on their next request."""
         self._stopped = True
         self._up.set()
+        self._scheduler_stop.set()
+        if self._scheduler_thread is not None:
+            self._scheduler_thread.join()
         if self._http is not None and self._thread is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -2618,12 +2900,14 @@ class PrefectServerDouble:
         run_config: dict[str, Any] | None = None,
         parameters: list[dict[str, Any]] | None = None,
         tasks: list[str] | None = None,
+        schedule: dict[str, Any] | None = None,
     ) -> str:
         """Register a flow the way ``create_flow`` does (new version, older ones archived).
 
         ``labels`` go into the run config (a ``UniversalRun`` unless ``run_config`` is
         given); ``parameters`` are ``{"name", "required", "default"}`` dicts; ``tasks`` are
-        task slugs, each of which gets a pre-created task run in every new flow run.
+        task slugs, each of which gets a pre-created task run in every new flow run;
+        ``schedule`` is Prefect's schedule JSON, stored inactive (``set_schedule_active``).
         """
         config = (
             dict(run_config)
@@ -2640,7 +2924,7 @@ class PrefectServerDouble:
         serialized = {
             "name": name,
             "type": "prefect.core.flow.Flow",
-            "schedule": None,
+            "schedule": schedule,
             "parameters": [{"slug": p.get("name"), **p} for p in parameters or []],
             "tasks": [{"name": slug, "slug": slug, "type": "prefect.core.task.Task"} for slug in tasks or []],
             "edges": [],
@@ -2683,6 +2967,30 @@ class PrefectServerDouble:
             inner = run["serialized_state"] if _is_a(state_type, "_MetaState") else None
             state = _serialized_state(state_type, message, start_time=start, inner=inner)
             self._server.set_flow_run_state(run_id, self._server.checked_state(state))
+
+    # Server's scheduler service.
+
+    def run_scheduler_once(self) -> int:
+        """One pass of Server's scheduler: the next 10 runs of every active, unarchived flow.
+
+        Returns the number Server logs as "Scheduled N flow runs.": runs that already existed
+        under the same idempotency key (events with parameter defaults or labels) count too.
+        """
+        with self._lock:
+            scheduled, crashes = self._server.run_scheduler_once()
+            self._server_errors.extend(crashes)
+            return scheduled
+
+    def _scheduler_loop(self, seconds: float) -> None:
+        """Server's ``LoopService.run``: a pass at once, then one ``seconds`` after each start."""
+        while not self._scheduler_stop.is_set():
+            started = time.monotonic()
+            try:
+                self.run_scheduler_once()
+            except Exception:  # a bug in the double: keep the trace and the loop, as Server does
+                with self._lock:
+                    self._server_errors.append(traceback.format_exc())
+            self._scheduler_stop.wait(max(0.0, started + seconds - time.monotonic()))
 
     # Inspection.
 

@@ -925,6 +925,7 @@ def test_show_flow_logs_streams_flow_output(world: World, test_flows: Any) -> No
 
 
 #: The keys ``--output json`` promises (the README lists them).
+FLOW_KEYS = {"id", "name", "version", "project", "labels", "storage", "schedule", "schedule_active", "next_run"}
 RUN_KEYS = {"id", "name", "flow_name", "flow_id", "state", "state_message", "labels", "parameters",
             "scheduled_start_time", "updated", "version"}
 
@@ -967,7 +968,8 @@ def test_runs_are_found_by_name_or_id_prefix_and_inspected_in_text_and_json(worl
     assert why["runs"][0]["would_run"] is False and "it is Success, not Scheduled" in why["runs"][0]["reasons"]
     flows = json.loads(cli("flows", "-o", "json").stdout)
     assert [flow["name"] for flow in flows] == ["hello"]
-    assert set(flows[0]) == {"id", "name", "version", "project", "labels", "storage"}
+    assert set(flows[0]) == FLOW_KEYS
+    assert flows[0]["schedule"] is None and flows[0]["schedule_active"] is False and flows[0]["next_run"] is None
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.4249, "0.42 s"), (12, "12 s"), (243, "4 min 3 s"), (3600, "1 h"),
@@ -3398,8 +3400,7 @@ def test_schedule_command_sets_shows_and_turns_off_a_schedule(embedded: World, t
     embedded.flow(test_flows.hello)
     assert len(_auto_runs(embedded)) == 10
     listed = json.loads(run_cli("flows", "-o", "json", env=embedded.env, check=True).stdout)
-    assert set(listed[0]) == {"id", "name", "version", "project", "labels", "storage", "schedule", "schedule_active",
-                              "next_run"}  # as the README lists them
+    assert set(listed[0]) == FLOW_KEYS
     assert listed[0]["schedule"] == "cron '0 9 * * mon-fri' America/New_York"
     assert listed[0]["schedule_active"] is True
     assert la._parse_time(listed[0]["next_run"]) == la._parse_time(_auto_runs(embedded)[0]["scheduled_start_time"])
@@ -3578,3 +3579,16 @@ def test_schedule_command_on_server_uses_its_flow_group_schedule(api_world: Worl
     run_cli("schedule", "hello", "--off", "--api", server.url, env=api_world.env, check=True)
     assert server.root_calls("set_schedule_inactive")
     assert _server_auto_runs(server, flow_id) == []
+
+
+def test_where_prefect_loops_forever_a_schedule_goes_on() -> None:
+    # Prefect 1.4.1 never returns here (a minutely job asked for its times on a fall-back day
+    # before the repeated hour); this file goes on after the last time it gave.
+    after = datetime(2026, 11, 1, 4, 0, tzinfo=timezone.utc)  # 00:00 EDT, America/New_York
+    schedule = la.Schedule([la.CronClock("* * * * *", "America/New_York")])
+    times = [event.start_time for event in schedule.next(500, after)]
+    assert len(times) == 500 and times == sorted(set(times))
+    first_hour = {after + timedelta(hours=1, minutes=minute) for minute in range(60)}  # 01:xx EDT, 05:xx UTC
+    assert not first_hour & set(times)  # the repeated hour fires on its second occurrence only, as in Prefect
+    assert times[:60] == [after + timedelta(minutes=minute) for minute in range(1, 60)] + [after + timedelta(hours=2)]
+    assert all(b - a == timedelta(minutes=1) for a, b in itertools.pairwise(times[59:]))

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import http.client
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
+import zoneinfo
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
+import local_agent
 import prefect_double as double_module
 from prefect_double import PrefectServerDouble
 
@@ -733,6 +736,348 @@ def test_delete_flow_run(api: PrefectServerDouble, flow_id: str) -> None:
     assert data(api, fill(delete, id=run_id)) == {"delete_flow_run": {"success": True}}
     assert data(api, fill(delete, id=run_id)) == {"delete_flow_run": {"success": False}}
     assert api.states(run_id) == [] and queue(api, ["dev"]) == []
+
+
+# --- Schedules and the scheduler service ---------------------------------------------
+
+FLOW_SCHEDULE = """query {
+    flow_by_pk(id: <id>) { schedule is_schedule_active flow_group { id schedule } flow_group_id }
+}"""
+FLOW_RUNS = """query {
+    flow_run(where: { flow_id: { _eq: <id> } }, order_by: [{ scheduled_start_time: asc }, { idempotency_key: asc }]) {
+        id state scheduled_start_time auto_scheduled parameters labels idempotency_key
+    }
+}"""
+SET_ACTIVE = "mutation($input: set_schedule_active_input!) { set_schedule_active(input: $input) { success } }"
+SET_INACTIVE = "mutation($input: set_schedule_inactive_input!) { set_schedule_inactive(input: $input) { success } }"
+SET_GROUP_SCHEDULE = """mutation($input: set_flow_group_schedule_input!) {
+    set_flow_group_schedule(input: $input) { success }
+}"""
+DELETE_GROUP_SCHEDULE = """mutation($input: delete_flow_group_schedule_input!) {
+    delete_flow_group_schedule(input: $input) { success }
+}"""
+REQUIRED_X = [{"slug": "x", "name": "x", "required": True, "default": None, "type": "prefect.core.parameter.Parameter"}]
+
+
+def clock(kind: str, *, tz: str = "UTC", parameter_defaults: Any = None, labels: Any = None, **fields: Any) -> Any:
+    """A clock as Prefect 1.4.1's ClockSchema dumps it, starting 2026-01-01 in ``tz``."""
+    return {
+        "type": kind, **fields, "start_date": {"dt": "2026-01-01T00:00:00", "tz": tz}, "end_date": None,
+        "parameter_defaults": parameter_defaults or {}, "labels": labels, "__version__": "1.4.1",
+    }  # fmt: skip
+
+
+def prefect_schedule(*clocks: Any) -> dict[str, Any]:
+    """A flow's ``schedule`` as Prefect 1.4.1's ScheduleSchema dumps it."""
+    return {
+        "clocks": list(clocks), "filters": [], "not_filters": [], "or_filters": [], "adjustments": [],
+        "__version__": "1.4.1",
+    }  # fmt: skip
+
+
+WEEKDAYS_AT_9 = prefect_schedule(clock("CronClock", cron="0 9 * * 1-5", day_or=True, tz="Europe/Berlin"))
+
+
+def activate(api: PrefectServerDouble, flow_id: str) -> bool:
+    return bool(data(api, SET_ACTIVE, {"input": {"flow_id": flow_id}})["set_schedule_active"]["success"])
+
+
+def new_flow(api: PrefectServerDouble, name: str, schedule: Any, **extra: Any) -> str:
+    """Register a flow over HTTP (schedule off unless ``extra`` says otherwise)."""
+    project = data(api, fill(PROJECT, name="proj"))["project"]
+    project_id = project[0]["id"] if project else api.add_project("proj")
+    options = {"set_schedule_active": False, **extra}
+    flow = serialized_flow(name, schedule=schedule, **options.pop("flow", {}))
+    answer = register_flow(api, project_id, flow, **options)
+    return str(answer["data"]["create_flow_from_compressed_string"]["id"])
+
+
+def runs_of(api: PrefectServerDouble, flow_id: str) -> list[dict[str, Any]]:
+    return list(data(api, fill(FLOW_RUNS, id=flow_id))["flow_run"])
+
+
+def flow_schedule(api: PrefectServerDouble, flow_id: str) -> dict[str, Any]:
+    return dict(data(api, fill(FLOW_SCHEDULE, id=flow_id))["flow_by_pk"])
+
+
+def timed(action: Any) -> tuple[Any, datetime, datetime]:
+    """``action()`` with the UTC times just before and just after it."""
+    before = datetime.now(UTC)
+    result = action()
+    return result, before, datetime.now(UTC)
+
+
+FLOW_LABELS = ["extra", "vm"]  # serialized_flow()'s run config labels, which runs inherit
+
+
+def as_events(runs: list[dict[str, Any]]) -> list[tuple[datetime, str, str]]:
+    """Runs as sorted (start, parameters, labels) tuples, the JSON values as text."""
+    return sorted(
+        (datetime.fromisoformat(run["scheduled_start_time"]), json.dumps(run["parameters"]), json.dumps(run["labels"]))
+        for run in runs
+    )
+
+
+def expected_events(clock_events: list[Any], labels: list[str]) -> set[tuple[datetime, str, str]]:
+    """Clock events as the runs they become (a clock without labels: the flow's labels)."""
+    return {
+        (
+            event.start_time,
+            json.dumps(event.parameter_defaults),
+            json.dumps(labels if event.labels is None else event.labels),
+        )
+        for event in clock_events
+    }
+
+
+def assert_scheduler_pass(
+    api: PrefectServerDouble,
+    flow_id: str,
+    schedule: Any,
+    action: Any,
+    old: list[dict[str, Any]] | None = None,
+    labels: list[str] = FLOW_LABELS,
+) -> Any:
+    """Run ``action``; then the flow's auto-scheduled runs must be ``old`` (unchanged) plus the
+    schedule's next 10 events after the moment the double read "now", within the call."""
+    old = old or []
+    result, before, after = timed(action)
+    clocks = local_agent.Schedule.from_prefect(schedule)
+    # The next 10 events change only at an event (a cron clock rounds "now" up to the next
+    # second), so these moments give every answer the call can have seen.
+    soon = clocks.next(10, after=before)
+    moments = [before, after, *(event.start_time for event in soon if event.start_time <= after + timedelta(seconds=1))]
+    candidates = [sorted(set(as_events(old)) | expected_events(clocks.next(10, after=t), labels)) for t in moments]
+    runs = [run for run in runs_of(api, flow_id) if run["auto_scheduled"]]
+    assert as_events(runs) in candidates
+    assert all(run in runs for run in old)
+    return result
+
+
+def test_set_schedule_active_schedules_the_next_ten_runs_at_once(api: PrefectServerDouble) -> None:
+    flow_id = new_flow(api, "weekdays", WEEKDAYS_AT_9)
+    assert flow_schedule(api, flow_id)["schedule"] == WEEKDAYS_AT_9
+    assert not flow_schedule(api, flow_id)["is_schedule_active"] and runs_of(api, flow_id) == []
+    assert assert_scheduler_pass(api, flow_id, WEEKDAYS_AT_9, lambda: activate(api, flow_id))
+    runs = runs_of(api, flow_id)
+    assert flow_schedule(api, flow_id)["is_schedule_active"] and len(runs) == 10
+    assert {(run["state"], run["auto_scheduled"], json.dumps(run["parameters"])) for run in runs} == {
+        ("Scheduled", True, "{}")
+    }
+    for run in runs:  # str() of a pendulum time in UTC, as Server writes the key
+        start = datetime.fromisoformat(run["scheduled_start_time"])
+        assert start.hour == 8 or start.hour == 7  # 09:00 in Berlin (CET or CEST)
+        assert run["idempotency_key"] == f"auto-scheduled:{start.astimezone(UTC).isoformat()}"
+    # The scheduler and a second activation find the events scheduled already.
+    added = assert_scheduler_pass(api, flow_id, WEEKDAYS_AT_9, api.run_scheduler_once, runs)
+    assert added == len(runs_of(api, flow_id)) - len(runs)  # 0, unless a run fell due meanwhile
+    assert assert_scheduler_pass(api, flow_id, WEEKDAYS_AT_9, lambda: activate(api, flow_id), runs)
+    assert data(api, SET_ACTIVE, {"input": {"flow_id": "00000000-0000-0000-0000-000000000000"}}) == {
+        "set_schedule_active": {"success": False}
+    }
+
+
+def test_clock_parameters_and_labels_go_into_the_runs_and_their_keys(api: PrefectServerDouble) -> None:
+    every_90_min = clock("IntervalClock", interval=5400 * 10**6, parameter_defaults={"x": 1})
+    noon_on_gpu = clock("CronClock", cron="0 12 * * *", day_or=True, labels=["gpu"])
+    schedule = prefect_schedule(every_90_min, noon_on_gpu)
+    flow_id = new_flow(api, "mixed", schedule, flow={"parameters": [{**REQUIRED_X[0], "required": False}]})
+    assert_scheduler_pass(api, flow_id, schedule, lambda: activate(api, flow_id))
+    runs = runs_of(api, flow_id)
+    assert len(runs) == 10 and all(run["auto_scheduled"] for run in runs)
+    assert {run["parameters"]["x"] for run in runs if run["labels"] == FLOW_LABELS} == {1}
+    assert {json.dumps(run["parameters"]) for run in runs if run["labels"] == ["gpu"]} <= {"{}"}
+    for run in runs:
+        start = datetime.fromisoformat(run["scheduled_start_time"]).isoformat()
+        labels = None if run["labels"] == FLOW_LABELS else run["labels"]  # None: inferred from the run config
+        text = str(sorted(json.dumps(run["parameters"]))) + str(sorted(json.dumps(labels)))
+        assert run["idempotency_key"] == f"auto-scheduled:{start}:{hashlib.md5(text.encode()).hexdigest()}"
+    # Keyed events are not skipped but found by their key: Server counts them too.
+    assert assert_scheduler_pass(api, flow_id, schedule, api.run_scheduler_once, runs) == 10
+
+
+def test_the_scheduler_tops_up_as_time_passes(api: PrefectServerDouble) -> None:
+    every_second = prefect_schedule(clock("IntervalClock", interval=10**6))
+    flow_id = new_flow(api, "every-second", every_second)
+    assert activate(api, flow_id)
+    first = runs_of(api, flow_id)
+    second_start = datetime.fromisoformat(first[1]["scheduled_start_time"])
+    time.sleep(max(0.0, min(3.0, (second_start - datetime.now(UTC)).total_seconds() + 0.1)))
+    added = assert_scheduler_pass(api, flow_id, every_second, api.run_scheduler_once, first)
+    runs = runs_of(api, flow_id)
+    assert added >= 1 and len(runs) == 10 + added and runs[:10] == first
+    starts = [datetime.fromisoformat(run["scheduled_start_time"]) for run in runs]
+    assert all(later - earlier == timedelta(seconds=1) for earlier, later in zip(starts, starts[1:]))
+
+
+def test_set_schedule_inactive_deletes_only_the_pending_auto_scheduled_runs(api: PrefectServerDouble) -> None:
+    flow_id = new_flow(api, "weekdays", WEEKDAYS_AT_9)
+    assert activate(api, flow_id)
+    started = runs_of(api, flow_id)[0]["id"]
+    ad_hoc = api.add_flow_run(flow_id)
+    api.set_state(started, "Running")
+    answer = data(api, SET_INACTIVE, {"input": {"flow_id": flow_id}})
+    assert answer == {"set_schedule_inactive": {"success": True}}
+    assert not flow_schedule(api, flow_id)["is_schedule_active"]
+    left = {run["id"]: (run["state"], run["auto_scheduled"]) for run in runs_of(api, flow_id)}
+    assert left == {ad_hoc: ("Scheduled", False), started: ("Running", True)}
+    assert api.run_scheduler_once() == 0 and len(runs_of(api, flow_id)) == 2
+    unknown = {"input": {"flow_id": "00000000-0000-0000-0000-000000000000"}}
+    assert data(api, SET_INACTIVE, unknown) == {"set_schedule_inactive": {"success": False}}
+
+
+def test_a_flow_group_schedule_replaces_the_flows_own(api: PrefectServerDouble) -> None:
+    flow_id = new_flow(api, "weekdays", WEEKDAYS_AT_9)
+    assert activate(api, flow_id)
+    ad_hoc = api.add_flow_run(flow_id)
+    shown = flow_schedule(api, flow_id)
+    group_id = shown["flow_group_id"]
+    assert shown["flow_group"] == {"id": group_id, "schedule": None}
+    hourly = {"interval": 3600, "parameter_defaults": {"x": 2}}
+    variables = {"input": {"flow_group_id": group_id, "interval_clocks": [hourly], "timezone": "Europe/Berlin"}}
+    answer, before, after = timed(lambda: data(api, SET_GROUP_SCHEDULE, variables))
+    assert answer == {"set_flow_group_schedule": {"success": True}}
+    # The old schedule's runs are gone, the ad-hoc run stays, and no new run exists yet.
+    assert [run["id"] for run in runs_of(api, flow_id)] == [ad_hoc]
+    group_schedule = flow_schedule(api, flow_id)["flow_group"]["schedule"]
+    start_date = group_schedule["clocks"][0]["start_date"]
+    wall = datetime.fromisoformat(start_date["dt"])  # "now" in Berlin, naive (either one, when clocks go back)
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    assert any(before <= wall.replace(tzinfo=berlin, fold=fold) <= after for fold in (0, 1))
+    assert group_schedule == {
+        "type": "Schedule",
+        "clocks": [
+            {"type": "IntervalClock", "interval": 3600 * 10**6, "parameter_defaults": {"x": 2},
+             "start_date": {"dt": start_date["dt"], "tz": "Europe/Berlin"}},
+        ],
+    }  # fmt: skip
+    assert flow_schedule(api, flow_id)["schedule"] == WEEKDAYS_AT_9  # kept, but the group's wins
+    assert assert_scheduler_pass(api, flow_id, group_schedule, api.run_scheduler_once) == 10
+    assert {run["parameters"]["x"] for run in runs_of(api, flow_id) if run["auto_scheduled"]} == {2}
+    # Cron clocks keep what was given (a null parameter_defaults too); no time zone, no start.
+    cron = {"cron": "0 6 * * *", "parameter_defaults": None}
+    variables = {"input": {"flow_group_id": group_id, "cron_clocks": [cron]}}
+    assert data(api, SET_GROUP_SCHEDULE, variables) == {"set_flow_group_schedule": {"success": True}}
+    assert flow_schedule(api, flow_id)["flow_group"]["schedule"] == {
+        "type": "Schedule",
+        "clocks": [{"type": "CronClock", "cron": "0 6 * * *", "parameter_defaults": None, "start_date": None}],
+    }
+    assert [run["id"] for run in runs_of(api, flow_id)] == [ad_hoc]
+
+
+def test_set_flow_group_schedule_validates_like_server(api: PrefectServerDouble) -> None:
+    flow_id = new_flow(api, "weekdays", WEEKDAYS_AT_9)
+    group_id = flow_schedule(api, flow_id)["flow_group_id"]
+
+    def error(**fields: Any) -> str:
+        return str(error_of(api, SET_GROUP_SCHEDULE, {"input": {"flow_group_id": group_id, **fields}})["message"])
+
+    assert error(timezone="Mars/Olympus") == "Invalid timezone provided for schedule: Mars/Olympus"
+    assert error(cron_clocks=[{"cron": "not a cron"}]) == (
+        "Invalid clock provided for schedule: {'type': 'CronClock', 'cron': 'not a cron', 'start_date': None}"
+    )
+    assert error(interval_clocks=[{"interval": 0}]) == (
+        "Invalid clock provided for schedule: {'type': 'IntervalClock', 'interval': 0, 'start_date': None}"
+    )
+    assert error(cron_clocks=None) == "'NoneType' object is not iterable"
+    assert flow_schedule(api, flow_id)["flow_group"]["schedule"] is None
+    unknown = {"input": {"flow_group_id": "00000000-0000-0000-0000-000000000000", "cron_clocks": []}}
+    assert data(api, SET_GROUP_SCHEDULE, unknown) == {"set_flow_group_schedule": {"success": False}}
+    unknown = {"input": {"flow_group_id": "00000000-0000-0000-0000-000000000000"}}
+    assert data(api, DELETE_GROUP_SCHEDULE, unknown) == {"delete_flow_group_schedule": {"success": False}}
+
+
+def test_delete_flow_group_schedule_falls_back_to_the_flows_own(api: PrefectServerDouble) -> None:
+    flow_id = new_flow(api, "weekdays", WEEKDAYS_AT_9)
+    bare_id = new_flow(api, "bare", None)
+    group_id, bare_group_id = (flow_schedule(api, flow)["flow_group_id"] for flow in (flow_id, bare_id))
+    # A flow with no schedule of its own or of its group cannot be turned on.
+    assert not activate(api, bare_id) and not flow_schedule(api, bare_id)["is_schedule_active"]
+    noon = {"cron_clocks": [{"cron": "0 12 * * *"}]}
+    for group in (group_id, bare_group_id):
+        answer = data(api, SET_GROUP_SCHEDULE, {"input": {"flow_group_id": group, **noon}})
+        assert answer == {"set_flow_group_schedule": {"success": True}}
+    assert activate(api, flow_id) and activate(api, bare_id)
+    group_schedule = flow_schedule(api, flow_id)["flow_group"]["schedule"]
+    for flow in (flow_id, bare_id):  # scheduled at once by the group's schedule
+        starts = {datetime.fromisoformat(run["scheduled_start_time"]).time() for run in runs_of(api, flow)}
+        assert starts == {datetime(2026, 1, 1, 12).time()} and len(runs_of(api, flow)) == 10
+    for group in (group_id, bare_group_id):
+        answer = data(api, DELETE_GROUP_SCHEDULE, {"input": {"flow_group_id": group}})
+        assert answer == {"delete_flow_group_schedule": {"success": True}}
+    assert flow_schedule(api, flow_id)["flow_group"]["schedule"] is None
+    assert runs_of(api, flow_id) == runs_of(api, bare_id) == []
+    # The flows stay "active"; the next pass schedules the one with a schedule of its own.
+    assert flow_schedule(api, bare_id)["is_schedule_active"]
+    assert assert_scheduler_pass(api, flow_id, WEEKDAYS_AT_9, api.run_scheduler_once) == 10
+    assert runs_of(api, bare_id) == []
+    assert group_schedule["clocks"][0]["cron"] == "0 12 * * *"
+
+
+def test_required_parameters_and_schedules(api: PrefectServerDouble) -> None:
+    refused = new_flow(api, "needs-x", WEEKDAYS_AT_9, flow={"parameters": REQUIRED_X})
+    error = error_of(api, SET_ACTIVE, {"input": {"flow_id": refused}})
+    assert error["message"] == "Can not schedule a flow that has required parameters."
+    assert not flow_schedule(api, refused)["is_schedule_active"] and runs_of(api, refused) == []
+    # Registration with the schedule on still creates the flow, with its schedule off.
+    registered = new_flow(api, "needs-x", WEEKDAYS_AT_9, flow={"parameters": REQUIRED_X}, set_schedule_active=True)
+    assert not flow_schedule(api, registered)["is_schedule_active"] and runs_of(api, registered) == []
+    # A clock that gives the parameter may run.
+    given = prefect_schedule(clock("CronClock", cron="0 9 * * *", day_or=True, parameter_defaults={"x": 3}))
+    flow_id = new_flow(api, "given-x", given, flow={"parameters": REQUIRED_X})
+    assert activate(api, flow_id)
+    assert [run["parameters"] for run in runs_of(api, flow_id)] == [{"x": 3}] * 10
+    # Only the flow's own clocks are checked: a flow-group schedule without x turns the
+    # schedule on, then fails in create_flow_run, as in Server.
+    bare = new_flow(api, "bare-x", None, flow={"parameters": REQUIRED_X})
+    group_id = flow_schedule(api, bare)["flow_group_id"]
+    variables = {"input": {"flow_group_id": group_id, "interval_clocks": [{"interval": 3600}]}}
+    assert data(api, SET_GROUP_SCHEDULE, variables) == {"set_flow_group_schedule": {"success": True}}
+    error = error_of(api, SET_ACTIVE, {"input": {"flow_id": bare}})
+    assert error["message"] == "Required parameters were not supplied: {'x'}"
+    assert flow_schedule(api, bare)["is_schedule_active"] and runs_of(api, bare) == []
+    # A pass skips the failure; it counts only given-x's keyed runs, found again.
+    assert api.run_scheduler_once() == 10 and runs_of(api, bare) == []
+
+
+def test_archived_flows_are_not_scheduled(api: PrefectServerDouble) -> None:
+    first = new_flow(api, "versions", WEEKDAYS_AT_9, set_schedule_active=True)
+    assert flow_schedule(api, first)["is_schedule_active"] and len(runs_of(api, first)) == 10
+    second = new_flow(api, "versions", WEEKDAYS_AT_9, set_schedule_active=True, idempotency_key="k")
+    assert api.flow(first)["archived"] and runs_of(api, first) == []  # its auto runs deleted
+    second_runs = runs_of(api, second)
+    assert len(second_runs) == 10
+    assert [run["idempotency_key"] for run in second_runs] == [
+        f"auto-scheduled:{run['scheduled_start_time']}" for run in second_runs
+    ]
+    assert_scheduler_pass(api, second, WEEKDAYS_AT_9, api.run_scheduler_once, second_runs)
+    assert runs_of(api, first) == []
+    assert activate(api, first) and runs_of(api, first) == []  # turned on, but archived
+    # An idempotent re-registration returns the flow as it is: its schedule stays off.
+    assert data(api, SET_INACTIVE, {"input": {"flow_id": second}})["set_schedule_inactive"]["success"]
+    again = new_flow(api, "versions", WEEKDAYS_AT_9, set_schedule_active=True, idempotency_key="k")
+    assert again == second and not flow_schedule(api, second)["is_schedule_active"] and runs_of(api, second) == []
+
+
+def test_the_background_scheduler_creates_runs_by_itself() -> None:
+    with pytest.raises(ValueError, match="scheduler_seconds must be greater than 0"):
+        PrefectServerDouble(scheduler_seconds=0)
+    with PrefectServerDouble(scheduler_seconds=0.05) as api:
+        flow_id = api.add_flow("hello", STORAGE, labels=["dev"], schedule=WEEKDAYS_AT_9)
+        assert activate(api, flow_id) and len(runs_of(api, flow_id)) == 10
+        group_id = flow_schedule(api, flow_id)["flow_group_id"]
+        variables = {"input": {"flow_group_id": group_id, "cron_clocks": [{"cron": "30 7 * * *"}]}}
+        assert data(api, SET_GROUP_SCHEDULE, variables)["set_flow_group_schedule"]["success"]
+        deadline = time.monotonic() + 10
+        runs = runs_of(api, flow_id)
+        while len(runs) < 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            runs = runs_of(api, flow_id)
+        starts = {datetime.fromisoformat(run["scheduled_start_time"]).time() for run in runs}
+        assert len(runs) == 10 and starts == {datetime(2026, 1, 1, 7, 30).time()}
+        assert all(run["auto_scheduled"] and run["labels"] == ["dev"] for run in runs)
+        assert api.server_errors == []
+    assert not any(thread.name == "prefect-double-scheduler" for thread in threading.enumerate())
 
 
 # --- Faults, outages and auth --------------------------------------------------------
