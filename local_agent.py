@@ -278,6 +278,8 @@ MAX_SPOOL_BYTES = 64 * 1024 * 1024
 OUTBOX_GATHER_SECONDS = 0.05
 
 _AGENT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+#: The name of the stderr handler the command line attaches (``--log-format json`` reformats it).
+_COMMAND_LINE_HANDLER = "local_agent"
 _CHILD_FORMAT = "[%(asctime)s] %(levelname)s - %(name)s | %(message)s"
 #: The slug of the one task a flow of this file is registered with: its body (see serialize_flow).
 _BODY_TASK_SLUG = "flow-body"
@@ -441,6 +443,13 @@ def _as_level(value: object, where: str) -> str:
     return level
 
 
+def _as_log_format(value: object, where: str) -> str:
+    text = _as_str(value, where).lower()
+    if text not in ("text", "json"):
+        raise ConfigError(f"{where} must be text or json; got {value!r}")
+    return text
+
+
 def _literal(value: object, where: str, example: str) -> object:
     """Read a list or table given as a Python/JSON literal string (Prefect's env form)."""
     if not isinstance(value, str):
@@ -588,6 +597,8 @@ _OPTIONS = (
     _Option("labels", ("cloud.agent.labels",), _as_labels, [], ("-l", "--label"), "a label (repeatable)", "append"),
     _Option("level", ("cloud.agent.level",), _as_level, "INFO", ("--log-level",),
             "DEBUG, INFO, WARNING or ERROR"),
+    _Option("log_format", ("cloud.agent.log_format",), _as_log_format, "text", ("--log-format",),
+            "text, or json: one JSON object a line (time, level, logger, message, flow_run_id, flow_name)"),
     _Option("home_dir", ("home_dir",), _as_str, "~/.prefect"),
     _Option("env", ("cloud.agent.env",), _as_env, {}, ("-e", "--env"), "KEY=VAL for flow runs (repeatable)",
             "append", check_item=_split_env_pair),
@@ -667,6 +678,7 @@ class Settings:
     name: str
     labels: list[str]
     level: str
+    log_format: str
     home_dir: str
     env: dict[str, str]
     import_paths: list[str]
@@ -5494,6 +5506,11 @@ class RunBook:
 
     # Views.
 
+    def run_of(self, run_id: str) -> FlowRun | None:
+        """The run as it was fetched, when the book holds it (adopted runs have none)."""
+        entry = self._entries.get(run_id)
+        return entry.run if entry else None
+
     def phase(self, run_id: str) -> str:
         """The run's phase, or "" when the book does not hold it."""
         entry = self._entries.get(run_id)
@@ -5745,7 +5762,8 @@ class LocalAgent:
 
     def start(self, *, banner: bool = True) -> int:
         """Run until stopped, ``--max-polls`` is reached or (``--once``) the queue is empty."""
-        _attach_agent_logging(self.logger, self.settings.level, self._redact)
+        _attach_agent_logging(self.logger, self.settings.level, self._redact,
+                              _JSONLogFormatter(self._flow_name_of) if self.settings.log_format == "json" else None)
         try:
             self.open()  # bad settings and files fail here, before the banner
             if banner:
@@ -5821,6 +5839,13 @@ class LocalAgent:
             problem = self.api.problem or "no answer"
             return self._redact(f"the agent has not {what} the API for {waited:.0f} s: {problem}")
         return ""
+
+    def _flow_name_of(self, run_id: str) -> str:
+        """The flow of a run this agent holds ("" when it holds none by that id), for JSON logs."""
+        run = self.book.run_of(run_id)
+        if run is not None:
+            return run.flow_name or ""
+        return next((job.flow_name for job in self.book.jobs if job.run_id == run_id), "")
 
     def status(self) -> dict[str, Any]:
         """What the agent is doing, for ``/api/status``."""
@@ -6309,7 +6334,12 @@ class LocalAgent:
         shown = line.message if line.name == "output" else _format_log_line(line)
         job.tail.append(shown)
         if self.settings.show_flow_logs:  # whose line it is: several runs may be writing
-            sys.stdout.write(f"{job.run_name or job.run_id[:8]} | {shown}\n")
+            if self.settings.log_format == "json":
+                entry = {"time": line.timestamp, "level": line.level, "logger": line.name, "message": line.message,
+                         "flow_run_id": job.run_id, "flow_name": job.flow_name, "flow_run_name": job.run_name}
+                sys.stdout.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            else:
+                sys.stdout.write(f"{job.run_name or job.run_id[:8]} | {shown}\n")
             sys.stdout.flush()
         if shipped or not self.settings.cloud_logs:
             return
@@ -6442,8 +6472,40 @@ class LocalAgent:
 
 
 
-def _attach_agent_logging(logger: logging.Logger, level: str, redact: _Redactor) -> None:
+#: A flow run's id in an agent log line ("Flow run 3f2a…-… finished"), for JSON logs.
+_RUN_ID_IN_TEXT = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+
+
+class _JSONLogFormatter(logging.Formatter):
+    """``--log-format json``: one object a line, with the run a line is about, for log shippers."""
+
+    def __init__(self, flow_name_of: Callable[[str], str]) -> None:
+        super().__init__()
+        self.flow_name_of = flow_name_of
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": message,
+        }
+        found = _RUN_ID_IN_TEXT.search(message)
+        if found:
+            entry["flow_run_id"] = found.group(0)
+            flow_name = self.flow_name_of(found.group(0))
+            if flow_name:
+                entry["flow_name"] = flow_name
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _attach_agent_logging(logger: logging.Logger, level: str, redact: _Redactor,
+                          formatter: logging.Formatter | None = None) -> None:
     """Redact the agent's log records; attach the seed's stderr handler unless the application configured logging."""
+    for handler in logging.getLogger().handlers:
+        if formatter is not None and handler.get_name() == _COMMAND_LINE_HANDLER:  # ours: it may change form
+            handler.setFormatter(formatter)
     for each in (logger, logging.getLogger(__name__)):
         if not any(isinstance(existing, _RedactingFilter) for existing in each.filters):
             each.addFilter(_RedactingFilter(redact))
@@ -6452,7 +6514,7 @@ def _attach_agent_logging(logger: logging.Logger, level: str, redact: _Redactor)
             logger.setLevel(level)
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_AGENT_FORMAT))
+    handler.setFormatter(formatter or logging.Formatter(_AGENT_FORMAT))
     for each in (logger, logging.getLogger(__name__)):
         each.addHandler(handler)
         each.setLevel(level)
@@ -7632,6 +7694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.func not in (_cmd_execute_flow_run, _cmd_execute_template) and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_AGENT_FORMAT))
+        handler.set_name(_COMMAND_LINE_HANDLER)
         logging.getLogger().addHandler(handler)
     return _guarded(args.func, args)
 

@@ -3592,3 +3592,19 @@ def test_where_prefect_loops_forever_a_schedule_goes_on() -> None:
     assert not first_hour & set(times)  # the repeated hour fires on its second occurrence only, as in Prefect
     assert times[:60] == [after + timedelta(minutes=minute) for minute in range(1, 60)] + [after + timedelta(hours=2)]
     assert all(b - a == timedelta(minutes=1) for a, b in itertools.pairwise(times[59:]))
+
+
+def test_json_logs_are_one_object_a_line_naming_the_run(embedded: World, test_flows: Any) -> None:
+    run_id = embedded.run(embedded.flow(test_flows.hello))
+    failing = embedded.run(embedded.flow(test_flows.fail))
+    result = embedded.agent("--once", "--log-format", "json", "-f")
+    entries = [json.loads(line) for line in result.stderr.splitlines()]  # every line is an object
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in entries)
+    finished = {entry["flow_run_id"]: entry for entry in entries if "finished:" in entry["message"]}
+    assert finished[run_id]["flow_name"] == "hello" and finished[failing]["flow_name"] == "fail"
+    assert finished[failing]["level"] == "INFO" and la._parse_time(finished[run_id]["time"])
+    echoed = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    printed = [entry for entry in echoed if entry["message"] == "printed by the flow"]
+    assert printed and printed[0]["flow_run_id"] == run_id and printed[0]["flow_name"] == "hello"
+    bad = run_cli("start", "--log-format", "yaml", env=embedded.env)
+    assert bad.returncode == 2 and "argument --log-format: the value must be text or json; got 'yaml'" in bad.stderr
