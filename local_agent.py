@@ -164,10 +164,10 @@ import time
 import types
 import unicodedata
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NamedTuple, TextIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, NamedTuple, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 try:
@@ -3924,6 +3924,109 @@ def _redact_state(state: Mapping[str, Any], redact: _Redactor) -> dict[str, Any]
     return redacted
 
 
+class _Metrics:
+    """The agent's counters and histograms, rendered in Prometheus' text format for ``/metrics``.
+
+    Written by the agent's loop and its outbox thread, read by the HTTP endpoint's threads.
+    """
+
+    #: Buckets (s) of the run-duration and API-latency histograms.
+    RUN_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0)
+    API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    HELP: ClassVar[dict[str, str]] = {
+        "runs_claimed_total": "Flow runs this agent claimed (wrote Submitted for).",
+        "runs_launched_total": "Flow-run processes started.",
+        "runs_finished_total": "Flow runs this agent saw end, by final state.",
+        "runs_handed_back_total": "Claimed runs given back to the queue (Scheduled) at shutdown.",
+        "claims_lost_total": "Claims another agent won first.",
+        "runs_timed_out_total": "Flow runs stopped for running past --timeout.",
+        "runs_cancelled_total": "Flow runs stopped because they were cancelled in the API.",
+        "polls_total": "Polls of the API for due runs.",
+        "poll_errors_total": "Polls that failed.",
+        "api_errors_total": "API requests that failed, by operation.",
+        "run_duration_seconds": "Wall time of flow-run processes, from launch to the end of the run.",
+        "api_request_duration_seconds": "API request latency, by operation.",
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._histograms: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
+
+    def count(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0.0) + amount
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        """Add ``value`` to a histogram: per-bucket counts (the last is +Inf), then sum."""
+        buckets = self.RUN_BUCKETS if name == "run_duration_seconds" else self.API_BUCKETS
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            counts = self._histograms.setdefault(key, [0.0] * (len(buckets) + 2))
+            for index, bound in enumerate(buckets):
+                if value <= bound:
+                    counts[index] += 1
+            counts[len(buckets)] += 1  # +Inf, which is also the count
+            counts[-1] += value
+
+    @contextlib.contextmanager
+    def timed(self, operation: str) -> Iterator[None]:
+        """Time an API request; count it as an error when it raises."""
+        started = time.monotonic()
+        try:
+            yield
+        except Exception:
+            self.count("api_errors_total", operation=operation)
+            raise
+        finally:
+            self.observe("api_request_duration_seconds", time.monotonic() - started, operation=operation)
+
+    def render(self, gauges: Mapping[str, tuple[str, float]], info: Mapping[str, str]) -> str:
+        """The Prometheus text exposition (format 0.0.4) of everything, with ``gauges`` read now."""
+        lines = ["# HELP local_agent_info This agent: its version and name.", "# TYPE local_agent_info gauge",
+                 f"local_agent_info{_prometheus_labels(info)} 1"]
+        with self._lock:
+            counters, histograms = dict(self._counters), {k: list(v) for k, v in self._histograms.items()}
+        for name in sorted({name for name, _ in counters} | {n for n in self.HELP if n.endswith("_total")}):
+            lines += [f"# HELP local_agent_{name} {self.HELP.get(name, name)}", f"# TYPE local_agent_{name} counter"]
+            series = {labels: value for (each, labels), value in counters.items() if each == name} or {(): 0.0}
+            lines += [f"local_agent_{name}{_prometheus_labels(dict(labels))} {_prometheus_number(value)}"
+                      for labels, value in sorted(series.items())]
+        for name in ("run_duration_seconds", "api_request_duration_seconds"):
+            buckets = self.RUN_BUCKETS if name == "run_duration_seconds" else self.API_BUCKETS
+            lines += [f"# HELP local_agent_{name} {self.HELP[name]}", f"# TYPE local_agent_{name} histogram"]
+            for (each, labels), counts in sorted(histograms.items()):
+                if each != name:
+                    continue
+                for bound, count in zip([*buckets, math.inf], counts):
+                    le = dict(labels, le=_prometheus_number(bound))
+                    lines.append(f"local_agent_{name}_bucket{_prometheus_labels(le)} {_prometheus_number(count)}")
+                lines.append(f"local_agent_{name}_sum{_prometheus_labels(dict(labels))} {counts[-1]!r}")
+                lines.append(f"local_agent_{name}_count{_prometheus_labels(dict(labels))} "
+                             f"{_prometheus_number(counts[len(buckets)])}")
+        for name, (help_text, value) in gauges.items():
+            lines += [f"# HELP local_agent_{name} {help_text}", f"# TYPE local_agent_{name} gauge",
+                      f"local_agent_{name} {_prometheus_number(value)}"]
+        return "\n".join(lines) + "\n"
+
+
+def _prometheus_labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    escaped = (str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+               for value in labels.values())
+    return "{" + ",".join(f'{key}="{value}"' for key, value in zip(labels, escaped)) + "}"
+
+
+def _prometheus_number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(float(value))
+
+
 class _Outbox:
     """API writes that must not be lost — run-log lines and states — delivered in order.
 
@@ -3935,8 +4038,9 @@ class _Outbox:
     """
 
     def __init__(self, backend: Backend, spool: Path | None = None, logger: logging.Logger | None = None,
-                 redact: _Redactor | None = None) -> None:
+                 redact: _Redactor | None = None, metrics: _Metrics | None = None) -> None:
         self._backend = backend
+        self._metrics = metrics or _Metrics()
         #: Every line and state message is redacted here, before it is spooled or sent.
         self._redact = redact or _Redactor(())
         self._spool = spool
@@ -4007,6 +4111,11 @@ class _Outbox:
     def pending(self) -> int:
         """How many entries wait to be delivered."""
         return len(self._entries)
+
+    @property
+    def pending_bytes(self) -> int:
+        """How many bytes the entries waiting to be delivered take in the spool."""
+        return self._bytes
 
     def flush(self, timeout: float) -> bool:
         """Release held lines and wait up to ``timeout`` s for everything to be delivered."""
@@ -4192,12 +4301,14 @@ class _Outbox:
                     self._logger.info("Flow run %s is %s already; not writing %s over it",
                                       entry["r"], current.state, entry["s"].get("type"))
                     return
-            self._backend.set_flow_run_state(entry["r"], entry["s"], entry["v"])
+            with self._metrics.timed("set_flow_run_state"):
+                self._backend.set_flow_run_state(entry["r"], entry["s"], entry["v"])
             return
-        self._backend.write_run_logs([
-            {"flow_run_id": e["r"], "timestamp": e["t"], "level": e["l"], "name": e["n"], "message": e["m"]}
-            for e in batch
-        ])
+        with self._metrics.timed("write_run_logs"):
+            self._backend.write_run_logs([
+                {"flow_run_id": e["r"], "timestamp": e["t"], "level": e["l"], "name": e["n"], "message": e["m"]}
+                for e in batch
+            ])
 
 
 class _RunLogHandler(logging.Handler):
@@ -5757,6 +5868,9 @@ class LocalAgent:
         self._next_template_at = 0.0
         self.subreaper = False
         self._redact = _Redactor(_secrets(self.settings, os.environ))
+        #: What ``/metrics`` reports; the wall-clock time it started, for ``local_agent_start_time_seconds``.
+        self.metrics = _Metrics()
+        self.started_at = time.time()
 
     # Public controls.
 
@@ -5847,6 +5961,22 @@ class LocalAgent:
             return run.flow_name or ""
         return next((job.flow_name for job in self.book.jobs if job.run_id == run_id), "")
 
+    def metrics_text(self) -> str:
+        """``/metrics``: the counters, and gauges read now, in Prometheus' text format."""
+        since_poll = self.clock.monotonic() - self._last_poll_ok if self._last_poll_ok else math.nan
+        limit = self.settings.limit
+        gauges = {
+            "seconds_since_last_poll": ("Seconds since the last successful poll (NaN before the first).", since_poll),
+            "spool_entries": ("API writes waiting to be delivered.", self._outbox.pending if self._outbox else 0),
+            "spool_bytes": ("Bytes of API writes waiting to be delivered.",
+                            self._outbox.pending_bytes if self._outbox else 0),
+            "running_processes": ("Flow-run processes running.", len(self.book.jobs)),
+            "free_slots": ("Runs the agent may still take (+Inf without --limit).",
+                           self.book.free_slots() if limit else math.inf),
+            "start_time_seconds": ("When the agent started, in seconds since the Unix epoch.", self.started_at),
+        }
+        return self.metrics.render(gauges, {"version": __version__, "name": self.settings.name})
+
     def status(self) -> dict[str, Any]:
         """What the agent is doing, for ``/api/status``."""
         return {
@@ -5875,7 +6005,7 @@ class LocalAgent:
         self._program = (_compiled_copy(self.settings.home / "cache") if same_python else "") or _source_file()
         if self.settings.preload:
             self._start_template(wait=True)
-        self._outbox = _Outbox(self.backend, self.directory / "spool.jsonl", self.logger, self._redact)
+        self._outbox = _Outbox(self.backend, self.directory / "spool.jsonl", self.logger, self._redact, self.metrics)
         if self._outbox.pending:
             self.logger.info("Delivering %d API write(s) left over from the last run", self._outbox.pending)
         if self.settings.subreaper or os.getpid() == 1:
@@ -6061,7 +6191,8 @@ class LocalAgent:
             self._begin_drain(now)
             return 0.0
         try:
-            self.agent_id = self._backend().connect(self.settings.name, self.labels)
+            with self.metrics.timed("connect"):
+                self.agent_id = self._backend().connect(self.settings.name, self.labels)
         except APIError as exc:
             if not exc.transient:
                 raise
@@ -6135,6 +6266,7 @@ class LocalAgent:
         self._poll_now = False
         found = self._poll()
         self._polls += 1
+        self.metrics.count("polls_total")
         self._empty_polls = 0 if found else self._empty_polls + 1
         self._next_poll = self.clock.monotonic() + self._poll_interval(self._empty_polls)
         if self._finished_polling(found):
@@ -6161,7 +6293,8 @@ class LocalAgent:
         before = self.clock.now() + timedelta(seconds=0 if self.settings.once else PREFETCH_SECONDS)
         try:
             self._top_up_schedules()
-            run_ids = backend.get_runs_in_queue(self.labels, before)
+            with self.metrics.timed("get_runs_in_queue"):
+                run_ids = backend.get_runs_in_queue(self.labels, before)
             self._last_poll_ok = self.clock.monotonic()
             # Read metadata only for runs there is room for; the rest stay queued for others.
             now = self.clock.monotonic()
@@ -6172,8 +6305,10 @@ class LocalAgent:
                 return False
             self.logger.debug("Found %d ready flow run(s): %s", len(new_ids), new_ids)
             self.logger.debug("Retrieving metadata for %d flow run(s)...", len(new_ids))
-            runs = backend.get_flow_runs(new_ids)
+            with self.metrics.timed("get_flow_runs"):
+                runs = backend.get_flow_runs(new_ids)
         except APIError as exc:
+            self.metrics.count("poll_errors_total")
             self.api.failed(exc)
             return False
         self.api.answered()
@@ -6253,15 +6388,18 @@ class LocalAgent:
             claims.append((run, make_state("Submitted", f"Submitted for execution by {who}",
                                            previous=run.serialized_state, context=context)))
         try:
-            versions = self._backend().claim_flow_runs(claims)
+            with self.metrics.timed("claim_flow_runs"):
+                versions = self._backend().claim_flow_runs(claims)
         except APIError as exc:
             self.logger.error("Could not claim flow run(s) %s: %s", [run.id for run in runs], exc)
             return  # a claim that did land stays in the ledger: the next start settles it
         for run, version in zip(runs, versions):
             if version is None:
                 self.logger.debug("Flow run %s was taken by another agent", run.id)
+                self.metrics.count("claims_lost_total")
                 self.book.settled(run.id)
             else:
+                self.metrics.count("runs_claimed_total")
                 self.book.claimed(run.id, version)
                 self._run_log(run.id, f"Claimed by {who}")
 
@@ -6293,6 +6431,7 @@ class LocalAgent:
         if self.settings.timeout:
             job.deadline = self.clock.monotonic() + self.settings.timeout
         self.book.launched(job)
+        self.metrics.count("runs_launched_total")
         self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.pid)
         self._run_log(run.id, f"Submitted for execution: PID: {job.pid}")
 
@@ -6360,6 +6499,8 @@ class LocalAgent:
             self._run_log(job.run_id, f"{job.dropped_lines} line(s) of output were not logged: a run's log "
                           f"keeps at most {MAX_RUN_LOG_BYTES // 1_000_000} MB", level="WARNING")
         self._run_log(job.run_id, f"Flow-run process PID {job.pid} {how}")
+        if job.started_at:
+            self.metrics.observe("run_duration_seconds", max(0.0, time.time() - job.started_at))
         reported = _read_result(job.result_path)
         final = "" if reported is not None else self._final_state_of(job.run_id)
         if final:  # the process reported it, and could not leave the result file: nothing to guess
@@ -6388,6 +6529,10 @@ class LocalAgent:
 
     def _record_result(self, run_id: str, state_type: str) -> None:
         self.results[run_id] = state_type
+        if is_final(state_type):
+            self.metrics.count("runs_finished_total", state=state_type)
+        elif state_type in SCHEDULED_STATES:
+            self.metrics.count("runs_handed_back_total")
         self.logger.info("Flow run %s finished: %s", run_id, state_type)
 
     def _set_final(self, run_id: str, state: dict[str, Any], version: int | None) -> None:
@@ -6408,6 +6553,7 @@ class LocalAgent:
                 self._run_log(job.run_id,
                               f"Timed out after {self.settings.timeout:g} s: stopping process PID {job.pid}",
                               level="ERROR")
+                self.metrics.count("runs_timed_out_total")
                 self._terminate(job, "timeout")
             job.kill_if_due(now)
 
@@ -6425,6 +6571,7 @@ class LocalAgent:
             job = jobs.get(run.id)
             if job is not None and run.state in ("Cancelling", "Cancelled") and not job.stopping:
                 self.logger.info("Flow run %s was cancelled; stopping PID %d", run.id, job.pid)
+                self.metrics.count("runs_cancelled_total")
                 self._run_log(run.id, f"Cancellation requested: stopping process PID {job.pid}")
                 self._terminate(job, "cancel")
 
@@ -6609,6 +6756,9 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer
 
         def do_GET(self) -> None:
             path = self.path.rstrip("/")
+            if path == "/metrics":
+                self.reply(200, agent.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+                return
             if path == "/api/poke":
                 agent.poke()
             elif path not in ("/api/health", "/api/status"):
@@ -6621,8 +6771,11 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer
                 problem = agent.health_problem()
                 if problem:
                     status, body = 503, json.dumps({"status": "unhealthy", "reason": problem}).encode()
+            self.reply(status, body, "application/json")
+
+        def reply(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -3608,3 +3608,60 @@ def test_json_logs_are_one_object_a_line_naming_the_run(embedded: World, test_fl
     assert printed and printed[0]["flow_run_id"] == run_id and printed[0]["flow_name"] == "hello"
     bad = run_cli("start", "--log-format", "yaml", env=embedded.env)
     assert bad.returncode == 2 and "argument --log-format: the value must be text or json; got 'yaml'" in bad.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_metrics_count_what_the_agent_did_in_prometheus_format(embedded: World, test_flows: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client.parser import text_string_to_metric_families  # a test-only dependency (.ci/run)
+
+    ok, failing = embedded.run(embedded.flow(test_flows.hello)), embedded.run(embedded.flow(test_flows.fail))
+    slow = embedded.run(embedded.flow(test_flows.sleep), parameters={"seconds": 30})
+    cancelled = embedded.run(embedded.flow(test_flows.sleep, name="sleepy"), parameters={"seconds": 30})
+    port = _free_port()
+    agent = stepped_agent(embedded, monkeypatch, agent_address=f"http://127.0.0.1:{port}", timeout=3, limit=8)
+    try:
+        drive(agent, lambda: embedded.state(cancelled) == "Running")
+        embedded.db.cancel_flow_run(cancelled)
+        agent._next_watch = 0.0  # look at once, not within WATCH_SECONDS
+        drive(agent, lambda: len(agent.results) == 4)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = answer.read().decode()
+    finally:
+        agent.stop()
+        drive(agent, lambda: False, must=False, budget=20)
+        agent.close()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+
+    def value(metric: str, **labels: str) -> float:
+        family = re.sub(r"_(total|count|sum|bucket)$", "", metric)
+        return next(sample.value for sample in families[family].samples
+                    if sample.name == metric and sample.labels == labels)
+
+    assert {embedded.state(run) for run in (ok, failing, slow)} == {"Success", "Failed"}
+    assert embedded.state(cancelled) == "Cancelled"
+    assert value("local_agent_runs_claimed_total") == value("local_agent_runs_launched_total") == 4
+    assert value("local_agent_runs_finished_total", state="Success") == 1
+    assert value("local_agent_runs_finished_total", state="Failed") == 2  # one raised, one timed out
+    assert value("local_agent_runs_finished_total", state="Cancelled") == 1
+    assert value("local_agent_runs_timed_out_total") == 1 and value("local_agent_runs_cancelled_total") == 1
+    assert value("local_agent_claims_lost_total") == 0 and value("local_agent_runs_handed_back_total") == 0
+    assert value("local_agent_polls_total") >= 1 and value("local_agent_poll_errors_total") == 0
+    assert value("local_agent_run_duration_seconds_count") == 4
+    assert value("local_agent_run_duration_seconds_bucket", le="+Inf") == 4
+    assert value("local_agent_api_request_duration_seconds_count", operation="get_runs_in_queue") >= 1
+    assert value("local_agent_api_request_duration_seconds_count", operation="claim_flow_runs") >= 1
+    assert value("local_agent_api_request_duration_seconds_count", operation="write_run_logs") >= 1
+    assert value("local_agent_running_processes") == 0 and value("local_agent_free_slots") == 8
+    assert value("local_agent_spool_entries") == 0 and value("local_agent_spool_bytes") == 0
+    assert 0 <= value("local_agent_seconds_since_last_poll") < 60
+    assert abs(value("local_agent_start_time_seconds") - time.time()) < 300
+    assert value("local_agent_info", version=la.__version__, **{"name": "agent"}) == 1
