@@ -7216,6 +7216,194 @@ def _cmd_start(args: argparse.Namespace) -> int:
     return LocalAgent(settings).start()
 
 
+#: ``install``'s own flags; every other one is a ``start`` flag the service passes on.
+_INSTALL_FLAGS = {"--write": True, "--user": False, "--token-file": True}
+#: The token's flags: never copied onto a service's command line.
+_TOKEN_FLAGS = ("-t", "--token", "-k", "--key")
+#: How much longer than ``--grace`` a service manager waits before it kills the agent: the
+#: agent needs the grace for its flows, then time to stop them and hand back what is left.
+_STOP_MARGIN_SECONDS = 30
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    flags = {key: value for key, value in vars(args).items()
+             if key not in ("func", "command", "manager", "write", "user", "token_file", "argv")}
+    settings = resolve_settings(flags)  # the service's settings, checked now rather than at its first start
+    passed_on = _start_flags(args.argv)
+    environment = {"PREFECT__HOME_DIR": str(settings.home), "PYTHONUNBUFFERED": "1"}
+    prefect_variables = {key: value for key, value in os.environ.items() if key.startswith("PREFECT__")}
+    environment.update({key: value for key, value in prefect_variables.items()
+                        if key not in environment and not _is_secret_variable(key)})
+    left_out = sorted(key for key in prefect_variables if _is_secret_variable(key) and key not in
+                      {_env_name(name) for name in ("cloud.agent.auth_token", "cloud.auth_token", "cloud.api_key")})
+    if left_out:
+        print(f"Not copied into the service, as they look secret: {', '.join(left_out)}", file=sys.stderr)
+    secrets_file = _service_secrets(args, settings, environment)
+    text = (_systemd_unit if args.manager == "systemd" else _supervisor_program)(
+        settings, _service_command(passed_on), environment, secrets_file, args.user)
+    if not args.write:
+        print(text, end="")
+        return 0
+    try:
+        with open(args.write, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {args.write}: {exc.strerror or exc}") from None
+    print(f"Wrote {args.write}; then: " + (
+        f"systemctl {'--user ' if args.user else ''}daemon-reload && systemctl {'--user ' if args.user else ''}"
+        f"enable --now {Path(args.write).stem}" if args.manager == "systemd" else "supervisorctl reread && "
+        "supervisorctl update"))
+    return 0
+
+
+def _is_secret_variable(name: str) -> bool:
+    """A variable whose value must not be written into a service definition others can read."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def _start_flags(argv: Sequence[str]) -> list[str]:
+    """The ``start`` flags in ``install``'s arguments, without install's own and without the token."""
+    kept, skip_value = [], False
+    for index, arg in enumerate(argv):
+        if skip_value:
+            skip_value = False
+            continue
+        name = arg.split("=", 1)[0]
+        if index < 2 and not arg.startswith("-"):  # "install" and the service manager
+            continue
+        if name in _TOKEN_FLAGS or name in _INSTALL_FLAGS:
+            skip_value = "=" not in arg and (name in _TOKEN_FLAGS or _INSTALL_FLAGS[name])
+            continue
+        kept.append(arg)
+    return kept
+
+
+def _service_command(start_flags: Sequence[str]) -> list[str]:
+    """This agent's ``start`` as a service runs it: the console script, or this interpreter and file."""
+    invoked = sys.argv[0] if sys.argv else ""
+    if os.path.basename(invoked) == "local-agent" and os.path.isfile(invoked):
+        return [os.path.abspath(invoked), "start", *start_flags]
+    return [sys.executable, _source_file(), "start", *start_flags]
+
+
+def _service_secrets(args: argparse.Namespace, settings: Settings, environment: dict[str, str]) -> str:
+    """Where the service reads the token: the config file it came from, or ``--token-file``
+    (written now, mode 600). Either must be readable by its owner only. "" when there is no token."""
+    if not settings.token:
+        return ""
+    source = settings.sources.get("token", "")
+    if source.startswith("config file") and not args.token_file:
+        _check_private(settings.config_path)
+        environment["PREFECT__USER_CONFIG_PATH"] = os.path.abspath(settings.config_path)
+        return ""
+    if not args.token_file:
+        raise ConfigError(f"the token (from {source}) must not go on the service's command line: give "
+                          "--token-file PATH, where it is kept for the service (mode 600)")
+    path = os.path.abspath(str(args.token_file))
+    if os.path.exists(path):
+        _check_private(path)
+    else:
+        content = (f"PREFECT__CLOUD__AGENT__AUTH_TOKEN={settings.token}\n" if args.manager == "systemd" else
+                   f"[cloud.agent]\nauth_token = {json.dumps(settings.token)}\n")
+        try:
+            with _private_open(Path(path), "w") as handle:
+                handle.write(content)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the token file {path}: {exc.strerror or exc}") from None
+    if args.manager == "supervisor":  # supervisor has no environment files: a config file it is
+        environment["PREFECT__USER_CONFIG_PATH"] = path
+        return ""
+    return path
+
+
+def _check_private(path: str) -> None:
+    """Refuse a file holding the token that its group or others may read."""
+    try:
+        mode = int(os.stat(path).st_mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{path} holds the token but others may read it (mode {mode & 0o777:o}): "
+                          f"chmod 600 {path}")
+
+
+def _systemd_quote(word: str) -> str:
+    """One word of a systemd command line, quoted when it must be (systemd.syntax)."""
+    if word and not any(c in word for c in ' \t\n"\'\\$%;'):
+        return word
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def _systemd_unit(settings: Settings, command: Sequence[str], environment: Mapping[str, str], secrets_file: str,
+                  user_unit: bool) -> str:
+    """A systemd unit running the agent; stop waits longer than ``--grace`` and signals the agent only."""
+    import getpass
+
+    lines = [
+        "# Written by `local_agent.py install systemd`. The agent drains on SIGTERM: it takes no new runs,",
+        "# hands back what has not started and gives running flows --grace seconds. KillMode=process leaves",
+        "# the flow runs to the agent, so a restarted agent adopts those an agent crash left running.",
+        "[Unit]",
+        f"Description=local_agent {settings.name} (labels {', '.join(settings.agent_labels()) or 'none'})",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+    ]
+    if not user_unit:
+        lines.append(f"User={getpass.getuser()}")
+    lines.append(f"WorkingDirectory={_systemd_quote(os.getcwd())}")
+    lines += [f"Environment={_systemd_quote(f'{key}={value}')}" for key, value in sorted(environment.items())]
+    if secrets_file:
+        lines.append(f"EnvironmentFile={_systemd_quote(secrets_file)}")
+    lines += [
+        "ExecStart=" + " ".join(_systemd_quote(word) for word in command),
+        "Restart=on-failure",
+        "RestartSec=5",
+        "KillSignal=SIGTERM",
+        "KillMode=process",
+        f"TimeoutStopSec={math.ceil(settings.grace) + _STOP_MARGIN_SECONDS}",
+        "",
+        "[Install]",
+        f"WantedBy={'default.target' if user_unit else 'multi-user.target'}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _supervisor_program(settings: Settings, command: Sequence[str], environment: Mapping[str, str],
+                        secrets_file: str, user_unit: bool) -> str:
+    """A supervisord ``[program:…]`` section running the agent, as Prefect 1.x's ``agent local install``."""
+    import getpass
+    import shlex
+
+    def value(text: str) -> str:  # supervisor expands %(name)s in values: double the %
+        return text.replace("%", "%%")
+
+    environment_text = ",".join(f'{key}="{value(item)}"' for key, item in sorted(environment.items()))
+    lines = [
+        "; Written by `local_agent.py install supervisor`. The agent drains on SIGTERM and stops its",
+        "; flow runs itself after --grace, so only the agent is signalled (stopasgroup=false).",
+        f"[program:local-agent-{slugify(settings.name)}]",
+        f"command={value(shlex.join(command))}",
+        f"directory={value(os.getcwd())}",
+        f"environment={environment_text}",
+        "autostart=true",
+        "autorestart=unexpected",
+        "exitcodes=0",
+        "startsecs=5",
+        "stopsignal=TERM",
+        f"stopwaitsecs={math.ceil(settings.grace) + _STOP_MARGIN_SECONDS}",
+        "stopasgroup=false",
+        "killasgroup=false",
+        "redirect_stderr=true",
+    ]
+    if not user_unit:
+        lines.insert(5, f"user={getpass.getuser()}")
+    return "\n".join(lines) + "\n"
+
+
 def _cmd_execute_flow_run(args: argparse.Namespace | None) -> int:
     return _execute_flow_run(resolve_settings({}))
 
@@ -7831,6 +8019,18 @@ def _build_parser() -> argparse.ArgumentParser:
     delete.add_argument("what", choices=("flow", "run"), help="flow or run")
     delete.add_argument("target", metavar="NAME", help="the flow's name, or the run's id (the start of it) or name")
 
+    install = commands.add_parser("install", help="print (or --write) a systemd unit or supervisor program for start",
+                                  allow_abbrev=False)
+    install.add_argument("manager", choices=("systemd", "supervisor"), help="the service manager")
+    install.add_argument("--write", metavar="PATH", help="write it there instead of printing it")
+    install.add_argument("--user", action="store_true", help="a user unit (systemctl --user), run as you")
+    install.add_argument("--token-file", metavar="PATH",
+                         help="where the service reads the token (written, mode 600, if it does not exist)")
+    for option in _OPTIONS:
+        if option.flags:
+            _add_option(install, option)
+    install.set_defaults(func=_cmd_install)
+
     cancel = command("cancel", "cancel a flow run", _cmd_cancel)
     cancel.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
     return parser
@@ -7843,7 +8043,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.modules.setdefault("local_agent", sys.modules[__name__])
     if list(sys.argv[1:] if argv is None else argv) == ["execute", "flow-run"]:
         return _guarded(_cmd_execute_flow_run, None)  # every run starts here: skip argparse
-    args = _build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = _build_parser().parse_args(arguments)
+    args.argv = arguments  # install passes the start flags on as they were written
     if args.func not in (_cmd_execute_flow_run, _cmd_execute_template) and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_AGENT_FORMAT))

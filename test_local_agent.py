@@ -3665,3 +3665,105 @@ def test_metrics_count_what_the_agent_did_in_prometheus_format(embedded: World, 
     assert 0 <= value("local_agent_seconds_since_last_poll") < 60
     assert abs(value("local_agent_start_time_seconds") - time.time()) < 300
     assert value("local_agent_info", version=la.__version__, **{"name": "agent"}) == 1
+
+
+# --- Service files -------------------------------------------------------------------------
+
+
+def _unit_environment(unit: str) -> dict[str, str]:
+    """What systemd gives ExecStart: the Environment= lines, then the EnvironmentFile=."""
+    import shlex
+
+    environment: dict[str, str] = {}
+    for line in unit.splitlines():
+        key, _, value = line.partition("=")
+        if key == "Environment":
+            name, _, setting = shlex.split(value)[0].partition("=")
+            environment[name] = setting
+        elif key == "EnvironmentFile":
+            for pair in Path(shlex.split(value)[0]).read_text().splitlines():
+                name, _, setting = pair.partition("=")
+                environment[name] = setting
+    return environment
+
+
+def test_install_systemd_writes_a_unit_systemd_accepts_that_runs_the_agent(tmp_path: Path, clean_env: dict[str, str],
+                                                                          flows_dir: Path) -> None:
+    import shlex
+
+    systemd_analyze = shutil.which("systemd-analyze")
+    assert systemd_analyze, "systemd-analyze is missing: apt-get install systemd (it checks the unit)"
+    unit_path, token_file = tmp_path / "local-agent.service", tmp_path / "agent.env"
+    with PrefectServerDouble(cloud=True, require_token=TOKEN) as cloud:
+        result = run_cli("install", "systemd", "--write", str(unit_path), "--token-file", str(token_file),
+                         "-k", TOKEN, "-a", cloud.url, "-l", "test", "--no-hostname-label", "--grace", "90",
+                         "--max-polls", "2", env=clean_env, cwd=flows_dir)
+        assert result.returncode == 0, result.stderr
+        assert "systemctl daemon-reload && systemctl enable --now local-agent" in result.stdout
+        unit = unit_path.read_text()
+        assert TOKEN not in unit and TOKEN not in result.stdout + result.stderr
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        assert token_file.read_text() == f"PREFECT__CLOUD__AGENT__AUTH_TOKEN={TOKEN}\n"
+        for line in ("Restart=on-failure", "KillSignal=SIGTERM", "KillMode=process", "TimeoutStopSec=120",
+                     f"WorkingDirectory={flows_dir}", f"EnvironmentFile={token_file}", "WantedBy=multi-user.target"):
+            assert line in unit.splitlines(), line
+        verified = subprocess.run([systemd_analyze, "verify", str(unit_path)], capture_output=True, text=True,
+                                  timeout=60)
+        assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+        # What systemd would run, with what it would give it: the agent gets its token from the file.
+        command = shlex.split(next(line for line in unit.splitlines() if line.startswith("ExecStart="))[10:])
+        assert command[:3] == [sys.executable, str(AGENT), "start"] and "-k" not in command
+        environment = {"PATH": os.environ["PATH"], "HOME": clean_env["HOME"], **_unit_environment(unit)}
+        ran = subprocess.run(command, env=environment, cwd=flows_dir, capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        assert cloud.root_calls("get_runs_in_queue")  # authenticated with the token from the file
+    user_unit = run_cli("install", "systemd", "--user", "-l", "test", env=clean_env, check=True).stdout
+    assert "WantedBy=default.target" in user_unit and "User=" not in user_unit
+
+
+def test_install_supervisor_writes_a_program_supervisord_reads(tmp_path: Path, clean_env: dict[str, str],
+                                                              flows_dir: Path) -> None:
+    from supervisor.options import ServerOptions  # a test-only dependency (.ci/run)
+
+    token_file = tmp_path / "agent.toml"
+    result = run_cli("install", "supervisor", "-t", TOKEN, "--token-file", str(token_file), "-l", "etl jobs",
+                     "--grace", "45", env=clean_env, cwd=flows_dir)
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in result.stdout and TOKEN in token_file.read_text()
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    config = tmp_path / "supervisord.conf"
+    config.write_text(f"[supervisord]\nlogfile={tmp_path}/supervisord.log\npidfile={tmp_path}/supervisord.pid\n\n"
+                      + result.stdout)
+    options = ServerOptions()
+    options.realize(args=["-c", str(config)])
+    program = options.process_group_configs[0].process_configs[0]
+    assert program.name == "local-agent-agent"
+    assert program.command == f"{sys.executable} {AGENT} start -l 'etl jobs' --grace 45"
+    assert program.stopsignal == signal.SIGTERM and program.stopwaitsecs == 75
+    assert program.directory == str(flows_dir) and not program.stopasgroup and not program.killasgroup
+    assert program.environment["PREFECT__USER_CONFIG_PATH"] == str(token_file)
+    assert program.environment["PREFECT__HOME_DIR"] == str(Path(clean_env["PREFECT__HOME_DIR"]))
+    assert la.resolve_settings({}, environ=program.environment).token == TOKEN  # the agent reads it there
+
+
+def test_install_keeps_the_token_off_the_command_line_and_checks_its_file(tmp_path: Path,
+                                                                          clean_env: dict[str, str]) -> None:
+    refused = run_cli("install", "systemd", "-t", TOKEN, env=clean_env)
+    assert refused.returncode == 1 and "must not go on the service's command line: give --token-file" in \
+        refused.stderr and TOKEN not in refused.stderr
+    loose = tmp_path / "loose.env"
+    loose.write_text(f"PREFECT__CLOUD__AGENT__AUTH_TOKEN={TOKEN}\n")
+    loose.chmod(0o644)
+    refused = run_cli("install", "systemd", "-t", TOKEN, "--token-file", str(loose), env=clean_env)
+    assert refused.returncode == 1 and f"chmod 600 {loose}" in refused.stderr
+    config = tmp_path / "config.toml"
+    config.write_text(f'[cloud.agent]\nauth_token = "{TOKEN}"\n')
+    config.chmod(0o640)
+    env = {**clean_env, "PREFECT__USER_CONFIG_PATH": str(config)}
+    refused = run_cli("install", "systemd", env=env)
+    assert refused.returncode == 1 and f"chmod 600 {config}" in refused.stderr
+    config.chmod(0o600)
+    unit = run_cli("install", "systemd", env=env, check=True).stdout
+    assert f"Environment=PREFECT__USER_CONFIG_PATH={config}" in unit and TOKEN not in unit
+    bad = run_cli("install", "launchd", env=clean_env)
+    assert bad.returncode == 2 and "invalid choice: 'launchd'" in bad.stderr
