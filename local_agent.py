@@ -5961,6 +5961,15 @@ class LocalAgent:
             return run.flow_name or ""
         return next((job.flow_name for job in self.book.jobs if job.run_id == run_id), "")
 
+    def _write_identity(self) -> None:
+        """``agent.json`` in the agent's directory: who holds its lock, for the ``status`` command."""
+        identity = {"pid": os.getpid(), "name": self.settings.name, "labels": self.labels,
+                    "api": self._redact(self._backend().location),
+                    "started": datetime.fromtimestamp(self.started_at, timezone.utc).isoformat(timespec="seconds"),
+                    "agent_address": self.settings.agent_address}
+        with contextlib.suppress(OSError):  # status then says less; the agent runs as well without it
+            _write_json_atomically(self.directory / "agent.json", identity)
+
     def metrics_text(self) -> str:
         """``/metrics``: the counters, and gauges read now, in Prometheus' text format."""
         since_poll = self.clock.monotonic() - self._last_poll_ok if self._last_poll_ok else math.nan
@@ -5980,7 +5989,11 @@ class LocalAgent:
     def status(self) -> dict[str, Any]:
         """What the agent is doing, for ``/api/status``."""
         return {
-            "agent_id": self.agent_id, "name": self.settings.name, "labels": self.labels,
+            "agent_id": self.agent_id, "name": self.settings.name, "labels": self.labels, "pid": os.getpid(),
+            "started": datetime.fromtimestamp(self.started_at, timezone.utc).isoformat(timespec="seconds"),
+            "last_poll_seconds_ago": round(self.clock.monotonic() - self._last_poll_ok, 3)
+            if self._last_poll_ok else None,
+            "undelivered_bytes": self._outbox.pending_bytes if self._outbox else 0,
             "running": {job.run_id: job.pid for job in self.book.jobs},
             "waiting": sorted(entry.run_id for entry in self.book.in_phase(DUE, CLAIMED)),
             "undelivered": self._outbox.pending if self._outbox else 0,
@@ -5999,6 +6012,7 @@ class LocalAgent:
         except OSError as exc:
             raise ConfigError(f"cannot create the agent's directory {self.directory}: {exc.strerror or exc}") from None
         self._lock_file = _lock_agent_directory(self.directory, self.settings)
+        self._write_identity()
         self._python = self._check_python()
         # The compiled copy is bytecode for this interpreter; another one runs the source.
         same_python = os.path.realpath(self._python) == os.path.realpath(sys.executable)
@@ -7518,6 +7532,73 @@ def _as_people_look_for_them(runs: Sequence[FlowRun], now: datetime | None = Non
             *sorted(upcoming, key=when)]
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    home = resolve_settings({}).home
+    agents = [_agent_status(folder) for folder in sorted((home / "agents").glob("*/")) if (folder / "lock").exists()]
+    if args.output == "json":
+        return _print_json(agents)
+    if not agents:
+        print(f"No agent has run with home directory {home}")
+        return 0
+    rows = [(agent["name"], "running" if agent["running"] else "stopped", str(agent["pid"] or "-"),
+             (agent["started"] or "-").replace("T", " ").replace("+00:00", " UTC"), str(agent["runs"]),
+             "-" if agent["last_poll_seconds_ago"] is None else _duration_text(agent["last_poll_seconds_ago"]) + " ago",
+             str(agent["undelivered"]), agent["api"] or "-") for agent in agents]
+    print(_format_table(("NAME", "STATE", "PID", "SINCE", "RUNS", "LAST POLL", "SPOOL", "API"), rows))
+    return 0
+
+
+def _agent_status(folder: Path) -> dict[str, Any]:
+    """One agent directory: who it is, whether it runs, and what its ``/api/status`` or its files say."""
+    try:
+        identity = json.loads((folder / "agent.json").read_text())
+    except (OSError, ValueError):
+        identity = {}
+    running = _lock_is_held(folder / "lock")
+    live: dict[str, Any] = {}
+    if running and identity.get("agent_address"):
+        import urllib.request
+
+        with contextlib.suppress(OSError, ValueError):
+            url = identity["agent_address"].rstrip("/") + "/api/status"
+            with urllib.request.urlopen(url if "://" in url else "http://" + url, timeout=5) as answer:
+                live = json.loads(answer.read())
+    try:
+        ledger = json.loads((folder / "ledger.json").read_text())
+    except (OSError, ValueError):
+        ledger = {}
+    try:
+        with open(folder / "spool.jsonl", encoding="utf-8") as spool:
+            spooled = sum(1 for line in spool if '"k":"sent"' not in line)
+    except OSError:
+        spooled = 0
+    return {
+        "name": identity.get("name") or folder.name, "directory": str(folder), "running": running,
+        "pid": identity.get("pid") if running else None, "started": identity.get("started"),
+        "labels": identity.get("labels") or [], "api": identity.get("api") or "",
+        "agent_address": identity.get("agent_address") or None,
+        "runs": len(live["running"]) if "running" in live else len(ledger.get("runs") or {}),
+        "last_poll_seconds_ago": live.get("last_poll_seconds_ago"),
+        "undelivered": live.get("undelivered", spooled), "api_problem": live.get("api_problem") or None,
+    }
+
+
+def _lock_is_held(path: Path) -> bool:
+    """Whether an agent holds this lock file now (a stale file from a dead agent is not held)."""
+    if fcntl is None:
+        return False
+    try:
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
 def _print_json(value: Any) -> int:
     """``--output json``: one JSON document on stdout."""
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
@@ -8030,6 +8111,10 @@ def _build_parser() -> argparse.ArgumentParser:
         if option.flags:
             _add_option(install, option)
     install.set_defaults(func=_cmd_install)
+
+    status = commands.add_parser("status", help="the agents of this home directory: running, runs, last poll, spool")
+    output_option(status)
+    status.set_defaults(func=_cmd_status)
 
     cancel = command("cancel", "cancel a flow run", _cmd_cancel)
     cancel.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")

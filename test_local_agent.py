@@ -3767,3 +3767,31 @@ def test_install_keeps_the_token_off_the_command_line_and_checks_its_file(tmp_pa
     assert f"Environment=PREFECT__USER_CONFIG_PATH={config}" in unit and TOKEN not in unit
     bad = run_cli("install", "launchd", env=clean_env)
     assert bad.returncode == 2 and "invalid choice: 'launchd'" in bad.stderr
+
+
+def test_status_shows_the_agents_of_the_home_directory(embedded: World, test_flows: Any) -> None:
+    port = _free_port()
+    run_id = embedded.run(embedded.flow(test_flows.sleep), parameters={"seconds": 8})
+    watched = _agent_process(embedded, "-n", "watched", "--agent-address", f"http://127.0.0.1:{port}")
+    assert embedded.wait_for(lambda: embedded.state(run_id) == "Running", timeout=60)
+    quiet = _agent_process(embedded, "-n", "quiet")  # started after: the run is the other's
+    try:
+        assert embedded.wait_for(lambda: len(list((embedded.storage_dir.parent / "agents").glob("quiet-*/agent.json")))
+                                 == 1, timeout=60)
+        agents = {agent["name"]: agent for agent in json.loads(run_cli("status", "-o", "json", env=embedded.env,
+                                                                          check=True).stdout)}
+        assert agents["watched"]["running"] and agents["watched"]["pid"] == watched.pid
+        assert agents["watched"]["runs"] == 1 and agents["watched"]["last_poll_seconds_ago"] is not None
+        assert agents["watched"]["undelivered"] == 0 and agents["watched"]["api"].startswith("embedded database ")
+        assert agents["quiet"]["running"] and agents["quiet"]["pid"] == quiet.pid and agents["quiet"]["runs"] == 0
+        table = run_cli("status", env=embedded.env, check=True).stdout.splitlines()
+        assert table[0].split() == ["NAME", "STATE", "PID", "SINCE", "RUNS", "LAST", "POLL", "SPOOL", "API"]
+        assert any(line.split()[:3] == ["watched", "running", str(watched.pid)] for line in table[1:])
+    finally:
+        for agent in (watched, quiet):
+            agent.send_signal(signal.SIGINT)
+            agent.send_signal(signal.SIGINT)  # the second skips the grace
+            agent.communicate(timeout=60)
+    agents = {agent["name"]: agent for agent in json.loads(run_cli("status", "-o", "json", env=embedded.env,
+                                                                      check=True).stdout)}
+    assert not agents["watched"]["running"] and agents["watched"]["pid"] is None
