@@ -624,7 +624,10 @@ _OPTIONS = (
     _Option("cloud_logs", ("cloud.send_flow_run_logs",), _as_bool, True, ("--no-cloud-logs",),
             "do not send flow-run logs to the API", "false"),
     _Option("agent_address", ("cloud.agent.agent_address",), _as_address, "", ("--agent-address",),
-            "serve /api/health, /api/poke and /api/status here, e.g. http://127.0.0.1:8080"),
+            "serve /api/health, /api/poke, /api/status, /metrics and the dashboard here, e.g. "
+            "http://127.0.0.1:8080"),
+    _Option("ui_token", ("cloud.agent.ui_token",), _as_token, "", ("--ui-token",),
+            "a token the dashboard asks for before it creates or cancels runs (needed off loopback)"),
     _Option("max_polls", ("cloud.agent.max_polls",), _as_positive, None, ("--max-polls",),
             "stop after this many polls"),
     _Option("max_poll_interval", ("cloud.agent.max_poll_interval",), _as_number, POLL_BACKOFF[-1],
@@ -690,6 +693,7 @@ class Settings:
     hostname_label: bool
     cloud_logs: bool
     agent_address: str
+    ui_token: str
     max_polls: int | None
     max_poll_interval: float
     limit: int | None
@@ -909,7 +913,7 @@ class _Redactor:
 def _secrets(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     """The token, ``--env`` values with secret-looking names (4+ characters) and inherited ones (8+:
     a name like ``..._SECRETS`` often holds just ``false``)."""
-    found = [settings.token] if settings.token else []
+    found = [secret for secret in (settings.token, getattr(settings, "ui_token", "")) if secret]
     found += [value for key, value in settings.env.items() if _SECRET_NAME.search(key) and len(value) >= 4]
     return found + _inherited_secrets(environ)
 
@@ -2206,8 +2210,12 @@ class FlowRun:
         state_message: str | None = None,
         updated: datetime | None = None,
         run_config: Any = None,
+        began: datetime | None = None,
+        ended: datetime | None = None,
     ) -> None:
         self.id, self.version, self.state, self.serialized_state = id, version, state, serialized_state
+        #: When it first went Running, and when it ended (None until then), as the API recorded.
+        self.began, self.ended = began, ended
         self.flow_id, self.flow_name, self.storage = flow_id, flow_name, storage
         self.parameters = parameters if parameters is not None else {}
         self.name, self.labels = name, labels if labels is not None else []
@@ -2380,8 +2388,14 @@ class Backend:
         state: str | None = None,
         run_ids: Sequence[str] | None = None,
         limit: int = 20,
+        offset: int = 0,
+        search: str | None = None,
+        attention_first: bool = False,
     ) -> list[FlowRun]:
-        """Runs, newest scheduled first, optionally of one flow, in one state, or by id."""
+        """Runs, newest scheduled first, optionally of one flow, in one state, by id, or whose
+        name, id or flow name contains ``search``; ``offset`` skips that many (for paging).
+        ``attention_first``: those under way first, then the newest, then the upcoming, soonest
+        first, where the backend can order so (the embedded one)."""
         raise NotImplementedError
 
     def get_run_logs(self, run_id: str, offset: int = 0) -> list[LogLine]:
@@ -2403,6 +2417,10 @@ class Backend:
     def set_schedule(self, flow: FlowSummary, schedule: Schedule) -> None:
         """Give a flow (all its versions) this schedule and turn it on, as Server's flow-group schedule."""
         raise NotImplementedError
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        """The agents the API knows: ``{id, name, labels, last_queried}``, most recently heard first."""
+        return []
 
     def set_schedule_active(self, flow: FlowSummary, active: bool) -> bool:
         """Turn a flow's schedule on (runs are created at once) or off (its future runs are deleted);
@@ -2511,6 +2529,8 @@ _RUN_FIELDS = """id
         labels
         scheduled_start_time
         updated
+        start_time
+        end_time
         flow {
             id
             name
@@ -2566,6 +2586,8 @@ _FLOW_FIELDS = """id
         project {
             name
         }"""
+_AGENT_LIST = "query {\n    agent(order_by: { last_queried: desc_nulls_last }, limit: 100) {\n        id\n" \
+              "        name\n        labels\n        last_queried\n    }\n}"
 _SET_SCHEDULE_ACTIVE = _mutation("set_schedule_active", "success")
 _SET_SCHEDULE_INACTIVE = _mutation("set_schedule_inactive", "success")
 _SET_FLOW_GROUP_SCHEDULE = _mutation("set_flow_group_schedule", "success")
@@ -2969,6 +2991,12 @@ class GraphQLBackend(Backend):
     def set_schedule_active(self, flow: FlowSummary, active: bool) -> bool:
         return self._schedule_mutation(_SET_SCHEDULE_ACTIVE if active else _SET_SCHEDULE_INACTIVE, flow.id)
 
+    def list_agents(self) -> list[dict[str, Any]]:
+        rows = _expect(self.graphql(_AGENT_LIST).get("agent"), list, "agent")
+        return [{"id": str(row.get("id") or ""), "name": str(row.get("name") or ""),
+                 "labels": [str(label) for label in row.get("labels") or []],
+                 "last_queried": row.get("last_queried")} for row in rows if isinstance(row, dict)]
+
     def find_flow(self, name: str) -> FlowSummary | None:
         arguments = (
             "where: { name: { _eq: %s }, archived: { _eq: false } }, order_by: { version: desc }, limit: 1"
@@ -3013,6 +3041,9 @@ class GraphQLBackend(Backend):
         state: str | None = None,
         run_ids: Sequence[str] | None = None,
         limit: int = 20,
+        offset: int = 0,
+        search: str | None = None,
+        attention_first: bool = False,
     ) -> list[FlowRun]:
         conditions = []
         if flow_name is not None:
@@ -3021,9 +3052,13 @@ class GraphQLBackend(Backend):
             conditions.append("state: { _eq: %s }" % json.dumps(state))
         if run_ids is not None:
             conditions.append("id: { _in: %s }" % json.dumps(list(run_ids)))
+        if search:
+            pattern = json.dumps("%" + search.replace("%", "").replace("_", "") + "%")
+            conditions.append("_or: [{ name: { _ilike: %s } }, { flow: { name: { _ilike: %s } } }]"
+                              % (pattern, pattern))
         arguments = "where: { %s }, order_by: { scheduled_start_time: desc }, limit: %d" % (
             ", ".join(conditions), int(limit)
-        )
+        ) + (", offset: %d" % int(offset) if offset else "")
         rows = _expect(self.graphql(_FLOW_RUN_LIST % arguments).get("flow_run"), list, "flow_run")
         return [_parse_flow_run(row) for row in rows]
 
@@ -3090,9 +3125,19 @@ def _parse_flow_run(row: Any) -> FlowRun:
         labels=[label for label in row.get("labels") or [] if isinstance(label, str)],
         state_message=message if isinstance(message, str) else None,
         run_config=_json_field(row.get("run_config")),
+        began=_optional_time(row.get("start_time")),
+        ended=_optional_time(row.get("end_time")),
     )
     run.problem = _flow_run_problem(run, row)
     return run
+
+
+def _optional_time(value: Any) -> datetime | None:
+    """A timestamp the listings show but nothing depends on: None when absent or unreadable."""
+    try:
+        return _parse_time(value) if isinstance(value, str) and value else None
+    except ValueError:
+        return None
 
 
 def _flow_run_problem(run: FlowRun, row: Mapping[str, Any]) -> str:
@@ -3223,6 +3268,13 @@ CREATE TABLE flow_group (
     PRIMARY KEY (project_id, name));
 """,
 }
+#: Runs under way first, then the rest newest first, then the upcoming ones soonest first.
+_WAITING = ", ".join(f"'{state}'" for state in sorted(SCHEDULED_STATES))
+_ATTENTION_ORDER = (
+    f"CASE WHEN r.state IN ('Submitted', 'Running', 'Cancelling') THEN 0 WHEN r.state IN ({_WAITING}) "
+    f"AND r.scheduled_start_time > ? THEN 2 ELSE 1 END, CASE WHEN r.state IN ({_WAITING}) AND "
+    "r.scheduled_start_time > ? THEN r.scheduled_start_time END ASC, "
+)
 _RUN_SELECT = """SELECT r.*, f.name AS flow_name, f.storage AS flow_storage, f.run_config AS flow_run_config
 FROM flow_run r JOIN flow f ON f.id = r.flow_id"""
 _ADJECTIVES = ("amber", "brave", "calm", "dapper", "eager", "fuzzy", "gentle", "hasty", "icy", "jolly", "keen",
@@ -3480,6 +3532,8 @@ class SQLiteBackend(Backend):
             state_message=row["state_message"],
             updated=_parse_time(row["updated"]),
             run_config=json.loads(row["flow_run_config"]) if row["flow_run_config"] else None,
+            began=_optional_time(row["start_time"]),
+            ended=_optional_time(row["end_time"]),
         )
 
     def set_flow_run_state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
@@ -3712,8 +3766,15 @@ class SQLiteBackend(Backend):
         state: str | None = None,
         run_ids: Sequence[str] | None = None,
         limit: int = 20,
+        offset: int = 0,
+        search: str | None = None,
+        attention_first: bool = False,
     ) -> list[FlowRun]:
         conditions, arguments = ["1"], []  # type: tuple[list[str], list[Any]]
+        if search:
+            pattern = "%" + search.replace("%", "").replace("_", "") + "%"
+            conditions.append("(r.name LIKE ? OR r.id LIKE ? OR f.name LIKE ?)")
+            arguments.extend([pattern, search.replace("%", "").replace("_", "") + "%", pattern])
         if flow_name is not None:
             conditions.append("f.name = ?")
             arguments.append(flow_name)
@@ -3724,8 +3785,9 @@ class SQLiteBackend(Backend):
             conditions.append(f"r.id IN ({','.join('?' * len(run_ids))})")
             arguments.extend(run_ids)
         rows = self._read(
-            f"{_RUN_SELECT} WHERE {' AND '.join(conditions)} ORDER BY r.scheduled_start_time DESC, r.id LIMIT ?",
-            (*arguments, int(limit)),
+            f"{_RUN_SELECT} WHERE {' AND '.join(conditions)} ORDER BY {_ATTENTION_ORDER if attention_first else ''}"
+            "r.scheduled_start_time DESC, r.id LIMIT ? OFFSET ?",
+            (*arguments, *([_format_time(_utcnow())] * 2 if attention_first else []), int(limit), int(offset)),
         )
         return [self._flow_run(row) for row in rows]
 
@@ -3755,6 +3817,11 @@ class SQLiteBackend(Backend):
                 self._apply_state(db, row["id"], row["version"] + 1, state, json.dumps(state))
 
         self._write(archive)
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        rows = self._read("SELECT id, name, labels, last_queried FROM agent ORDER BY last_queried DESC LIMIT 100")
+        return [{"id": row["id"], "name": row["name"], "labels": json.loads(row["labels"]),
+                 "last_queried": row["last_queried"]} for row in rows]
 
     # Schedules: what Server's scheduler service and its schedule mutations do.
 
@@ -6746,12 +6813,897 @@ def _lock_agent_directory(directory: Path, settings: Settings) -> IO[Any]:
 
 # --- 10. The HTTP endpoint ---------------------------------------------------------------
 #
-# ``--agent-address``: a few GET routes for health checks and operators. It has no
-# authentication: keep it on 127.0.0.1 or behind a proxy that has.
+# ``--agent-address``: routes for health checks, Prometheus and operators, and the dashboard
+# (also served alone by the ``ui`` command). Reads need no authentication: keep it on
+# 127.0.0.1 or behind a proxy that has it. Writes (create, cancel) need ``--ui-token`` as a
+# bearer token, or, with no token, an address on loopback; every request must name this
+# server in its Host header, so another site's page cannot reach it through DNS rebinding.
+
+
+def _time_json(moment: datetime | None) -> str | None:
+    return _format_time(moment) if moment else None
+
+
+def _run_json(run: FlowRun) -> dict[str, Any]:
+    """A run as ``--output json`` shows it (keys documented in the README)."""
+    return {"id": run.id, "name": run.name, "flow_name": run.flow_name, "flow_id": run.flow_id,
+            "state": run.state, "state_message": run.state_message, "labels": list(run.labels),
+            "parameters": run.parameters, "scheduled_start_time": _time_json(run.scheduled_start_time),
+            "updated": _time_json(run.updated), "version": run.version}
+
+
+def _history_json(history: Sequence[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """A run's states with how long each lasted (until the next; None for the last)."""
+    moments = [_parse_time_or_now(stamp) for _, _, stamp in history]
+    return [{"state": state, "message": message, "timestamp": stamp,
+             "seconds": (moments[index + 1] - moments[index]).total_seconds() if index + 1 < len(history) else None}
+            for index, (state, message, stamp) in enumerate(history)]
+
+
+#: The dashboard: one page, its style and script inline (no CDN, no build step); it reads the
+#: JSON routes below and polls them.
+_DASHBOARD_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>local_agent</title>
+<link rel="icon" href="data:,">
+<style>
+:root{--bg:#f5f6f8;--card:#fff;--line:#e2e5ea;--text:#1d2330;--muted:#6b7385;--accent:#3b5bdb;--accent-d:#2f49b5;--mono:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+*{box-sizing:border-box}
+html,body{margin:0}
+body{background:var(--bg);color:var(--text);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
+a{color:var(--accent);text-decoration:none}
+a:hover{text-decoration:underline}
+.wrap{max-width:1200px;margin:0 auto;padding:0 20px}
+header.top{background:#fff;border-bottom:1px solid var(--line)}
+.top-in{display:flex;align-items:center;gap:12px;min-height:54px;flex-wrap:wrap}
+.brand{font-weight:650;font-size:16px;display:flex;align-items:center;gap:8px;letter-spacing:-.01em}
+.logo{width:18px;height:18px;border-radius:5px;background:linear-gradient(135deg,#3b5bdb,#5c7cfa);display:inline-block}
+.pill{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.04em;padding:2px 8px;border-radius:999px;background:#eef1f6;color:#4a5368}
+.meta-loc{color:var(--muted);font-size:13px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;min-width:0;flex:1}
+.meta-ver{color:var(--muted);font-size:12px;font-family:var(--mono)}
+nav.tabs{display:flex;gap:4px}
+.tab{background:none;border:0;border-bottom:2px solid transparent;padding:10px 12px;font:inherit;font-weight:500;color:var(--muted);cursor:pointer}
+.tab:hover{color:var(--text)}
+.tab[aria-current=page]{color:var(--text);border-bottom-color:var(--accent)}
+main{padding-top:20px;padding-bottom:40px}
+.bar{display:flex;align-items:center;gap:10px;padding:9px 14px;border-radius:8px;margin:14px 0 0;font-size:13px}
+#error-banner{background:#fdecec;color:#8a1c13;border:1px solid #f5c2bd}
+#error-text{flex:1;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+#token-box{background:#fff8e6;border:1px solid #f1dca4;color:#6b4e00;flex-wrap:wrap}
+#notice{position:fixed;bottom:18px;left:50%;transform:translateX(-50%);background:#1d2330;color:#fff;padding:8px 16px;border-radius:8px;font-size:13px;z-index:30;box-shadow:0 4px 16px rgba(0,0,0,.2)}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;margin-bottom:16px}
+.card>h2,.card-head{margin:0;padding:12px 16px;border-bottom:1px solid var(--line);font-size:13px;font-weight:600;display:flex;align-items:center;gap:10px}
+.card-head h2{font-size:13px;margin:0;flex:1}
+.pad{padding:12px 16px}
+.toolbar{display:flex;gap:12px;flex-wrap:wrap;align-items:flex-end;margin-bottom:14px}
+.toolbar label,.field label{display:flex;flex-direction:column;gap:4px;font-size:12px;font-weight:500;color:var(--muted)}
+.toolbar .grow{flex:1;min-width:200px}
+select,input[type=text],input[type=search],input[type=password]{font:inherit;font-size:14px;color:var(--text);background:#fff;border:1px solid #cfd4dc;border-radius:7px;padding:7px 10px;min-height:36px}
+select{min-width:150px}
+select:focus,input:focus,button:focus-visible{outline:2px solid #a5b6f3;outline-offset:1px;border-color:var(--accent)}
+.btn{font:inherit;font-size:13px;font-weight:500;border:1px solid #cfd4dc;background:#fff;color:var(--text);border-radius:7px;padding:6px 12px;cursor:pointer;min-height:34px}
+.btn:hover{background:#f3f5f8}
+.btn:disabled{opacity:.45;cursor:default;background:#fff}
+.btn.primary{background:var(--accent);border-color:var(--accent);color:#fff}
+.btn.primary:hover{background:var(--accent-d)}
+.btn.danger{color:#b42318;border-color:#f0b8b2}
+.btn.danger:hover{background:#fdecec}
+.btn.link{border:0;background:none;color:inherit;text-decoration:underline;padding:0 4px;min-height:0}
+.tbl{width:100%;border-collapse:collapse}
+.tbl th{text-align:left;font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.05em;color:var(--muted);padding:10px 16px;border-bottom:1px solid var(--line);white-space:nowrap;background:#fafbfc}
+.tbl td{padding:10px 16px;border-bottom:1px solid #eef0f3;vertical-align:middle}
+.tbl tbody tr:last-child td{border-bottom:0}
+#runs-table tbody tr{cursor:pointer}
+#runs-table tbody tr:hover,#flows-table tbody tr:hover{background:#f8f9fb}
+.c-name a{color:var(--text);font-weight:500}
+.num,.c-dur{font-variant-numeric:tabular-nums;white-space:nowrap}
+.muted{color:var(--muted)}
+.small{font-size:12px}
+.mono{font-family:var(--mono);font-size:12.5px}
+.empty{padding:28px 16px;text-align:center;color:var(--muted)}
+.pager{display:flex;align-items:center;justify-content:flex-end;gap:10px;padding:10px 16px;border-top:1px solid var(--line)}
+.badge{display:inline-flex;align-items:center;gap:6px;font-size:12px;font-weight:500;padding:2px 9px 2px 8px;border-radius:999px;white-space:nowrap;background:var(--b);color:var(--f)}
+.dot{width:7px;height:7px;border-radius:50%;background:var(--d);display:inline-block;flex:none}
+.st-sched{--b:#edf1f7;--f:#475a7a;--d:#7286a8}
+.st-run{--b:#e7efff;--f:#1f4fc7;--d:#2f6bed}
+.st-ok{--b:#e6f5ec;--f:#17693a;--d:#23a35a}
+.st-fail{--b:#fdebea;--f:#b0261b;--d:#dc3b2e}
+.st-cancel{--b:#fff1e3;--f:#a84f0c;--d:#f08a24}
+.st-skip{--b:#f0f1f3;--f:#5b6170;--d:#9aa0ab}
+.st-run .dot{animation:pulse 1.6s ease-in-out infinite}
+@keyframes pulse{50%{opacity:.35}}
+@media (prefers-reduced-motion:reduce){.st-run .dot{animation:none}}
+.chip{display:inline-block;font-size:11.5px;padding:1px 7px;border-radius:5px;background:#eef1f6;color:#46506a;margin:1px 4px 1px 0;font-family:var(--mono)}
+.back{display:inline-block;margin-bottom:10px;font-size:13px}
+.detail-head{display:flex;align-items:flex-start;gap:14px;flex-wrap:wrap;margin-bottom:16px}
+.detail-head h1{font-size:22px;margin:0;font-weight:650;word-break:break-word;display:flex;align-items:center;gap:12px;flex-wrap:wrap}
+.detail-head .grow{flex:1;min-width:0}
+.actions{display:flex;gap:8px;align-items:center;flex-wrap:wrap}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.grid2>.card{margin-bottom:16px;min-width:0}
+dl.kv{display:grid;grid-template-columns:auto 1fr;gap:8px 16px;margin:0;padding:12px 16px}
+dl.kv dt{color:var(--muted);font-size:12.5px}
+dl.kv dd{margin:0;min-width:0;word-break:break-word}
+#detail-params th{text-transform:none;letter-spacing:0;font-size:12.5px;font-family:var(--mono);color:var(--text);background:none;width:1%;border-bottom:1px solid #eef0f3;font-weight:500}
+#detail-params td{font-family:var(--mono);font-size:12.5px;word-break:break-word;white-space:pre-wrap}
+#state-timeline{list-style:none;margin:0;padding:14px 16px}
+.timeline-item{display:grid;grid-template-columns:16px 1fr auto;gap:2px 10px;position:relative;padding-bottom:14px}
+.timeline-item:last-child{padding-bottom:0}
+.timeline-item .dot{margin-top:6px;width:10px;height:10px}
+.timeline-item:not(:last-child):before{content:"";position:absolute;left:4px;top:18px;bottom:0;border-left:2px solid #e5e8ee}
+.tl-when{text-align:right;font-size:12px;color:var(--muted);white-space:nowrap}
+#log-lines{font-family:var(--mono);font-size:12px;line-height:1.55;max-height:460px;overflow:auto;background:#101419;color:#d4d8df;border-radius:0 0 10px 10px;padding:8px 0}
+.log-line{display:grid;grid-template-columns:96px 64px minmax(0,190px) 1fr;gap:10px;padding:1px 14px}
+.log-line:hover{background:#1b2129}
+.log-time{color:#7d8694}
+.log-level{font-weight:600}
+.log-name{color:#8b93a3;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.log-msg{white-space:pre-wrap;word-break:break-word}
+.lvl-DEBUG .log-level{color:#7d8694}
+.lvl-INFO .log-level{color:#6ea8fe}
+.lvl-WARNING .log-level{color:#f2b84b}
+.lvl-ERROR .log-level,.lvl-CRITICAL .log-level{color:#ff7b72}
+.lvl-ERROR .log-msg,.lvl-CRITICAL .log-msg{color:#ffb3ad}
+.log-empty{color:#7d8694;padding:6px 14px}
+.follow{font-weight:400;display:flex;align-items:center;gap:6px;color:var(--muted);font-size:12.5px}
+.modal{position:fixed;inset:0;background:rgba(20,25,35,.45);display:flex;align-items:flex-start;justify-content:center;padding:60px 16px;z-index:20;overflow:auto}
+.modal[hidden]{display:none}
+.dialog{background:#fff;border-radius:12px;width:100%;max-width:520px;box-shadow:0 12px 40px rgba(0,0,0,.25)}
+.dialog h2{margin:0;padding:16px 20px;border-bottom:1px solid var(--line);font-size:16px}
+.dialog form{padding:16px 20px}
+.field{margin-bottom:14px}
+.field input{width:100%}
+.field label{flex-direction:row;gap:8px;align-items:baseline}
+.field label .mono{color:var(--text);font-size:13px}
+.req{font-size:11px;color:#b0261b;font-weight:600}
+.hint{font-size:12px;color:var(--muted);margin-top:3px}
+.form-error{color:#b0261b;font-size:13px;min-height:18px;margin:4px 0 10px}
+.form-actions{display:flex;justify-content:flex-end;gap:8px}
+.ago-ok .dot{background:#23a35a}.ago-warn .dot{background:#f08a24}.ago-old .dot{background:#9aa0ab}
+.ro .write{display:none!important}
+[hidden]{display:none!important}
+@media (max-width:720px){
+.wrap{padding:0 12px}
+.top-in{gap:8px;padding:8px 0 0}
+.meta-loc{flex-basis:100%;order:5}
+main{padding-top:14px}
+.toolbar label{flex:1 1 140px}
+select{min-width:0;width:100%}
+.grid2{grid-template-columns:1fr;gap:0}
+#runs-table thead,.stack thead{display:none}
+#runs-table tbody tr{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:3px 10px;padding:10px 14px;border-bottom:1px solid #eef0f3}
+#runs-table td{padding:0;border:0;min-width:0}
+#runs-table .c-name{grid-area:1/1;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+#runs-table .c-state{grid-area:1/2;text-align:right}
+#runs-table .c-flow{grid-area:2/1;font-size:12.5px;color:var(--muted)}
+#runs-table .c-dur{grid-area:2/2;text-align:right;font-size:12.5px;color:var(--muted)}
+#runs-table .c-sched{grid-area:3/1;font-size:12.5px;color:var(--muted)}
+#runs-table .c-upd{grid-area:3/2;text-align:right;font-size:12.5px;color:var(--muted)}
+#runs-table .c-sched:before{content:"Scheduled "}
+.stack tbody tr{display:block;padding:10px 14px;border-bottom:1px solid #eef0f3}
+.stack td{display:flex;gap:10px;padding:2px 0;border:0}
+.stack td[data-label]:before{content:attr(data-label);color:var(--muted);font-size:12px;min-width:84px}
+.log-line{grid-template-columns:auto auto 1fr;gap:0 8px;padding:2px 10px}
+.log-name{display:none}
+.log-msg{grid-column:1/-1}
+.detail-head h1{font-size:19px}
+.tl-when{grid-column:2;text-align:left}
+.modal{padding:0;align-items:stretch}
+.dialog{border-radius:0;max-width:none;min-height:100%}
+}
+</style>
+</head>
+<body>
+<header class="top">
+<div class="wrap top-in">
+<div class="brand"><span class="logo" aria-hidden="true"></span>local_agent</div>
+<span id="mode" class="pill"></span>
+<span id="location" class="meta-loc"></span>
+<span id="version" class="meta-ver"></span>
+</div>
+<nav class="wrap tabs" aria-label="Sections">
+<button type="button" class="tab" id="tab-runs" data-tab="runs">Runs</button>
+<button type="button" class="tab" id="tab-flows" data-tab="flows">Flows</button>
+<button type="button" class="tab" id="tab-agents" data-tab="agents">Agents</button>
+</nav>
+</header>
+<div class="wrap">
+<div id="error-banner" class="bar" role="alert" hidden><strong>Error</strong><span id="error-text"></span><button type="button" class="btn link" id="error-dismiss">Dismiss</button></div>
+<form id="token-box" class="bar" hidden><span id="token-msg"></span><label for="token-input">API token</label><input id="token-input" type="password" autocomplete="off"><button class="btn primary" id="token-save">Save</button></form>
+</div>
+<main class="wrap">
+<section id="runs-view" hidden>
+<div class="toolbar">
+<label>Flow<select id="flow-filter"><option value="">All flows</option></select></label>
+<label>State<select id="state-filter"><option value="">All states</option></select></label>
+<label class="grow">Search<input id="search" type="search" placeholder="Run name, id prefix or flow" autocomplete="off"></label>
+</div>
+<div class="card">
+<table id="runs-table" class="tbl"><thead><tr><th>Name</th><th>Flow</th><th>State</th><th>Scheduled</th><th>Duration</th><th>Updated</th></tr></thead><tbody></tbody></table>
+<div id="runs-empty" class="empty" hidden></div>
+<div class="pager"><span id="page-info" class="muted small"></span><button type="button" class="btn" id="prev-page">&#8592; Previous</button><button type="button" class="btn" id="next-page">Next &#8594;</button></div>
+</div>
+</section>
+<section id="run-detail" hidden>
+<a href="#/runs" class="back" id="back-to-runs">&#8592; All runs</a>
+<div class="detail-head">
+<div class="grow"><h1><span id="detail-name"></span><span id="detail-state"></span></h1><div id="detail-sub" class="muted small"></div></div>
+<div class="actions write">
+<button type="button" class="btn danger" id="cancel-run" hidden>Cancel run</button>
+<span id="cancel-confirm" class="actions" hidden><span class="small">Cancel this run?</span><button type="button" class="btn danger" id="cancel-confirm-yes">Yes, cancel</button><button type="button" class="btn" id="cancel-confirm-no">Keep running</button></span>
+</div>
+</div>
+<div class="grid2">
+<div class="card"><h2>Details</h2><dl id="detail-meta" class="kv"></dl></div>
+<div class="card"><h2>Parameters</h2><table id="detail-params" class="tbl"><tbody></tbody></table></div>
+</div>
+<div class="card"><h2>State timeline</h2><ol id="state-timeline"></ol></div>
+<div class="card"><div class="card-head"><h2>Logs</h2><span id="log-status" class="muted small"></span><label class="follow"><input type="checkbox" id="log-follow" checked>Follow</label></div>
+<div id="log-lines" role="log" tabindex="0" aria-label="Log lines"></div></div>
+</section>
+<section id="flows-view" hidden>
+<div class="card"><table id="flows-table" class="tbl stack"><thead><tr><th>Flow</th><th>Version</th><th>Labels</th><th>Schedule</th><th>Next run</th><th><span class="write">Run</span></th></tr></thead><tbody></tbody></table>
+<div id="flows-empty" class="empty" hidden>No flows registered.</div></div>
+</section>
+<section id="agents-view" hidden>
+<div class="card"><table id="agents-table" class="tbl stack"><thead><tr><th>Agent</th><th>Labels</th><th>Last contact</th></tr></thead><tbody></tbody></table>
+<div id="agents-empty" class="empty" hidden>No agents have registered.</div></div>
+</section>
+</main>
+<div id="create-run-panel" class="modal" hidden>
+<div class="dialog" role="dialog" aria-modal="true" aria-labelledby="create-run-title">
+<h2 id="create-run-title">Run flow</h2>
+<form id="create-run-form" novalidate>
+<div id="param-fields"></div>
+<div class="field"><label for="run-name"><span>Run name</span><span class="hint">optional</span></label><input id="run-name" type="text" autocomplete="off"></div>
+<div id="create-run-error" class="form-error" role="alert"></div>
+<div class="form-actions"><button type="button" class="btn" id="create-run-close">Close</button><button type="submit" class="btn primary" id="create-run-submit">Create run</button></div>
+</form>
+</div>
+</div>
+<div id="notice" role="status" hidden></div>
+<script>
+'use strict';
+const FINAL = 'Success Cached Mapped Skipped Failed TimedOut TriggerFailed ValidationFailed Cancelled Looped Finished'.split(' ');
+const STATES = 'Scheduled Retrying Paused Queued Pending Submitted Running Cancelling Success Failed Cancelled TimedOut Skipped'.split(' ');
+const FAM = {Submitted: 'run', Running: 'run', Success: 'ok', Cached: 'ok', Mapped: 'ok', Finished: 'ok', Looped: 'ok',
+  Failed: 'fail', TimedOut: 'fail', TriggerFailed: 'fail', ValidationFailed: 'fail', ClientFailed: 'fail', Crashed: 'fail',
+  Cancelling: 'cancel', Cancelled: 'cancel', Skipped: 'skip'};
+const DASH = String.fromCharCode(8212), DOT = ' ' + String.fromCharCode(183) + ' ';
+const MON = 'Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec'.split(' ');
+const TOKEN_KEY = 'local_agent_token';
+const S = {status: null, token: sessionStorage.getItem(TOKEN_KEY) || '', page: 1, perPage: 50, flows: [], gen: 0, timer: 0,
+  errors: {}, runId: null, run: null, runKey: '', logNext: 0, logDone: false, form: null};
+const $ = (sel) => document.querySelector(sel);
+
+function el(tag, props, kids) {
+  const e = document.createElement(tag);
+  for (const k in props || {}) {
+    const v = props[k];
+    if (v === null || v === undefined || v === false) continue;
+    if (k === 'text') e.textContent = v;
+    else if (k === 'class') e.className = v;
+    else e.setAttribute(k, v === true ? '' : v);
+  }
+  for (const c of [].concat(kids === undefined ? [] : kids)) if (c !== null && c !== undefined) e.append(c);
+  return e;
+}
+const oneLine = (s) => String(s).split(String.fromCharCode(10)).join(' ');
+const pad = (n, w) => String(n).padStart(w || 2, '0');
+const enc = encodeURIComponent;
+function fmtDate(iso) {
+  if (!iso) return DASH;
+  const d = new Date(iso), y = d.getFullYear() !== new Date().getFullYear() ? ' ' + d.getFullYear() : '';
+  return MON[d.getMonth()] + ' ' + d.getDate() + y + ', ' + pad(d.getHours()) + ':' + pad(d.getMinutes());
+}
+function fmtFull(iso) {
+  if (!iso) return DASH;
+  const d = new Date(iso);
+  return d.getFullYear() + '-' + pad(d.getMonth() + 1) + '-' + pad(d.getDate()) + ' ' + pad(d.getHours()) + ':' +
+    pad(d.getMinutes()) + ':' + pad(d.getSeconds());
+}
+function fmtClock(iso) {
+  const d = new Date(iso);
+  return pad(d.getHours()) + ':' + pad(d.getMinutes()) + ':' + pad(d.getSeconds()) + '.' + pad(d.getMilliseconds(), 3);
+}
+function rel(iso) {
+  if (!iso) return DASH;
+  let s = (Date.now() - Date.parse(iso)) / 1000;
+  const future = s < 0;
+  s = Math.abs(s);
+  const t = s < 60 ? Math.round(s) + ' s' : s < 3600 ? Math.round(s / 60) + ' min' : s < 86400 ? Math.round(s / 3600) + ' h' : Math.round(s / 86400) + ' d';
+  return future ? 'in ' + t : t + ' ago';
+}
+function dur(sec) {
+  if (sec === null || sec === undefined || isNaN(sec)) return DASH;
+  if (sec < 1) return Math.round(sec * 1000) + ' ms';
+  if (sec < 60) return (sec < 10 ? sec.toFixed(1) : Math.floor(sec)) + ' s';
+  const m = Math.floor(sec / 60), h = Math.floor(m / 60);
+  if (m < 60) return m + 'm ' + Math.floor(sec % 60) + 's';
+  return h < 48 ? h + 'h ' + (m % 60) + 'm' : Math.floor(h / 24) + 'd ' + (h % 24) + 'h';
+}
+const runDur = (r) => r.start_time ? (Date.parse(r.end_time || new Date().toISOString()) - Date.parse(r.start_time)) / 1000 : null;
+const isFinal = (state) => FINAL.includes(state);
+function badge(state, message) {
+  return el('span', {class: 'badge st-' + (FAM[state] || 'sched') + ' state-' + state, title: message || null},
+    [el('span', {class: 'dot'}), state]);
+}
+const chips = (labels) => (labels && labels.length) ? labels.map((l) => el('span', {class: 'chip', text: l})) : [el('span', {class: 'muted', text: DASH})];
+
+async function api(method, path, body) {
+  const headers = {Accept: 'application/json'};
+  if (method !== 'GET') {
+    headers['Content-Type'] = 'application/json';
+    if (S.status && S.status.needs_token && S.token) headers.Authorization = 'Bearer ' + S.token;
+  }
+  let r;
+  try {
+    r = await fetch(path, {method, headers, cache: 'no-store', body: body === undefined ? undefined : JSON.stringify(body)});
+  } catch (e) {
+    throw new Error('Cannot reach the agent (' + method + ' ' + path.split('?')[0] + ')');
+  }
+  const text = await r.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
+  if (!r.ok) {
+    const err = new Error(oneLine((data && data.error) || (r.status + ' ' + r.statusText + ' from ' + path.split('?')[0])));
+    err.status = r.status;
+    throw err;
+  }
+  return data;
+}
+
+function setError(key, msg) {
+  if (msg) S.errors[key] = oneLine(msg); else delete S.errors[key];
+  const keys = Object.keys(S.errors);
+  $('#error-banner').hidden = !keys.length;
+  if (keys.length) { $('#error-text').textContent = S.errors[keys[keys.length - 1]]; $('#error-text').title = S.errors[keys[keys.length - 1]]; }
+}
+let noticeTimer = 0;
+function notice(msg) {
+  const n = $('#notice');
+  n.textContent = msg; n.hidden = false;
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => { n.hidden = true; }, 3500);
+}
+const needToken = () => S.status && S.status.needs_token && S.status.can_write && !S.token;
+function askToken(msg) {
+  $('#token-msg').textContent = msg || 'This agent needs an API token to create or cancel runs.';
+  $('#token-box').hidden = false;
+  $('#token-input').focus();
+}
+function writeFailed(e, key) {
+  if ((e.status === 401 || e.status === 403) && S.status && S.status.needs_token) {
+    S.token = ''; sessionStorage.removeItem(TOKEN_KEY);
+    askToken('The token was refused (' + e.message + '). Enter it again.');
+  }
+  return e.message;
+}
+
+/* Routing: #/runs, #/runs/ID, #/flows, #/agents */
+function show(view, tab) {
+  for (const v of ['runs-view', 'run-detail', 'flows-view', 'agents-view']) $('#' + v).hidden = v !== view;
+  for (const t of document.querySelectorAll('.tab')) t.setAttribute('aria-current', t.dataset.tab === tab ? 'page' : 'false');
+}
+function restart() { clearTimeout(S.timer); S.gen += 1; return S.gen; }
+function later(gen, fn, ms) { if (gen === S.gen) { clearTimeout(S.timer); S.timer = setTimeout(() => { if (gen === S.gen) fn(gen); }, ms); } }
+function route() {
+  const gen = restart(), parts = (location.hash.slice(1) || '/runs').split('/');
+  for (const k of ['runs', 'detail', 'cancel', 'agents']) delete S.errors[k];
+  setError('');
+  if (parts[1] === 'runs' && parts[2]) { show('run-detail', 'runs'); openRun(decodeURIComponent(parts[2]), gen); }
+  else if (parts[1] === 'flows') { show('flows-view', 'flows'); loadFlowsView(gen); }
+  else if (parts[1] === 'agents') { show('agents-view', 'agents'); loadAgents(gen); }
+  else { show('runs-view', 'runs'); document.title = 'Runs - local_agent'; loadRuns(gen); }
+}
+
+/* Runs list */
+function runsQuery() {
+  const q = new URLSearchParams({page: S.page, per_page: S.perPage});
+  const flow = $('#flow-filter').value, state = $('#state-filter').value, text = $('#search').value.trim();
+  if (flow) q.set('flow', flow);
+  if (state) q.set('state', state);
+  if (text) q.set('q', text);
+  return '/api/runs?' + q.toString();
+}
+async function loadRuns(gen) {
+  if (document.hidden) { later(gen, loadRuns, 5000); return; }
+  try {
+    const d = await api('GET', runsQuery());
+    if (gen !== S.gen) return;
+    setError('runs');
+    if (!d.runs.length && S.page > 1) { S.page -= 1; loadRuns(gen); return; }
+    renderRuns(d);
+  } catch (e) {
+    if (gen !== S.gen) return;
+    setError('runs', 'Loading runs failed: ' + e.message);
+  }
+  later(gen, loadRuns, 5000);
+}
+function renderRuns(d) {
+  const rows = d.runs.map((r) => el('tr', {'data-run-id': r.id, 'data-state': r.state}, [
+    el('td', {class: 'c-name'}, el('a', {href: '#/runs/' + enc(r.id), text: r.name, title: r.id})),
+    el('td', {class: 'c-flow', text: r.flow_name}),
+    el('td', {class: 'c-state'}, badge(r.state, r.state_message)),
+    el('td', {class: 'c-sched num', title: fmtFull(r.scheduled_start_time), text: fmtDate(r.scheduled_start_time)}),
+    el('td', {class: 'c-dur', text: dur(runDur(r))}),
+    el('td', {class: 'c-upd num muted', title: fmtFull(r.updated), text: rel(r.updated)})]));
+  $('#runs-table tbody').replaceChildren(...rows);
+  const filtered = $('#flow-filter').value || $('#state-filter').value || $('#search').value.trim();
+  $('#runs-empty').hidden = rows.length > 0;
+  $('#runs-empty').textContent = filtered ? 'No runs match these filters.' : 'No flow runs yet.';
+  $('#page-info').textContent = rows.length ? 'Page ' + d.page + DOT + 'runs ' + ((d.page - 1) * d.per_page + 1) + DASH + ((d.page - 1) * d.per_page + rows.length) : 'Page ' + d.page;
+  $('#prev-page').disabled = d.page <= 1;
+  $('#next-page').disabled = !d.has_more;
+}
+function refreshRuns(resetPage) {
+  if (resetPage) S.page = 1;
+  if (location.hash && location.hash !== '#/runs') { location.hash = '#/runs'; return; }
+  loadRuns(restart());
+}
+
+/* Run detail */
+function openRun(id, gen) {
+  S.runId = id; S.run = null; S.runKey = ''; S.logNext = 0; S.logDone = false;
+  $('#detail-name').textContent = 'Loading' + String.fromCharCode(8230);
+  for (const sel of ['#detail-state', '#detail-sub', '#detail-meta', '#detail-params tbody', '#state-timeline']) $(sel).replaceChildren();
+  $('#log-lines').replaceChildren(el('div', {class: 'log-empty', id: 'log-empty', text: 'No log lines yet.'}));
+  $('#log-status').textContent = '';
+  $('#log-follow').checked = true;
+  cancelConfirm(false);
+  $('#cancel-run').hidden = true;
+  detailTick(gen, 0);
+}
+async function detailTick(gen, n) {
+  try {
+    if (!S.run || n % 2 === 0) {
+      const r = await api('GET', '/api/runs/' + enc(S.runId));
+      if (gen !== S.gen) return;
+      renderRun(r);
+    }
+    if (!S.logDone) await pollLogs(gen);
+    if (gen !== S.gen) return;
+    setError('detail');
+  } catch (e) {
+    if (gen !== S.gen) return;
+    setError('detail', (e.status === 404 ? 'Run not found: ' : 'Loading the run failed: ') + e.message);
+    if (e.status === 404) { $('#detail-name').textContent = 'Run not found'; return; }
+  }
+  if (S.run && isFinal(S.run.state) && S.logDone) return;
+  $('#detail-duration') && ($('#detail-duration').textContent = dur(runDur(S.run || {})));
+  later(gen, (g) => detailTick(g, n + 1), 1000);
+}
+function renderRun(r) {
+  S.run = r;
+  const key = [r.version, r.state, r.updated, r.states.length].join('|');
+  if (key === S.runKey) { $('#detail-duration').textContent = dur(runDur(r)); return; }
+  S.runKey = key;
+  document.title = r.name + ' - local_agent';
+  $('#detail-name').textContent = r.name;
+  $('#detail-state').replaceChildren(badge(r.state, r.state_message));
+  $('#detail-sub').textContent = r.flow_name + DOT + r.id;
+  const canCancel = S.status && S.status.can_write && !isFinal(r.state) && r.state !== 'Cancelling';
+  $('#cancel-run').hidden = !canCancel || !$('#cancel-confirm').hidden;
+  if (!canCancel) cancelConfirm(false);
+  const meta = [['Run ID', el('span', {class: 'mono', text: r.id})], ['Flow', r.flow_name + ' (version ' + r.flow_version + ')'],
+    ['Message', r.state_message || DASH], ['Labels', chips(r.labels)], ['Agent', r.claimed_by || DASH],
+    ['Scheduled', fmtFull(r.scheduled_start_time)], ['Started', fmtFull(r.start_time)], ['Ended', fmtFull(r.end_time)],
+    ['Duration', el('span', {id: 'detail-duration', text: dur(runDur(r))})]];
+  $('#detail-meta').replaceChildren(...meta.flatMap(([k, v]) => [el('dt', {text: k}), el('dd', {id: k === 'Labels' ? 'detail-labels' : null}, v)]));
+  const params = Object.keys(r.parameters || {}).map((k) => {
+    const v = r.parameters[k];
+    return el('tr', {'data-param': k}, [el('th', {scope: 'row', text: k}), el('td', {text: typeof v === 'string' ? v : JSON.stringify(v, null, 1)})]);
+  });
+  $('#detail-params tbody').replaceChildren(...(params.length ? params : [el('tr', {}, el('td', {class: 'muted', text: 'No parameters.'}))]));
+  $('#state-timeline').replaceChildren(...r.states.map((s, i) => el('li', {class: 'timeline-item st-' + (FAM[s.state] || 'sched'), 'data-state': s.state}, [
+    el('span', {class: 'dot'}),
+    el('div', {}, [el('strong', {text: s.state}), s.message ? el('span', {class: 'muted', text: DOT + s.message}) : null]),
+    el('div', {class: 'tl-when'}, [el('span', {title: s.timestamp, text: fmtFull(s.timestamp)}), el('br'),
+      el('span', {class: 'tl-dur', text: s.seconds !== null && s.seconds !== undefined ? 'for ' + dur(s.seconds) : (i === r.states.length - 1 ? (isFinal(s.state) ? 'final' : 'current') : DASH)})])])));
+}
+async function pollLogs(gen) {
+  for (let i = 0; i < 20; i += 1) {
+    const d = await api('GET', '/api/runs/' + enc(S.runId) + '/logs?after=' + S.logNext);
+    if (gen !== S.gen) return;
+    appendLogs(d.lines);
+    S.logNext = d.next;
+    if (d.final) S.logDone = true;
+    if (d.final || !d.lines.length) break;
+  }
+  $('#log-status').textContent = S.logDone ? 'complete' : 'following' + String.fromCharCode(8230);
+}
+function appendLogs(lines) {
+  if (!lines.length) return;
+  const box = $('#log-lines'), empty = $('#log-empty');
+  if (empty) empty.remove();
+  box.append(...lines.map((l) => el('div', {class: 'log-line lvl-' + l.level}, [
+    el('time', {class: 'log-time', datetime: l.timestamp, title: fmtFull(l.timestamp), text: fmtClock(l.timestamp)}),
+    el('span', {class: 'log-level', text: l.level}), el('span', {class: 'log-name', title: l.name, text: l.name}),
+    el('span', {class: 'log-msg', text: l.message})])));
+  while (box.childElementCount > 20000) box.firstElementChild.remove();
+  if ($('#log-follow').checked) box.scrollTop = box.scrollHeight;
+}
+function cancelConfirm(on) {
+  $('#cancel-confirm').hidden = !on;
+  $('#cancel-run').hidden = on || !S.run || isFinal(S.run.state) || S.run.state === 'Cancelling';
+}
+async function doCancel() {
+  if (needToken()) { askToken(); return; }
+  const id = S.runId, btn = $('#cancel-confirm-yes');
+  btn.disabled = true;
+  try {
+    const d = await api('POST', '/api/runs/' + enc(id) + '/cancel', {});
+    setError('cancel');
+    notice('Run ' + (d && d.state === 'Cancelled' ? 'cancelled' : 'is cancelling'));
+    S.runKey = '';
+    cancelConfirm(false);
+    if (S.runId === id) { const gen = restart(); S.run = null; detailTick(gen, 0); }
+  } catch (e) {
+    setError('cancel', 'Cancel failed: ' + writeFailed(e));
+  } finally { btn.disabled = false; }
+}
+
+/* Flows */
+async function loadFlows() {
+  try {
+    S.flows = await api('GET', '/api/flows');
+    const sel = $('#flow-filter'), cur = sel.value;
+    sel.replaceChildren(el('option', {value: '', text: 'All flows'}), ...S.flows.map((f) => el('option', {value: f.name, text: f.name})));
+    sel.value = S.flows.some((f) => f.name === cur) ? cur : '';
+    setError('flows');
+  } catch (e) { setError('flows', 'Loading flows failed: ' + e.message); }
+}
+async function loadFlowsView(gen) {
+  await loadFlows();
+  if (gen !== S.gen) return;
+  document.title = 'Flows - local_agent';
+  $('#flows-empty').hidden = S.flows.length > 0;
+  $('#flows-table tbody').replaceChildren(...S.flows.map((f) => el('tr', {'data-flow-name': f.name}, [
+    el('td', {class: 'c-name'}, [el('div', {}, el('strong', {text: f.name})), f.project ? el('div', {class: 'muted small', text: f.project}) : null]),
+    el('td', {'data-label': 'Version', class: 'num', text: 'v' + f.version}),
+    el('td', {'data-label': 'Labels', class: 'c-labels'}, el('span', {}, chips(f.labels))),
+    el('td', {'data-label': 'Schedule', class: 'c-schedule'}, f.schedule ? el('span', {}, [f.schedule, f.schedule_active ? null : el('span', {class: 'chip', text: 'paused'})]) : el('span', {class: 'muted', text: 'none'})),
+    el('td', {'data-label': 'Next run', class: 'c-next', title: fmtFull(f.next_run)}, f.next_run ? el('span', {}, [fmtDate(f.next_run), el('span', {class: 'muted small', text: ' (' + rel(f.next_run) + ')'})]) : el('span', {class: 'muted', text: DASH})),
+    el('td', {class: 'write'}, el('button', {type: 'button', class: 'btn run-flow', 'data-flow': f.name, text: 'Run'}))])));
+  later(gen, loadFlowsView, 10000);
+}
+function defaultText(p) {
+  const d = p.default;
+  if (d === undefined || (d === null && p.required)) return '';
+  if (typeof d === 'string') { try { JSON.parse(d); return JSON.stringify(d); } catch (e) { return d; } }
+  return JSON.stringify(d);
+}
+function openForm(name) {
+  const flow = S.flows.find((f) => f.name === name);
+  if (!flow) return;
+  if (needToken()) askToken();
+  S.form = flow;
+  $('#create-run-title').textContent = 'Run ' + flow.name;
+  $('#create-run-error').textContent = '';
+  $('#run-name').value = '';
+  $('#param-fields').replaceChildren(...(flow.parameters.length ? flow.parameters.map((p, i) => el('div', {class: 'field'}, [
+    el('label', {for: 'param-' + i}, [el('span', {class: 'mono', text: p.name}), p.required ? el('span', {class: 'req', text: 'required'}) : null]),
+    el('input', {id: 'param-' + i, class: 'param-input mono', type: 'text', 'data-param': p.name, 'aria-required': p.required ? 'true' : null,
+      value: defaultText(p), autocomplete: 'off', spellcheck: 'false', 'aria-describedby': 'param-' + i + '-hint'}),
+    el('div', {class: 'hint', id: 'param-' + i + '-hint', text: (p.default === null && p.required) ? 'A JSON value; other text is sent as a string.' : 'Default ' + JSON.stringify(p.default) + '. JSON; other text is sent as a string.'})])) : [el('p', {class: 'muted', text: 'This flow takes no parameters.'})]));
+  $('#create-run-panel').hidden = false;
+  ($('#create-run-form .param-input') || $('#run-name')).focus();
+}
+function closeForm() { $('#create-run-panel').hidden = true; S.form = null; }
+async function submitForm(ev) {
+  ev.preventDefault();
+  if (!S.form) return;
+  const err = $('#create-run-error'), params = {};
+  err.textContent = '';
+  for (const input of document.querySelectorAll('#create-run-form .param-input')) {
+    const raw = input.value.trim(), p = S.form.parameters.find((q) => q.name === input.dataset.param);
+    if (!raw) {
+      if (p && p.required) { err.textContent = 'Parameter ' + p.name + ' is required.'; input.focus(); return; }
+      continue;
+    }
+    try { params[input.dataset.param] = JSON.parse(raw); } catch (e) { params[input.dataset.param] = raw; }
+  }
+  if (needToken()) { askToken(); err.textContent = 'Enter the API token first.'; return; }
+  const btn = $('#create-run-submit');
+  btn.disabled = true;
+  try {
+    const d = await api('POST', '/api/runs', {flow: S.form.name, parameters: params, name: $('#run-name').value.trim() || null});
+    closeForm();
+    notice('Flow run created');
+    location.hash = '#/runs/' + enc(d.id);
+  } catch (e) {
+    err.textContent = writeFailed(e);
+  } finally { btn.disabled = false; }
+}
+
+/* Agents */
+async function loadAgents(gen) {
+  try {
+    const agents = await api('GET', '/api/agents');
+    if (gen !== S.gen) return;
+    setError('agents');
+    document.title = 'Agents - local_agent';
+    $('#agents-empty').hidden = agents.length > 0;
+    $('#agents-table tbody').replaceChildren(...agents.map((a) => {
+      const age = a.last_queried ? (Date.now() - Date.parse(a.last_queried)) / 1000 : Infinity;
+      const cls = age < 60 ? 'ago-ok' : age < 900 ? 'ago-warn' : 'ago-old';
+      return el('tr', {'data-agent-id': a.id}, [
+        el('td', {class: 'c-name ' + cls}, [el('span', {class: 'dot', style: 'margin-right:8px'}), el('strong', {text: a.name})]),
+        el('td', {'data-label': 'Labels'}, el('span', {}, chips(a.labels))),
+        el('td', {'data-label': 'Contact', class: 'c-contact', title: fmtFull(a.last_queried), text: a.last_queried ? 'last contact ' + rel(a.last_queried) : 'never'})]);
+    }));
+  } catch (e) {
+    if (gen !== S.gen) return;
+    setError('agents', 'Loading agents failed: ' + e.message);
+  }
+  later(gen, loadAgents, 5000);
+}
+
+/* Start */
+async function loadStatus() {
+  try {
+    S.status = await api('GET', '/api/status');
+    setError('status');
+    $('#mode').textContent = S.status.mode + (S.status.can_write ? '' : DOT + 'read-only');
+    $('#location').textContent = S.status.location || '';
+    $('#location').title = S.status.location || '';
+    $('#version').textContent = S.status.version ? 'v' + S.status.version : '';
+    document.body.classList.toggle('ro', !S.status.can_write);
+    if (needToken()) askToken();
+    if (S.run) { S.runKey = ''; renderRun(S.run); }
+  } catch (e) {
+    setError('status', 'Loading the agent status failed: ' + e.message);
+    setTimeout(loadStatus, 5000);
+  }
+}
+function init() {
+  $('#state-filter').append(...STATES.map((s) => el('option', {value: s, text: s})));
+  for (const t of document.querySelectorAll('.tab')) t.addEventListener('click', () => { location.hash = '#/' + t.dataset.tab; });
+  $('#flow-filter').addEventListener('change', () => refreshRuns(true));
+  $('#state-filter').addEventListener('change', () => refreshRuns(true));
+  let searchTimer = 0;
+  $('#search').addEventListener('input', () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => refreshRuns(true), 300); });
+  $('#prev-page').addEventListener('click', () => { S.page = Math.max(1, S.page - 1); refreshRuns(false); });
+  $('#next-page').addEventListener('click', () => { S.page += 1; refreshRuns(false); });
+  $('#runs-table tbody').addEventListener('click', (ev) => {
+    const tr = ev.target.closest('tr[data-run-id]');
+    if (tr && !ev.target.closest('a')) location.hash = '#/runs/' + enc(tr.dataset.runId);
+  });
+  $('#flows-table tbody').addEventListener('click', (ev) => {
+    const b = ev.target.closest('.run-flow');
+    if (b) openForm(b.dataset.flow);
+  });
+  $('#cancel-run').addEventListener('click', () => cancelConfirm(true));
+  $('#cancel-confirm-no').addEventListener('click', () => cancelConfirm(false));
+  $('#cancel-confirm-yes').addEventListener('click', doCancel);
+  $('#create-run-form').addEventListener('submit', submitForm);
+  $('#create-run-close').addEventListener('click', closeForm);
+  $('#create-run-panel').addEventListener('click', (ev) => { if (ev.target === ev.currentTarget) closeForm(); });
+  document.addEventListener('keydown', (ev) => { if (ev.key === 'Escape' && !$('#create-run-panel').hidden) closeForm(); });
+  $('#error-dismiss').addEventListener('click', () => { S.errors = {}; setError(''); });
+  $('#token-box').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    S.token = $('#token-input').value.trim();
+    if (!S.token) return;
+    sessionStorage.setItem(TOKEN_KEY, S.token);
+    $('#token-input').value = '';
+    $('#token-box').hidden = true;
+    notice('Token saved for this browser tab');
+  });
+  const box = $('#log-lines');
+  box.addEventListener('scroll', () => { $('#log-follow').checked = box.scrollHeight - box.scrollTop - box.clientHeight < 30; });
+  $('#log-follow').addEventListener('change', () => { if ($('#log-follow').checked) box.scrollTop = box.scrollHeight; });
+  window.addEventListener('hashchange', route);
+  loadStatus().then(() => { loadFlows(); route(); });
+}
+init();
+</script>
+</body>
+</html>
+"""
+
+
+def _dashboard_run_json(run: FlowRun) -> dict[str, Any]:
+    return {**_run_json(run), "start_time": _time_json(run.began), "end_time": _time_json(run.ended)}
+
+
+class _HTTPError(Exception):
+    """An answer other than 200 from a dashboard route: its status and one line."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Dashboard:
+    """The dashboard's page and its JSON routes, over a backend opened per request."""
+
+    PER_PAGE, MAX_PER_PAGE = 50, 200
+
+    def __init__(self, settings: Settings, *, mode: str, on_loopback: bool,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.settings, self.mode, self.on_loopback = settings, mode, on_loopback
+        self.agent_status = status
+
+    @property
+    def can_write(self) -> bool:
+        return bool(self.settings.ui_token) or self.on_loopback
+
+    def get(self, path: str, query: Mapping[str, str]) -> tuple[int, str, bytes]:
+        if path == "":
+            return 200, "text/html; charset=utf-8", _DASHBOARD_PAGE.encode("utf-8")
+        parts = path.strip("/").split("/")
+        with _backend_for(None, None, self.settings) as backend:
+            if path == "/api/runs":
+                return self._json(self._runs(backend, query))
+            if path == "/api/flows":
+                return self._json(self._flows(backend))
+            if path == "/api/agents":
+                return self._json(self._agents(backend))
+            if len(parts) == 3 and parts[:2] == ["api", "runs"]:
+                return self._json(self._run(backend, parts[2]))
+            if len(parts) == 4 and parts[:2] == ["api", "runs"] and parts[3] == "logs":
+                return self._json(self._logs(backend, parts[2], query))
+        raise _HTTPError(404, f"there is nothing at {path}")
+
+    def status(self) -> dict[str, Any]:
+        """``/api/status``: the agent's status when an agent serves it, and what the page needs."""
+        return {**(self.agent_status() if self.agent_status else {}), "mode": self.mode, "version": __version__,
+                "location": _Redactor(_secrets(self.settings, {}))(self._location()),
+                "can_write": self.can_write, "needs_token": bool(self.settings.ui_token)}
+
+    def _location(self) -> str:
+        api = self.settings.api
+        return f"embedded database {_sqlite_path(api)}" if api.startswith("sqlite:") else api
+
+    def post(self, path: str, body: bytes, authorization: str) -> tuple[int, str, bytes]:
+        self._check_write(authorization)
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            raise _HTTPError(400, "the body must be a JSON object") from None
+        if not isinstance(data, dict):
+            raise _HTTPError(400, "the body must be a JSON object")
+        parts = path.strip("/").split("/")
+        try:
+            if path == "/api/runs":
+                return self._create(data)
+            if len(parts) == 4 and parts[:2] == ["api", "runs"] and parts[3] == "cancel":
+                with _backend_for(None, None, self.settings) as backend:
+                    run = self._find(backend, parts[2])
+                    if is_final(run.state):
+                        raise _HTTPError(400, f"flow run {run.name or run.id} has already finished ({run.state})")
+                    return self._json({"state": backend.cancel_flow_run(run.id)})
+        except AgentError as exc:
+            raise _HTTPError(400, str(exc)) from None
+        raise _HTTPError(404, f"there is nothing to post to at {path}")
+
+    def _check_write(self, authorization: str) -> None:
+        import hmac
+
+        if self.settings.ui_token:
+            given = authorization.partition("Bearer ")[2].strip()
+            if not hmac.compare_digest(given.encode(), self.settings.ui_token.encode()):
+                raise _HTTPError(403, "creating and cancelling runs needs the --ui-token as a bearer token")
+        elif not self.on_loopback:
+            raise _HTTPError(403, "this dashboard is not on loopback: give it --ui-token to create and cancel runs")
+
+    def _create(self, data: Mapping[str, Any]) -> tuple[int, str, bytes]:
+        flow_name, parameters = data.get("flow"), data.get("parameters") or {}
+        if not isinstance(flow_name, str) or not isinstance(parameters, dict):
+            raise _HTTPError(400, 'give {"flow": NAME, "parameters": {...}}')
+        name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else None
+        run_id = create_flow_run(flow_name, parameters, name=name, api=self.settings.api, token=self.settings.token)
+        return 201, "application/json", json.dumps({"id": run_id}).encode()
+
+    @staticmethod
+    def _json(value: Any) -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps(value, default=str).encode()
+
+    def _runs(self, backend: Backend, query: Mapping[str, str]) -> dict[str, Any]:
+        page = max(1, _query_int(query, "page", 1))
+        per_page = min(self.MAX_PER_PAGE, max(1, _query_int(query, "per_page", self.PER_PAGE)))
+        state = query.get("state") or None
+        if state is not None and state not in _STATE_NAMES:
+            raise _HTTPError(400, f"{state!r} is not a state")
+        runs = backend.list_flow_runs(flow_name=query.get("flow") or None, state=state, limit=per_page + 1,
+                                      offset=(page - 1) * per_page, search=(query.get("q") or "").strip() or None,
+                                      attention_first=True)
+        shown = runs[:per_page]
+        return {"runs": [_dashboard_run_json(run) for run in shown], "page": page, "per_page": per_page,
+                "has_more": len(runs) > per_page}
+
+    @staticmethod
+    def _find(backend: Backend, given: str) -> FlowRun:
+        try:
+            return _find_run(backend, given)
+        except AgentError as exc:
+            raise _HTTPError(404, str(exc)) from None
+
+    def _run(self, backend: Backend, given: str) -> dict[str, Any]:
+        run = self._find(backend, given)
+        states = _history_json(backend.get_state_history(run.id))
+        flow = backend.find_flow(run.flow_name)
+        claimed = next((state["message"] for state in reversed(states) if state["state"] == "Submitted"), "")
+        return {**_dashboard_run_json(run), "states": states, "log_lines": len(backend.get_run_logs(run.id)),
+                "flow_version": flow.version if flow is not None and flow.id == run.flow_id else None,
+                "claimed_by": claimed.partition("Submitted for execution by ")[2] or None}
+
+    def _logs(self, backend: Backend, given: str, query: Mapping[str, str]) -> dict[str, Any]:
+        run = self._find(backend, given)
+        after = max(0, _query_int(query, "after", 0))
+        lines = backend.get_run_logs(run.id, after)
+        return {"lines": [line._asdict() for line in lines], "next": after + len(lines), "final": is_final(run.state)}
+
+    @staticmethod
+    def _flows(backend: Backend) -> list[dict[str, Any]]:
+        now, listed = _utcnow(), []
+        for flow in backend.list_flows():
+            schedule = _flow_schedule(flow)
+            upcoming = schedule.next(1, now) if schedule and flow.schedule_active else []
+            declared = [item for item in flow.parameters or [] if isinstance(item, Mapping) and "name" in item]
+            listed.append({
+                "id": flow.id, "name": flow.name, "version": flow.version, "project": flow.project,
+                "labels": list(flow.labels), "schedule": schedule.describe() if schedule else None,
+                "schedule_active": bool(schedule and flow.schedule_active),
+                "next_run": _format_time(upcoming[0].start_time) if upcoming else None,
+                "parameters": [{"name": item["name"], "default": item.get("default"),
+                                "required": bool(item.get("required"))} for item in declared],
+            })
+        return listed
+
+    @staticmethod
+    def _agents(backend: Backend) -> list[dict[str, Any]]:
+        try:
+            return backend.list_agents()
+        except APIError:  # an older Server may not answer this: the page shows none
+            return []
+
+
+def _query_int(query: Mapping[str, str], key: str, default: int) -> int:
+    try:
+        return int(query.get(key, default))
+    except ValueError:
+        raise _HTTPError(400, f"{key} must be a whole number") from None
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
 
 
 def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer:
-    """Serve ``GET /api/health``, ``/api/poke`` and ``/api/status`` on ``--agent-address``.
+    """Serve the agent's routes on ``--agent-address``: health, poke, status, metrics and the dashboard."""
+    dashboard = _Dashboard(agent.settings, mode="agent", on_loopback=_is_loopback(_address_host(address)),
+                           status=agent.status)
+
+    def routes(path: str) -> tuple[int, str, bytes] | None:
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", agent.metrics_text().encode()
+        if path == "/api/poke":
+            agent.poke()
+            return 200, "application/json", b"{}"
+        if path == "/api/health":
+            problem = agent.health_problem()
+            if problem:
+                return 503, "application/json", json.dumps({"status": "unhealthy", "reason": problem}).encode()
+            return 200, "application/json", b"{}"
+        return None
+
+    return _serve_http(address, dashboard, agent.logger, routes)
+
+
+def _address_host(address: str) -> str:
+    return urlsplit(address if "://" in address else "http://" + address).hostname or "127.0.0.1"
+
+
+def _serve_http(address: str, dashboard: _Dashboard, logger: logging.Logger,
+                routes: Callable[[str], tuple[int, str, bytes] | None] = lambda path: None) -> ThreadingHTTPServer:
+    """Serve ``routes`` (the agent's own) and the dashboard on ``address``, in threads.
 
     Each connection gets ENDPOINT_TIMEOUT_SECONDS to send its request, and at most
     ENDPOINT_MAX_CONNECTIONS are served at once (more are closed at once): an idle or slow
@@ -6765,37 +7717,55 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer
         raise ConfigError(f"--agent-address {address!r} needs a port, like http://127.0.0.1:8080")
     host = parts.hostname or "127.0.0.1"
 
+    names = {f"{name}:{parts.port}" for name in ("127.0.0.1", "localhost", "[::1]", host, f"[{host}]")}
+
     class Handler(BaseHTTPRequestHandler):
         timeout = ENDPOINT_TIMEOUT_SECONDS
 
         def do_GET(self) -> None:
-            path = self.path.rstrip("/")
-            if path == "/metrics":
-                self.reply(200, agent.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            self.answer(lambda path, query: routes(path) or (
+                (200, "application/json", json.dumps(dashboard.status()).encode()) if path == "/api/status"
+                else dashboard.get(path, query)))
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(min(length, 1_000_000))
+            if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+                # A browser sends JSON to another origin only after asking first, which is never answered.
+                self.reply(415, json.dumps({"error": "send Content-Type: application/json"}).encode(),
+                           "application/json")
                 return
-            if path == "/api/poke":
-                agent.poke()
-            elif path not in ("/api/health", "/api/status"):
-                self.send_error(404)
+            self.answer(lambda path, query: dashboard.post(path, body, self.headers.get("Authorization") or ""))
+
+        def answer(self, handle: Callable[[str, dict[str, str]], tuple[int, str, bytes]]) -> None:
+            target = urlsplit(self.path)
+            if host not in ("0.0.0.0", "::") and (self.headers.get("Host") or "") not in names:
+                self.reply(421, b'{"error": "this server does not answer for that host name"}', "application/json")
                 return
-            status, body = 200, b"{}"
-            if path == "/api/status":
-                body = json.dumps(agent.status()).encode()
-            elif path == "/api/health":
-                problem = agent.health_problem()
-                if problem:
-                    status, body = 503, json.dumps({"status": "unhealthy", "reason": problem}).encode()
-            self.reply(status, body, "application/json")
+            from urllib.parse import parse_qsl
+
+            try:
+                status, content_type, body = handle(target.path.rstrip("/"), dict(parse_qsl(target.query)))
+            except _HTTPError as exc:
+                status, content_type, body = exc.status, "application/json", json.dumps({"error": str(exc)}).encode()
+            except AgentError as exc:
+                status, content_type = 502, "application/json"
+                body = json.dumps({"error": _Redactor(_secrets(dashboard.settings, {}))(str(exc))}).encode()
+            self.reply(status, body, content_type)
 
         def reply(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                             "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
             self.end_headers()
             self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:
-            agent.logger.debug("agent address: " + format, *args)
+            logger.debug("http: " + format, *args)
 
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -6817,14 +7787,14 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer
                 self.slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:
-            agent.logger.debug("agent address: a client of %s went away: %s", client_address, sys.exc_info()[1])
+            logger.debug("http: a client of %s went away: %s", client_address, sys.exc_info()[1])
 
     try:
         server = Server((host, parts.port), Handler)
     except OSError as exc:
         raise ConfigError(f"cannot listen on --agent-address {address}: {exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="agent-address", daemon=True).start()
-    agent.logger.debug("Serving health checks at %s", address)
+    logger.debug("Serving %s", address)
     return server
 
 
@@ -7418,6 +8388,25 @@ def _supervisor_program(settings: Settings, command: Sequence[str], environment:
     return "\n".join(lines) + "\n"
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    flags = {key: getattr(args, key, None) for key in ("api", "token", "tenant_id", "ui_token")}
+    settings = resolve_settings(flags)
+    address = args.address
+    dashboard = _Dashboard(settings, mode="ui", on_loopback=_is_loopback(_address_host(address)))
+    logger = logging.getLogger(__name__)
+    with _backend_for(None, None, settings) as backend:  # a bad API or database fails here, in one line
+        backend.list_flows()
+    server = _serve_http(address, dashboard, logger)
+    print(f"Dashboard of the {dashboard._location()} at {address.rstrip('/')}/ (Ctrl-C stops it)"
+          + ("" if dashboard.can_write else "; read-only: give --ui-token to create and cancel runs"), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _cmd_execute_flow_run(args: argparse.Namespace | None) -> int:
     return _execute_flow_run(resolve_settings({}))
 
@@ -7605,18 +8594,6 @@ def _print_json(value: Any) -> int:
     return 0
 
 
-def _time_json(moment: datetime | None) -> str | None:
-    return _format_time(moment) if moment else None
-
-
-def _run_json(run: FlowRun) -> dict[str, Any]:
-    """A run as ``--output json`` shows it (keys documented in the README)."""
-    return {"id": run.id, "name": run.name, "flow_name": run.flow_name, "flow_id": run.flow_id,
-            "state": run.state, "state_message": run.state_message, "labels": list(run.labels),
-            "parameters": run.parameters, "scheduled_start_time": _time_json(run.scheduled_start_time),
-            "updated": _time_json(run.updated), "version": run.version}
-
-
 def _find_run(backend: Backend, given: str) -> FlowRun:
     """The run ``given`` names: its id, a start of its id that only it has, or its name (among the
     newest RUN_LOOKUP_LIMIT runs)."""
@@ -7716,6 +8693,16 @@ def _local_zone_name() -> str:
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|min|m|s)", re.IGNORECASE)
+
+
+def _ui_address(text: str) -> str:
+    """``ui --address``: a URL with a port."""
+    import argparse  # loaded already: the parser is calling
+
+    try:
+        return _as_address(text, "--address")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _timezone_name(text: str) -> str:
@@ -7891,14 +8878,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         took = _duration_text(state["seconds"]) if state["seconds"] is not None else ""
         print(f"    {state['timestamp']}  {state['state']:<10} {took:>11}  {state['message']}".rstrip())
     return 0
-
-
-def _history_json(history: Sequence[tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """A run's states with how long each lasted (until the next; None for the last)."""
-    moments = [_parse_time_or_now(stamp) for _, _, stamp in history]
-    return [{"state": state, "message": message, "timestamp": stamp,
-             "seconds": (moments[index + 1] - moments[index]).total_seconds() if index + 1 < len(history) else None}
-            for index, (state, message, stamp) in enumerate(history)]
 
 
 def _explain_run(run: FlowRun, agent_labels: Sequence[str], trusted_dirs: Sequence[str],
@@ -8111,6 +9090,11 @@ def _build_parser() -> argparse.ArgumentParser:
         if option.flags:
             _add_option(install, option)
     install.set_defaults(func=_cmd_install)
+
+    ui = command("ui", "serve the dashboard for this API or database, with no agent running", _cmd_ui)
+    ui.add_argument("--address", default="http://127.0.0.1:8080", type=_ui_address,
+                    help="where to serve it (default: %(default)s)")
+    _add_option(ui, options["ui_token"])
 
     status = commands.add_parser("status", help="the agents of this home directory: running, runs, last poll, spool")
     output_option(status)

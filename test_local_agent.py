@@ -3795,3 +3795,121 @@ def test_status_shows_the_agents_of_the_home_directory(embedded: World, test_flo
     agents = {agent["name"]: agent for agent in json.loads(run_cli("status", "-o", "json", env=embedded.env,
                                                                       check=True).stdout)}
     assert not agents["watched"]["running"] and agents["watched"]["pid"] is None
+
+
+# --- The dashboard -------------------------------------------------------------------------
+
+
+class _UI:
+    """``local_agent.py ui`` in a process of its own, and requests to it."""
+
+    def __init__(self, world: World, *args: str) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, str(AGENT), "ui", "--api", world.api, "--address", self.base, *args],
+            env=world.env, cwd=world.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _AGENT_PROCESSES.append(self.process)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.get("/api/status")
+                return
+            except OSError:
+                assert self.process.poll() is None, self.process.communicate()
+                time.sleep(0.1)
+        raise AssertionError("the dashboard did not answer within 30 s")
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.base + path, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def post(self, path: str, body: Any, token: str | None = None,
+             content_type: str = "application/json") -> tuple[int, Any]:
+        headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+        request = urllib.request.Request(self.base + path, data=json.dumps(body).encode(), headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, json.loads(error.read())
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.communicate(timeout=30)
+
+
+def test_the_dashboard_api_pages_filters_and_creates_and_cancels_runs(embedded: World, test_flows: Any) -> None:
+    flow_id = embedded.flow(test_flows.hello, schedule=la.CronClock("0 9 * * *", "Europe/Berlin"))
+    done = [embedded.run(flow_id, parameters={"name": f"n{n}"}) for n in range(5)]
+    assert embedded.agent("--once").returncode == 0
+    for n in range(115):
+        embedded.run(flow_id, parameters={"name": f"later{n}"}, at=datetime.now(timezone.utc) - timedelta(days=1))
+    ui = _UI(embedded)
+    try:
+        status = ui.get("/api/status")
+        assert status["mode"] == "ui" and status["can_write"] and not status["needs_token"]
+        pages = [ui.get(f"/api/runs?page={page}&per_page=50") for page in (1, 2, 3)]
+        assert [len(page["runs"]) for page in pages] == [50, 50, 30]  # 5 done, 115 due, 10 scheduled
+        assert [page["has_more"] for page in pages] == [True, True, False]
+        ids = [run["id"] for page in pages for run in page["runs"]]
+        assert len(set(ids)) == 130 and set(done) <= set(ids)
+        upcoming = [run for run in pages[2]["runs"] if la._parse_time(run["scheduled_start_time"]) > la._utcnow()]
+        assert len(upcoming) == 10 and upcoming == sorted(upcoming, key=lambda run: run["scheduled_start_time"])
+        succeeded = ui.get("/api/runs?state=Success")["runs"]
+        assert {run["id"] for run in succeeded} == set(done) and all(run["end_time"] for run in succeeded)
+        name = succeeded[0]["name"]
+        assert name in [run["name"] for run in ui.get(f"/api/runs?q={name}")["runs"]]
+        assert ui.get("/api/runs?flow=no-such-flow")["runs"] == []
+        facts = ui.get(f"/api/runs/{done[0]}")
+        assert [state["state"] for state in facts["states"]] == ["Pending", "Scheduled", "Submitted", "Running",
+                                                                  "Success"]
+        logs = ui.get(f"/api/runs/{done[0]}/logs?after=0")
+        assert logs["final"] and logs["next"] == facts["log_lines"] == len(logs["lines"]) > 0
+        assert "Hello, n0!" in [line["message"] for line in logs["lines"]]
+        assert ui.get(f"/api/runs/{done[0]}/logs?after={logs['next']}")["lines"] == []
+        flows = ui.get("/api/flows")
+        assert flows[0]["schedule"] == "cron '0 9 * * *' Europe/Berlin" and flows[0]["next_run"]
+        assert flows[0]["parameters"] == [{"name": "name", "default": "world", "required": False}]
+        assert ui.get("/api/agents")[0]["last_queried"]
+        code, created = ui.post("/api/runs", {"flow": "hello", "parameters": {"name": "web"}})
+        assert code == 201 and embedded.db.get_flow_run(created["id"]).parameters == {"name": "web"}
+        code, refused = ui.post("/api/runs", {"flow": "hello", "parameters": {"nmae": "typo"}})
+        assert code == 400 and "has no parameter 'nmae'" in refused["error"]
+        code, cancelled = ui.post(f"/api/runs/{created['id']}/cancel", {})
+        assert code == 200 and cancelled["state"] == "Cancelled" and embedded.state(created["id"]) == "Cancelled"
+        code, again = ui.post(f"/api/runs/{created['id']}/cancel", {})
+        assert code == 400 and "has already finished (Cancelled)" in again["error"]
+        code, _ = ui.post("/api/runs", {"flow": "hello"}, content_type="text/plain")
+        assert code == 415  # a page of another site cannot post JSON here without asking first
+        rebound = urllib.request.Request(ui.base + "/api/runs", headers={"Host": f"attacker.example:{ui.port}"})
+        with pytest.raises(urllib.error.HTTPError) as wrong_host:
+            urllib.request.urlopen(rebound, timeout=10)
+        assert wrong_host.value.code == 421
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            ui.get("/api/runs/no-such-run")
+        assert missing.value.code == 404
+        with urllib.request.urlopen(ui.base + "/", timeout=10) as page:
+            assert page.headers["Content-Type"] == "text/html; charset=utf-8" and b"local_agent" in page.read()
+    finally:
+        ui.close()
+
+
+def test_dashboard_writes_need_the_ui_token(embedded: World, test_flows: Any) -> None:
+    embedded.flow(test_flows.hello)
+    ui = _UI(embedded, "--ui-token", "ui-secret-1234")
+    try:
+        assert ui.get("/api/status")["needs_token"]
+        code, refused = ui.post("/api/runs", {"flow": "hello"})
+        assert code == 403 and "needs the --ui-token" in refused["error"]
+        assert ui.post("/api/runs", {"flow": "hello"}, token="wrong")[0] == 403
+        assert ui.post("/api/runs", {"flow": "hello"}, token="ui-secret-1234")[0] == 201
+    finally:
+        ui.close()
+    # Off loopback and with no token, it serves reads only.
+    dashboard = la._Dashboard(la.resolve_settings({"api": embedded.api}), mode="ui", on_loopback=False)
+    assert not dashboard.can_write and not dashboard.status()["can_write"]
+    with pytest.raises(la._HTTPError) as refused_write:
+        dashboard.post("/api/runs", b'{"flow": "hello"}', "")
+    assert refused_write.value.status == 403 and "not on loopback" in str(refused_write.value)
