@@ -2962,6 +2962,7 @@ class GraphQLBackend(Backend):
         import gzip
         import hashlib
 
+        _check_server_schedule(serialized_flow.get("schedule"))
         text = json.dumps(serialized_flow, sort_keys=True)
         flow_input = {
             "project_id": project_id,
@@ -3164,6 +3165,14 @@ def _read_timestamp(run: FlowRun, row: Mapping[str, Any], column: str) -> str:
         except ValueError:
             return f"its {column} {row[column]!r} is not a timestamp"
     return ""
+
+
+def _check_server_schedule(data: Any) -> None:
+    """Refuse, before registering, a schedule Prefect Server would refuse: intervals under a minute."""
+    if data and any(isinstance(clock, IntervalClock) and clock.every < _SERVER_SHORTEST_INTERVAL
+                    for clock in Schedule.from_prefect(data).clocks):
+        raise AgentError("Prefect Server refuses intervals shorter than a minute (Prefect's IntervalClockSchema); "
+                         "the embedded database takes them")
 
 
 def _flow_group_clocks(schedule: Schedule) -> dict[str, Any]:

@@ -3561,6 +3561,13 @@ def test_server_gets_the_schedule_in_the_flow_json_and_creates_the_runs(api_worl
     assert listed[0]["schedule"] == "cron '0 9 * * *' Europe/Berlin" and listed[0]["schedule_active"]
 
 
+def test_server_is_not_sent_an_interval_it_would_refuse(api_world: World, test_flows: Any) -> None:
+    flow = la.Flow("hello", test_flows.hello, labels=["test"], schedule=la.IntervalClock(30))
+    with pytest.raises(la.AgentError, match="refuses intervals shorter than a minute"):
+        flow.deploy("tests", api=api_world.server.url)
+    assert not api_world.server.root_calls("create_flow_from_compressed_string")
+
+
 def test_schedule_command_on_server_uses_its_flow_group_schedule(api_world: World, test_flows: Any) -> None:
     server = api_world.server
     flow_id = la.Flow("hello", test_flows.hello, labels=["test"]).deploy("tests", api=server.url)
@@ -3913,3 +3920,663 @@ def test_dashboard_writes_need_the_ui_token(embedded: World, test_flows: Any) ->
     with pytest.raises(la._HTTPError) as refused_write:
         dashboard.post("/api/runs", b'{"flow": "hello"}', "")
     assert refused_write.value.status == 403 and "not on loopback" in str(refused_write.value)
+
+
+# --- Schedules: the same times as Prefect 1.4.1's own clocks -----------------------------
+#
+# (Paste below the "Real Prefect 1.x flows" section: it uses the prefect1_python fixture. It
+# needs no imports beyond the file's own: contextlib, json, os, re, signal, subprocess, Iterator,
+# datetime, timedelta, timezone, Path, Any, pytest and the `la` alias.)
+#
+# Every case is a schedule described once, neutrally (SCHEDULE_CASES). We build it with
+# la.CronClock / la.IntervalClock / la.Schedule; Prefect 1.4.1 builds it with its own
+# CronClock / IntervalClock / Schedule. One venv process per test process (PREFECT_SCHEDULE_ORACLE,
+# fed JSON lines on stdin) then
+#   * loads our to_prefect() JSON with ScheduleSchema().load and computes .next(n, after, return_events=True),
+#   * dumps its own schedule with ScheduleSchema().dump (which our to_prefect() must equal) and
+#     computes the times of that dump (reused when the two JSON documents are equal),
+#   * for an interval under a minute, which Prefect refuses to serialize, computes its own schedule.
+# The test compares start times (UTC ISO), parameter_defaults and labels, event by event: ours,
+# and la.Schedule.from_prefect(<Prefect's dump>). Where Prefect 1.4.1 never returns (minutely jobs
+# on fall-back days), the events it yielded before looping are compared, and ours must go on.
+
+PREFECT_SCHEDULE_ORACLE = r'''
+import datetime as dt
+import json
+import queue
+import signal
+import sys
+import threading
+
+import pendulum
+from prefect.schedules import Schedule
+from prefect.schedules.clocks import CronClock, IntervalClock
+from prefect.serialization.schedule import ScheduleSchema
+
+
+class Hang(BaseException):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hang()
+
+
+signal.signal(signal.SIGALRM, _alarm)
+
+
+def error(exc):
+    return "%s: %s" % (type(exc).__name__, exc)
+
+
+def instant(text):
+    return pendulum.instance(dt.datetime.fromisoformat(text))
+
+
+def build(spec):
+    """Prefect's own schedule for a case's neutral description."""
+    clocks = []
+    for c in spec["clocks"]:
+        tz = c["tz"]
+        options = dict(parameter_defaults=c.get("params"), labels=c.get("labels"))
+        if c["kind"] == "cron":
+            if c.get("start"):
+                start = instant(c["start"]).in_tz(tz)
+            else:  # the zone of a CronClock is its start_date's (none: UTC)
+                start = None if tz == "UTC" else pendulum.datetime(2000, 1, 1, tz=tz)
+            clocks.append(CronClock(c["cron"], start_date=start, day_or=c.get("day_or", True), **options))
+        else:
+            anchor = c.get("anchor")
+            if anchor is None:  # local_agent's default anchor: midnight, 2019-01-01, in the clock's zone
+                start = None if tz == "UTC" else pendulum.datetime(2019, 1, 1, tz=tz)
+            else:
+                start = instant(anchor).in_tz(tz)
+            clocks.append(IntervalClock(dt.timedelta(seconds=c["seconds"]), start_date=start, **options))
+    return Schedule(clocks=clocks)
+
+
+def row(event):
+    return [event.start_time.astimezone(dt.timezone.utc).isoformat(), event.parameter_defaults, event.labels]
+
+
+def times(schedule, case):
+    """schedule.next(n, after, return_events=True); where Prefect loops forever, the events it
+    yielded before the guard fired."""
+    seen = []
+    produce = schedule._get_clock_events
+
+    def recording(after=None):
+        for event in produce(after=after):
+            seen.append(event)
+            yield event
+
+    schedule._get_clock_events = recording
+    signal.setitimer(signal.ITIMER_REAL, case.get("timeout", 15))
+    try:
+        events = schedule.next(case["n"], after=instant(case["after"]), return_events=True)
+    except Hang:
+        return {"hang": [row(e) for e in seen]}
+    except Exception as exc:  # CroniterBadDateError: no next date within 50 years
+        return {"error": error(exc)}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return {"events": [row(e) for e in events]}
+
+
+def answer(request):
+    if "expressions" in request:  # accepted (None) or Prefect's error, per expression
+        verdicts = {}
+        for expr in request["expressions"]:
+            try:
+                CronClock(expr)
+                verdicts[expr] = None
+            except Exception as exc:  # ValueError, or NameError from croniter for L-5
+                verdicts[expr] = error(exc)
+        return {"id": request["id"], "verdicts": verdicts}
+    case, out, computed = request["case"], {"id": request["id"]}, {}
+
+    def times_of(data):
+        key = json.dumps(data, sort_keys=True)
+        if key not in computed:
+            try:
+                computed[key] = times(ScheduleSchema().load(data), case)
+            except Hang:
+                raise
+            except Exception as exc:
+                computed[key] = {"load_error": error(exc)}
+        return computed[key]
+
+    try:
+        native = build(case["spec"])
+    except Exception as exc:
+        out["build_error"] = error(exc)
+        native = None
+    if native is not None:
+        try:
+            out["dump"] = ScheduleSchema().dump(native)
+        except Exception as exc:  # an interval under a minute
+            out["dump_error"] = error(exc)
+            out["native"] = times(native, case)
+    if request.get("ours") is not None:
+        out["ours"] = times_of(request["ours"])
+    if "dump" in out:
+        out["dump_times"] = times_of(out["dump"])
+    return out
+
+
+def read(requests):
+    for line in sys.stdin:
+        requests.put(json.loads(line))
+    requests.put(None)
+
+
+def main():
+    # requests are read by a thread, so a writer never blocks while we write answers
+    requests = queue.Queue()
+    threading.Thread(target=read, args=(requests,), daemon=True).start()
+    print(json.dumps({"ready": True}), flush=True)
+    while True:
+        request = requests.get()
+        if request is None:
+            return
+        try:
+            out = answer(request)
+        except Hang:  # (the guard fired just outside next())
+            out = {"id": request["id"], "oracle_error": "timer fired outside next()"}
+        except Exception as exc:
+            out = {"id": request["id"], "oracle_error": error(exc)}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
+main()
+'''
+
+#: DST transitions of 2026 (UTC): (spring forward, fall back). Dublin's are London's.
+DST_EDGES = {
+    "America/New_York": ("2026-03-08T07:00:00", "2026-11-01T06:00:00"),
+    "Europe/London": ("2026-03-29T01:00:00", "2026-10-25T01:00:00"),
+    "Europe/Dublin": ("2026-03-29T01:00:00", "2026-10-25T01:00:00"),
+    "Australia/Sydney": ("2026-10-03T16:00:00", "2026-04-04T16:00:00"),
+}
+#: after (UTC) for the zones without DST; Kolkata's has microseconds (Prefect rounds up a second)
+PLAIN_AFTERS = {"UTC": "2026-02-28T23:30:00+00:00", "Asia/Kolkata": "2026-02-27T18:29:59.500000+00:00"}
+
+# (expression, density): "m" fires many times an hour (after = 4 h before each DST edge),
+# "s" every few seconds (40 min before), "h" many times a day (30 h before each edge),
+# "d" daily or rarer (30 h before the first edge of 2026: 500 events cover both edges).
+# Lists, ranges, steps, names, aliases, L and #, day-of-month OR day-of-week, six fields (seconds).
+CRON_EXPRESSIONS = [
+    ("* * * * *", "m"), ("*/15 * * * *", "m"), ("0-59/7 * * * *", "m"), ("* * * * * */10", "s"),
+    ("0,30 * * * *", "h"), ("0 * * * *", "h"), ("0 */2 * * *", "h"), ("* 2 * * *", "h"), ("15 1,2,3 * * *", "h"),
+    ("0,30 1-3 * * *", "h"), ("0 9-17 * * mon-fri", "h"), ("@hourly", "h"),
+    ("0 2 * * *", "d"), ("30 2 * * *", "d"), ("0 1 * * *", "d"), ("30 1 * * *", "d"), ("0 3 * * *", "d"),
+    ("59 23 * * *", "d"), ("0 12 * * 1-5", "d"), ("0 0 * * 7", "d"), ("0 6 * * sat,sun", "d"),
+    ("0 0 * * fri-sun", "d"), ("0 0 * * */3", "d"), ("0 0 L * *", "d"), ("0 0 15,L * *", "d"),
+    ("0 0 13 * 5", "d"), ("0 10 * * 1#2", "d"), ("0 10 * * L5", "d"), ("0 0 1 jan-mar,oct-dec *", "d"),
+    ("0 0 1-31 * 1", "d"), ("30 2 * 3,10 0", "d"), ("0 4 8-14 * *", "d"), ("@daily", "d"), ("@weekly", "d"),
+    ("@monthly", "d"), ("@yearly", "d"), ("0 0 29 2 *", "d"), ("0 12 1 7 *", "d"), ("30 1 * * * 0", "d"),
+    ("0 0 30 2 *", "d"),  # accepted, but never fires: Prefect's next() raises
+]
+#: the zones every expression above is compared in
+CRON_ZONES = ["UTC", "Asia/Kolkata", "America/New_York", "Europe/London", "Australia/Sydney"]
+#: more expressions, compared in UTC and New York only
+MORE_CRON_EXPRESSIONS = [
+    ("5/20 * * * *", "m"), ("*/5 1-3 * * *", "h"), ("30 * * * *", "h"), ("45 0-23/6 * * *", "h"), ("0 2-4 * * *", "h"),
+    ("0 0 * * *", "d"), ("0 0 * * 0", "d"), ("0 0 * * SUN", "d"), ("0 0 * * 1-7/2", "d"), ("0 0 1 * *", "d"),
+    ("0 0 31 * *", "d"), ("0 10 * * 5#5", "d"), ("0 0 * JAN,jul *", "d"), ("0 2 1-7 * 0", "d"), ("@midnight", "d"),
+    ("@annually", "d"), ("0 0 29 2 1", "d"), ("0 0 * * * 30", "d"), ("0 0 * * 7 0", "d"),
+]
+#: and these in Europe/Dublin (negative DST in pendulum's data)
+DUBLIN_CRON_EXPRESSIONS = [
+    ("* * * * *", "m"), ("*/15 * * * *", "m"), ("* * * * * */10", "s"), ("0 * * * *", "h"), ("0,30 1-3 * * *", "h"),
+    ("30 1 * * *", "d"), ("0 1 * * *", "d"), ("@weekly", "d"),
+]
+DAY_AND = ["0 0 13 * 5", "0 0 1-7 * 1", "0 2 1-7 * 0", "30 2 * 3,10 0", "0 0 L * 5", "0 10 1 * 1#2"]
+# afters on and around the transition days: the day itself (croniter's fix-up misfires), inside
+# the first pass of the repeated hour, half a second before it ends, on and just after the gap
+DST_AFTERS = {
+    "America/New_York": [
+        ("2026-11-01T04:30:00+00:00", ["0 12 * * *", "30 1 * * *", "0 * * * *", "*/15 * * * *"]),
+        ("2026-11-01T05:30:00+00:00", ["*/15 * * * *", "0,30 * * * *", "* * * * * */20"]),
+        ("2026-11-01T05:59:59.500000+00:00", ["0 * * * *", "* * * * *"]),
+        ("2026-03-08T05:30:00+00:00", ["0 12 * * *", "30 2 * * *", "0 2 * * *"]),
+        ("2026-03-08T06:59:59+00:00", ["* * * * *", "0 * * * *"]),
+        ("2026-03-08T07:00:00.000001+00:00", ["*/15 * * * *", "* * * * * */20"]),
+    ],
+    "Europe/London": [
+        ("2026-10-25T00:30:00+00:00", ["*/15 * * * *", "0 * * * *", "30 1 * * *"]),
+        ("2026-10-24T23:30:00+00:00", ["0 12 * * *", "0 * * * *"]),
+        ("2026-03-29T01:00:00+00:00", ["0 * * * *", "30 1 * * *"]),
+    ],
+    "Australia/Sydney": [
+        ("2026-04-04T15:30:00+00:00", ["*/15 * * * *", "0 2 * * *"]),
+        ("2026-04-04T13:30:00+00:00", ["0 12 * * *"]),
+        ("2026-10-03T16:00:00+00:00", ["30 2 * * *", "0 * * * *"]),
+    ],
+    "Europe/Dublin": [("2026-10-25T00:30:00+00:00", ["*/15 * * * *", "30 1 * * *"])],
+}
+# Prefect 1.4.1 loops forever on these (SPEC §3.4): the events it gives before looping must be ours
+PREFECT_HANGS = [("* * * * *", "America/New_York", "2026-11-01T04:00:00+00:00"),
+                 ("* 1 * * *", "Europe/London", "2026-10-24T23:00:00+00:00")]
+# CronClock start dates (after = start - 1 s when later than after), in and near DST edges
+CRON_STARTS = [
+    ("*/15 * * * *", "America/New_York", "2026-11-01T01:30:00-05:00"),
+    ("0 * * * *", "America/New_York", "2026-03-08T01:59:59.250000-05:00"),
+    ("0 0 * * *", "Europe/London", "2026-10-25T01:00:00+00:00"),
+    ("* * * * * *", "Asia/Kolkata", "2026-06-01T12:00:00.500000+05:30"),
+    ("0 * * * *", "UTC", "2026-06-01T12:00:00+00:00"),
+]
+# (seconds, anchor, zone, after): seconds, 15 min, 1 h, 1 d, 25 h, 1 week; wall-clock and absolute
+# paths, anchors in gaps and repeated hours, a float number of seconds
+INTERVALS = [
+    (1, "2026-03-08T01:59:00-05:00", "America/New_York", "2026-03-08T06:58:00+00:00"),
+    (30, "2026-10-25T00:50:00+01:00", "Europe/London", "2026-10-24T23:55:00+00:00"),
+    (0.5, "2026-01-01T00:00:00+00:00", "UTC", "2026-01-01T00:00:10.250000+00:00"),
+    (90, "2026-11-01T00:00:00-04:00", "America/New_York", "2026-11-01T04:00:00+00:00"),
+    (900, "2026-03-01T00:00:00-05:00", "America/New_York", "2026-03-07T12:00:00+00:00"),
+    (900, "2026-11-01T00:00:00-04:00", "America/New_York", "2026-11-01T03:00:00+00:00"),
+    (900, "2026-10-01T00:00:00+10:00", "Australia/Sydney", "2026-10-02T12:00:00+00:00"),
+    (3600, "2026-03-01T00:00:00-05:00", "America/New_York", "2026-03-07T00:00:00+00:00"),
+    (3600, "2026-11-01T00:30:00-04:00", "America/New_York", "2026-11-01T03:00:00+00:00"),
+    (3600, "2026-10-01T00:30:00+01:00", "Europe/London", "2026-10-20T00:00:00+00:00"),
+    (3600, "2026-10-24T00:00:00+01:00", "Europe/Dublin", "2026-10-24T20:00:00+00:00"),
+    (3600, "2026-03-01T00:00:00+00:00", "Europe/Dublin", "2026-03-28T00:00:00+00:00"),
+    (3600, "2026-04-01T00:00:00+11:00", "Australia/Sydney", "2026-04-02T00:00:00+00:00"),
+    (3600, "2026-06-01T00:00:00+00:00", "UTC", "2026-05-01T00:00:00+00:00"),  # after < anchor: the anchor first
+    (5400, "2026-04-01T00:00:00+11:00", "Australia/Sydney", "2026-04-02T00:00:00+00:00"),
+    (86400, "2026-01-01T02:30:00-05:00", "America/New_York", "2026-02-01T00:00:00+00:00"),
+    (86400, "2026-01-01T01:30:00-05:00", "America/New_York", "2026-02-01T00:00:00+00:00"),
+    (86400, "2026-03-01T00:00:00-05:00", "America/New_York", "2026-03-10T04:00:00+00:00"),
+    (86400, "2026-01-01T09:00:00+11:00", "Australia/Sydney", "2026-02-01T00:00:00+00:00"),
+    (86400, "2026-01-01T12:00:00+05:30", "Asia/Kolkata", "2026-02-01T00:00:00+00:00"),
+    (86400, "2026-01-01T01:30:00+00:00", "Europe/Dublin", "2026-02-01T00:00:00+00:00"),
+    (86400, None, "UTC", "2026-03-01T00:00:00+00:00"),
+    (86400, None, "America/New_York", "2026-03-01T00:00:00+00:00"),
+    (90000, "2026-01-01T00:00:00-05:00", "America/New_York", "2026-02-20T00:00:00+00:00"),
+    (90000, "2026-03-01T00:00:00+00:00", "Europe/London", "2026-03-20T00:00:00+00:00"),
+    (604800, "2026-01-04T02:30:00-05:00", "America/New_York", "2026-01-01T00:00:00+00:00"),
+    (604800, "2026-01-04T01:30:00+00:00", "Europe/London", "2026-02-01T00:00:00+00:00"),
+    (604800, "2026-01-04T02:30:00+11:00", "Australia/Sydney", "2026-02-01T00:00:00+00:00"),
+    (1800.5, "2026-03-01T00:00:00-05:00", "America/New_York", "2026-03-07T00:00:00+00:00"),
+]
+
+
+def _cron(expr: str, tz: str, **more: Any) -> dict[str, Any]:
+    return {"kind": "cron", "cron": expr, "tz": tz, "day_or": True, **more}
+
+
+def _interval(seconds: float, tz: str, anchor: str | None = None, **more: Any) -> dict[str, Any]:
+    return {"kind": "interval", "seconds": seconds, "tz": tz, "anchor": anchor, **more}
+
+
+# several clocks: Prefect merges their events with heapq.merge and drops an event equal (time,
+# parameter_defaults, labels) to the one before it; events of clocks in one zone compare by wall clock
+MULTI_CLOCKS = [
+    ("weekdays and weekends", "2026-03-01T00:00:00+00:00",
+     [_cron("0 9 * * mon-fri", "America/New_York", params={"kind": "weekday"}, labels=["a"]),
+      _cron("0 12 * * sat,sun", "America/New_York", params={"kind": "weekend", "n": [1, 2]}, labels=["b"])]),
+    ("same instants, other parameters", "2026-01-10T00:00:00+00:00",
+     [_cron("0 * * * *", "UTC", params={"x": 1}),
+      _interval(3600, "UTC", "2026-01-01T00:00:00+00:00", params={"x": 2})]),
+    ("same instants, same parameters", "2026-01-10T00:00:00+00:00",
+     [_cron("*/30 * * * *", "UTC", params={"x": 1}, labels=["l"]),
+      _cron("0 * * * *", "UTC", params={"x": 1}, labels=["l"]),
+      _interval(2700, "UTC", "2026-01-01T00:00:00+00:00", params={"x": 1}, labels=["l"])]),
+    ("labels [] and none", "2026-01-10T00:00:00+00:00",
+     [_cron("0 * * * *", "UTC", labels=[]), _cron("0 * * * *", "UTC")]),
+    ("one zone over a fall-back (wall-clock order)", "2026-11-01T03:00:00+00:00",
+     [_cron("0 * * * *", "America/New_York", params={"from": "cron"}),
+      _interval(1800, "America/New_York", "2026-11-01T00:15:00-04:00", params={"from": "interval"})]),
+    ("one zone over a fall-back, equal events", "2026-10-31T20:00:00+00:00",
+     [_cron("0,30 * * * *", "Europe/London"), _interval(1800, "Europe/London", "2026-10-25T00:00:00+01:00")]),
+    ("three zones over spring edges", "2026-03-06T00:00:00+00:00",
+     [_cron("0 2 * * *", "Australia/Sydney", labels=["syd"]), _cron("30 1 * * *", "Europe/London", labels=["lon"]),
+      _interval(604800, "America/New_York", "2026-03-01T02:30:00-05:00", labels=["ny"], params={"w": True}),
+      _cron("*/20 * * * *", "Asia/Kolkata", labels=["kol"])]),
+]
+
+
+def _schedule_cases() -> list[dict[str, Any]]:
+    """Every comparison: {"id", "spec": {"clocks": [...]}, "after", "n"}, with "timeout" where Prefect
+    loops and "deep": False for the expression grid (from_prefect is checked on 50 events there)."""
+    cases: list[dict[str, Any]] = []
+
+    def add(label: str, clocks: list[dict[str, Any]], after: str, n: int = 500, **more: Any) -> None:
+        cases.append({"id": f"{label} after {after}", "spec": {"clocks": clocks}, "after": after, "n": n, **more})
+
+    def before(edge: str, **delta: float) -> str:
+        return (datetime.fromisoformat(edge) - timedelta(**delta)).isoformat() + "+00:00"
+
+    grid = [(tz, CRON_EXPRESSIONS) for tz in CRON_ZONES]
+    grid += [("UTC", MORE_CRON_EXPRESSIONS), ("America/New_York", MORE_CRON_EXPRESSIONS)]
+    grid += [("Europe/Dublin", DUBLIN_CRON_EXPRESSIONS)]
+    for tz, expressions in grid:
+        for expr, density in expressions:
+            if tz in PLAIN_AFTERS:
+                afters = [PLAIN_AFTERS[tz]]
+            else:
+                spring, fall = DST_EDGES[tz]
+                edges = [min(spring, fall)] if density == "d" else [spring, fall]
+                back = {"m": {"hours": 4}, "s": {"minutes": 40}}.get(density, {"hours": 30})
+                afters = [before(edge, **back) for edge in edges]
+            for after in afters:
+                add(f"{expr!r} in {tz}", [_cron(expr, tz)], after, deep=False)
+    for tz in ("America/New_York", "Australia/Sydney"):
+        for expr in DAY_AND:  # day_or=False: day of month AND day of week
+            after = before(min(DST_EDGES[tz]), hours=30)
+            add(f"{expr!r} day_or=False in {tz}", [_cron(expr, tz, day_or=False)], after)
+    for tz, groups in DST_AFTERS.items():
+        for after, exprs in groups:
+            for expr in exprs:
+                add(f"{expr!r} in {tz}", [_cron(expr, tz)], after)
+    for expr, tz, after in PREFECT_HANGS:
+        add(f"{expr!r} in {tz} (Prefect loops)", [_cron(expr, tz)], after, timeout=1)
+    for expr, tz, start in CRON_STARTS:
+        add(f"{expr!r} in {tz} from {start}", [_cron(expr, tz, start=start)], "2026-01-01T00:00:00+00:00")
+    for seconds, anchor, tz, after in INTERVALS:
+        add(f"every {seconds} s in {tz} from {anchor}", [_interval(seconds, tz, anchor)], after)
+    for label, after, clocks in MULTI_CLOCKS:
+        add(label, clocks, after)
+    return cases
+
+
+SCHEDULE_CASES = _schedule_cases()
+
+# Cron strings Prefect 1.4.1 refuses, and the field our message must name (None: the field count)
+BAD_CRON = [
+    ("0 24 * * *", "hour"), ("0 26 * * *", "hour"), ("61 * * * *", "minute"), ("-5 * * * *", "minute"),
+    ("5-1 * * * *", "minute"), ("0,,5 * * * *", "minute"), ("*/0 * * * *", "minute"), ("H * * * *", "minute"),
+    ("0 0 32 * *", "day_of_month"), ("0 0 0 * *", "day_of_month"), ("0 0 ? * *", "day_of_month"),
+    ("0 0 LW * *", "day_of_month"), ("0 0 1W * *", "day_of_month"), ("0 0 L-5 * *", "day_of_month"),
+    ("0 0 * 13 *", "month"), ("0 0 * 0 *", "month"), ("0 0 * foo *", "month"), ("0 0 * dec-feb *", "month"),
+    ("0 0 * * 8", "day_of_week"), ("0 0 * * 5L", "day_of_week"), ("0 0 * * 2#6", "day_of_week"),
+    ("0 0 * * 1,2#1", "day_of_week"), ("0 0 * * tue-mon", "day_of_week"), ("* * * * * 60", "second"),
+    ("0 0 * *", None), ("0 0 * * * * *", None), ("", None), ("@reboot", None), ("@every 5m", None),
+]
+# Odd strings Prefect 1.4.1 accepts (besides every expression compared above)
+ODD_GOOD_CRON = ["*,5 * * * *", "0 0 * * 6-0", "0 0 l * *", "0 0 1-l * *", "  0   0 * * *  ", "0 0 * * Mon",
+                 "0 0 * * 0 0", "0 0 0 * * 7", "@MONTHLY", "0-59 0-23 1-31 1-12 0-7", "1-59/60 * * * *",
+                 "0 0 * * 5#5", "0 0 * * 1#1,3#3", "0 0 * * l0", "0 0 30 2 *"]
+
+
+class _PrefectScheduleOracle:
+    """One Prefect 1.4.1 process answering schedule questions (JSON lines, answered in order).
+    Run alone, pytest asks all its cases up front so Prefect works while we compute ours;
+    under xdist a worker asks for its own cases, one at a time."""
+
+    def __init__(self, python: str, stderr: Path) -> None:
+        self.stderr_path = stderr
+        self.stderr = open(stderr, "w")  # noqa: SIM115 (closed in close())
+        self.process = subprocess.Popen([python, "-c", PREFECT_SCHEDULE_ORACLE], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.asked: set[str] = set()
+        self.count = self.received = 0
+
+    def start(self, wanted: list[dict[str, Any]]) -> None:
+        self._read()  # {"ready": true}: Prefect imported
+        for case in wanted:
+            self.ask(case)
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(timeout=30)
+            pytest.fail(f"the Prefect 1.4.1 schedule oracle ended (exit {self.process.returncode}): "
+                        f"{self.stderr_path.read_text()[-3000:]}", pytrace=False)
+        answer: dict[str, Any] = json.loads(line)
+        if "oracle_error" in answer:
+            pytest.fail(f"the Prefect 1.4.1 schedule oracle failed on {answer['id']}: {answer['oracle_error']}",
+                        pytrace=False)
+        return answer
+
+    def _send(self, request: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        self.asked.add(request["id"])
+        self.count += 1
+
+    def ask(self, case: dict[str, Any]) -> None:
+        if case["id"] in self.asked:
+            return
+        try:
+            ours: Any = _la_schedule(case["spec"]).to_prefect()
+            json.dumps(ours)
+        except Exception:  # reported by the test itself
+            ours = None
+        self._send({"id": case["id"], "case": case, "ours": ours})
+
+    def answer(self, case: dict[str, Any]) -> dict[str, Any]:
+        self.ask(case)
+        while case["id"] not in self.answers:
+            answer = self._read()
+            self.answers[answer["id"]] = answer
+            self.received += 1
+        return self.answers.pop(case["id"])
+
+    def verdicts(self, expressions: list[str]) -> dict[str, str | None]:
+        request_id = f"verdicts {self.count}"
+        self._send({"id": request_id, "expressions": expressions})
+        while request_id not in self.answers:
+            answer = self._read()
+            self.answers[answer["id"]] = answer
+            self.received += 1
+        verdicts: dict[str, str | None] = self.answers.pop(request_id)["verdicts"]
+        return verdicts
+
+    def close(self) -> None:
+        if self.received < self.count:  # cases nobody will read (pytest -x, a failed fixture)
+            self.process.kill()
+        if self.process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_schedules(
+    prefect1_python: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[_PrefectScheduleOracle]:
+    wanted: list[dict[str, Any]] = []
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # alone: every selected case, in the order they run
+        for item in request.session.items:
+            callspec = getattr(item, "callspec", None)
+            if callspec is not None and "schedule_case" in callspec.params:
+                wanted.append(callspec.params["schedule_case"])
+    oracle = _PrefectScheduleOracle(prefect1_python, tmp_path_factory.mktemp("schedules") / "prefect.err")
+    try:
+        oracle.start(wanted)
+        yield oracle
+    finally:
+        oracle.close()
+
+
+def _la_schedule(spec: dict[str, Any]) -> Any:
+    clocks = []
+    for c in spec["clocks"]:
+        options = {"parameter_defaults": c.get("params"), "labels": c.get("labels")}
+        if c["kind"] == "cron":
+            start = datetime.fromisoformat(c["start"]) if c.get("start") else None
+            clocks.append(la.CronClock(c["cron"], c["tz"], start=start, day_or=c["day_or"], **options))
+        else:
+            every = c["seconds"] if isinstance(c["seconds"], float) else timedelta(seconds=c["seconds"])
+            anchor = datetime.fromisoformat(c["anchor"]) if c.get("anchor") else None
+            clocks.append(la.IntervalClock(every, anchor=anchor, timezone=c["tz"], **options))
+    return la.Schedule(clocks)
+
+
+def _rows(events: list[Any]) -> list[list[Any]]:
+    rows = []
+    for event in events:
+        assert event.start_time.utcoffset() == timedelta(0), f"{event} is not in UTC"
+        rows.append([event.start_time.astimezone(timezone.utc).isoformat(), event.parameter_defaults, event.labels])
+    return rows
+
+
+def _difference(ours: list[list[Any]], prefects: list[list[Any]]) -> str | None:
+    """Where two event lists first differ, readably; None when equal."""
+    for index, (mine, theirs) in enumerate(zip(ours, prefects)):
+        if mine != theirs:
+            before = f" (both give {prefects[index - 1][0]} before it)" if index else ""
+            return (f"event {index} differs: Prefect {theirs[0]} {theirs[1]} {theirs[2]}, "
+                    f"ours {mine[0]} {mine[1]} {mine[2]}{before}")
+    if len(ours) != len(prefects):
+        longer, who = (ours, "we") if len(ours) > len(prefects) else (prefects, "Prefect")
+        return (f"Prefect gives {len(prefects)} events, we give {len(ours)}; "
+                f"{who} go on with {longer[min(len(ours), len(prefects))][0]}")
+    return None
+
+
+def _compare(what: str, ours: Any, prefects: dict[str, Any]) -> str | None:
+    """ours: our rows, or the exception our next() raised; prefects: Prefect's answer for one JSON."""
+    if "load_error" in prefects:
+        return f"{what}: Prefect's ScheduleSchema().load refuses it: {prefects['load_error']}"
+    if "error" in prefects:  # e.g. CroniterBadDateError (a ValueError): never fires within 50 years
+        if isinstance(ours, ValueError):
+            return None
+        return f"{what}: Prefect's next() raises {prefects['error']}, ours gives {str(ours)[:300]}"
+    if isinstance(ours, BaseException):
+        return f"{what}: our next() raises {type(ours).__name__}: {ours}"
+    if "hang" in prefects:  # Prefect loops for ever after these; we go on after them
+        given = prefects["hang"]
+        problem = _difference(ours[:len(given)], given)
+        if problem is None and given and not all(row[0] > given[-1][0] for row in ours[len(given):]):
+            problem = f"after Prefect's last event {given[-1][0]} we do not go on later: {ours[len(given):][:3]}"
+        return None if problem is None else f"{what} (up to where Prefect loops): {problem}"
+    problem = _difference(ours, prefects["events"])
+    return None if problem is None else f"{what}: {problem}"
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str) -> Iterator[None]:
+    """TimeoutError where ``what`` takes longer than ``seconds`` (a failed test, not a suite that hangs)."""
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"{what} did not return within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _next_rows(schedule: Any, case: dict[str, Any]) -> Any:
+    try:
+        with _deadline(10, f"Schedule.next({case['n']}, after={case['after']})"):
+            return _rows(schedule.next(case["n"], after=datetime.fromisoformat(case["after"])))
+    except (ValueError, TimeoutError) as exc:
+        return exc
+
+
+def _comparable_dump(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """A schedule's JSON with the start_date time left out where the case gives none in a zone
+    (any start_date serves there: Prefect only needs its zone)."""
+    data = json.loads(json.dumps(data))
+    for clock, described in zip(data.get("clocks", []), spec["clocks"]):
+        if described["kind"] == "cron" and not described.get("start") and isinstance(clock.get("start_date"), dict):
+            clock["start_date"]["dt"] = "(any)"
+    return data
+
+
+@pytest.mark.parametrize("schedule_case", SCHEDULE_CASES, ids=[case["id"] for case in SCHEDULE_CASES])
+def test_schedules_give_the_times_prefect_1_4_1_gives(
+    schedule_case: dict[str, Any], prefect_schedules: _PrefectScheduleOracle
+) -> None:
+    case = schedule_case
+    schedule = _la_schedule(case["spec"])
+    ours = _next_rows(schedule, case)
+    prefect = prefect_schedules.answer(case)
+    assert "build_error" not in prefect, prefect["build_error"]
+    problems = []
+    try:
+        our_json: Any = schedule.to_prefect()
+    except Exception as exc:
+        our_json = exc
+    if "dump_error" in prefect:
+        # An interval under a minute: Prefect will not serialize it (Server refuses it; so does our
+        # GraphQL backend), while the embedded database keeps it. The times are still Prefect's.
+        problems.append(_compare("Prefect's own schedule", ours, prefect["native"]))
+    else:
+        if isinstance(our_json, BaseException):
+            problems.append(f"to_prefect() raises {type(our_json).__name__}: {our_json}")
+        else:
+            if _comparable_dump(our_json, case["spec"]) != _comparable_dump(prefect["dump"], case["spec"]):
+                problems.append(f"to_prefect() gives {json.dumps(our_json, sort_keys=True)}, "
+                                f"Prefect's dump {json.dumps(prefect['dump'], sort_keys=True)}")
+            problems.append(_compare("through our to_prefect() JSON", ours, prefect["ours"]))
+        try:
+            theirs = la.Schedule.from_prefect(prefect["dump"])
+        except Exception as exc:
+            problems.append(f"from_prefect(Prefect's dump) raises {type(exc).__name__}: {exc}")
+        else:  # (the grid's cases, for time: their first 50 events; the other cases all 500)
+            n = case["n"] if case.get("deep", True) else 50
+            expected = {key: value[:n] if key in ("events", "hang") else value
+                        for key, value in prefect["dump_times"].items()}
+            problems.append(_compare("from_prefect(Prefect's dump)", _next_rows(theirs, {**case, "n": n}), expected))
+    problems = [problem for problem in problems if problem]
+    if problems:
+        pytest.fail(f"{case['id']} (n={case['n']}):\n" + "\n".join(problems), pytrace=False)
+
+
+def _fields_named(message: str) -> set[str]:
+    """The cron fields a message names ("day of month" and "day-of-month" count as day_of_month)."""
+    words = re.sub(r"day[ _-]of[ _-](month|week)", r"day_of_\1", message.lower())
+    return set(re.findall(r"[a-z_]+", words)) & {"minute", "hour", "day_of_month", "month", "day_of_week", "second"}
+
+
+def test_cron_strings_prefect_1_4_1_refuses_are_refused_naming_the_field(
+    prefect_schedules: _PrefectScheduleOracle,
+) -> None:
+    good = sorted({expr for expr, _ in CRON_EXPRESSIONS} | set(DAY_AND) | set(ODD_GOOD_CRON))
+    verdicts = prefect_schedules.verdicts([expr for expr, _ in BAD_CRON] + good)
+    problems = []
+    for expr, field in BAD_CRON:
+        if verdicts[expr] is None:
+            problems.append(f"{expr!r}: Prefect 1.4.1 accepts it (the test's premise is wrong)")
+        try:
+            la.parse_cron(expr)
+        except ValueError as exc:
+            named = _fields_named(str(exc))
+            if field is None and "field" not in str(exc):
+                problems.append(f"{expr!r}: our message does not speak of the number of fields: {exc}")
+            elif field is not None and named != {field}:
+                problems.append(f"{expr!r}: our message should name the field {field!r} (and no other): {exc}")
+        else:
+            problems.append(f"{expr!r}: Prefect refuses it ({verdicts[expr]}), we accept it")
+    for expr in good:
+        try:
+            la.parse_cron(expr)
+        except ValueError as exc:
+            if verdicts[expr] is None:
+                problems.append(f"{expr!r}: Prefect 1.4.1 accepts it, we refuse it: {exc}")
+        else:
+            if verdicts[expr] is not None:
+                problems.append(f"{expr!r}: Prefect refuses it ({verdicts[expr]}), we accept it")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"clocks": [{"type": "CronClock", "cron": "0 26 * * *", "start_date": None}]}, "hour"),
+    ({"clocks": [{"type": "IntervalClock", "interval": -60000000, "start_date": None}]}, "(?i)interval"),
+    ({"clocks": [{"type": "CronClock", "cron": "0 2 * * *", "start_date": {"dt": "2026-01-01T00:00:00",
+                                                                          "tz": "Mars/Olympus"}}]}, "Mars/Olympus"),
+    ({"clocks": [{"type": "DatesClock", "dates": []}]}, "DatesClock"),
+    ({"clocks": "0 2 * * *"}, "clocks"),
+    ({}, "clocks"),
+])
+def test_a_prefect_schedule_we_cannot_follow_is_refused_saying_why(data: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        la.Schedule.from_prefect(data)
