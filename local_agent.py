@@ -6855,66 +6855,66 @@ _DASHBOARD_PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width,initial-scale=1">
 <title>local_agent</title>
 <link rel="icon" href="data:,">
 <style>
-:root{--bg:#f5f6f8;--card:#fff;--line:#e2e5ea;--text:#1d2330;--muted:#6b7385;--accent:#3b5bdb;--accent-d:#2f49b5;--mono:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+:root{--ln:#e2e5ea;--mu:#687084;--tx:#1d2330;--ac:#3b5bdb;--mono:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 *{box-sizing:border-box}
-html,body{margin:0}
-body{background:var(--bg);color:var(--text);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
-a{color:var(--accent);text-decoration:none}
-a:hover{text-decoration:underline}
-.wrap{max-width:1200px;margin:0 auto;padding:0 20px}
-header.top{background:#fff;border-bottom:1px solid var(--line)}
-.top-in{display:flex;align-items:center;gap:12px;min-height:54px;flex-wrap:wrap}
-.brand{font-weight:650;font-size:16px;display:flex;align-items:center;gap:8px;letter-spacing:-.01em}
-.logo{width:18px;height:18px;border-radius:5px;background:linear-gradient(135deg,#3b5bdb,#5c7cfa);display:inline-block}
-.pill{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.04em;padding:2px 8px;border-radius:999px;background:#eef1f6;color:#4a5368}
-.meta-loc{color:var(--muted);font-size:13px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;min-width:0;flex:1}
-.meta-ver{color:var(--muted);font-size:12px;font-family:var(--mono)}
-nav.tabs{display:flex;gap:4px}
-.tab{background:none;border:0;border-bottom:2px solid transparent;padding:10px 12px;font:inherit;font-weight:500;color:var(--muted);cursor:pointer}
-.tab:hover{color:var(--text)}
-.tab[aria-current=page]{color:var(--text);border-bottom-color:var(--accent)}
+body{margin:0;background:#f5f6f8;color:var(--tx);
+  font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif}
+a{color:var(--ac);text-decoration:none}
+.wrap{max-width:1200px;margin:0 auto;padding-left:20px;padding-right:20px}
+header{background:#fff;border-bottom:1px solid var(--ln)}
+.top{display:flex;align-items:stretch;gap:24px;min-height:54px}
+.brand{font-weight:650;font-size:16px;display:flex;align-items:center;gap:8px}
+.logo{width:18px;height:18px;border-radius:5px;background:var(--ac)}
+nav{display:flex}
+.tab{background:none;border:0;border-bottom:2px solid transparent;padding:0 12px;font:inherit;font-weight:500;
+  color:var(--mu);cursor:pointer}
+.tab[aria-current=page]{color:var(--tx);border-bottom-color:var(--ac)}
+.meta{flex:1;display:flex;align-items:center;justify-content:flex-end;gap:10px;min-width:0;font-size:12.5px;
+  color:var(--mu)}
+#location,#error-text{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.pill{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.04em;padding:2px 8px;
+  border-radius:99px;background:#eef1f6;white-space:nowrap}
 main{padding-top:20px;padding-bottom:40px}
-.bar{display:flex;align-items:center;gap:10px;padding:9px 14px;border-radius:8px;margin:14px 0 0;font-size:13px}
+.bar{display:flex;align-items:center;gap:10px;padding:8px 14px;border-radius:8px;margin-top:14px;font-size:13px}
 #error-banner{background:#fdecec;color:#8a1c13;border:1px solid #f5c2bd}
-#error-text{flex:1;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+#error-text{flex:1}
 #token-box{background:#fff8e6;border:1px solid #f1dca4;color:#6b4e00;flex-wrap:wrap}
-#notice{position:fixed;bottom:18px;left:50%;transform:translateX(-50%);background:#1d2330;color:#fff;padding:8px 16px;border-radius:8px;font-size:13px;z-index:30;box-shadow:0 4px 16px rgba(0,0,0,.2)}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;margin-bottom:16px}
-.card>h2,.card-head{margin:0;padding:12px 16px;border-bottom:1px solid var(--line);font-size:13px;font-weight:600;display:flex;align-items:center;gap:10px}
-.card-head h2{font-size:13px;margin:0;flex:1}
-.pad{padding:12px 16px}
-.toolbar{display:flex;gap:12px;flex-wrap:wrap;align-items:flex-end;margin-bottom:14px}
-.toolbar label,.field label{display:flex;flex-direction:column;gap:4px;font-size:12px;font-weight:500;color:var(--muted)}
-.toolbar .grow{flex:1;min-width:200px}
-select,input[type=text],input[type=search],input[type=password]{font:inherit;font-size:14px;color:var(--text);background:#fff;border:1px solid #cfd4dc;border-radius:7px;padding:7px 10px;min-height:36px}
-select{min-width:150px}
-select:focus,input:focus,button:focus-visible{outline:2px solid #a5b6f3;outline-offset:1px;border-color:var(--accent)}
-.btn{font:inherit;font-size:13px;font-weight:500;border:1px solid #cfd4dc;background:#fff;color:var(--text);border-radius:7px;padding:6px 12px;cursor:pointer;min-height:34px}
-.btn:hover{background:#f3f5f8}
-.btn:disabled{opacity:.45;cursor:default;background:#fff}
-.btn.primary{background:var(--accent);border-color:var(--accent);color:#fff}
-.btn.primary:hover{background:var(--accent-d)}
-.btn.danger{color:#b42318;border-color:#f0b8b2}
-.btn.danger:hover{background:#fdecec}
-.btn.link{border:0;background:none;color:inherit;text-decoration:underline;padding:0 4px;min-height:0}
+.card{background:#fff;border:1px solid var(--ln);border-radius:10px;margin-bottom:16px;min-width:0;overflow:auto}
+h2{margin:0;padding:12px 16px;border-bottom:1px solid var(--ln);font-size:13px;font-weight:600;display:flex;
+  gap:10px;align-items:center}
+.tools{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:14px}
+label{font-size:12px;font-weight:500;color:var(--mu)}
+.tools label{display:flex;flex-direction:column;gap:4px}
+.grow{flex:1;min-width:0}
+select,input[type=text],input[type=search],input[type=password]{font:inherit;color:var(--tx);background:#fff;
+  border:1px solid #cfd4dc;border-radius:7px;padding:0 10px;height:36px;min-width:150px}
+input:focus,select:focus{outline:2px solid #b8c6f5;border-color:var(--ac)}
+.btn{font:inherit;font-size:13px;font-weight:500;border:1px solid #cfd4dc;background:#fff;color:var(--tx);
+  border-radius:7px;padding:6px 12px;cursor:pointer}
+.btn:hover{background:#f1f3f6}
+.btn:disabled{opacity:.45;cursor:default}
+.pri{background:var(--ac);border-color:var(--ac);color:#fff}
+.dng{color:#b42318;border-color:#f0b8b2}
 .tbl{width:100%;border-collapse:collapse}
-.tbl th{text-align:left;font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.05em;color:var(--muted);padding:10px 16px;border-bottom:1px solid var(--line);white-space:nowrap;background:#fafbfc}
-.tbl td{padding:10px 16px;border-bottom:1px solid #eef0f3;vertical-align:middle}
-.tbl tbody tr:last-child td{border-bottom:0}
-#runs-table tbody tr{cursor:pointer}
-#runs-table tbody tr:hover,#flows-table tbody tr:hover{background:#f8f9fb}
-.c-name a{color:var(--text);font-weight:500}
-.num,.c-dur{font-variant-numeric:tabular-nums;white-space:nowrap}
-.muted{color:var(--muted)}
-.small{font-size:12px}
+th{text-align:left;font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.05em;
+  color:var(--mu);background:#fafbfc}
+.tbl th,.tbl td{padding:10px 16px;border-bottom:1px solid #eef0f3}
+.tbl tr:last-child>*{border-bottom:0}
+#runs-table tbody tr:hover{background:#f8f9fb;cursor:pointer}
+.c-name a{color:var(--tx);font-weight:500}
+.num{font-variant-numeric:tabular-nums;white-space:nowrap}
+.mu{color:var(--mu)}
+.sm{font-size:12px}
 .mono{font-family:var(--mono);font-size:12.5px}
-.empty{padding:28px 16px;text-align:center;color:var(--muted)}
-.pager{display:flex;align-items:center;justify-content:flex-end;gap:10px;padding:10px 16px;border-top:1px solid var(--line)}
-.badge{display:inline-flex;align-items:center;gap:6px;font-size:12px;font-weight:500;padding:2px 9px 2px 8px;border-radius:999px;white-space:nowrap;background:var(--b);color:var(--f)}
+.empty{padding:28px;text-align:center;color:var(--mu)}
+.pager{display:flex;align-items:center;justify-content:flex-end;gap:10px;padding:10px 16px;
+  border-top:1px solid var(--ln)}
+.badge{display:inline-flex;align-items:center;gap:6px;font-size:12px;font-weight:500;padding:2px 9px 2px 8px;
+  border-radius:99px;white-space:nowrap;background:var(--b);color:var(--f)}
 .dot{width:7px;height:7px;border-radius:50%;background:var(--d);display:inline-block;flex:none}
 .st-sched{--b:#edf1f7;--f:#475a7a;--d:#7286a8}
 .st-run{--b:#e7efff;--f:#1f4fc7;--d:#2f6bed}
@@ -6922,591 +6922,548 @@ select:focus,input:focus,button:focus-visible{outline:2px solid #a5b6f3;outline-
 .st-fail{--b:#fdebea;--f:#b0261b;--d:#dc3b2e}
 .st-cancel{--b:#fff1e3;--f:#a84f0c;--d:#f08a24}
 .st-skip{--b:#f0f1f3;--f:#5b6170;--d:#9aa0ab}
-.st-run .dot{animation:pulse 1.6s ease-in-out infinite}
-@keyframes pulse{50%{opacity:.35}}
-@media (prefers-reduced-motion:reduce){.st-run .dot{animation:none}}
-.chip{display:inline-block;font-size:11.5px;padding:1px 7px;border-radius:5px;background:#eef1f6;color:#46506a;margin:1px 4px 1px 0;font-family:var(--mono)}
-.back{display:inline-block;margin-bottom:10px;font-size:13px}
-.detail-head{display:flex;align-items:flex-start;gap:14px;flex-wrap:wrap;margin-bottom:16px}
-.detail-head h1{font-size:22px;margin:0;font-weight:650;word-break:break-word;display:flex;align-items:center;gap:12px;flex-wrap:wrap}
-.detail-head .grow{flex:1;min-width:0}
-.actions{display:flex;gap:8px;align-items:center;flex-wrap:wrap}
-.grid2{display:grid;grid-template-columns:1fr 1fr;gap:16px}
-.grid2>.card{margin-bottom:16px;min-width:0}
-dl.kv{display:grid;grid-template-columns:auto 1fr;gap:8px 16px;margin:0;padding:12px 16px}
-dl.kv dt{color:var(--muted);font-size:12.5px}
-dl.kv dd{margin:0;min-width:0;word-break:break-word}
-#detail-params th{text-transform:none;letter-spacing:0;font-size:12.5px;font-family:var(--mono);color:var(--text);background:none;width:1%;border-bottom:1px solid #eef0f3;font-weight:500}
-#detail-params td{font-family:var(--mono);font-size:12.5px;word-break:break-word;white-space:pre-wrap}
-#state-timeline{list-style:none;margin:0;padding:14px 16px}
-.timeline-item{display:grid;grid-template-columns:16px 1fr auto;gap:2px 10px;position:relative;padding-bottom:14px}
-.timeline-item:last-child{padding-bottom:0}
-.timeline-item .dot{margin-top:6px;width:10px;height:10px}
-.timeline-item:not(:last-child):before{content:"";position:absolute;left:4px;top:18px;bottom:0;border-left:2px solid #e5e8ee}
-.tl-when{text-align:right;font-size:12px;color:var(--muted);white-space:nowrap}
-#log-lines{font-family:var(--mono);font-size:12px;line-height:1.55;max-height:460px;overflow:auto;background:#101419;color:#d4d8df;border-radius:0 0 10px 10px;padding:8px 0}
+.badge.st-run .dot{animation:pulse 1.6s infinite}
+@keyframes pulse{50%{opacity:.3}}
+@media (prefers-reduced-motion:reduce){.dot{animation:none!important}}
+.chip{display:inline-block;font:11.5px var(--mono);padding:1px 7px;border-radius:5px;background:#eef1f6;
+  color:#46506a;margin:1px 4px 1px 0}
+.head{display:flex;align-items:flex-start;gap:14px;flex-wrap:wrap;margin:10px 0 16px}
+h1{font-size:22px;margin:0;font-weight:650;word-break:break-word;display:flex;align-items:center;gap:12px;
+  flex-wrap:wrap}
+.acts{display:flex;gap:8px;align-items:center;flex-wrap:wrap}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:0 16px}
+dl{display:grid;grid-template-columns:auto 1fr;gap:8px 16px;margin:0;padding:12px 16px}
+dt{color:var(--mu);font-size:12.5px}
+dd{margin:0;min-width:0;word-break:break-word}
+#detail-params th{text-transform:none;letter-spacing:0;font:500 12.5px var(--mono);color:var(--tx);
+  background:none;width:1%}
+#detail-params td{font:12.5px var(--mono);word-break:break-word;white-space:pre-wrap}
+ol{list-style:none;margin:0;padding:14px 16px}
+.tl{display:grid;grid-template-columns:16px 1fr auto;gap:2px 10px;position:relative;padding-bottom:14px}
+.tl:last-child{padding-bottom:0}
+.tl>.dot{margin-top:6px;width:10px;height:10px}
+.tl:not(:last-child):before{content:"";position:absolute;left:4px;top:18px;bottom:0;border-left:2px solid #e5e8ee}
+.when{text-align:right;font-size:12px;color:var(--mu);white-space:nowrap}
+#log-lines{font:12px/1.55 var(--mono);max-height:460px;overflow:auto;background:#101419;color:#d4d8df;
+  border-radius:0 0 10px 10px;padding:8px 0}
 .log-line{display:grid;grid-template-columns:96px 64px minmax(0,190px) 1fr;gap:10px;padding:1px 14px}
-.log-line:hover{background:#1b2129}
-.log-time{color:#7d8694}
+.log-time,.log-name,.log-empty{color:#7d8694}
 .log-level{font-weight:600}
-.log-name{color:#8b93a3;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.log-name{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .log-msg{white-space:pre-wrap;word-break:break-word}
-.lvl-DEBUG .log-level{color:#7d8694}
 .lvl-INFO .log-level{color:#6ea8fe}
 .lvl-WARNING .log-level{color:#f2b84b}
 .lvl-ERROR .log-level,.lvl-CRITICAL .log-level{color:#ff7b72}
 .lvl-ERROR .log-msg,.lvl-CRITICAL .log-msg{color:#ffb3ad}
-.log-empty{color:#7d8694;padding:6px 14px}
-.follow{font-weight:400;display:flex;align-items:center;gap:6px;color:var(--muted);font-size:12.5px}
-.modal{position:fixed;inset:0;background:rgba(20,25,35,.45);display:flex;align-items:flex-start;justify-content:center;padding:60px 16px;z-index:20;overflow:auto}
-.modal[hidden]{display:none}
+.log-empty{padding:6px 14px}
+.follow{font-weight:400;display:flex;align-items:center;gap:6px;margin-left:auto}
+.modal{position:fixed;inset:0;background:rgba(20,25,35,.45);display:flex;justify-content:center;
+  align-items:flex-start;padding:60px 16px;z-index:20;overflow:auto}
 .dialog{background:#fff;border-radius:12px;width:100%;max-width:520px;box-shadow:0 12px 40px rgba(0,0,0,.25)}
-.dialog h2{margin:0;padding:16px 20px;border-bottom:1px solid var(--line);font-size:16px}
-.dialog form{padding:16px 20px}
+.dialog h2{padding:16px 20px;font-size:16px}
+form.pad{padding:16px 20px}
 .field{margin-bottom:14px}
 .field input{width:100%}
-.field label{flex-direction:row;gap:8px;align-items:baseline}
-.field label .mono{color:var(--text);font-size:13px}
+.field label{display:flex;gap:8px;align-items:baseline;margin-bottom:4px}
+.field .mono{color:var(--tx);font-size:13px}
 .req{font-size:11px;color:#b0261b;font-weight:600}
-.hint{font-size:12px;color:var(--muted);margin-top:3px}
+.hint{font-size:12px;color:var(--mu);margin-top:3px}
 .form-error{color:#b0261b;font-size:13px;min-height:18px;margin:4px 0 10px}
-.form-actions{display:flex;justify-content:flex-end;gap:8px}
-.ago-ok .dot{background:#23a35a}.ago-warn .dot{background:#f08a24}.ago-old .dot{background:#9aa0ab}
-.ro .write{display:none!important}
-[hidden]{display:none!important}
+.right{display:flex;justify-content:flex-end;gap:8px}
+.ro .write,[hidden]{display:none!important}
 @media (max-width:720px){
-.wrap{padding:0 12px}
-.top-in{gap:8px;padding:8px 0 0}
-.meta-loc{flex-basis:100%;order:5}
+.wrap{padding-left:12px;padding-right:12px}
+.top{flex-wrap:wrap;gap:0 12px;padding-top:8px}
+#location{display:none}
+nav{flex-basis:100%;height:40px;order:3}
+.tab:first-child{padding-left:0}
 main{padding-top:14px}
-.toolbar label{flex:1 1 140px}
+.tools label{flex:1 1 140px}
 select{min-width:0;width:100%}
-.grid2{grid-template-columns:1fr;gap:0}
-#runs-table thead,.stack thead{display:none}
-#runs-table tbody tr{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:3px 10px;padding:10px 14px;border-bottom:1px solid #eef0f3}
-#runs-table td{padding:0;border:0;min-width:0}
-#runs-table .c-name{grid-area:1/1;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-#runs-table .c-state{grid-area:1/2;text-align:right}
-#runs-table .c-flow{grid-area:2/1;font-size:12.5px;color:var(--muted)}
-#runs-table .c-dur{grid-area:2/2;text-align:right;font-size:12.5px;color:var(--muted)}
-#runs-table .c-sched{grid-area:3/1;font-size:12.5px;color:var(--muted)}
-#runs-table .c-upd{grid-area:3/2;text-align:right;font-size:12.5px;color:var(--muted)}
-#runs-table .c-sched:before{content:"Scheduled "}
-.stack tbody tr{display:block;padding:10px 14px;border-bottom:1px solid #eef0f3}
+.grid2{grid-template-columns:1fr}
+thead{display:none}
+#runs-table tr{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:3px 10px;padding:10px 14px;
+  border-bottom:1px solid #eef0f3}
+#runs-table td{padding:0;border:0;min-width:0;font-size:12.5px;color:var(--mu)}
+#runs-table .c-name{grid-area:1/1;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font-size:14px}
+#runs-table .c-state{grid-area:1/2}
+#runs-table td:nth-child(5){grid-area:2/2;text-align:right}
+#runs-table td:nth-child(4){grid-area:3/1}
+#runs-table td:nth-child(6){grid-area:3/2;text-align:right}
+#runs-table td:nth-child(4):before{content:"Scheduled "}
+.stack tr{display:block;padding:10px 14px;border-bottom:1px solid #eef0f3}
 .stack td{display:flex;gap:10px;padding:2px 0;border:0}
-.stack td[data-label]:before{content:attr(data-label);color:var(--muted);font-size:12px;min-width:84px}
-.log-line{grid-template-columns:auto auto 1fr;gap:0 8px;padding:2px 10px}
+.stack td[data-label]:before{content:attr(data-label);color:var(--mu);font-size:12px;min-width:84px}
+.log-line{display:block;padding:2px 10px}
+.log-line>*{margin-right:8px}
 .log-name{display:none}
-.log-msg{grid-column:1/-1}
-.detail-head h1{font-size:19px}
-.tl-when{grid-column:2;text-align:left}
-.modal{padding:0;align-items:stretch}
-.dialog{border-radius:0;max-width:none;min-height:100%}
+h1{font-size:19px}
+.when{grid-column:2;text-align:left}
+.modal{padding:0}
+.dialog{border-radius:0;min-height:100%}
 }
 </style>
 </head>
 <body>
-<header class="top">
-<div class="wrap top-in">
-<div class="brand"><span class="logo" aria-hidden="true"></span>local_agent</div>
-<span id="mode" class="pill"></span>
-<span id="location" class="meta-loc"></span>
-<span id="version" class="meta-ver"></span>
-</div>
-<nav class="wrap tabs" aria-label="Sections">
-<button type="button" class="tab" id="tab-runs" data-tab="runs">Runs</button>
-<button type="button" class="tab" id="tab-flows" data-tab="flows">Flows</button>
-<button type="button" class="tab" id="tab-agents" data-tab="agents">Agents</button>
-</nav>
-</header>
+<header><div class="wrap top">
+<div class="brand"><span class="logo"></span>local_agent</div>
+<nav aria-label="Sections"><button type="button" class="tab" id="tab-runs" data-tab="runs">Runs</button><button
+type="button" class="tab" id="tab-flows" data-tab="flows">Flows</button><button type="button" class="tab"
+id="tab-agents" data-tab="agents">Agents</button></nav>
+<div class="meta"><span id="location"></span><span id="mode" class="pill"></span><span id="version" class="mono">
+</span></div>
+</div></header>
 <div class="wrap">
-<div id="error-banner" class="bar" role="alert" hidden><strong>Error</strong><span id="error-text"></span><button type="button" class="btn link" id="error-dismiss">Dismiss</button></div>
-<form id="token-box" class="bar" hidden><span id="token-msg"></span><label for="token-input">API token</label><input id="token-input" type="password" autocomplete="off"><button class="btn primary" id="token-save">Save</button></form>
+<div id="error-banner" class="bar" role="alert" hidden><b>Error</b><span id="error-text"></span></div>
+<form id="token-box" class="bar" hidden><span id="token-msg"></span><label for="token-input">API token</label><input
+id="token-input" type="password" autocomplete="off"><button class="btn pri" id="token-save">Save</button></form>
 </div>
 <main class="wrap">
 <section id="runs-view" hidden>
-<div class="toolbar">
-<label>Flow<select id="flow-filter"><option value="">All flows</option></select></label>
+<div class="tools">
+<label>Flow<select id="flow-filter"></select></label>
 <label>State<select id="state-filter"><option value="">All states</option></select></label>
-<label class="grow">Search<input id="search" type="search" placeholder="Run name, id prefix or flow" autocomplete="off"></label>
+<label class="grow">Search<input id="search" type="search" placeholder="Run name, id prefix or flow"
+autocomplete="off"></label>
 </div>
 <div class="card">
-<table id="runs-table" class="tbl"><thead><tr><th>Name</th><th>Flow</th><th>State</th><th>Scheduled</th><th>Duration</th><th>Updated</th></tr></thead><tbody></tbody></table>
+<table id="runs-table" class="tbl"><thead><tr><th>Name</th><th>Flow</th><th>State</th><th>Scheduled</th><th>
+Duration</th><th>Updated</th></tr></thead><tbody></tbody></table>
 <div id="runs-empty" class="empty" hidden></div>
-<div class="pager"><span id="page-info" class="muted small"></span><button type="button" class="btn" id="prev-page">&#8592; Previous</button><button type="button" class="btn" id="next-page">Next &#8594;</button></div>
+<div class="pager"><span id="page-info" class="mu sm"></span><button type="button" class="btn" id="prev-page">
+&#8592; Previous</button><button type="button" class="btn" id="next-page">Next &#8594;</button></div>
 </div>
 </section>
 <section id="run-detail" hidden>
-<a href="#/runs" class="back" id="back-to-runs">&#8592; All runs</a>
-<div class="detail-head">
-<div class="grow"><h1><span id="detail-name"></span><span id="detail-state"></span></h1><div id="detail-sub" class="muted small"></div></div>
-<div class="actions write">
-<button type="button" class="btn danger" id="cancel-run" hidden>Cancel run</button>
-<span id="cancel-confirm" class="actions" hidden><span class="small">Cancel this run?</span><button type="button" class="btn danger" id="cancel-confirm-yes">Yes, cancel</button><button type="button" class="btn" id="cancel-confirm-no">Keep running</button></span>
-</div>
+<a href="#/runs" id="back-to-runs" class="sm">&#8592; All runs</a>
+<div class="head">
+<div class="grow"><h1><span id="detail-name"></span><span id="detail-state"></span></h1><div id="detail-sub"
+class="mu sm"></div></div>
+<div class="acts write"><button type="button" class="btn dng" id="cancel-run" hidden>Cancel run</button>
+<span id="cancel-confirm" class="acts" hidden><span class="sm">Cancel this run?</span><button type="button"
+class="btn dng" id="cancel-confirm-yes">Yes, cancel</button><button type="button" class="btn"
+id="cancel-confirm-no">Keep running</button></span></div>
 </div>
 <div class="grid2">
-<div class="card"><h2>Details</h2><dl id="detail-meta" class="kv"></dl></div>
+<div class="card"><h2>Details</h2><dl id="detail-meta"></dl></div>
 <div class="card"><h2>Parameters</h2><table id="detail-params" class="tbl"><tbody></tbody></table></div>
 </div>
 <div class="card"><h2>State timeline</h2><ol id="state-timeline"></ol></div>
-<div class="card"><div class="card-head"><h2>Logs</h2><span id="log-status" class="muted small"></span><label class="follow"><input type="checkbox" id="log-follow" checked>Follow</label></div>
+<div class="card"><h2>Logs <span id="log-status" class="mu sm"></span><label class="follow"><input type="checkbox"
+id="log-follow" checked>Follow</label></h2>
 <div id="log-lines" role="log" tabindex="0" aria-label="Log lines"></div></div>
 </section>
-<section id="flows-view" hidden>
-<div class="card"><table id="flows-table" class="tbl stack"><thead><tr><th>Flow</th><th>Version</th><th>Labels</th><th>Schedule</th><th>Next run</th><th><span class="write">Run</span></th></tr></thead><tbody></tbody></table>
-<div id="flows-empty" class="empty" hidden>No flows registered.</div></div>
-</section>
-<section id="agents-view" hidden>
-<div class="card"><table id="agents-table" class="tbl stack"><thead><tr><th>Agent</th><th>Labels</th><th>Last contact</th></tr></thead><tbody></tbody></table>
-<div id="agents-empty" class="empty" hidden>No agents have registered.</div></div>
-</section>
+<section id="flows-view" hidden><div class="card">
+<table id="flows-table" class="tbl stack"><thead><tr><th>Flow</th><th>Version</th><th>Labels</th><th>Schedule</th>
+<th>Next run</th><th></th></tr></thead><tbody></tbody></table>
+<div id="flows-empty" class="empty" hidden>No flows registered.</div></div></section>
+<section id="agents-view" hidden><div class="card">
+<table id="agents-table" class="tbl stack"><thead><tr><th>Agent</th><th>Labels</th><th>Last contact</th></tr>
+</thead><tbody></tbody></table>
+<div id="agents-empty" class="empty" hidden>No agents have registered.</div></div></section>
 </main>
-<div id="create-run-panel" class="modal" hidden>
-<div class="dialog" role="dialog" aria-modal="true" aria-labelledby="create-run-title">
+<div id="create-run-panel" class="modal" hidden><div class="dialog" role="dialog" aria-modal="true"
+aria-labelledby="create-run-title">
 <h2 id="create-run-title">Run flow</h2>
-<form id="create-run-form" novalidate>
-<div id="param-fields"></div>
-<div class="field"><label for="run-name"><span>Run name</span><span class="hint">optional</span></label><input id="run-name" type="text" autocomplete="off"></div>
+<form id="create-run-form" class="pad" novalidate><p class="hint">
+Values are JSON; other text is sent as a string.</p><div id="param-fields"></div>
+<div class="field"><label for="run-name"><span class="mono">Run name</span><span class="hint">optional</span>
+</label><input id="run-name" type="text" autocomplete="off"></div>
 <div id="create-run-error" class="form-error" role="alert"></div>
-<div class="form-actions"><button type="button" class="btn" id="create-run-close">Close</button><button type="submit" class="btn primary" id="create-run-submit">Create run</button></div>
-</form>
-</div>
-</div>
-<div id="notice" role="status" hidden></div>
+<div class="right"><button type="button" class="btn" id="create-run-close">Close</button><button class="btn pri"
+id="create-run-submit">Create run</button></div>
+</form></div></div>
 <script>
 'use strict';
-const FINAL = 'Success Cached Mapped Skipped Failed TimedOut TriggerFailed ValidationFailed Cancelled Looped Finished'.split(' ');
-const STATES = 'Scheduled Retrying Paused Queued Pending Submitted Running Cancelling Success Failed Cancelled TimedOut Skipped'.split(' ');
-const FAM = {Submitted: 'run', Running: 'run', Success: 'ok', Cached: 'ok', Mapped: 'ok', Finished: 'ok', Looped: 'ok',
-  Failed: 'fail', TimedOut: 'fail', TriggerFailed: 'fail', ValidationFailed: 'fail', ClientFailed: 'fail', Crashed: 'fail',
-  Cancelling: 'cancel', Cancelled: 'cancel', Skipped: 'skip'};
-const DASH = String.fromCharCode(8212), DOT = ' ' + String.fromCharCode(183) + ' ';
-const MON = 'Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec'.split(' ');
-const TOKEN_KEY = 'local_agent_token';
-const S = {status: null, token: sessionStorage.getItem(TOKEN_KEY) || '', page: 1, perPage: 50, flows: [], gen: 0, timer: 0,
-  errors: {}, runId: null, run: null, runKey: '', logNext: 0, logDone: false, form: null};
-const $ = (sel) => document.querySelector(sel);
+const sp=(s)=>s.split(' ');
+const FINAL=sp('Success Cached Mapped Skipped Failed TimedOut TriggerFailed'+
+ ' ValidationFailed Cancelled Looped Finished');
+const STATES=sp('Scheduled Retrying Paused Queued Pending Submitted Running Cancelling'+
+ ' Success Failed Cancelled TimedOut Skipped');
+const FAMS={run:'Submitted Running',ok:'Success Cached Mapped Finished Looped',cancel:'Cancelling Cancelled',
+ fail:'Failed TimedOut TriggerFailed ValidationFailed ClientFailed Crashed',skip:'Skipped'};
+const fam=(s)=>'st-'+(Object.keys(FAMS).find((k)=>sp(FAMS[k]).includes(s))||'sched');
+const C=String.fromCharCode, DASH=C(8212), DOT=' '+C(183)+' ',
+  MON=sp('Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec'), TK='local_agent_token';
+const S={status:{},token:sessionStorage.getItem(TK)||'',page:1,flows:[],gen:0,timer:0,errors:{},runId:null,run:null,
+  runKey:'',logNext:0,logDone:false,form:null};
+const $=(s)=>document.querySelector(s), $$=(s)=>Array.from(document.querySelectorAll(s));
+const put=(s,kids)=>$(s).replaceChildren(...kids);
+const val=(s)=>$(s).value.trim();
+const txt=(s,t)=>{$(s).textContent=t;};
+// el('td.cls', {attr: value} or 'text', [children]); null/false attributes are left out
+function el(tag,props,kids){
+ const [t,...cls]=tag.split('.'), e=document.createElement(t);
+ if(cls.length)e.className=cls.join(' ');
+ if(typeof props!=='object')props={text:props};
+ for(const [k,v] of Object.entries(props||{})){
+  if(v===null||v===undefined||v===false)continue;
+  if(k==='text')e.textContent=v;else e.setAttribute(k,v);
+ }
+ e.append(...[].concat(kids===undefined?[]:kids).filter((c)=>c!==null&&c!==undefined));
+ return e;
+}
+const oneLine=(s)=>String(s).split(C(10)).join(' ');
+const pad=(n,w)=>String(n).padStart(w||2,'0');
+const enc=encodeURIComponent;
+const hm=(d)=>pad(d.getHours())+':'+pad(d.getMinutes());
+function fmtDate(iso){
+ if(!iso)return DASH;
+ const d=new Date(iso), y=d.getFullYear()===new Date().getFullYear()?'':' '+d.getFullYear();
+ return MON[d.getMonth()]+' '+d.getDate()+y+', '+hm(d);
+}
+function fmtFull(iso){
+ if(!iso)return DASH;
+ const d=new Date(iso);
+ return d.getFullYear()+'-'+pad(d.getMonth()+1)+'-'+pad(d.getDate())+' '+hm(d)+':'+pad(d.getSeconds());
+}
+const fmtClock=(iso)=>{const d=new Date(iso);return hm(d)+':'+pad(d.getSeconds())+'.'+pad(d.getMilliseconds(),3);};
+function rel(iso){
+ if(!iso)return DASH;
+ const s=(Date.now()-Date.parse(iso))/1000, a=Math.abs(s);
+ const t=a<60?Math.round(a)+' s':a<3600?Math.round(a/60)+' min':
+  a<86400?Math.round(a/3600)+' h':Math.round(a/86400)+' d';
+ return s<0?'in '+t:t+' ago';
+}
+function dur(sec){
+ if(typeof sec!=='number'||isNaN(sec))return DASH;
+ if(sec<1)return Math.round(sec*1000)+' ms';
+ if(sec<60)return(sec<10?sec.toFixed(1):Math.floor(sec))+' s';
+ const m=Math.floor(sec/60), h=Math.floor(m/60);
+ if(m<60)return m+'m '+Math.floor(sec%60)+'s';
+ return h<48?h+'h '+(m%60)+'m':Math.floor(h/24)+'d '+(h%24)+'h';
+}
+const runDur=(r)=>r.start_time?((r.end_time?Date.parse(r.end_time):Date.now())-Date.parse(r.start_time))/1000:null;
+const isFinal=(s)=>FINAL.includes(s);
+const badge=(s,msg)=>el('span',{class:'badge state-'+s+' '+fam(s),title:msg},[el('span.dot'),s]);
+const chips=(ls)=>el('span',{},ls&&ls.length?ls.map((l)=>el('span.chip',l)):el('span.mu',DASH));
 
-function el(tag, props, kids) {
-  const e = document.createElement(tag);
-  for (const k in props || {}) {
-    const v = props[k];
-    if (v === null || v === undefined || v === false) continue;
-    if (k === 'text') e.textContent = v;
-    else if (k === 'class') e.className = v;
-    else e.setAttribute(k, v === true ? '' : v);
-  }
-  for (const c of [].concat(kids === undefined ? [] : kids)) if (c !== null && c !== undefined) e.append(c);
-  return e;
+async function api(method,path,body){
+ const headers={}, where=method+' '+path.split('?')[0];
+ if(method!=='GET'){
+  headers['Content-Type']='application/json';
+  if(S.status.needs_token&&S.token)headers.Authorization='Bearer '+S.token;
+ }
+ let r, data=null;
+ try{r=await fetch(path,{method,headers,cache:'no-store',body:body===undefined?undefined:JSON.stringify(body)});}
+ catch(e){throw new Error('cannot reach the agent ('+where+')');}
+ const text=await r.text();
+ try{data=text?JSON.parse(text):null;}catch(e){data=null;}
+ if(!r.ok)throw Object.assign(new Error(oneLine((data&&data.error)||r.status+' '+r.statusText+' ('+where+')')),
+   {status:r.status});
+ return data;
 }
-const oneLine = (s) => String(s).split(String.fromCharCode(10)).join(' ');
-const pad = (n, w) => String(n).padStart(w || 2, '0');
-const enc = encodeURIComponent;
-function fmtDate(iso) {
-  if (!iso) return DASH;
-  const d = new Date(iso), y = d.getFullYear() !== new Date().getFullYear() ? ' ' + d.getFullYear() : '';
-  return MON[d.getMonth()] + ' ' + d.getDate() + y + ', ' + pad(d.getHours()) + ':' + pad(d.getMinutes());
+function setError(key,msg){
+ if(msg)S.errors[key]=oneLine(msg);else delete S.errors[key];
+ const m=Object.values(S.errors).pop();
+ $('#error-banner').hidden=!m;
+ txt('#error-text',$('#error-text').title=m||'');
 }
-function fmtFull(iso) {
-  if (!iso) return DASH;
-  const d = new Date(iso);
-  return d.getFullYear() + '-' + pad(d.getMonth() + 1) + '-' + pad(d.getDate()) + ' ' + pad(d.getHours()) + ':' +
-    pad(d.getMinutes()) + ':' + pad(d.getSeconds());
+const needToken=()=>S.status.needs_token&&S.status.can_write&&!S.token;
+function askToken(msg){
+ txt('#token-msg',msg||'This agent needs an API token to create or cancel runs.');
+ $('#token-box').hidden=false;
+ $('#token-input').focus();
 }
-function fmtClock(iso) {
-  const d = new Date(iso);
-  return pad(d.getHours()) + ':' + pad(d.getMinutes()) + ':' + pad(d.getSeconds()) + '.' + pad(d.getMilliseconds(), 3);
-}
-function rel(iso) {
-  if (!iso) return DASH;
-  let s = (Date.now() - Date.parse(iso)) / 1000;
-  const future = s < 0;
-  s = Math.abs(s);
-  const t = s < 60 ? Math.round(s) + ' s' : s < 3600 ? Math.round(s / 60) + ' min' : s < 86400 ? Math.round(s / 3600) + ' h' : Math.round(s / 86400) + ' d';
-  return future ? 'in ' + t : t + ' ago';
-}
-function dur(sec) {
-  if (sec === null || sec === undefined || isNaN(sec)) return DASH;
-  if (sec < 1) return Math.round(sec * 1000) + ' ms';
-  if (sec < 60) return (sec < 10 ? sec.toFixed(1) : Math.floor(sec)) + ' s';
-  const m = Math.floor(sec / 60), h = Math.floor(m / 60);
-  if (m < 60) return m + 'm ' + Math.floor(sec % 60) + 's';
-  return h < 48 ? h + 'h ' + (m % 60) + 'm' : Math.floor(h / 24) + 'd ' + (h % 24) + 'h';
-}
-const runDur = (r) => r.start_time ? (Date.parse(r.end_time || new Date().toISOString()) - Date.parse(r.start_time)) / 1000 : null;
-const isFinal = (state) => FINAL.includes(state);
-function badge(state, message) {
-  return el('span', {class: 'badge st-' + (FAM[state] || 'sched') + ' state-' + state, title: message || null},
-    [el('span', {class: 'dot'}), state]);
-}
-const chips = (labels) => (labels && labels.length) ? labels.map((l) => el('span', {class: 'chip', text: l})) : [el('span', {class: 'muted', text: DASH})];
-
-async function api(method, path, body) {
-  const headers = {Accept: 'application/json'};
-  if (method !== 'GET') {
-    headers['Content-Type'] = 'application/json';
-    if (S.status && S.status.needs_token && S.token) headers.Authorization = 'Bearer ' + S.token;
-  }
-  let r;
-  try {
-    r = await fetch(path, {method, headers, cache: 'no-store', body: body === undefined ? undefined : JSON.stringify(body)});
-  } catch (e) {
-    throw new Error('Cannot reach the agent (' + method + ' ' + path.split('?')[0] + ')');
-  }
-  const text = await r.text();
-  let data = null;
-  try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
-  if (!r.ok) {
-    const err = new Error(oneLine((data && data.error) || (r.status + ' ' + r.statusText + ' from ' + path.split('?')[0])));
-    err.status = r.status;
-    throw err;
-  }
-  return data;
-}
-
-function setError(key, msg) {
-  if (msg) S.errors[key] = oneLine(msg); else delete S.errors[key];
-  const keys = Object.keys(S.errors);
-  $('#error-banner').hidden = !keys.length;
-  if (keys.length) { $('#error-text').textContent = S.errors[keys[keys.length - 1]]; $('#error-text').title = S.errors[keys[keys.length - 1]]; }
-}
-let noticeTimer = 0;
-function notice(msg) {
-  const n = $('#notice');
-  n.textContent = msg; n.hidden = false;
-  clearTimeout(noticeTimer);
-  noticeTimer = setTimeout(() => { n.hidden = true; }, 3500);
-}
-const needToken = () => S.status && S.status.needs_token && S.status.can_write && !S.token;
-function askToken(msg) {
-  $('#token-msg').textContent = msg || 'This agent needs an API token to create or cancel runs.';
-  $('#token-box').hidden = false;
-  $('#token-input').focus();
-}
-function writeFailed(e, key) {
-  if ((e.status === 401 || e.status === 403) && S.status && S.status.needs_token) {
-    S.token = ''; sessionStorage.removeItem(TOKEN_KEY);
-    askToken('The token was refused (' + e.message + '). Enter it again.');
-  }
-  return e.message;
+function writeFailed(e){
+ if((e.status===401||e.status===403)&&S.status.needs_token){
+  S.token='';
+  sessionStorage.removeItem(TK);
+  askToken('The token was refused ('+e.message+'). Enter it again.');
+ }
+ return e.message;
 }
 
-/* Routing: #/runs, #/runs/ID, #/flows, #/agents */
-function show(view, tab) {
-  for (const v of ['runs-view', 'run-detail', 'flows-view', 'agents-view']) $('#' + v).hidden = v !== view;
-  for (const t of document.querySelectorAll('.tab')) t.setAttribute('aria-current', t.dataset.tab === tab ? 'page' : 'false');
-}
-function restart() { clearTimeout(S.timer); S.gen += 1; return S.gen; }
-function later(gen, fn, ms) { if (gen === S.gen) { clearTimeout(S.timer); S.timer = setTimeout(() => { if (gen === S.gen) fn(gen); }, ms); } }
-function route() {
-  const gen = restart(), parts = (location.hash.slice(1) || '/runs').split('/');
-  for (const k of ['runs', 'detail', 'cancel', 'agents']) delete S.errors[k];
-  setError('');
-  if (parts[1] === 'runs' && parts[2]) { show('run-detail', 'runs'); openRun(decodeURIComponent(parts[2]), gen); }
-  else if (parts[1] === 'flows') { show('flows-view', 'flows'); loadFlowsView(gen); }
-  else if (parts[1] === 'agents') { show('agents-view', 'agents'); loadAgents(gen); }
-  else { show('runs-view', 'runs'); document.title = 'Runs - local_agent'; loadRuns(gen); }
+// Routing: #/runs, #/runs/ID, #/flows, #/agents. One poll timer at a time; S.gen drops stale answers.
+function restart(){clearTimeout(S.timer);return ++S.gen;}
+function later(gen,fn,ms){if(gen===S.gen){clearTimeout(S.timer);S.timer=setTimeout(()=>gen===S.gen&&fn(gen),ms);}}
+function route(){
+ const gen=restart(), p=(location.hash.slice(1)||'/runs').split('/');
+ const view=p[1]==='runs'&&p[2]?'run-detail':p[1]==='flows'?'flows-view':p[1]==='agents'?'agents-view':'runs-view';
+ for(const k of ['runs','detail','cancel','agents'])delete S.errors[k];
+ setError('');
+ for(const v of ['runs-view','run-detail','flows-view','agents-view'])$('#'+v).hidden=v!==view;
+ const tab=view==='run-detail'?'runs':view.split('-')[0];
+ for(const t of $$('.tab'))t.setAttribute('aria-current',t.dataset.tab===tab?'page':'false');
+ document.title=tab[0].toUpperCase()+tab.slice(1)+' - local_agent';
+ if(view==='run-detail')openRun(decodeURIComponent(p[2]),gen);
+ else if(view==='flows-view')loadFlowsView(gen);
+ else if(view==='agents-view')loadAgents(gen);
+ else loadRuns(gen);
 }
 
-/* Runs list */
-function runsQuery() {
-  const q = new URLSearchParams({page: S.page, per_page: S.perPage});
-  const flow = $('#flow-filter').value, state = $('#state-filter').value, text = $('#search').value.trim();
-  if (flow) q.set('flow', flow);
-  if (state) q.set('state', state);
-  if (text) q.set('q', text);
-  return '/api/runs?' + q.toString();
+// poll(gen, what, path or function, ms, render): GET, render, and again after ms while the view is current
+async function poll(gen,what,path,ms,render){
+ try{
+  const d=await api('GET',path.call?path():path);
+  if(gen!==S.gen)return;
+  setError(what);
+  render(d);
+ }catch(e){
+  if(gen!==S.gen)return;
+  setError(what,'Loading '+what+' failed: '+e.message);
+ }
+ later(gen,(g)=>poll(g,what,path,ms,render),ms);
 }
-async function loadRuns(gen) {
-  if (document.hidden) { later(gen, loadRuns, 5000); return; }
-  try {
-    const d = await api('GET', runsQuery());
-    if (gen !== S.gen) return;
-    setError('runs');
-    if (!d.runs.length && S.page > 1) { S.page -= 1; loadRuns(gen); return; }
-    renderRuns(d);
-  } catch (e) {
-    if (gen !== S.gen) return;
-    setError('runs', 'Loading runs failed: ' + e.message);
+// Runs list, polled every 5 s
+function runsPath(){
+ const q=new URLSearchParams({page:S.page,per_page:50}), f={flow:'#flow-filter',state:'#state-filter',q:'#search'};
+ for(const k in f)if(val(f[k]))q.set(k,val(f[k]));
+ return 'api/runs?'+q;
+}
+const loadRuns=(gen)=>poll(gen,'runs',runsPath,5000,renderRuns);
+function renderRuns(d){
+ const first=(d.page-1)*d.per_page, n=d.runs.length;
+ if(!n&&S.page>1){S.page--;return loadRuns(restart());}
+ put('#runs-table tbody',d.runs.map((r)=>el('tr',{'data-run-id':r.id,'data-state':r.state},[
+  el('td.c-name',{},el('a',{href:'#/runs/'+enc(r.id),text:r.name,title:r.id})),
+  el('td.c-flow',r.flow_name),
+  el('td.c-state',{},badge(r.state,r.state_message)),
+  el('td.num',{title:fmtFull(r.scheduled_start_time),text:fmtDate(r.scheduled_start_time)}),
+  el('td.num',{text:dur(runDur(r))}),
+  el('td.num.mu',{title:fmtFull(r.updated),text:rel(r.updated)})])));
+ $('#runs-empty').hidden=n>0;
+ txt('#runs-empty',runsPath().split('&').length>2?'No runs match these filters.':'No flow runs yet.');
+ txt('#page-info','Page '+d.page+(n?DOT+(first+1)+C(8211)+(first+n):''));
+ $('#prev-page').disabled=d.page<=1;
+ $('#next-page').disabled=!d.has_more;
+}
+function refreshRuns(resetPage){
+ if(resetPage)S.page=1;
+ if(location.hash&&location.hash!=='#/runs')location.hash='#/runs';else loadRuns(restart());
+}
+
+// Run detail: the run every 2 s and its log every 1 s, until both are final
+function openRun(id,gen){
+ Object.assign(S,{runId:id,run:null,runKey:'',logNext:0,logDone:false});
+ txt('#detail-name','Loading'+C(8230));
+ for(const s of ['#detail-state','#detail-sub','#detail-meta','#detail-params tbody','#state-timeline',
+   '#log-status'])put(s,[]);
+ put('#log-lines',[el('div.log-empty',{id:'log-empty',text:'No log lines yet.'})]);
+ $('#log-follow').checked=true;
+ cancelConfirm(false);
+ detailTick(gen,0);
+}
+async function detailTick(gen,n){
+ try{
+  if(!S.run||n%2===0){
+   const r=await api('GET','api/runs/'+enc(S.runId));
+   if(gen!==S.gen)return;
+   renderRun(r);
   }
-  later(gen, loadRuns, 5000);
+  if(!S.logDone)await pollLogs(gen);
+  if(gen!==S.gen)return;
+  setError('detail');
+ }catch(e){
+  if(gen!==S.gen)return;
+  setError('detail',(e.status===404?'Run not found: ':'Loading the run failed: ')+e.message);
+  if(e.status===404)return txt('#detail-name','Run not found');
+ }
+ if(!(S.run&&isFinal(S.run.state)&&S.logDone))later(gen,(g)=>detailTick(g,n+1),1000);
 }
-function renderRuns(d) {
-  const rows = d.runs.map((r) => el('tr', {'data-run-id': r.id, 'data-state': r.state}, [
-    el('td', {class: 'c-name'}, el('a', {href: '#/runs/' + enc(r.id), text: r.name, title: r.id})),
-    el('td', {class: 'c-flow', text: r.flow_name}),
-    el('td', {class: 'c-state'}, badge(r.state, r.state_message)),
-    el('td', {class: 'c-sched num', title: fmtFull(r.scheduled_start_time), text: fmtDate(r.scheduled_start_time)}),
-    el('td', {class: 'c-dur', text: dur(runDur(r))}),
-    el('td', {class: 'c-upd num muted', title: fmtFull(r.updated), text: rel(r.updated)})]));
-  $('#runs-table tbody').replaceChildren(...rows);
-  const filtered = $('#flow-filter').value || $('#state-filter').value || $('#search').value.trim();
-  $('#runs-empty').hidden = rows.length > 0;
-  $('#runs-empty').textContent = filtered ? 'No runs match these filters.' : 'No flow runs yet.';
-  $('#page-info').textContent = rows.length ? 'Page ' + d.page + DOT + 'runs ' + ((d.page - 1) * d.per_page + 1) + DASH + ((d.page - 1) * d.per_page + rows.length) : 'Page ' + d.page;
-  $('#prev-page').disabled = d.page <= 1;
-  $('#next-page').disabled = !d.has_more;
+function renderRun(r){
+ S.run=r;
+ const key=[r.version,r.state,r.updated,r.states.length,S.status.can_write].join();
+ if(key===S.runKey)return txt('#detail-duration',dur(runDur(r)));
+ S.runKey=key;
+ document.title=r.name+' - local_agent';
+ txt('#detail-name',r.name);
+ put('#detail-state',[badge(r.state,r.state_message)]);
+ txt('#detail-sub',r.flow_name+DOT+r.id);
+ cancelConfirm(!$('#cancel-confirm').hidden);
+ const meta=[['Run ID',el('span.mono',r.id)],['Flow',r.flow_name+' (version '+r.flow_version+')'],
+  ['Message',r.state_message||DASH],['Labels',chips(r.labels)],['Agent',r.claimed_by||DASH],
+  ['Scheduled',fmtFull(r.scheduled_start_time)],['Started',fmtFull(r.start_time)],['Ended',fmtFull(r.end_time)],
+  ['Duration',el('span',{id:'detail-duration',text:dur(runDur(r))})]];
+ put('#detail-meta',meta.flatMap(([k,v])=>[el('dt',k),el('dd',{id:k==='Labels'?'detail-labels':null},v)]));
+ const params=Object.entries(r.parameters||{}).map(([k,v])=>el('tr',{'data-param':k},
+  [el('th',{scope:'row',text:k}),el('td',{text:typeof v==='string'?v:JSON.stringify(v,null,1)})]));
+ put('#detail-params tbody',params.length?params:[el('tr',{},el('td.mu','No parameters.'))]);
+ const last=r.states.length-1;
+ put('#state-timeline',r.states.map((s,i)=>el('li',{class:'tl '+fam(s.state),'data-state':s.state},[
+  el('span.dot'),
+  el('div',{},[el('b',s.state),s.message?el('span.mu',DOT+s.message):null]),
+  el('div.when',{},[el('span',{title:s.timestamp,text:fmtFull(s.timestamp)}),el('br'),el('span.tl-dur',{
+   text:typeof s.seconds==='number'?'for '+dur(s.seconds):i<last?DASH:isFinal(s.state)?'final':'current'})])])));
 }
-function refreshRuns(resetPage) {
-  if (resetPage) S.page = 1;
-  if (location.hash && location.hash !== '#/runs') { location.hash = '#/runs'; return; }
-  loadRuns(restart());
+async function pollLogs(gen){
+ for(let i=0;i<20;i++){
+  const d=await api('GET','api/runs/'+enc(S.runId)+'/logs?after='+S.logNext);
+  if(gen!==S.gen)return;
+  appendLogs(d.lines);
+  S.logNext=d.next;
+  S.logDone=!!d.final;
+  if(d.final||!d.lines.length)break;
+ }
+ txt('#log-status',S.logDone?'complete':'following'+C(8230));
 }
-
-/* Run detail */
-function openRun(id, gen) {
-  S.runId = id; S.run = null; S.runKey = ''; S.logNext = 0; S.logDone = false;
-  $('#detail-name').textContent = 'Loading' + String.fromCharCode(8230);
-  for (const sel of ['#detail-state', '#detail-sub', '#detail-meta', '#detail-params tbody', '#state-timeline']) $(sel).replaceChildren();
-  $('#log-lines').replaceChildren(el('div', {class: 'log-empty', id: 'log-empty', text: 'No log lines yet.'}));
-  $('#log-status').textContent = '';
-  $('#log-follow').checked = true;
+function appendLogs(lines){
+ const box=$('#log-lines');
+ if(!lines.length)return;
+ if($('#log-empty'))$('#log-empty').remove();
+ box.append(...lines.map((l)=>el('div',{class:'log-line lvl-'+l.level},[
+  el('time.log-time',{datetime:l.timestamp,title:fmtFull(l.timestamp),text:fmtClock(l.timestamp)}),
+  el('span.log-level',l.level),el('span.log-name',{title:l.name,text:l.name}),
+  el('span.log-msg',l.message)])));
+ while(box.childElementCount>20000)box.firstElementChild.remove();
+ if($('#log-follow').checked)box.scrollTop=box.scrollHeight;
+}
+function cancelConfirm(on){
+ const r=S.run, can=!!r&&S.status.can_write&&!isFinal(r.state)&&r.state!=='Cancelling';
+ $('#cancel-confirm').hidden=!(on&&can);
+ $('#cancel-run').hidden=on||!can;
+}
+async function doCancel(){
+ if(needToken())return askToken();
+ const id=S.runId, btn=$('#cancel-confirm-yes');
+ btn.disabled=true;
+ try{
+  const d=await api('POST','api/runs/'+enc(id)+'/cancel',{});
+  setError('cancel');
   cancelConfirm(false);
-  $('#cancel-run').hidden = true;
-  detailTick(gen, 0);
-}
-async function detailTick(gen, n) {
-  try {
-    if (!S.run || n % 2 === 0) {
-      const r = await api('GET', '/api/runs/' + enc(S.runId));
-      if (gen !== S.gen) return;
-      renderRun(r);
-    }
-    if (!S.logDone) await pollLogs(gen);
-    if (gen !== S.gen) return;
-    setError('detail');
-  } catch (e) {
-    if (gen !== S.gen) return;
-    setError('detail', (e.status === 404 ? 'Run not found: ' : 'Loading the run failed: ') + e.message);
-    if (e.status === 404) { $('#detail-name').textContent = 'Run not found'; return; }
-  }
-  if (S.run && isFinal(S.run.state) && S.logDone) return;
-  $('#detail-duration') && ($('#detail-duration').textContent = dur(runDur(S.run || {})));
-  later(gen, (g) => detailTick(g, n + 1), 1000);
-}
-function renderRun(r) {
-  S.run = r;
-  const key = [r.version, r.state, r.updated, r.states.length].join('|');
-  if (key === S.runKey) { $('#detail-duration').textContent = dur(runDur(r)); return; }
-  S.runKey = key;
-  document.title = r.name + ' - local_agent';
-  $('#detail-name').textContent = r.name;
-  $('#detail-state').replaceChildren(badge(r.state, r.state_message));
-  $('#detail-sub').textContent = r.flow_name + DOT + r.id;
-  const canCancel = S.status && S.status.can_write && !isFinal(r.state) && r.state !== 'Cancelling';
-  $('#cancel-run').hidden = !canCancel || !$('#cancel-confirm').hidden;
-  if (!canCancel) cancelConfirm(false);
-  const meta = [['Run ID', el('span', {class: 'mono', text: r.id})], ['Flow', r.flow_name + ' (version ' + r.flow_version + ')'],
-    ['Message', r.state_message || DASH], ['Labels', chips(r.labels)], ['Agent', r.claimed_by || DASH],
-    ['Scheduled', fmtFull(r.scheduled_start_time)], ['Started', fmtFull(r.start_time)], ['Ended', fmtFull(r.end_time)],
-    ['Duration', el('span', {id: 'detail-duration', text: dur(runDur(r))})]];
-  $('#detail-meta').replaceChildren(...meta.flatMap(([k, v]) => [el('dt', {text: k}), el('dd', {id: k === 'Labels' ? 'detail-labels' : null}, v)]));
-  const params = Object.keys(r.parameters || {}).map((k) => {
-    const v = r.parameters[k];
-    return el('tr', {'data-param': k}, [el('th', {scope: 'row', text: k}), el('td', {text: typeof v === 'string' ? v : JSON.stringify(v, null, 1)})]);
-  });
-  $('#detail-params tbody').replaceChildren(...(params.length ? params : [el('tr', {}, el('td', {class: 'muted', text: 'No parameters.'}))]));
-  $('#state-timeline').replaceChildren(...r.states.map((s, i) => el('li', {class: 'timeline-item st-' + (FAM[s.state] || 'sched'), 'data-state': s.state}, [
-    el('span', {class: 'dot'}),
-    el('div', {}, [el('strong', {text: s.state}), s.message ? el('span', {class: 'muted', text: DOT + s.message}) : null]),
-    el('div', {class: 'tl-when'}, [el('span', {title: s.timestamp, text: fmtFull(s.timestamp)}), el('br'),
-      el('span', {class: 'tl-dur', text: s.seconds !== null && s.seconds !== undefined ? 'for ' + dur(s.seconds) : (i === r.states.length - 1 ? (isFinal(s.state) ? 'final' : 'current') : DASH)})])])));
-}
-async function pollLogs(gen) {
-  for (let i = 0; i < 20; i += 1) {
-    const d = await api('GET', '/api/runs/' + enc(S.runId) + '/logs?after=' + S.logNext);
-    if (gen !== S.gen) return;
-    appendLogs(d.lines);
-    S.logNext = d.next;
-    if (d.final) S.logDone = true;
-    if (d.final || !d.lines.length) break;
-  }
-  $('#log-status').textContent = S.logDone ? 'complete' : 'following' + String.fromCharCode(8230);
-}
-function appendLogs(lines) {
-  if (!lines.length) return;
-  const box = $('#log-lines'), empty = $('#log-empty');
-  if (empty) empty.remove();
-  box.append(...lines.map((l) => el('div', {class: 'log-line lvl-' + l.level}, [
-    el('time', {class: 'log-time', datetime: l.timestamp, title: fmtFull(l.timestamp), text: fmtClock(l.timestamp)}),
-    el('span', {class: 'log-level', text: l.level}), el('span', {class: 'log-name', title: l.name, text: l.name}),
-    el('span', {class: 'log-msg', text: l.message})])));
-  while (box.childElementCount > 20000) box.firstElementChild.remove();
-  if ($('#log-follow').checked) box.scrollTop = box.scrollHeight;
-}
-function cancelConfirm(on) {
-  $('#cancel-confirm').hidden = !on;
-  $('#cancel-run').hidden = on || !S.run || isFinal(S.run.state) || S.run.state === 'Cancelling';
-}
-async function doCancel() {
-  if (needToken()) { askToken(); return; }
-  const id = S.runId, btn = $('#cancel-confirm-yes');
-  btn.disabled = true;
-  try {
-    const d = await api('POST', '/api/runs/' + enc(id) + '/cancel', {});
-    setError('cancel');
-    notice('Run ' + (d && d.state === 'Cancelled' ? 'cancelled' : 'is cancelling'));
-    S.runKey = '';
-    cancelConfirm(false);
-    if (S.runId === id) { const gen = restart(); S.run = null; detailTick(gen, 0); }
-  } catch (e) {
-    setError('cancel', 'Cancel failed: ' + writeFailed(e));
-  } finally { btn.disabled = false; }
+  if(S.runId===id){S.run=null;detailTick(restart(),0);}
+ }catch(e){
+  setError('cancel','Cancel failed: '+writeFailed(e));
+ }finally{btn.disabled=false;}
 }
 
-/* Flows */
-async function loadFlows() {
-  try {
-    S.flows = await api('GET', '/api/flows');
-    const sel = $('#flow-filter'), cur = sel.value;
-    sel.replaceChildren(el('option', {value: '', text: 'All flows'}), ...S.flows.map((f) => el('option', {value: f.name, text: f.name})));
-    sel.value = S.flows.some((f) => f.name === cur) ? cur : '';
-    setError('flows');
-  } catch (e) { setError('flows', 'Loading flows failed: ' + e.message); }
+// Flows and the create-run form
+function setFlows(flows){
+ const sel=$('#flow-filter'), cur=sel.value;
+ S.flows=flows;
+ put('#flow-filter',[el('option',{value:''},'All flows'),...flows.map((f)=>el('option',{value:f.name},f.name))]);
+ sel.value=flows.some((f)=>f.name===cur)?cur:'';
 }
-async function loadFlowsView(gen) {
-  await loadFlows();
-  if (gen !== S.gen) return;
-  document.title = 'Flows - local_agent';
-  $('#flows-empty').hidden = S.flows.length > 0;
-  $('#flows-table tbody').replaceChildren(...S.flows.map((f) => el('tr', {'data-flow-name': f.name}, [
-    el('td', {class: 'c-name'}, [el('div', {}, el('strong', {text: f.name})), f.project ? el('div', {class: 'muted small', text: f.project}) : null]),
-    el('td', {'data-label': 'Version', class: 'num', text: 'v' + f.version}),
-    el('td', {'data-label': 'Labels', class: 'c-labels'}, el('span', {}, chips(f.labels))),
-    el('td', {'data-label': 'Schedule', class: 'c-schedule'}, f.schedule ? el('span', {}, [f.schedule, f.schedule_active ? null : el('span', {class: 'chip', text: 'paused'})]) : el('span', {class: 'muted', text: 'none'})),
-    el('td', {'data-label': 'Next run', class: 'c-next', title: fmtFull(f.next_run)}, f.next_run ? el('span', {}, [fmtDate(f.next_run), el('span', {class: 'muted small', text: ' (' + rel(f.next_run) + ')'})]) : el('span', {class: 'muted', text: DASH})),
-    el('td', {class: 'write'}, el('button', {type: 'button', class: 'btn run-flow', 'data-flow': f.name, text: 'Run'}))])));
-  later(gen, loadFlowsView, 10000);
+const loadFlowsView=(gen)=>poll(gen,'flows','api/flows',10000,renderFlows);
+function renderFlows(flows){
+ setFlows(flows);
+ $('#flows-empty').hidden=flows.length>0;
+ put('#flows-table tbody',S.flows.map((f)=>el('tr',{'data-flow-name':f.name},[
+  el('td.c-name',{},[el('div',{},el('b',f.name)),el('div.mu.sm',f.project)]),
+  el('td',{'data-label':'Version',class:'num',text:'v'+f.version}),
+  el('td',{'data-label':'Labels'},chips(f.labels)),
+  el('td',{'data-label':'Schedule',class:'c-schedule'},f.schedule?el('span',{},[f.schedule+' ',
+   f.schedule_active?null:el('span.chip','paused')]):el('span.mu','none')),
+  el('td',{'data-label':'Next run',class:'c-next',title:fmtFull(f.next_run)},f.next_run?el('span',{},
+   [fmtDate(f.next_run)+' ',el('span.mu.sm',{text:'('+rel(f.next_run)+')'})]):el('span.mu',DASH)),
+  el('td.write',{},el('button',{type:'button',class:'btn run-flow','data-flow':f.name,text:'Run',
+    'aria-label':'Run '+f.name}))])));
 }
-function defaultText(p) {
-  const d = p.default;
-  if (d === undefined || (d === null && p.required)) return '';
-  if (typeof d === 'string') { try { JSON.parse(d); return JSON.stringify(d); } catch (e) { return d; } }
-  return JSON.stringify(d);
+function defaultText(p){
+ const d=p.default;
+ if(d===undefined||(d===null&&p.required))return '';
+ if(typeof d!=='string')return JSON.stringify(d);
+ try{JSON.parse(d);return JSON.stringify(d);}catch(e){return d;}
 }
-function openForm(name) {
-  const flow = S.flows.find((f) => f.name === name);
-  if (!flow) return;
-  if (needToken()) askToken();
-  S.form = flow;
-  $('#create-run-title').textContent = 'Run ' + flow.name;
-  $('#create-run-error').textContent = '';
-  $('#run-name').value = '';
-  $('#param-fields').replaceChildren(...(flow.parameters.length ? flow.parameters.map((p, i) => el('div', {class: 'field'}, [
-    el('label', {for: 'param-' + i}, [el('span', {class: 'mono', text: p.name}), p.required ? el('span', {class: 'req', text: 'required'}) : null]),
-    el('input', {id: 'param-' + i, class: 'param-input mono', type: 'text', 'data-param': p.name, 'aria-required': p.required ? 'true' : null,
-      value: defaultText(p), autocomplete: 'off', spellcheck: 'false', 'aria-describedby': 'param-' + i + '-hint'}),
-    el('div', {class: 'hint', id: 'param-' + i + '-hint', text: (p.default === null && p.required) ? 'A JSON value; other text is sent as a string.' : 'Default ' + JSON.stringify(p.default) + '. JSON; other text is sent as a string.'})])) : [el('p', {class: 'muted', text: 'This flow takes no parameters.'})]));
-  $('#create-run-panel').hidden = false;
-  ($('#create-run-form .param-input') || $('#run-name')).focus();
+function openForm(name){
+ const flow=S.flows.find((f)=>f.name===name);
+ if(!flow)return;
+ if(needToken())askToken();
+ S.form=flow;
+ txt('#create-run-title','Run '+flow.name);
+ txt('#create-run-error','');
+ $('#run-name').value='';
+ put('#param-fields',flow.parameters.length?flow.parameters.map((p,i)=>el('div.field',{},[
+  el('label',{for:'param-'+i},[el('span.mono',p.name),p.required?el('span.req','required'):null]),
+  el('input',{id:'param-'+i,class:'param-input mono',type:'text','data-param':p.name,
+    'aria-required':p.required?'true':null,
+   value:defaultText(p),autocomplete:'off',spellcheck:'false','aria-describedby':'hint-'+i}),
+  p.required&&p.default===null?null:el('div.hint',{id:'hint-'+i,text:'Default: '+JSON.stringify(p.default)})])):
+  [el('p.mu','This flow takes no parameters.')]);
+ $('#create-run-panel').hidden=false;
+ ($('.param-input')||$('#run-name')).focus();
 }
-function closeForm() { $('#create-run-panel').hidden = true; S.form = null; }
-async function submitForm(ev) {
+function closeForm(){$('#create-run-panel').hidden=true;S.form=null;}
+async function submitForm(ev){
+ ev.preventDefault();
+ const flow=S.form, params={};
+ if(!flow)return;
+ txt('#create-run-error','');
+ for(const input of $$('.param-input')){
+  const raw=input.value.trim(), name=input.dataset.param;
+  if(!raw){
+   if(!input.getAttribute('aria-required'))continue;
+   input.focus();
+   return txt('#create-run-error','Parameter '+name+' is required.');
+  }
+  try{params[name]=JSON.parse(raw);}catch(e){params[name]=raw;}
+ }
+ if(needToken()){askToken();return txt('#create-run-error','Enter the API token first.');}
+ const btn=$('#create-run-submit');
+ btn.disabled=true;
+ try{
+  const d=await api('POST','api/runs',{flow:flow.name,parameters:params,name:val('#run-name')||null});
+  closeForm();
+  location.hash='#/runs/'+enc(d.id);
+ }catch(e){
+  txt('#create-run-error',writeFailed(e));
+ }finally{btn.disabled=false;}
+}
+
+// Agents, polled every 5 s
+const loadAgents=(gen)=>poll(gen,'agents','api/agents',5000,renderAgents);
+function renderAgents(agents){
+  $('#agents-empty').hidden=agents.length>0;
+  put('#agents-table tbody',agents.map((a)=>{
+   const age=a.last_queried?(Date.now()-Date.parse(a.last_queried))/1000:1e9;
+   return el('tr',{'data-agent-id':a.id},[
+    el('td',{class:'c-name '+(age<60?'st-ok':age<900?'st-cancel':'st-skip')},[el('span.dot'),' ',el('b',a.name)]),
+    el('td',{'data-label':'Labels'},chips(a.labels)),
+    el('td',{'data-label':'Contact',class:'c-contact',title:fmtFull(a.last_queried),
+      text:a.last_queried?'last contact '+rel(a.last_queried):'never'})]);
+  }));
+}
+
+// Start
+async function loadStatus(){
+ try{
+  S.status=await api('GET','api/status');
+  setError('status');
+  txt('#mode',S.status.mode+(S.status.can_write?'':DOT+'read-only'));
+  txt('#location',$('#location').title=S.status.location||'');
+  txt('#version',S.status.version?'v'+S.status.version:'');
+  document.body.classList.toggle('ro',!S.status.can_write);
+  if(needToken())askToken();
+ }catch(e){
+  setError('status','Loading the agent status failed: '+e.message);
+  setTimeout(loadStatus,5000);
+ }
+}
+const on=(s,type,fn)=>$(s).addEventListener(type,fn);
+function init(){
+ $('#state-filter').append(...STATES.map((s)=>el('option',{value:s,text:s})));
+ for(const t of $$('.tab'))t.addEventListener('click',()=>{location.hash='#/'+t.dataset.tab;});
+ on('#flow-filter','change',()=>refreshRuns(true));
+ on('#state-filter','change',()=>refreshRuns(true));
+ let searchTimer=0;
+ on('#search','input',()=>{clearTimeout(searchTimer);searchTimer=setTimeout(()=>refreshRuns(true),300);});
+ on('#prev-page','click',()=>{S.page=Math.max(1,S.page-1);refreshRuns();});
+ on('#next-page','click',()=>{S.page+=1;refreshRuns();});
+ on('#runs-table','click',(ev)=>{
+  const tr=ev.target.closest('tr[data-run-id]');
+  if(tr&&!ev.target.closest('a'))location.hash='#/runs/'+enc(tr.dataset.runId);
+ });
+ on('#flows-table','click',(ev)=>{const b=ev.target.closest('.run-flow');if(b)openForm(b.dataset.flow);});
+ on('#cancel-run','click',()=>cancelConfirm(true));
+ on('#cancel-confirm-no','click',()=>cancelConfirm(false));
+ on('#cancel-confirm-yes','click',doCancel);
+ on('#create-run-form','submit',submitForm);
+ on('#create-run-close','click',closeForm);
+ on('#create-run-panel','click',(ev)=>{if(ev.target===ev.currentTarget)closeForm();});
+ document.addEventListener('keydown',(ev)=>{if(ev.key==='Escape'&&!$('#create-run-panel').hidden)closeForm();});
+ on('#token-box','submit',(ev)=>{
   ev.preventDefault();
-  if (!S.form) return;
-  const err = $('#create-run-error'), params = {};
-  err.textContent = '';
-  for (const input of document.querySelectorAll('#create-run-form .param-input')) {
-    const raw = input.value.trim(), p = S.form.parameters.find((q) => q.name === input.dataset.param);
-    if (!raw) {
-      if (p && p.required) { err.textContent = 'Parameter ' + p.name + ' is required.'; input.focus(); return; }
-      continue;
-    }
-    try { params[input.dataset.param] = JSON.parse(raw); } catch (e) { params[input.dataset.param] = raw; }
-  }
-  if (needToken()) { askToken(); err.textContent = 'Enter the API token first.'; return; }
-  const btn = $('#create-run-submit');
-  btn.disabled = true;
-  try {
-    const d = await api('POST', '/api/runs', {flow: S.form.name, parameters: params, name: $('#run-name').value.trim() || null});
-    closeForm();
-    notice('Flow run created');
-    location.hash = '#/runs/' + enc(d.id);
-  } catch (e) {
-    err.textContent = writeFailed(e);
-  } finally { btn.disabled = false; }
-}
-
-/* Agents */
-async function loadAgents(gen) {
-  try {
-    const agents = await api('GET', '/api/agents');
-    if (gen !== S.gen) return;
-    setError('agents');
-    document.title = 'Agents - local_agent';
-    $('#agents-empty').hidden = agents.length > 0;
-    $('#agents-table tbody').replaceChildren(...agents.map((a) => {
-      const age = a.last_queried ? (Date.now() - Date.parse(a.last_queried)) / 1000 : Infinity;
-      const cls = age < 60 ? 'ago-ok' : age < 900 ? 'ago-warn' : 'ago-old';
-      return el('tr', {'data-agent-id': a.id}, [
-        el('td', {class: 'c-name ' + cls}, [el('span', {class: 'dot', style: 'margin-right:8px'}), el('strong', {text: a.name})]),
-        el('td', {'data-label': 'Labels'}, el('span', {}, chips(a.labels))),
-        el('td', {'data-label': 'Contact', class: 'c-contact', title: fmtFull(a.last_queried), text: a.last_queried ? 'last contact ' + rel(a.last_queried) : 'never'})]);
-    }));
-  } catch (e) {
-    if (gen !== S.gen) return;
-    setError('agents', 'Loading agents failed: ' + e.message);
-  }
-  later(gen, loadAgents, 5000);
-}
-
-/* Start */
-async function loadStatus() {
-  try {
-    S.status = await api('GET', '/api/status');
-    setError('status');
-    $('#mode').textContent = S.status.mode + (S.status.can_write ? '' : DOT + 'read-only');
-    $('#location').textContent = S.status.location || '';
-    $('#location').title = S.status.location || '';
-    $('#version').textContent = S.status.version ? 'v' + S.status.version : '';
-    document.body.classList.toggle('ro', !S.status.can_write);
-    if (needToken()) askToken();
-    if (S.run) { S.runKey = ''; renderRun(S.run); }
-  } catch (e) {
-    setError('status', 'Loading the agent status failed: ' + e.message);
-    setTimeout(loadStatus, 5000);
-  }
-}
-function init() {
-  $('#state-filter').append(...STATES.map((s) => el('option', {value: s, text: s})));
-  for (const t of document.querySelectorAll('.tab')) t.addEventListener('click', () => { location.hash = '#/' + t.dataset.tab; });
-  $('#flow-filter').addEventListener('change', () => refreshRuns(true));
-  $('#state-filter').addEventListener('change', () => refreshRuns(true));
-  let searchTimer = 0;
-  $('#search').addEventListener('input', () => { clearTimeout(searchTimer); searchTimer = setTimeout(() => refreshRuns(true), 300); });
-  $('#prev-page').addEventListener('click', () => { S.page = Math.max(1, S.page - 1); refreshRuns(false); });
-  $('#next-page').addEventListener('click', () => { S.page += 1; refreshRuns(false); });
-  $('#runs-table tbody').addEventListener('click', (ev) => {
-    const tr = ev.target.closest('tr[data-run-id]');
-    if (tr && !ev.target.closest('a')) location.hash = '#/runs/' + enc(tr.dataset.runId);
-  });
-  $('#flows-table tbody').addEventListener('click', (ev) => {
-    const b = ev.target.closest('.run-flow');
-    if (b) openForm(b.dataset.flow);
-  });
-  $('#cancel-run').addEventListener('click', () => cancelConfirm(true));
-  $('#cancel-confirm-no').addEventListener('click', () => cancelConfirm(false));
-  $('#cancel-confirm-yes').addEventListener('click', doCancel);
-  $('#create-run-form').addEventListener('submit', submitForm);
-  $('#create-run-close').addEventListener('click', closeForm);
-  $('#create-run-panel').addEventListener('click', (ev) => { if (ev.target === ev.currentTarget) closeForm(); });
-  document.addEventListener('keydown', (ev) => { if (ev.key === 'Escape' && !$('#create-run-panel').hidden) closeForm(); });
-  $('#error-dismiss').addEventListener('click', () => { S.errors = {}; setError(''); });
-  $('#token-box').addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    S.token = $('#token-input').value.trim();
-    if (!S.token) return;
-    sessionStorage.setItem(TOKEN_KEY, S.token);
-    $('#token-input').value = '';
-    $('#token-box').hidden = true;
-    notice('Token saved for this browser tab');
-  });
-  const box = $('#log-lines');
-  box.addEventListener('scroll', () => { $('#log-follow').checked = box.scrollHeight - box.scrollTop - box.clientHeight < 30; });
-  $('#log-follow').addEventListener('change', () => { if ($('#log-follow').checked) box.scrollTop = box.scrollHeight; });
-  window.addEventListener('hashchange', route);
-  loadStatus().then(() => { loadFlows(); route(); });
+  if(!(S.token=val('#token-input')))return;
+  sessionStorage.setItem(TK,S.token);
+  $('#token-input').value='';
+  $('#token-box').hidden=true;
+ });
+ const box=$('#log-lines'), follow=$('#log-follow');
+ on('#log-lines','scroll',()=>{follow.checked=box.scrollHeight-box.scrollTop-box.clientHeight<30;});
+ on('#log-follow','change',()=>{if(follow.checked)box.scrollTop=box.scrollHeight;});
+ window.addEventListener('hashchange',route);
+ loadStatus().then(()=>{api('GET','api/flows').then(setFlows,(e)=>setError('flows',
+   'Loading flows failed: '+e.message));route();});
 }
 init();
 </script>

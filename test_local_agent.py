@@ -9,19 +9,25 @@ Prefect Server 1.x double (``prefect_double.py``, tested on its own in
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import importlib
 import io
 import itertools
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
+import socket
 import sqlite3
+import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -30,6 +36,7 @@ import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Callable
 
 import pytest
@@ -3811,20 +3818,23 @@ class _UI:
     """``local_agent.py ui`` in a process of its own, and requests to it."""
 
     def __init__(self, world: World, *args: str) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, str(AGENT), "ui", "--api", world.api, "--address", self.base, *args],
-            env=world.env, cwd=world.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _AGENT_PROCESSES.append(self.process)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.get("/api/status")
-                return
-            except OSError:
-                assert self.process.poll() is None, self.process.communicate()
-                time.sleep(0.1)
+        for _ in range(3):  # a free port may be taken by another test before the dashboard binds it
+            self.port = _free_port()
+            self.base = f"http://127.0.0.1:{self.port}"
+            self.process = subprocess.Popen(
+                [sys.executable, str(AGENT), "ui", "--api", world.api, "--address", self.base, *args],
+                env=world.env, cwd=world.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _AGENT_PROCESSES.append(self.process)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    self.get("/api/status")
+                    return
+                except OSError:
+                    time.sleep(0.1)
+            assert self.process.poll() is not None, "the dashboard did not answer within 30 s"
+            output = self.process.communicate(timeout=30)
+            assert "cannot listen" in output[1], output
         raise AssertionError("the dashboard did not answer within 30 s")
 
     def get(self, path: str) -> Any:
@@ -4580,3 +4590,545 @@ def test_cron_strings_prefect_1_4_1_refuses_are_refused_naming_the_field(
 def test_a_prefect_schedule_we_cannot_follow_is_refused_saying_why(data: dict[str, Any], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         la.Schedule.from_prefect(data)
+
+
+# --- The dashboard in a real browser ---------------------------------------------------------
+#
+# Headless Chromium from Debian's packages, driven over the DevTools protocol by the small
+# stdlib client below (a websocket client and a few DevTools calls). Only 127.0.0.1 is
+# contacted: Chromium's DevTools endpoint and the agent both listen there.
+
+CHROMIUM = "/usr/bin/chromium"
+DEFAULT_TIMEOUT = 10.0
+START_TIMEOUT = 30.0
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_MAX_EVENTS = 1000
+
+
+class CDPError(RuntimeError):
+    """A DevTools call failed, or the browser went away."""
+
+
+class CDPTimeoutError(CDPError, TimeoutError):
+    """Something did not happen in time."""
+
+
+# --- The websocket client (RFC 6455, client side, text frames) ---------------------------
+
+
+class WebSocket:
+    """A blocking websocket client: masked text frames out, text messages in."""
+
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if not url.startswith("ws://"):
+            raise CDPError(f"only ws:// URLs are supported, not {url!r}")
+        hostport, _, path = url[len("ws://"):].partition("/")
+        host, _, port_text = hostport.rpartition(":")
+        if host not in ("127.0.0.1", "localhost"):
+            raise CDPError(f"refusing to connect to {host!r}: only 127.0.0.1 is allowed")
+        self._buffer = bytearray()
+        self._closed = False
+        try:
+            self._sock = socket.create_connection(("127.0.0.1", int(port_text)), timeout=timeout)
+        except OSError as exc:
+            raise CDPError(f"cannot connect to {url}: {exc}") from exc
+        self._handshake(hostport, "/" + path, time.monotonic() + timeout)
+
+    def _handshake(self, hostport: str, path: str, deadline: float) -> None:
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self._send_all(request.encode(), deadline)
+        while b"\r\n\r\n" not in self._buffer:
+            self._fill(deadline, "the websocket handshake")
+            if len(self._buffer) > 65536:
+                raise CDPError("websocket handshake: response headers too long")
+        head, _, rest = bytes(self._buffer).partition(b"\r\n\r\n")
+        self._buffer = bytearray(rest)
+        lines = head.decode("latin-1").split("\r\n")
+        if not lines[0].startswith("HTTP/1.1 101"):
+            raise CDPError(f"websocket handshake refused: {lines[0]!r}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
+        if headers.get("sec-websocket-accept") != accept:
+            raise CDPError(f"websocket handshake: bad Sec-WebSocket-Accept in {head[:300]!r}")
+
+    def _send_all(self, data: bytes, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CDPTimeoutError("timed out sending to the browser")
+        self._sock.settimeout(remaining)
+        try:
+            self._sock.sendall(data)
+        except TimeoutError as exc:
+            raise CDPTimeoutError("timed out sending to the browser") from exc
+        except OSError as exc:
+            raise CDPError(f"sending to the browser failed: {exc}") from exc
+
+    def _fill(self, deadline: float, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CDPTimeoutError(f"timed out waiting for {what}")
+        self._sock.settimeout(remaining)
+        try:
+            chunk = self._sock.recv(1 << 16)
+        except TimeoutError as exc:
+            raise CDPTimeoutError(f"timed out waiting for {what}") from exc
+        except OSError as exc:
+            raise CDPError(f"reading from the browser failed: {exc}") from exc
+        if not chunk:
+            self._closed = True
+            raise CDPError(f"the browser closed the connection while waiting for {what}")
+        self._buffer += chunk
+
+    def _take(self, count: int, deadline: float, what: str) -> bytes:
+        while len(self._buffer) < count:
+            self._fill(deadline, what)
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return data
+
+    def _send_frame(self, opcode: int, payload: bytes, deadline: float) -> None:
+        header = bytearray([0x80 | opcode])
+        length = len(payload)
+        if length < 126:
+            header.append(0x80 | length)
+        elif length < 1 << 16:
+            header.append(0x80 | 126)
+            header += struct.pack("!H", length)
+        else:
+            header.append(0x80 | 127)
+            header += struct.pack("!Q", length)
+        mask = os.urandom(4)
+        header += mask
+        masked = _mask(payload, mask)
+        self._send_all(bytes(header) + masked, deadline)
+
+    def send_text(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Send one text message."""
+        if self._closed:
+            raise CDPError("the websocket is closed")
+        self._send_frame(0x1, text.encode(), time.monotonic() + timeout)
+
+    def recv_text(self, deadline: float, what: str = "a message from the browser") -> str:
+        """The next whole text message (fragments joined; pings answered) before ``deadline``."""
+        parts: list[bytes] = []
+        while True:
+            first, second = self._take(2, deadline, what)
+            fin, opcode = first & 0x80, first & 0x0F
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack("!H", self._take(2, deadline, what))[0]
+            elif length == 127:
+                length = struct.unpack("!Q", self._take(8, deadline, what))[0]
+            mask = self._take(4, deadline, what) if second & 0x80 else b""
+            payload = self._take(length, deadline, what)
+            if mask:
+                payload = _mask(payload, mask)
+            if opcode == 0x8:  # close: answer it, then report
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+                with contextlib.suppress(CDPError):
+                    self._send_frame(0x8, payload[:2], time.monotonic() + 1.0)
+                self._closed = True
+                raise CDPError(f"the browser closed the websocket (code {code}) while waiting for {what}")
+            if opcode == 0x9:  # ping
+                self._send_frame(0xA, payload, deadline)
+                continue
+            if opcode == 0xA:  # pong
+                continue
+            if opcode not in (0x0, 0x1, 0x2):
+                raise CDPError(f"unexpected websocket opcode {opcode}")
+            parts.append(payload)
+            if fin:
+                return b"".join(parts).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        """Send a close frame (best effort) and close the socket."""
+        if not self._closed:
+            with contextlib.suppress(CDPError, OSError):
+                self._send_frame(0x8, struct.pack("!H", 1000), time.monotonic() + 1.0)
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def _mask(payload: bytes, mask: bytes) -> bytes:
+    """XOR ``payload`` with the 4-byte ``mask``, fast for large payloads."""
+    repeated = (mask * (len(payload) // 4 + 1))[: len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(payload), "big")
+
+
+# --- The browser -------------------------------------------------------------------------
+
+
+class Browser:
+    """One headless Chromium with one page, driven over the DevTools protocol."""
+
+    def __init__(self, process: subprocess.Popen[bytes], profile: str, port: int, ws: WebSocket) -> None:
+        self.process = process
+        self.profile = profile
+        self.port = port
+        self._ws = ws
+        self._next_id = 0
+        #: DevTools events received so far (newest last, at most _MAX_EVENTS).
+        self.events: list[dict[str, Any]] = []
+        self.stderr_lines: list[str] = []
+        self.pumping: threading.Thread | None = None  # the thread that drains Chromium's stderr
+
+    # Starting and stopping.
+
+    @classmethod
+    def start(cls, width: int = 1280, height: int = 800, timeout: float = START_TIMEOUT,
+              executable: str = CHROMIUM) -> Browser:
+        """Start Chromium at ``width`` x ``height`` and connect to its first page."""
+        if not os.path.exists(executable):
+            raise CDPError(f"{executable} not found: apt-get install -y chromium")
+        profile = tempfile.mkdtemp(prefix="cdp-profile-")
+        args = [
+            executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-default-apps", "--hide-scrollbars", "--mute-audio", f"--user-data-dir={profile}",
+            "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--window-size={width},{height}",
+            "about:blank",
+        ]
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+        lines: queue.Queue[str | None] = queue.Queue()
+        stderr_lines: list[str] = []
+
+        def pump() -> None:  # keep draining stderr so Chromium never blocks on a full pipe
+            assert process.stderr is not None
+            for raw in process.stderr:
+                line = raw.decode("utf-8", errors="replace").rstrip()
+                if len(stderr_lines) < 500:
+                    stderr_lines.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        pumping = threading.Thread(target=pump, name="chromium-stderr", daemon=True)
+        pumping.start()
+        deadline = time.monotonic() + timeout
+        try:
+            port = _read_port(lines, deadline, stderr_lines)
+            ws_url = _page_ws_url(port, deadline)
+            ws = WebSocket(ws_url, timeout=max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            _kill(process, pumping)
+            shutil.rmtree(profile, ignore_errors=True)
+            raise
+        browser = cls(process, profile, port, ws)
+        browser.stderr_lines, browser.pumping = stderr_lines, pumping
+        try:
+            for method in ("Page.enable", "Runtime.enable"):
+                browser.send(method, timeout=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            browser.close()
+            raise
+        return browser
+
+    def close(self) -> None:
+        """Close the connection, kill Chromium's process group and remove its profile."""
+        self._ws.close()
+        _kill(self.process, self.pumping)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # The protocol.
+
+    def send(self, method: str, params: dict[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        """Call a DevTools ``method``; its result, or CDPError with the protocol's message."""
+        self._next_id += 1
+        call_id = self._next_id
+        self._ws.send_text(json.dumps({"id": call_id, "method": method, "params": params or {}}), timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(self._ws.recv_text(deadline, f"the answer to {method}"))
+            if message.get("id") == call_id:
+                if "error" in message:
+                    error = message["error"]
+                    raise CDPError(f"{method} failed: {error.get('message')} {error.get('data', '')}".strip())
+                return message.get("result", {})
+            if "method" in message:
+                self.events.append(message)
+                del self.events[:-_MAX_EVENTS]
+
+    def exceptions(self) -> list[str]:
+        """The page's uncaught JavaScript exceptions and console.error calls seen so far."""
+        found: list[str] = []
+        for event in self.events:
+            params = event.get("params", {})
+            if event["method"] == "Runtime.exceptionThrown":
+                details = params.get("exceptionDetails", {})
+                found.append(str(details.get("exception", {}).get("description") or details.get("text")))
+            elif event["method"] == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                found.append(" ".join(str(arg.get("value", arg.get("description"))) for arg in params.get("args", [])))
+        return found
+
+    # Page helpers.
+
+    def open(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Navigate to ``url`` and wait until the document has loaded."""
+        self.evaluate("window.__cdpOldDocument = true", timeout)
+        result = self.send("Page.navigate", {"url": url}, timeout)
+        if result.get("errorText"):
+            raise CDPError(f"cannot open {url}: {result['errorText']}")
+        # A new document has no marker; a same-document (hash) navigation has no loaderId.
+        fresh = "!window.__cdpOldDocument && " if result.get("loaderId") else ""
+        self.wait_for(f"{fresh}document.readyState === 'complete' && location.href !== 'about:blank'", timeout)
+
+    def evaluate(self, js: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        """The value of the JavaScript expression ``js`` (promises awaited), as JSON data."""
+        result = self.send("Runtime.evaluate", {
+            "expression": js, "returnByValue": True, "awaitPromise": True, "userGesture": True,
+            "timeout": int(timeout * 1000),
+        }, timeout + 1.0)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            text = details.get("exception", {}).get("description") or details.get("text", "error")
+            raise CDPError(f"JavaScript failed: {text}\n  in: {js[:300]}")
+        return result.get("result", {}).get("value")
+
+    def wait_for(self, js_condition: str, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.1) -> Any:
+        """Poll ``js_condition`` until it is truthy; its value. CDPTimeoutError says what it last was."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                last = self.evaluate(js_condition, timeout=max(0.5, min(5.0, remaining)))
+            except CDPTimeoutError:
+                last = "(evaluation timed out)"
+            except CDPError as exc:  # e.g. the page is navigating: try again
+                last = f"(error: {exc})"
+            else:
+                if last:
+                    return last
+            if time.monotonic() + interval > deadline:
+                raise CDPTimeoutError(f"timed out after {timeout:g} s waiting for: {js_condition} (last: {last!r})")
+            time.sleep(interval)
+
+    def click(self, css_selector: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Click the first element matching ``css_selector`` (waits for it to exist)."""
+        sel = json.dumps(css_selector)
+        self.wait_for(f"document.querySelector({sel}) !== null", timeout)
+        self.evaluate(f"document.querySelector({sel}).click()", timeout)
+
+    def type_into(self, selector: str, text: str, clear: bool = True, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Focus the input matching ``selector``, clear it, and type ``text`` (input and change events fire)."""
+        sel = json.dumps(selector)
+        self.wait_for(f"document.querySelector({sel}) !== null", timeout)
+        self.evaluate(f"(() => {{ const el = document.querySelector({sel}); el.focus();"
+                      f" if ({json.dumps(clear)}) {{ el.value = ''; el.dispatchEvent(new Event('input',"
+                      f" {{bubbles: true}})); }} }})()", timeout)
+        if text:
+            self.send("Input.insertText", {"text": text}, timeout)
+        self.evaluate(f"document.querySelector({sel}).dispatchEvent(new Event('change', {{bubbles: true}}))",
+                      timeout)
+
+    def select_option(self, selector: str, value: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Choose ``value`` in the <select> matching ``selector`` (waits for the option to exist)."""
+        sel, val = json.dumps(selector), json.dumps(value)
+        self.wait_for(f"(() => {{ const el = document.querySelector({sel});"
+                      f" return !!el && Array.from(el.options).some(o => o.value === {val}); }})()", timeout)
+        self.evaluate(f"(() => {{ const el = document.querySelector({sel}); el.value = {val};"
+                      f" el.dispatchEvent(new Event('change', {{bubbles: true}})); }})()", timeout)
+
+    def text(self, selector: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """The innerText of the first element matching ``selector`` ('' if none)."""
+        sel = json.dumps(selector)
+        value = self.evaluate(f"(document.querySelector({sel}) || {{innerText: ''}}).innerText", timeout)
+        return str(value)
+
+    def screenshot(self, path: str, timeout: float = DEFAULT_TIMEOUT, full_page: bool = False) -> str:
+        """Save a PNG of the viewport (or the whole page) to ``path``; the path."""
+        params: dict[str, Any] = {"format": "png"}
+        if full_page:
+            params["captureBeyondViewport"] = True
+        result = self.send("Page.captureScreenshot", params, timeout)
+        with open(path, "wb") as file:
+            file.write(base64.b64decode(result["data"]))
+        return path
+
+    def dom(self, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """The document's current HTML."""
+        return str(self.evaluate("document.documentElement.outerHTML", timeout))
+
+    def set_viewport(self, width: int, height: int, mobile: bool = False, scale: float = 1.0,
+                     timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Emulate a ``width`` x ``height`` screen (``mobile=True`` for a phone's viewport rules)."""
+        self.send("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile,
+        }, timeout)
+
+    def clear_viewport(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Back to the window's own size."""
+        self.send("Emulation.clearDeviceMetricsOverride", {}, timeout)
+
+
+def _read_port(lines: queue.Queue[str | None], deadline: float, seen: list[str]) -> int:
+    """The port in Chromium's ``DevTools listening on ws://127.0.0.1:PORT/...`` line."""
+    marker = "DevTools listening on ws://"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            tail = "\n".join(seen[-20:])
+            raise CDPTimeoutError(f"Chromium did not print 'DevTools listening on' in time; stderr:\n{tail}")
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
+            raise CDPError("Chromium exited before it was ready; stderr:\n" + "\n".join(seen[-20:]))
+        if marker in line:
+            hostport = line.split(marker, 1)[1].split("/", 1)[0]
+            return int(hostport.rsplit(":", 1)[1])
+
+
+def _page_ws_url(port: int, deadline: float) -> str:
+    """The websocket URL of Chromium's first page target (waits for it to appear)."""
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2.0) as response:
+                targets = json.load(response)
+            for target in targets:
+                if target.get("type") == "page" and target.get("webSocketDebuggerUrl"):
+                    return str(target["webSocketDebuggerUrl"])
+            last = f"no page among {len(targets)} targets"
+        except (OSError, ValueError) as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise CDPTimeoutError(f"no page target on DevTools port {port} in time: {last}")
+
+
+def _kill(process: subprocess.Popen[bytes], pumping: threading.Thread | None = None, grace: float = 5.0) -> None:
+    """SIGTERM Chromium's process group, SIGKILL it after ``grace`` seconds; close its stderr once read."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # stragglers in the group
+        os.killpg(process.pid, signal.SIGKILL)
+    if pumping is not None:
+        pumping.join(10)
+    if process.stderr is not None and (pumping is None or not pumping.is_alive()):
+        process.stderr.close()
+
+
+#: Where the browser test leaves its screenshots (the README shows them).
+SCREENS = AGENT.parent / "benchmarks" / "screens"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium: installed once (under a lock, for parallel workers) if it is missing."""
+    import fcntl
+
+    if not Path(CHROMIUM).exists():
+        TEST_CACHE.mkdir(parents=True, exist_ok=True)
+        with open(TEST_CACHE / "chromium.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not Path(CHROMIUM).exists():
+                environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+                install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+                done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=environment)
+                if done.returncode != 0:  # stale package lists on a fresh machine: read them, then again
+                    subprocess.run(["apt-get", "update"], capture_output=True, timeout=900, env=environment)
+                    done = subprocess.run(install, capture_output=True, text=True, timeout=900, env=environment)
+                assert done.returncode == 0 and Path(CHROMIUM).exists(), (
+                    "the browser test needs Debian's chromium and could not install it (apt-get install -y "
+                    f"chromium): {done.stderr.strip()[-800:]}")
+    return CHROMIUM
+
+
+def _rows(page: Browser) -> list[dict[str, str]]:
+    return page.evaluate("[...document.querySelectorAll('#runs-table tbody tr[data-run-id]')].map(r => "
+                         "({id: r.dataset.runId, state: r.dataset.state, text: r.innerText}))")
+
+
+def test_the_dashboard_in_a_real_browser(embedded: World, test_flows: Any, chromium: str) -> None:
+    """The page, served by a real agent over a real database, rendered and clicked in Chromium."""
+    flow_id = embedded.flow(test_flows.hello, schedule=la.CronClock("0 9 * * *", "Europe/Berlin"))
+    sleepy = embedded.flow(test_flows.sleep, name="sleepy")
+    done = [embedded.run(flow_id, parameters={"name": f"n{n}"}) for n in range(3)]
+    failed = embedded.run(embedded.flow(test_flows.fail))
+    assert embedded.agent("--once").returncode == 1  # one failed
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    agent = _agent_process(embedded, "--agent-address", url)
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    with Browser.start(1280, 800) as page:
+        deadline = time.monotonic() + 30
+        while True:  # the agent's address comes up with the agent
+            try:
+                page.open(url)
+                page.wait_for("document.querySelectorAll('#runs-table tbody tr[data-run-id]').length >= 14", 15)
+                break
+            except CDPError:
+                assert time.monotonic() < deadline and agent.poll() is None, "the dashboard did not come up"
+        rows = _rows(page)
+        by_id = {row["id"]: row for row in rows}
+        assert {by_id[run]["state"] for run in done} == {"Success"} and by_id[failed]["state"] == "Failed"
+        assert page.evaluate(f"!!document.querySelector('tr[data-run-id=\"{failed}\"] .state-Failed')")
+        assert "local_agent.db" in page.text("#location")
+        page.screenshot(str(SCREENS / "desktop-runs.png"))
+        page.select_option("#state-filter", "Failed")
+        page.wait_for("[...document.querySelectorAll('#runs-table tbody tr[data-run-id]')].every(r => "
+                      "r.dataset.state === 'Failed')", 10)
+        assert [row["id"] for row in _rows(page)] == [failed]
+        page.select_option("#state-filter", "")
+        # One run: its parameters, its states, its log.
+        page.evaluate(f"location.hash = '#/runs/{done[0]}'")
+        page.wait_for("document.querySelectorAll('#log-lines .log-line').length > 0", 15)
+        assert page.evaluate("[...document.querySelectorAll('#state-timeline li')].map(l => l.dataset.state)") == [
+            "Pending", "Scheduled", "Submitted", "Running", "Success"]
+        assert page.text("#detail-params tr[data-param=\"name\"]").split() == ["name", "n0"]
+        assert "Hello, n0!" in page.text("#log-lines")
+        page.screenshot(str(SCREENS / "desktop-run-detail.png"), full_page=True)
+        # Flows: the schedule and its next run; create a run from the form built from the parameters.
+        page.click("#tab-flows")
+        page.wait_for("!!document.querySelector('#flows-table tr[data-flow-name=\"hello\"] .c-next')", 10)
+        assert page.text("#flows-table tr[data-flow-name=\"hello\"] .c-schedule") == \
+            "cron '0 9 * * *' Europe/Berlin"
+        page.screenshot(str(SCREENS / "desktop-flows.png"))
+        page.click("button.run-flow[data-flow=\"hello\"]")
+        page.wait_for("!document.querySelector('#create-run-panel').hidden", 10)
+        page.type_into(".param-input[data-param=\"name\"]", '"browser"')
+        page.type_into("#run-name", "from-the-browser")
+        page.screenshot(str(SCREENS / "desktop-create-run.png"))
+        page.click("#create-run-submit")
+        created = page.wait_for("location.hash.startsWith('#/runs/') && location.hash.slice(7)", 15)
+        run = embedded.db.get_flow_run(created)
+        assert run is not None and run.parameters == {"name": "browser"} and run.name == "from-the-browser"
+        page.wait_for("document.querySelector('#detail-state .state-Success') !== null", 60)  # the agent ran it
+        # Cancel a running run from its page.
+        sleeping = embedded.run(sleepy, parameters={"seconds": 60})
+        assert embedded.wait_for(lambda: embedded.state(sleeping) == "Running", timeout=60)
+        page.evaluate(f"location.hash = '#/runs/{sleeping}'")
+        page.wait_for("!!document.querySelector('#cancel-run') && !document.querySelector('#cancel-run').hidden",
+                      15)
+        page.click("#cancel-run")
+        page.click("#cancel-confirm-yes")
+        assert embedded.wait_for(lambda: embedded.state(sleeping) == "Cancelled", timeout=60)
+        page.wait_for("document.querySelector('#detail-state .state-Cancelled') !== null", 20)
+        # A phone: no sideways scrolling.
+        page.set_viewport(390, 844, mobile=True)
+        page.evaluate("location.hash = '#/runs'")
+        page.wait_for("document.querySelectorAll('#runs-table tbody tr[data-run-id]').length > 0", 10)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        page.screenshot(str(SCREENS / "phone-runs.png"))
+        assert page.exceptions() == []
+    agent.send_signal(signal.SIGTERM)
+    agent.communicate(timeout=60)
