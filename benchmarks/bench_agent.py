@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -742,6 +743,9 @@ class Bench:
                 self.burst_phase()
             if "prefect" in self.args.phases:
                 self.prefect_phase()
+            if "dashboard" in self.args.phases:
+                with Phase(self, "dashboard"):
+                    self.dashboard_phase()
             if "scheduler" in self.args.phases:
                 with Phase(self, "scheduler"):
                     self.scheduler_phase()
@@ -943,6 +947,79 @@ class Bench:
             return
         with Phase(self, "prefect comparison"):
             self.results["prefect"] = PrefectComparison(self, prefect_python).run()
+
+    # Phase 5: the dashboard: its first render with 1,000 and 10,000 runs in the database (in
+    # headless Chromium when it is installed, and the JSON it loads, timed from here), and what
+    # the endpoint costs an idle agent.
+
+    def dashboard_phase(self) -> None:
+        results: dict[str, Any] = {}
+        for count in (1000, 10000):
+            scenario = self.scenario(f"dashboard-{count}", "sqlite")
+            backend = la.SQLiteBackend(la._sqlite_path(scenario.api))
+            flow = la.Flow("dash", None)
+            flow_id = backend.register_flow(backend.ensure_project("bench"),
+                                            la.serialize_flow(flow, str(self.root / "dash.prefect"), [LABEL]))
+            self.log(f"dashboard: {count} runs")
+            done = la.make_state("Success", "done")
+            for number in range(count):
+                run_id = backend.create_flow_run(flow_id, parameters={"n": number}, labels=None,
+                                                 scheduled_start_time=None, idempotency_key=f"dash-{number}")
+                if number % 10:  # most finished, some waiting
+                    backend.set_flow_run_state(run_id, done, None)
+            backend.close()
+            port = free_port()
+            address = f"http://127.0.0.1:{port}"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
+            env["PREFECT__HOME_DIR"] = str(scenario.dir / "home-ui")
+            ui = subprocess.Popen([PYTHON, str(AGENT), "ui", "--api", scenario.api, "--address", address],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_http(address + "/api/status", 30)
+                api = []
+                for _ in range(15):  # what the page asks for first: itself, status, a page of runs, flows
+                    began = time.perf_counter()
+                    for path in ("/", "/api/status", "/api/runs?page=1&per_page=50", "/api/flows", "/api/agents"):
+                        with urllib.request.urlopen(address + path, timeout=30) as answer:
+                            answer.read()
+                    api.append(time.perf_counter() - began)
+                results[f"runs_{count}"] = {"api_first_load_seconds": summary(api),
+                                            "browser_first_render_seconds": self.browser_render(address)}
+            finally:
+                ui.terminate()
+                ui.wait(30)
+        # Idle RSS of an agent with and without the endpoint (the dashboard costs nothing until asked).
+        scenario = self.scenario("dashboard-idle", "sqlite")
+        rss = {}
+        for name, extra in (("without", []), ("with", ["--agent-address", f"http://127.0.0.1:{free_port()}"])):
+            agent = Agent(scenario, f"idle-{name}", extra)
+            time.sleep(8.0)
+            rss[name] = agent.rss()
+            agent.stop()
+        results["idle_rss"] = rss
+        self.results["dashboard"] = results
+
+    def browser_render(self, address: str) -> dict[str, Any] | None:
+        """Open the page in headless Chromium until its runs table is drawn, several times; None
+        without Chromium (the tests' DevTools client drives it)."""
+        try:
+            sys.path.insert(0, str(ROOT))
+            from test_local_agent import CHROMIUM, Browser
+        except ImportError as exc:
+            self.notes.append(f"dashboard: no browser timing ({exc})")
+            return None
+        if not Path(CHROMIUM).exists():
+            self.notes.append("dashboard: no browser timing (Chromium is not installed: apt-get install chromium)")
+            return None
+        times = []
+        with Browser.start(1280, 800) as page:
+            for number in range(7):
+                began = time.perf_counter()
+                page.open(f"{address}/?visit={number}")  # a new document each time
+                page.wait_for("document.querySelectorAll('#runs-table tbody tr[data-run-id]').length > 0", 30,
+                              interval=0.01)
+                times.append(time.perf_counter() - began)
+        return summary(times)
 
     # Phase 4: the embedded scheduler, in this process: the CPU one top-up of every active
     # schedule costs an agent (each agent sharing the database pays it).
@@ -1199,6 +1276,20 @@ def find_prefect_python(given: str) -> str:
     cache = Path(os.environ.get("LOCAL_AGENT_TEST_CACHE") or Path.home() / ".cache" / "local_agent-tests")
     found = sorted(cache.glob("prefect-1.4.1-*/bin/python"))
     return str(found[-1]) if found else ""
+
+
+def wait_http(url: str, timeout: float) -> None:
+    """Wait until ``url`` answers (a server starting), at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                answer.read()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -1526,6 +1617,19 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
                                                                "own_warm") for key in ("scheduled", "adhoc", "single"))
         add("  runs that did not succeed in the comparison", failed, None, "0", failed == 0, digits=0)
 
+    dashboard = results.get("dashboard")
+    if dashboard:
+        for count in (1000, 10000):
+            entry = dashboard.get(f"runs_{count}", {})
+            browser = entry.get("browser_first_render_seconds") or {}
+            add(f"dashboard, {count} runs: first render in Chromium (s)", browser.get("median"), browser.get("p95"))
+            api = entry.get("api_first_load_seconds") or {}
+            add("  the JSON and page it loads first (s)", api.get("median"), api.get("p95"))
+        idle = dashboard.get("idle_rss", {})
+        add("idle agent RSS, embedded, without --agent-address (MB)", idle.get("without"), None, "<= 20",
+            check(idle.get("without"), lambda v: v <= 20 * MB), scale=1 / MB, digits=1)
+        add("  with --agent-address (health, metrics, dashboard) (MB)", idle.get("with"), None, scale=1 / MB, digits=1)
+
     scheduler = results.get("scheduler")
     if scheduler:
         count = scheduler["schedules"]
@@ -1573,8 +1677,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scenario directories (agent logs)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                         help="directory for the JSON results (default benchmarks/results)")
-    parser.add_argument("--phases", default="agent,burst,prefect,scheduler",
-                        help="which phases to run, of agent, burst, prefect and scheduler (default: all)")
+    parser.add_argument("--phases", default="agent,burst,prefect,dashboard,scheduler",
+                        help="which phases to run, of agent, burst, prefect, dashboard and scheduler (default: all)")
     parser.add_argument("--prefect-python", default="", metavar="PATH",
                         help="a Python with prefect 1.4.1 for the comparison with Prefect's own agent (default: "
                              "the virtualenv the tests install in ~/.cache/local_agent-tests)")
