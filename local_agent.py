@@ -13,7 +13,9 @@ Usage::
     python local_agent.py start [-t TOKEN] [-a API] [-l LABEL]... [options]
     python local_agent.py run FLOW [--param KEY=JSON]... [--at WHEN] [--watch]
     python local_agent.py runs | inspect RUN | logs RUN [--follow] | flows | why [RUN] | cancel RUN
+    python local_agent.py schedule FLOW (--cron EXPR | --every DURATION | --off | --on) [--timezone TZ]
     python local_agent.py delete flow NAME | delete run RUN
+    python local_agent.py ui [--address URL] | status | install systemd|supervisor [start options]
     python local_agent.py --help
 
 Settings resolve in one order: command-line flag, then ``PREFECT__*`` environment
@@ -58,6 +60,8 @@ A map of this file. Each section uses only the sections above it; read it top to
                   default, help); ``resolve_settings`` and its precedence (``_resolve_option``);
                   refusing a token over plain http (``_check_token_safety``).
  5. States        time stamps, Prefect's state JSON (``make_state``), which states are final.
+ 5a. Schedules    Prefect 1.4.1's ``CronClock``, ``IntervalClock`` and ``Schedule.next``, to the
+                  time (croniter's search and DST fix-up; pytz's and pendulum's views of a zone).
  6. Flow storage  ``slugify``, ``store_flow`` / ``load_flow`` (pickles confined to a directory;
                   ``__main__`` objects stored by reference to their script), Local storage JSON
                   and its check on this host (``_locate_flow_file``).
@@ -79,11 +83,12 @@ A map of this file. Each section uses only the sections above it; read it top to
                   whole loop; what it will not claim in ``_why_not_here``, claims in ``_claim``,
                   launches in ``_start_run``, output and exits in ``_tend_jobs``, cancellation
                   in ``_watch_owned_runs``, shutdown in ``_drain``.
-10. HTTP endpoint ``--agent-address``: health (503 when polls are stale), poke and status
-                  (``_serve_agent_address``, which the agent starts when it opens).
+10. HTTP endpoint ``--agent-address``: health (503 when polls are stale), poke, status,
+                  ``/metrics`` (``_Metrics`` lives with the outbox) and the dashboard
+                  (``_Dashboard``: the page and its JSON routes, also served by ``ui``).
 11. Python API    ``Flow``, ``deploy``, ``run_agent``, ``create_flow_run`` and the listings.
 12. Command line  ``main``, the parser built from ``_OPTIONS``, one ``_cmd_*`` per command,
-                  ``why``'s explanations (``_explain_run``).
+                  ``why``'s explanations (``_explain_run``), service files (``_systemd_unit``).
 """
 
 from __future__ import annotations

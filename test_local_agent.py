@@ -3903,10 +3903,12 @@ def test_the_dashboard_api_pages_filters_and_creates_and_cancels_runs(embedded: 
         rebound = urllib.request.Request(ui.base + "/api/runs", headers={"Host": f"attacker.example:{ui.port}"})
         with pytest.raises(urllib.error.HTTPError) as wrong_host:
             urllib.request.urlopen(rebound, timeout=10)
-        assert wrong_host.value.code == 421
+        with wrong_host.value:
+            assert wrong_host.value.code == 421
         with pytest.raises(urllib.error.HTTPError) as missing:
             ui.get("/api/runs/no-such-run")
-        assert missing.value.code == 404
+        with missing.value:
+            assert missing.value.code == 404
         with urllib.request.urlopen(ui.base + "/", timeout=10) as page:
             assert page.headers["Content-Type"] == "text/html; charset=utf-8" and b"local_agent" in page.read()
     finally:
@@ -5053,7 +5055,7 @@ def chromium() -> str:
     return CHROMIUM
 
 
-def _rows(page: Browser) -> list[dict[str, str]]:
+def _dashboard_rows(page: Browser) -> list[dict[str, str]]:
     return page.evaluate("[...document.querySelectorAll('#runs-table tbody tr[data-run-id]')].map(r => "
                          "({id: r.dataset.runId, state: r.dataset.state, text: r.innerText}))")
 
@@ -5078,7 +5080,7 @@ def test_the_dashboard_in_a_real_browser(embedded: World, test_flows: Any, chrom
                 break
             except CDPError:
                 assert time.monotonic() < deadline and agent.poll() is None, "the dashboard did not come up"
-        rows = _rows(page)
+        rows = _dashboard_rows(page)
         by_id = {row["id"]: row for row in rows}
         assert {by_id[run]["state"] for run in done} == {"Success"} and by_id[failed]["state"] == "Failed"
         assert page.evaluate(f"!!document.querySelector('tr[data-run-id=\"{failed}\"] .state-Failed')")
@@ -5087,7 +5089,7 @@ def test_the_dashboard_in_a_real_browser(embedded: World, test_flows: Any, chrom
         page.select_option("#state-filter", "Failed")
         page.wait_for("[...document.querySelectorAll('#runs-table tbody tr[data-run-id]')].every(r => "
                       "r.dataset.state === 'Failed')", 10)
-        assert [row["id"] for row in _rows(page)] == [failed]
+        assert [row["id"] for row in _dashboard_rows(page)] == [failed]
         page.select_option("#state-filter", "")
         # One run: its parameters, its states, its log.
         page.evaluate(f"location.hash = '#/runs/{done[0]}'")
