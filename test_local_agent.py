@@ -2156,7 +2156,8 @@ def test_a_claim_whose_answer_was_lost_still_counts(api_world: World, test_flows
 
 @WARM_TOO
 def test_agent_killed_mid_run_adopts_the_run_on_restart(world: World, test_flows: Any) -> None:
-    run_id = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 2.0})
+    # 5 s: the restarted agent must find the process still running, even on a loaded machine.
+    run_id = world.run(world.flow(test_flows.talk_slowly), parameters={"seconds": 5.0})
     agent = _agent_process(world)
     assert world.wait_for(lambda: world.state(run_id) == "Running", timeout=30)
     assert world.wait_for(lambda: "logged before the wait" in world.logs(run_id), timeout=10)
