@@ -8939,8 +8939,13 @@ def _add_option(parser: argparse.ArgumentParser, option: _Option) -> None:
     parser.add_argument(*option.flags, dest=option.name, action=option.action, type=kind, help=help_text)
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. With ``wanted``, only that command gets its arguments: building
+    them all costs an agent's start-up tens of milliseconds, and every other command is listed."""
     import argparse  # only the command line parses arguments
+
+    def wants(name: str) -> bool:
+        return wanted is None or wanted == name
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:  # one line, exit 2
@@ -8962,117 +8967,132 @@ def _build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         """A command that talks to an API: it takes the API, token and tenant flags."""
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--version", action="version", version=f"local_agent {__version__}")
-        for option_name in _BACKEND_OPTIONS:
-            _add_option(sub, options[option_name])
         sub.set_defaults(func=func)
+        if wants(name):
+            sub.add_argument("--version", action="version", version=f"local_agent {__version__}")
+            for option_name in _BACKEND_OPTIONS:
+                _add_option(sub, options[option_name])
         return sub
 
     start = command("start", "start the agent", _cmd_start)
-    for option in _OPTIONS:
-        if option.flags and option.name not in _BACKEND_OPTIONS:
-            _add_option(start, option)
-    start.add_argument("-v", "--verbose", dest="level", action="store_const", const="DEBUG",
-                       help="same as --log-level DEBUG")
-    start.add_argument("--once", action="store_true", default=None,
-                       help="run what is due now, wait for it, exit 0 if all succeeded")
+    if wants("start"):
+        for option in _OPTIONS:
+            if option.flags and option.name not in _BACKEND_OPTIONS:
+                _add_option(start, option)
+        start.add_argument("-v", "--verbose", dest="level", action="store_const", const="DEBUG",
+                           help="same as --log-level DEBUG")
+        start.add_argument("--once", action="store_true", default=None,
+                           help="run what is due now, wait for it, exit 0 if all succeeded")
 
     execute = commands.add_parser("execute", help="internal: what the agent runs in each flow-run process")
-    execute_commands = execute.add_subparsers(dest="what", metavar="flow-run", parser_class=Parser)
-    execute_commands.required = True
-    flow_run = execute_commands.add_parser("flow-run", help="run the flow run named by PREFECT__CONTEXT__FLOW_RUN_ID")
-    flow_run.set_defaults(func=_cmd_execute_flow_run)
-    template = execute_commands.add_parser("template", help="the warm process of --preload, forking flow runs")
-    template.add_argument("requests_fd", type=int, help="the pipe the agent's requests come on")
-    template.add_argument("replies_fd", type=int, help="the pipe the answers go back on")
-    template.add_argument("modules", nargs="*", metavar="MODULE", help="a module to import before forking")
-    template.set_defaults(func=_cmd_execute_template)
+    if wants("execute"):
+        execute_commands = execute.add_subparsers(dest="what", metavar="flow-run", parser_class=Parser)
+        execute_commands.required = True
+        flow_run = execute_commands.add_parser("flow-run",
+                                               help="run the flow run named by PREFECT__CONTEXT__FLOW_RUN_ID")
+        flow_run.set_defaults(func=_cmd_execute_flow_run)
+        template = execute_commands.add_parser("template", help="the warm process of --preload, forking flow runs")
+        template.add_argument("requests_fd", type=int, help="the pipe the agent's requests come on")
+        template.add_argument("replies_fd", type=int, help="the pipe the answers go back on")
+        template.add_argument("modules", nargs="*", metavar="MODULE", help="a module to import before forking")
+        template.set_defaults(func=_cmd_execute_template)
 
     run = command("run", "create a flow run and print its id", _cmd_run)
-    run.add_argument("flow", metavar="FLOW", help="flow name")
-    run.add_argument("--param", dest="params", action="append", type=_parse_param, help="KEY=JSON (repeatable)")
-    run.add_argument("--param-file", metavar="FILE", help="a JSON object of parameters (--param wins over it)")
-    run.add_argument("--name", help="the run's name (default: a readable one, like jolly-koala)")
-    run.add_argument("--idempotency-key", metavar="KEY",
-                     help="a run created again with the same key is the same run (for retrying scripts)")
-    run.add_argument("--watch", action="store_true",
-                     help="follow the run and its log to its final state; exit 0 on Success, else 1")
-    run.add_argument("--label", dest="run_labels", action="append", help="run label (default: the flow's)")
-    run.add_argument("--at", type=_parse_when, help="when: ISO 8601, or +30s, +5m, +2h (default: now)")
+    if wants("run"):
+        run.add_argument("flow", metavar="FLOW", help="flow name")
+        run.add_argument("--param", dest="params", action="append", type=_parse_param, help="KEY=JSON (repeatable)")
+        run.add_argument("--param-file", metavar="FILE", help="a JSON object of parameters (--param wins over it)")
+        run.add_argument("--name", help="the run's name (default: a readable one, like jolly-koala)")
+        run.add_argument("--idempotency-key", metavar="KEY",
+                         help="a run created again with the same key is the same run (for retrying scripts)")
+        run.add_argument("--watch", action="store_true",
+                         help="follow the run and its log to its final state; exit 0 on Success, else 1")
+        run.add_argument("--label", dest="run_labels", action="append", help="run label (default: the flow's)")
+        run.add_argument("--at", type=_parse_when, help="when: ISO 8601, or +30s, +5m, +2h (default: now)")
 
     def output_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--output", "-o", choices=("table", "json"), default="table",
                             help="table (default), or json with the keys the README lists")
 
     runs = command("runs", "list flow runs", _cmd_runs)
-    output_option(runs)
-    runs.add_argument("--flow", help="only this flow's runs (its name or its slug)")
-    runs.add_argument("--state", type=_state_name, help="only runs in this state, e.g. Failed (any case)")
-    runs.add_argument("--limit", dest="count", type=_nonnegative_int, default=20,
-                      help="how many (default: %(default)s)")
+    if wants("runs"):
+        output_option(runs)
+        runs.add_argument("--flow", help="only this flow's runs (its name or its slug)")
+        runs.add_argument("--state", type=_state_name, help="only runs in this state, e.g. Failed (any case)")
+        runs.add_argument("--limit", dest="count", type=_nonnegative_int, default=20,
+                          help="how many (default: %(default)s)")
 
     logs = command("logs", "print a flow run's log", _cmd_logs)
-    logs.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
-    output_option(logs)
-    logs.add_argument("--follow", action="store_true", help="keep printing until the run is finished")
+    if wants("logs"):
+        logs.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
+        output_option(logs)
+        logs.add_argument("--follow", action="store_true", help="keep printing until the run is finished")
 
     output_option(command("flows", "list registered flows", _cmd_flows))
 
     inspect = command("inspect", "show a flow run: parameters, labels, states and how long each lasted, ...",
                       _cmd_inspect)
-    inspect.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
-    output_option(inspect)
+    if wants("inspect"):
+        inspect.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
+        output_option(inspect)
 
     why = command("why", "explain whether an agent here would take Scheduled runs", _cmd_why)
-    why.add_argument("run_id", metavar="RUN", nargs="?", help="the run's id, the start of it, or its name")
-    output_option(why)
-    _add_option(why, options["labels"]._replace(help="the agent's label (repeatable)"))
-    _add_option(why, options["hostname_label"])
-    _add_option(why, options["local_label"])
-    _add_option(why, options["flow_dirs"])
+    if wants("why"):
+        why.add_argument("run_id", metavar="RUN", nargs="?", help="the run's id, the start of it, or its name")
+        output_option(why)
+        _add_option(why, options["labels"]._replace(help="the agent's label (repeatable)"))
+        _add_option(why, options["hostname_label"])
+        _add_option(why, options["local_label"])
+        _add_option(why, options["flow_dirs"])
 
     schedule = command("schedule", "show, set or turn off a flow's schedule", _cmd_schedule)
-    schedule.add_argument("flow", metavar="FLOW", help="flow name")
-    when = schedule.add_mutually_exclusive_group()
-    when.add_argument("--cron", metavar="EXPR", type=_cron_expression,
-                      help="a cron expression, e.g. '0 9 * * 1-5' or @daily")
-    when.add_argument("--every", metavar="DURATION", type=_parse_duration, help="an interval: 90s, 15m, 1h30m, 1d")
-    when.add_argument("--off", action="store_true", help="turn the schedule off and delete its future runs")
-    when.add_argument("--on", action="store_true", help="turn the schedule on again")
-    schedule.add_argument("--timezone", metavar="TZ", type=_timezone_name,
-                          help="the zone the times are in, e.g. Europe/Berlin (default: this machine's)")
-    schedule.add_argument("--anchor", metavar="WHEN", type=_parse_when,
-                          help="with --every: a time the intervals count from (default: midnight 2019-01-01)")
-    schedule.add_argument("--param", dest="params", action="append", type=_parse_param,
-                          help="KEY=JSON for the scheduled runs (repeatable)")
+    if wants("schedule"):
+        schedule.add_argument("flow", metavar="FLOW", help="flow name")
+        when = schedule.add_mutually_exclusive_group()
+        when.add_argument("--cron", metavar="EXPR", type=_cron_expression,
+                          help="a cron expression, e.g. '0 9 * * 1-5' or @daily")
+        when.add_argument("--every", metavar="DURATION", type=_parse_duration, help="an interval: 90s, 15m, 1h30m, 1d")
+        when.add_argument("--off", action="store_true", help="turn the schedule off and delete its future runs")
+        when.add_argument("--on", action="store_true", help="turn the schedule on again")
+        schedule.add_argument("--timezone", metavar="TZ", type=_timezone_name,
+                              help="the zone the times are in, e.g. Europe/Berlin (default: this machine's)")
+        schedule.add_argument("--anchor", metavar="WHEN", type=_parse_when,
+                              help="with --every: a time the intervals count from (default: midnight 2019-01-01)")
+        schedule.add_argument("--param", dest="params", action="append", type=_parse_param,
+                              help="KEY=JSON for the scheduled runs (repeatable)")
 
     delete = command("delete", "delete a flow (archived, as Prefect Server does) or a flow run", _cmd_delete)
-    delete.add_argument("what", choices=("flow", "run"), help="flow or run")
-    delete.add_argument("target", metavar="NAME", help="the flow's name, or the run's id (the start of it) or name")
+    if wants("delete"):
+        delete.add_argument("what", choices=("flow", "run"), help="flow or run")
+        delete.add_argument("target", metavar="NAME", help="the flow's name, or the run's id (the start of it) or name")
 
     install = commands.add_parser("install", help="print (or --write) a systemd unit or supervisor program for start",
                                   allow_abbrev=False)
-    install.add_argument("manager", choices=("systemd", "supervisor"), help="the service manager")
-    install.add_argument("--write", metavar="PATH", help="write it there instead of printing it")
-    install.add_argument("--user", action="store_true", help="a user unit (systemctl --user), run as you")
-    install.add_argument("--token-file", metavar="PATH",
-                         help="where the service reads the token (written, mode 600, if it does not exist)")
-    for option in _OPTIONS:
-        if option.flags:
-            _add_option(install, option)
-    install.set_defaults(func=_cmd_install)
+    if wants("install"):
+        install.add_argument("manager", choices=("systemd", "supervisor"), help="the service manager")
+        install.add_argument("--write", metavar="PATH", help="write it there instead of printing it")
+        install.add_argument("--user", action="store_true", help="a user unit (systemctl --user), run as you")
+        install.add_argument("--token-file", metavar="PATH",
+                             help="where the service reads the token (written, mode 600, if it does not exist)")
+        for option in _OPTIONS:
+            if option.flags:
+                _add_option(install, option)
+        install.set_defaults(func=_cmd_install)
 
     ui = command("ui", "serve the dashboard for this API or database, with no agent running", _cmd_ui)
-    ui.add_argument("--address", default="http://127.0.0.1:8080", type=_ui_address,
-                    help="where to serve it (default: %(default)s)")
-    _add_option(ui, options["ui_token"])
+    if wants("ui"):
+        ui.add_argument("--address", default="http://127.0.0.1:8080", type=_ui_address,
+                        help="where to serve it (default: %(default)s)")
+        _add_option(ui, options["ui_token"])
 
     status = commands.add_parser("status", help="the agents of this home directory: running, runs, last poll, spool")
-    output_option(status)
-    status.set_defaults(func=_cmd_status)
+    if wants("status"):
+        output_option(status)
+        status.set_defaults(func=_cmd_status)
 
     cancel = command("cancel", "cancel a flow run", _cmd_cancel)
-    cancel.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
+    if wants("cancel"):
+        cancel.add_argument("run_id", metavar="RUN", help="the run's id, the start of it, or its name")
     return parser
 
 
@@ -9084,7 +9104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if list(sys.argv[1:] if argv is None else argv) == ["execute", "flow-run"]:
         return _guarded(_cmd_execute_flow_run, None)  # every run starts here: skip argparse
     arguments = list(sys.argv[1:] if argv is None else argv)
-    args = _build_parser().parse_args(arguments)
+    wanted = arguments[0] if arguments and not arguments[0].startswith("-") else None
+    args = _build_parser(wanted).parse_args(arguments)
     args.argv = arguments  # install passes the start flags on as they were written
     if args.func not in (_cmd_execute_flow_run, _cmd_execute_template) and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)

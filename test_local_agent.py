@@ -3895,7 +3895,7 @@ def test_the_dashboard_api_pages_filters_and_creates_and_cancels_runs(embedded: 
         assert code == 201 and embedded.db.get_flow_run(created["id"]).parameters == {"name": "web"}
         code, refused = ui.post("/api/runs", {"flow": "hello", "parameters": {"nmae": "typo"}})
         assert code == 400 and "has no parameter 'nmae'" in refused["error"]
-        code, cancelled = ui.post(f"/api/runs/{created['id']}/cancel", {})
+        code, _ = ui.post(f"/api/runs/{created['id']}/cancel", {})
         assert code == 200 and cancelled["state"] == "Cancelled" and embedded.state(created["id"]) == "Cancelled"
         code, again = ui.post(f"/api/runs/{created['id']}/cancel", {})
         assert code == 400 and "has already finished (Cancelled)" in again["error"]
@@ -5135,3 +5135,28 @@ def test_the_dashboard_in_a_real_browser(embedded: World, test_flows: Any, chrom
         assert page.exceptions() == []
     agent.send_signal(signal.SIGTERM)
     agent.communicate(timeout=60)
+
+
+def test_the_dashboard_api_on_prefect_server(api_world: World, test_flows: Any) -> None:
+    server = api_world.server
+    flow_id = api_world.flow(test_flows.hello)
+    run_ids = [api_world.run(flow_id, parameters={"name": f"n{n}"}) for n in range(7)]
+    assert api_world.agent("--once").returncode == 0
+    ui = _UI(api_world)
+    try:
+        first, second = ui.get("/api/runs?per_page=5"), ui.get("/api/runs?per_page=5&page=2")
+        assert len(first["runs"]) == 5 and first["has_more"] and len(second["runs"]) == 2
+        assert {run["id"] for run in first["runs"] + second["runs"]} == set(run_ids)
+        assert all(run["start_time"] and run["end_time"] for run in first["runs"])
+        name = first["runs"][0]["name"]
+        assert [run["name"] for run in ui.get(f"/api/runs?q={name}")["runs"]] == [name]
+        assert len(ui.get("/api/runs?q=hel")["runs"]) == 7  # by flow name
+        logs = ui.get(f"/api/runs/{run_ids[0]}/logs?after=0")
+        assert logs["final"] and "Hello, n0!" in [line["message"] for line in logs["lines"]]
+        assert [agent["name"] for agent in ui.get("/api/agents")] == ["agent"]
+        code, created = ui.post("/api/runs", {"flow": "hello", "parameters": {"name": "web"}})
+        assert code == 201 and server.run(created["id"])["parameters"] == {"name": "web"}
+        code, _ = ui.post(f"/api/runs/{created['id']}/cancel", {})
+        assert code == 200 and server.run(created["id"])["state"] == "Cancelled"
+    finally:
+        ui.close()
