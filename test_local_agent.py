@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -3345,6 +3346,28 @@ def test_a_deployed_schedule_creates_its_next_ten_runs_once(embedded: World, tes
     assert [row["id"] for row in _auto_runs(embedded)] == [row["id"] for row in rows]
     for other in others:
         other.close()
+
+
+def test_agents_that_top_up_at_once_make_each_scheduled_run_once(embedded: World, test_flows: Any) -> None:
+    """Two agents that both found a schedule short of runs write the same events: the idempotency
+    key (flow, time, the clock's parameters) keeps one run per time."""
+    schedule = la.Schedule([la.CronClock("*/5 * * * *", parameter_defaults={"name": "a"}),
+                            la.CronClock("*/5 * * * *", parameter_defaults={"name": "b"})])
+    flow_id = embedded.flow(test_flows.hello, schedule=schedule)
+    embedded.db.set_schedule_active(_flow_summary(embedded, "hello"), False)
+    now = datetime.now(timezone.utc)
+    events = schedule.next(10, now)
+    others = [la.SQLiteBackend(la._sqlite_path(embedded.api)) for _ in range(2)]
+    try:
+        for backend in others:  # as each would, having read the same state before either wrote
+            backend._write(functools.partial(backend._create_scheduled_runs, flow_id=flow_id, events=events, now=now))
+    finally:
+        for backend in others:
+            backend.close()
+    rows = _auto_runs(embedded)
+    assert sorted((row["scheduled_start_time"], row["parameters"]) for row in rows) == sorted(
+        (la._format_time(event.start_time), json.dumps(event.parameter_defaults)) for event in events)
+    assert len({(row["scheduled_start_time"], row["parameters"]) for row in rows}) == 10  # both clocks, once each
 
 
 def test_the_scheduler_tops_up_as_time_passes_and_skips_what_it_made(embedded: World, test_flows: Any) -> None:
