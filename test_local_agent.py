@@ -3918,7 +3918,7 @@ def test_the_dashboard_api_pages_filters_and_creates_and_cancels_runs(embedded: 
         assert code == 201 and embedded.db.get_flow_run(created["id"]).parameters == {"name": "web"}
         code, refused = ui.post("/api/runs", {"flow": "hello", "parameters": {"nmae": "typo"}})
         assert code == 400 and "has no parameter 'nmae'" in refused["error"]
-        code, _ = ui.post(f"/api/runs/{created['id']}/cancel", {})
+        code, cancelled = ui.post(f"/api/runs/{created['id']}/cancel", {})
         assert code == 200 and cancelled["state"] == "Cancelled" and embedded.state(created["id"]) == "Cancelled"
         code, again = ui.post(f"/api/runs/{created['id']}/cancel", {})
         assert code == 400 and "has already finished (Cancelled)" in again["error"]
