@@ -2797,7 +2797,8 @@ def test_a_forked_run_is_a_process_of_its_own_as_a_fresh_one_is(world: World, te
     run_ids = [world.run(flow_id, parameters={"path": str(facts_file)}) for _ in range(3)]
     preload = ("--preload", "test_flows") if world.warm else ()
     result = world.agent("--once", *preload)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + "\n".join(f"{run}: {world.message(run)} {world.logs(run)}"
+                                                            for run in run_ids)
     facts = [json.loads(line) for line in facts_file.read_text().splitlines()]
     assert sorted(fact["run_id"] for fact in facts) == sorted(run_ids)  # each ran, once
     for fact in facts:
@@ -2826,7 +2827,8 @@ def test_a_run_that_sets_what_python_reads_only_at_start_gets_a_fresh_interprete
         flow_id = api_world.server.add_flow(name, la.local_storage(name, path), labels=["test"], run_config=run_config)
         runs[key] = api_world.run(flow_id, parameters={"path": str(facts_file)})
     result = api_world.agent("--once", "--preload", "local_agent", "-v")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + "\n".join(f"{run}: {api_world.message(run)} {api_world.logs(run)}"
+                                                            for run in runs.values())
     assert facts_file.exists(), result.stderr[-3000:]
     parents = {fact["run_id"]: fact["parent"] for fact in map(json.loads, facts_file.read_text().splitlines())}
     assert "template" in parents[runs["plain"]]
