@@ -7699,8 +7699,15 @@ def _serve_http(address: str, dashboard: _Dashboard, logger: logging.Logger,
                 else dashboard.get(path, query)))
 
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(min(length, 1_000_000))
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= 1_000_000:
+                self.reply(400, b'{"error": "send a JSON body of at most 1 MB, with its Content-Length"}',
+                           "application/json")
+                return
+            body = self.rfile.read(length)
             if not (self.headers.get("Content-Type") or "").startswith("application/json"):
                 # A browser sends JSON to another origin only after asking first, which is never answered.
                 self.reply(415, json.dumps({"error": "send Content-Type: application/json"}).encode(),

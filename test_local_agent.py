@@ -3926,6 +3926,10 @@ def test_the_dashboard_api_pages_filters_and_creates_and_cancels_runs(embedded: 
         assert code == 400 and "has already finished (Cancelled)" in again["error"]
         code, _ = ui.post("/api/runs", {"flow": "hello"}, content_type="text/plain")
         assert code == 415  # a page of another site cannot post JSON here without asking first
+        with socket.create_connection(("127.0.0.1", ui.port), timeout=10) as raw:  # a length that lies
+            raw.sendall(f"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1:{ui.port}\r\nContent-Type: application/json"
+                        "\r\nContent-Length: -5\r\n\r\n".encode())
+            assert raw.recv(200).startswith(b"HTTP/1.0 400")
         rebound = urllib.request.Request(ui.base + "/api/runs", headers={"Host": f"attacker.example:{ui.port}"})
         with pytest.raises(urllib.error.HTTPError) as wrong_host:
             urllib.request.urlopen(rebound, timeout=10)
