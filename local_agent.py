@@ -8180,8 +8180,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
 #: ``install``'s own flags; every other one is a ``start`` flag the service passes on.
 _INSTALL_FLAGS = {"--write": True, "--user": False, "--token-file": True}
-#: The token's flags: never copied onto a service's command line.
-_TOKEN_FLAGS = ("-t", "--token", "-k", "--key")
+#: The flags of secrets: never copied onto a service's command line (``-tTOKEN`` included).
+_TOKEN_FLAGS = ("-t", "--token", "-k", "--key", "--ui-token")
 #: How much longer than ``--grace`` a service manager waits before it kills the agent: the
 #: agent needs the grace for its flows, then time to stop them and hand back what is left.
 _STOP_MARGIN_SECONDS = 30
@@ -8191,7 +8191,11 @@ def _cmd_install(args: argparse.Namespace) -> int:
     flags = {key: value for key, value in vars(args).items()
              if key not in ("func", "command", "manager", "write", "user", "token_file", "argv")}
     settings = resolve_settings(flags)  # the service's settings, checked now rather than at its first start
-    passed_on = _start_flags(args.argv)
+    passed_on = _start_flags(args.argv, args.manager)
+    for key in settings.env:  # -e KEY VALUE as two words: checked by name here
+        if _SECRET_NAME.search(key):
+            raise ConfigError(f"{key} looks secret and would be written into the service's definition: give it to "
+                              "the flows through their run config, or a file they read")
     environment = {"PREFECT__HOME_DIR": str(settings.home), "PYTHONUNBUFFERED": "1"}
     prefect_variables = {key: value for key, value in os.environ.items() if key.startswith("PREFECT__")}
     environment.update({key: value for key, value in prefect_variables.items()
@@ -8223,21 +8227,35 @@ def _is_secret_variable(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
 
-def _start_flags(argv: Sequence[str]) -> list[str]:
-    """The ``start`` flags in ``install``'s arguments, without install's own and without the token."""
-    kept, skip_value = [], False
-    for index, arg in enumerate(argv):
+def _start_flags(argv: Sequence[str], manager: str) -> list[str]:
+    """The ``start`` flags in ``install``'s arguments, without install's own and without secrets."""
+    kept, skip_value, manager_seen = [], False, False
+    for arg in argv[1:]:  # after "install"
         if skip_value:
             skip_value = False
             continue
         name = arg.split("=", 1)[0]
-        if index < 2 and not arg.startswith("-"):  # "install" and the service manager
+        if arg == manager and not manager_seen:
+            manager_seen = True
             continue
         if name in _TOKEN_FLAGS or name in _INSTALL_FLAGS:
             skip_value = "=" not in arg and (name in _TOKEN_FLAGS or _INSTALL_FLAGS[name])
             continue
+        if arg[:2] in ("-t", "-k") and not arg.startswith("--"):  # -tTOKEN: the value is attached
+            continue
+        if arg.startswith(("-e", "--env=")):  # -eKEY=VALUE or --env=KEY=VALUE: the pair is attached
+            _refuse_secret_env(arg)
         kept.append(arg)
     return kept
+
+
+def _refuse_secret_env(arg: str) -> None:
+    """``install`` puts ``-eKEY=VALUE`` on the service's command line: not a secret's."""
+    pair = arg.split("=", 1)[1] if arg.startswith("--env=") else arg[2:]
+    key = pair.split("=", 1)[0]
+    if key and _SECRET_NAME.search(key):
+        raise ConfigError(f"{key} looks secret and would be written into the service's definition: give it to the "
+                          "flows through their run config, or a file they read")
 
 
 def _service_command(start_flags: Sequence[str]) -> list[str]:
@@ -8251,10 +8269,13 @@ def _service_command(start_flags: Sequence[str]) -> list[str]:
 def _service_secrets(args: argparse.Namespace, settings: Settings, environment: dict[str, str]) -> str:
     """Where the service reads the token: the config file it came from, or ``--token-file``
     (written now, mode 600). Either must be readable by its owner only. "" when there is no token."""
-    if not settings.token:
+    if not settings.token and not settings.ui_token:
         return ""
+    if settings.ui_token and not args.token_file:
+        raise ConfigError("the --ui-token must not go on the service's command line: give --token-file PATH, where "
+                          "it is kept for the service (mode 600)")
     source = settings.sources.get("token", "")
-    if source.startswith("config file") and not args.token_file:
+    if settings.token and source.startswith("config file") and not args.token_file:
         _check_private(settings.config_path)
         environment["PREFECT__USER_CONFIG_PATH"] = os.path.abspath(settings.config_path)
         return ""
@@ -8265,8 +8286,11 @@ def _service_secrets(args: argparse.Namespace, settings: Settings, environment: 
     if os.path.exists(path):
         _check_private(path)
     else:
-        content = (f"PREFECT__CLOUD__AGENT__AUTH_TOKEN={settings.token}\n" if args.manager == "systemd" else
-                   f"[cloud.agent]\nauth_token = {json.dumps(settings.token)}\n")
+        secrets = {key: value for key, value in (("auth_token", settings.token), ("ui_token", settings.ui_token))
+                   if value}
+        content = "".join(f"{_env_name('cloud.agent.' + key)}={value}\n" for key, value in secrets.items()) \
+            if args.manager == "systemd" else "[cloud.agent]\n" + "".join(
+                f"{key} = {json.dumps(value)}\n" for key, value in secrets.items())
         try:
             with _private_open(Path(path), "w") as handle:
                 handle.write(content)
@@ -8289,12 +8313,26 @@ def _check_private(path: str) -> None:
                           f"chmod 600 {path}")
 
 
-def _systemd_quote(word: str) -> str:
-    """One word of a systemd command line, quoted when it must be (systemd.syntax)."""
-    if word and not any(c in word for c in ' \t\n"\'\\$%;'):
+def _systemd_quote(word: str, *, expands_variables: bool = True) -> str:
+    """One word of ``ExecStart=`` (or, without ``$`` expansion, ``Environment=``), quoted when it
+    must be: systemd unquotes both, expands ``%`` specifiers, and ``$VARIABLES`` in ExecStart."""
+    _refuse_newline(word)
+    special = ' \t"\'\\%;' + ("$" if expands_variables else "")
+    if word and not any(c in word for c in special):
         return word
-    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%")
-    return f'"{escaped}"'
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped.replace("$", "$$") if expands_variables else escaped}"'
+
+
+def _systemd_path(path: str) -> str:
+    """A path for ``WorkingDirectory=`` or ``EnvironmentFile=``: systemd takes it raw, but for ``%``."""
+    _refuse_newline(path)
+    return path.replace("%", "%%")
+
+
+def _refuse_newline(text: str) -> None:
+    if "\n" in text or "\r" in text:
+        raise ConfigError(f"{text!r} has a line break, which a service definition cannot hold")
 
 
 def _systemd_unit(settings: Settings, command: Sequence[str], environment: Mapping[str, str], secrets_file: str,
@@ -8316,10 +8354,11 @@ def _systemd_unit(settings: Settings, command: Sequence[str], environment: Mappi
     ]
     if not user_unit:
         lines.append(f"User={getpass.getuser()}")
-    lines.append(f"WorkingDirectory={_systemd_quote(os.getcwd())}")
-    lines += [f"Environment={_systemd_quote(f'{key}={value}')}" for key, value in sorted(environment.items())]
+    lines.append(f"WorkingDirectory={_systemd_path(os.getcwd())}")
+    lines += [f"Environment={_systemd_quote(f'{key}={value}', expands_variables=False)}"
+              for key, value in sorted(environment.items())]
     if secrets_file:
-        lines.append(f"EnvironmentFile={_systemd_quote(secrets_file)}")
+        lines.append(f"EnvironmentFile={_systemd_path(secrets_file)}")
     lines += [
         "ExecStart=" + " ".join(_systemd_quote(word) for word in command),
         "Restart=on-failure",
@@ -8341,7 +8380,12 @@ def _supervisor_program(settings: Settings, command: Sequence[str], environment:
     import shlex
 
     def value(text: str) -> str:  # supervisor expands %(name)s in values: double the %
+        _refuse_newline(text)
         return text.replace("%", "%%")
+
+    for key, item in environment.items():
+        if '"' in item:  # supervisor's environment= has no way to quote a quote
+            raise ConfigError(f"{key}'s value has a double quote, which supervisor's environment= cannot hold")
 
     environment_text = ",".join(f'{key}="{value(item)}"' for key, item in sorted(environment.items()))
     lines = [

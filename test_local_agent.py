@@ -3807,6 +3807,35 @@ def test_install_keeps_the_token_off_the_command_line_and_checks_its_file(tmp_pa
     assert f"Environment=PREFECT__USER_CONFIG_PATH={config}" in unit and TOKEN not in unit
     bad = run_cli("install", "launchd", env=clean_env)
     assert bad.returncode == 2 and "invalid choice: 'launchd'" in bad.stderr
+    # Attached short forms, the dashboard's token and secret --env values stay off the command line too.
+    token_file = tmp_path / "agent.env"
+    unit = run_cli("install", "--user", "systemd", f"-t{TOKEN}", "--ui-token", "ui-secret-5678", "--token-file",
+                   str(token_file), "-l", "x", env=clean_env, check=True).stdout
+    assert TOKEN not in unit and "ui-secret-5678" not in unit and " start -l x" in unit and "systemd" not in \
+        unit.split("ExecStart=")[1].splitlines()[0]
+    assert token_file.read_text() == (f"PREFECT__CLOUD__AGENT__AUTH_TOKEN={TOKEN}\n"
+                                      "PREFECT__CLOUD__AGENT__UI_TOKEN=ui-secret-5678\n")
+    for secret_env in (["-eDB_PASSWORD=hunter2"], ["-e", "DB_PASSWORD=hunter2"], ["--env=API_KEY=abc"]):
+        refused = run_cli("install", "systemd", *secret_env, env=clean_env)
+        assert refused.returncode == 1 and "looks secret" in refused.stderr and "hunter2" not in refused.stderr
+
+
+def test_install_writes_units_systemd_reads_as_meant_from_awkward_places(tmp_path: Path,
+                                                                        clean_env: dict[str, str]) -> None:
+    systemd_analyze = shutil.which("systemd-analyze")
+    assert systemd_analyze, "systemd-analyze is missing: apt-get install systemd (it checks the unit)"
+    awkward = tmp_path / "dir with space 100%"
+    awkward.mkdir()
+    unit_path = awkward / "local-agent.service"
+    env = {**clean_env, "PREFECT__CLOUD__AGENT__NAME": "pay$day 50%"}
+    run_cli("install", "systemd", "-t", TOKEN, "--token-file", str(awkward / "token.env"), "-l", "a b",
+            "--write", str(unit_path), env=env, cwd=awkward, check=True)
+    verified = subprocess.run([systemd_analyze, "verify", str(unit_path)], capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+    unit = unit_path.read_text()
+    assert f"WorkingDirectory={str(awkward).replace('%', '%%')}" in unit.splitlines()
+    assert 'Environment="PREFECT__CLOUD__AGENT__NAME=pay$day 50%%"' in unit.splitlines()
+    assert "-l \"a b\"" in unit
 
 
 def test_status_shows_the_agents_of_the_home_directory(embedded: World, test_flows: Any) -> None:
