@@ -3902,7 +3902,7 @@ class SQLiteBackend(Backend):
             try:
                 events = Schedule.from_prefect(json.loads(row["schedule"])).next(SCHEDULED_RUNS_AHEAD, now)
                 self._write(functools.partial(self._create_scheduled_runs, flow_id=row["id"], events=events,
-                                              now=now))
+                                              now=now, schedule=row["schedule"]))
             except (ValueError, APIError) as exc:  # Server logs a schedule it cannot use and goes on
                 if isinstance(exc, APIError) and exc.transient:
                     raise
@@ -3919,9 +3919,18 @@ class SQLiteBackend(Backend):
         return _parse_time(rows[0][0]) if rows else now
 
     def _create_scheduled_runs(self, db: sqlite3.Connection, *, flow_id: str, events: Sequence[ClockEvent],
-                               now: datetime) -> None:
-        """Server's ``schedule_flow_runs``: a run per event, none for a time already scheduled."""
+                               now: datetime, schedule: str) -> None:
+        """Server's ``schedule_flow_runs``: a run per event, none for a time already scheduled, and
+        none at all if the schedule was turned off or changed since ``events`` were computed from it."""
         import hashlib
+
+        current = db.execute(
+            "SELECT f.is_schedule_active, f.archived, coalesce(g.schedule, f.schedule) AS schedule FROM flow f "
+            "LEFT JOIN flow_group g ON g.project_id = f.project_id AND g.name = f.name WHERE f.id = ?", (flow_id,)
+        ).fetchone()
+        if current is None or not current["is_schedule_active"] or current["archived"] or \
+                current["schedule"] != schedule:
+            return
 
         last = db.execute("SELECT max(scheduled_start_time) FROM flow_run WHERE flow_id = ? AND auto_scheduled = 1",
                           (flow_id,)).fetchone()[0]

@@ -3356,13 +3356,15 @@ def test_agents_that_top_up_at_once_make_each_scheduled_run_once(embedded: World
     schedule = la.Schedule([la.CronClock("*/5 * * * *", parameter_defaults={"name": "a"}),
                             la.CronClock("*/5 * * * *", parameter_defaults={"name": "b"})])
     flow_id = embedded.flow(test_flows.hello, schedule=schedule)
-    embedded.db.set_schedule_active(_flow_summary(embedded, "hello"), False)
+    embedded.db._write(lambda db: embedded.db._delete_auto_scheduled(db, flow_id))  # as if all were taken
+    text = embedded.db._read("SELECT schedule FROM flow WHERE id = ?", (flow_id,))[0][0]
     now = datetime.now(timezone.utc)
     events = schedule.next(10, now)
     others = [la.SQLiteBackend(la._sqlite_path(embedded.api)) for _ in range(2)]
     try:
         for backend in others:  # as each would, having read the same state before either wrote
-            backend._write(functools.partial(backend._create_scheduled_runs, flow_id=flow_id, events=events, now=now))
+            backend._write(functools.partial(backend._create_scheduled_runs, flow_id=flow_id, events=events, now=now,
+                                             schedule=text))
     finally:
         for backend in others:
             backend.close()
@@ -3370,6 +3372,24 @@ def test_agents_that_top_up_at_once_make_each_scheduled_run_once(embedded: World
     assert sorted((row["scheduled_start_time"], row["parameters"]) for row in rows) == sorted(
         (la._format_time(event.start_time), json.dumps(event.parameter_defaults)) for event in events)
     assert len({(row["scheduled_start_time"], row["parameters"]) for row in rows}) == 10  # both clocks, once each
+
+
+def test_a_top_up_that_read_a_schedule_before_it_was_turned_off_creates_nothing(embedded: World,
+                                                                               test_flows: Any) -> None:
+    clock = la.IntervalClock(timedelta(minutes=5))
+    flow_id = embedded.flow(test_flows.hello, schedule=clock)
+    text = embedded.db._read("SELECT schedule FROM flow WHERE id = ?", (flow_id,))[0][0]
+    now = datetime.now(timezone.utc)
+    events = la.Schedule([clock]).next(10, now)  # computed, then the schedule goes off before the write
+    embedded.db.set_schedule_active(_flow_summary(embedded, "hello"), False)
+    embedded.db._write(functools.partial(embedded.db._create_scheduled_runs, flow_id=flow_id, events=events,
+                                         now=now, schedule=text))
+    assert _auto_runs(embedded) == []
+    run_cli("schedule", "hello", "--every", "7m", env=embedded.env, check=True)  # another schedule now
+    embedded.db._write(lambda db: embedded.db._delete_auto_scheduled(db, flow_id))
+    embedded.db._write(functools.partial(embedded.db._create_scheduled_runs, flow_id=flow_id, events=events,
+                                         now=now, schedule=text))
+    assert _auto_runs(embedded) == []  # the old schedule's times are not the new one's
 
 
 def test_the_scheduler_tops_up_as_time_passes_and_skips_what_it_made(embedded: World, test_flows: Any) -> None:
