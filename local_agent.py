@@ -1064,6 +1064,8 @@ _PENDULUM_FROZEN_IN_2038 = frozenset({
     "Australia/Lord_Howe", "Chile/Continental", "Chile/EasterIsland", "NZ-CHAT", "Pacific/Chatham",
     "Pacific/Easter", "Pacific/Norfolk",
 })
+#: The longest interval a clock may have: longer ones overflow datetime arithmetic within years.
+_LONGEST_INTERVAL = timedelta(days=36525)
 #: Prefect's IntervalClock starts here when no start date is given.
 _INTERVAL_DEFAULT_START = datetime(2019, 1, 1)
 _UNIX_EPOCH = datetime(1970, 1, 1)
@@ -1672,8 +1674,8 @@ class IntervalClock:
         labels: Sequence[str] | None = None,
     ) -> None:
         self.every = every if isinstance(every, timedelta) else timedelta(seconds=every)
-        if self.every <= timedelta(0):
-            raise ValueError("an interval must be longer than 0 s")
+        if not timedelta(0) < self.every <= _LONGEST_INTERVAL:
+            raise ValueError("an interval must be longer than 0 s and at most 100 years")
         zone_of_anchor = getattr(anchor.tzinfo, "key", None) if anchor is not None else None
         self.timezone = _check_timezone(timezone or zone_of_anchor or "UTC")
         self.anchor_wall = _wall_time(anchor, self.timezone)
@@ -1816,6 +1818,11 @@ def _clock_from_prefect(data: Any) -> CronClock | IntervalClock:
         raise ValueError("a clock is an object")
     zone, start = _from_prefect_time(data.get("start_date"))
     _, end = _from_prefect_time(data.get("end_date"))
+    if not isinstance(data.get("parameter_defaults") or {}, Mapping):
+        raise ValueError("a clock's parameter_defaults is an object")
+    labels = data.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(label, str) for label in labels)):
+        raise ValueError("a clock's labels are a list of strings")
     common: dict[str, Any] = {
         "end": end, "parameter_defaults": data.get("parameter_defaults") or {}, "labels": data.get("labels"),
     }
@@ -1825,8 +1832,8 @@ def _clock_from_prefect(data: Any) -> CronClock | IntervalClock:
                          **common)
     if data.get("type") == "IntervalClock":
         interval = data.get("interval")
-        if not isinstance(interval, int):
-            raise ValueError("an IntervalClock's interval is a whole number of microseconds")
+        if not isinstance(interval, int) or not 0 < interval <= _LONGEST_INTERVAL // timedelta(microseconds=1):
+            raise ValueError("an IntervalClock's interval is a whole number of microseconds, up to 100 years")
         return IntervalClock(timedelta(microseconds=interval), anchor=start, timezone=zone, **common)
     raise ValueError(f"clocks of type {data.get('type')!r} are not supported; use CronClock or IntervalClock")
 
@@ -3903,7 +3910,7 @@ class SQLiteBackend(Backend):
                 events = Schedule.from_prefect(json.loads(row["schedule"])).next(SCHEDULED_RUNS_AHEAD, now)
                 self._write(functools.partial(self._create_scheduled_runs, flow_id=row["id"], events=events,
                                               now=now, schedule=row["schedule"]))
-            except (ValueError, APIError) as exc:  # Server logs a schedule it cannot use and goes on
+            except Exception as exc:  # Server logs a schedule it cannot use and goes on, as must every agent
                 if isinstance(exc, APIError) and exc.transient:
                     raise
                 logging.getLogger(__name__).error("Cannot schedule runs of flow %s: %s", row["id"], exc)
@@ -7623,13 +7630,13 @@ class _Dashboard:
         now, listed = _utcnow(), []
         for flow in backend.list_flows():
             schedule = _flow_schedule(flow)
-            upcoming = schedule.next(1, now) if schedule and flow.schedule_active else []
+            upcoming = _next_run(schedule, flow.schedule_active, now)
             declared = [item for item in flow.parameters or [] if isinstance(item, Mapping) and "name" in item]
             listed.append({
                 "id": flow.id, "name": flow.name, "version": flow.version, "project": flow.project,
                 "labels": list(flow.labels), "schedule": schedule.describe() if schedule else None,
                 "schedule_active": bool(schedule and flow.schedule_active),
-                "next_run": _format_time(upcoming[0].start_time) if upcoming else None,
+                "next_run": _format_time(upcoming) if upcoming else None,
                 "parameters": [{"name": item["name"], "default": item.get("default"),
                                 "required": bool(item.get("required"))} for item in declared],
             })
@@ -8660,6 +8667,9 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
                 return 0
         elif args.cron or args.every:
             schedule = Schedule([_clock_from_args(args)])
+            if _next_run(schedule, True) is None:
+                raise AgentError(f"the schedule never fires: {schedule.describe()} matches no time in the next "
+                                 "50 years")
             _check_schedule_parameters(flow, schedule)
             backend.set_schedule(flow, schedule)
         flow = backend.find_flow(name) or flow
@@ -8671,6 +8681,13 @@ def _clock_from_args(args: argparse.Namespace) -> CronClock | IntervalClock:
     """The clock ``schedule --cron`` or ``--every`` describes; ValueError is shown as a usage error."""
     zone = args.timezone or _local_zone_name()
     parameters = dict(args.params or [])
+    try:
+        return _clock_for(args, zone, parameters)
+    except ValueError as exc:
+        raise AgentError(str(exc)) from None
+
+
+def _clock_for(args: argparse.Namespace, zone: str, parameters: dict[str, Any]) -> CronClock | IntervalClock:
     if args.cron:
         if args.anchor:
             raise AgentError("--anchor goes with --every; a cron schedule is anchored by its expression")
@@ -8697,17 +8714,31 @@ def _schedule_text(flow: FlowSummary, upcoming: int = 0) -> str:
     text = f"Flow {flow.name} runs on {schedule.describe()}" + ("" if flow.schedule_active else " (off)")
     if flow.schedule_active and upcoming:
         zone = _zoneinfo(schedule.clocks[0].timezone)
-        times = [event.start_time.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z") for event in
-                 schedule.next(upcoming)]
-        text += "\nNext runs: " + ", ".join(times)
+        try:
+            events = schedule.next(upcoming)
+        except Exception as exc:  # one the API holds and we cannot follow
+            return text + f"\nNext runs: cannot tell ({_one_line(str(exc))})"
+        times = [event.start_time.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z") for event in events]
+        text += "\nNext runs: " + (", ".join(times) or "none")
     return text
+
+
+def _next_run(schedule: Schedule | None, active: bool, after: datetime | None = None) -> datetime | None:
+    """When an active schedule fires next; None when it is off, or never fires (``0 0 30 2 *``)."""
+    if schedule is None or not active:
+        return None
+    try:
+        upcoming = schedule.next(1, after)
+    except Exception:  # a schedule the API holds may be one we cannot follow: listings go on
+        return None
+    return upcoming[0].start_time if upcoming else None
 
 
 def _flow_schedule(flow: FlowSummary) -> Schedule | None:
     """A listed flow's schedule, or None when it has none or it cannot be read."""
     try:
         return Schedule.from_prefect(flow.schedule) if flow.schedule else None
-    except ValueError:
+    except Exception:  # whatever the API holds: listings go on without it
         return None
 
 
@@ -8772,8 +8803,8 @@ def _duration(text: str) -> timedelta:
         if not parts or _DURATION_PART.sub("", compact).strip():
             raise ValueError(f"{text!r} is not a duration; use 90s, 15m, 1h30m, 1d or 2w") from None
         seconds = sum(float(number) * units[unit] for number, unit in parts)
-    if not 0 < seconds < 10**9:
-        raise ValueError(f"{text!r} is not a duration longer than 0 s")
+    if not 1e-6 <= seconds <= _LONGEST_INTERVAL.total_seconds():
+        raise ValueError(f"{text!r} is not a duration from 1 µs to 100 years")
     return timedelta(seconds=seconds)
 
 
@@ -8805,14 +8836,13 @@ def _cmd_flows(args: argparse.Namespace) -> int:
         flows = backend.list_flows()
     now = _utcnow()
     schedules = [_flow_schedule(flow) for flow in flows]
-    next_runs = [schedule.next(1, now) if schedule and flow.schedule_active else [] for flow, schedule in
-                 zip(flows, schedules)]
+    next_runs = [_next_run(schedule, flow.schedule_active, now) for flow, schedule in zip(flows, schedules)]
     if args.output == "json":
         return _print_json([{"id": flow.id, "name": flow.name, "version": flow.version, "project": flow.project,
                              "labels": list(flow.labels), "storage": flow.storage,
                              "schedule": schedule.describe() if schedule else None,
                              "schedule_active": bool(schedule and flow.schedule_active),
-                             "next_run": _format_time(next_run[0].start_time) if next_run else None}
+                             "next_run": _format_time(next_run) if next_run else None}
                             for flow, schedule, next_run in zip(flows, schedules, next_runs)])
     rows = []
     for flow, schedule, next_run in zip(flows, schedules, next_runs):
@@ -8820,7 +8850,7 @@ def _cmd_flows(args: argparse.Namespace) -> int:
         path = files.get(flow.name, "-") if isinstance(files, dict) else "-"
         described = (schedule.describe() + ("" if flow.schedule_active else " (off)")) if schedule else "-"
         rows.append((flow.name, str(flow.version), flow.project, ", ".join(flow.labels) or "-", described,
-                     _short_time(next_run[0].start_time) if next_run else "-", str(path)))
+                     _short_time(next_run), str(path)))
     print(_format_table(("NAME", "VERSION", "PROJECT", "LABELS", "SCHEDULE", "NEXT RUN (UTC)", "FLOW FILE"), rows))
     return 0
 

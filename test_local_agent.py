@@ -3477,7 +3477,9 @@ def test_schedule_command_sets_shows_and_turns_off_a_schedule(embedded: World, t
     (("--cron", "0 9 * *"), 2, "has 4 fields; expected 5"),
     (("--cron", "@reboot"), 2, "argument --cron:"),
     (("--every", "5x"), 2, "'5x' is not a duration; use 90s, 15m, 1h30m, 1d or 2w"),
-    (("--every", "0s"), 2, "is not a duration longer than 0 s"),
+    (("--every", "0s"), 2, "'0s' is not a duration from 1 µs to 100 years"),
+    (("--every", "0.0000001s"), 2, "is not a duration from 1 µs to 100 years"),
+    (("--cron", "0 0 30 2 *"), 1, "the schedule never fires: cron '0 0 30 2 *'"),
     (("--cron", "@daily", "--timezone", "Mars/Olympus"), 2, "unknown time zone 'Mars/Olympus'"),
     (("--cron", "@daily", "--every", "1h"), 2, "not allowed with argument"),
     (("--cron", "@daily", "--anchor", "+1h"), 1, "--anchor goes with --every"),
@@ -3492,6 +3494,29 @@ def test_schedule_command_refuses_bad_input_with_one_line(embedded: World, test_
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert _auto_runs(embedded) == []
+
+
+@pytest.mark.parametrize("clock", [
+    {"type": "CronClock", "cron": "0 0 30 2 *"},  # never fires (Prefect raises in next())
+    {"type": "CronClock", "cron": "0 9 * * *", "parameter_defaults": ["not", "an", "object"]},
+    {"type": "IntervalClock", "interval": 10**20},  # overflows datetime arithmetic
+    {"type": "RRuleClock", "rrule_obj": {}},  # a clock this file cannot follow
+])
+def test_a_schedule_the_database_holds_but_cannot_be_followed_breaks_nothing(embedded: World, test_flows: Any,
+                                                                            clock: dict[str, Any]) -> None:
+    flow = la.Flow("odd", test_flows.hello)
+    serialized = la.serialize_flow(flow, str(la.store_flow(flow, embedded.storage_dir)), ["test"])
+    serialized["schedule"] = {"clocks": [clock]}  # as another program (or a Server's dump) may have written it
+    embedded.db.register_flow(embedded.project, serialized)
+    run_id = embedded.run(embedded.flow(test_flows.hello))
+    result = embedded.agent("--once")  # tops up (and logs why it cannot), runs what is due
+    assert result.returncode == 0 and embedded.state(run_id) == "Success", result.stderr
+    assert "Cannot schedule runs of flow" in result.stderr and _auto_runs(embedded) == []
+    listed = json.loads(run_cli("flows", "-o", "json", env=embedded.env, check=True).stdout)
+    assert {flow["name"]: flow["next_run"] for flow in listed}["odd"] is None
+    assert "Traceback" not in run_cli("schedule", "odd", env=embedded.env).stderr
+    dashboard = la._Dashboard(la.resolve_settings({"api": embedded.api}), mode="ui", on_loopback=True)
+    assert dashboard.get("/api/flows", {})[0] == 200
 
 
 def test_a_schedule_needs_every_required_parameter(embedded: World, test_flows: Any) -> None:
