@@ -2410,9 +2410,13 @@ class Backend:
         first, where the backend can order so (the embedded one)."""
         raise NotImplementedError
 
-    def get_run_logs(self, run_id: str, offset: int = 0) -> list[LogLine]:
-        """A run's log lines in the order they were written, from ``offset`` on."""
+    def get_run_logs(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[LogLine]:
+        """A run's log lines in the order they were written, from ``offset`` on (at most ``limit``)."""
         raise NotImplementedError
+
+    def count_run_logs(self, run_id: str) -> int:
+        """How many log lines a run has."""
+        return len(self.get_run_logs(run_id))
 
     def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
         """A run's states, oldest first: (state, message, timestamp)."""
@@ -3075,8 +3079,11 @@ class GraphQLBackend(Backend):
         rows = _expect(self.graphql(_FLOW_RUN_LIST % arguments).get("flow_run"), list, "flow_run")
         return [_parse_flow_run(row) for row in rows]
 
-    def get_run_logs(self, run_id: str, offset: int = 0) -> list[LogLine]:
-        rows = _expect(self.graphql(_LOG_QUERY % (json.dumps(run_id), int(offset))).get("log"), list, "log")
+    def get_run_logs(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[LogLine]:
+        document = _LOG_QUERY % (json.dumps(run_id), int(offset))
+        if limit is not None:
+            document = document.replace(f"offset: {int(offset)})", f"offset: {int(offset)}, limit: {int(limit)})", 1)
+        rows = _expect(self.graphql(document).get("log"), list, "log")
         return [
             LogLine(str(row.get("timestamp", "")), str(row.get("level", "")), str(row.get("name") or ""),
                     str(row.get("message") or ""))
@@ -3812,12 +3819,15 @@ class SQLiteBackend(Backend):
         )
         return [self._flow_run(row) for row in rows]
 
-    def get_run_logs(self, run_id: str, offset: int = 0) -> list[LogLine]:
+    def get_run_logs(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[LogLine]:
         rows = self._read(
-            "SELECT timestamp, level, name, message FROM log WHERE flow_run_id = ? ORDER BY id LIMIT -1 OFFSET ?",
-            (run_id, int(offset)),
+            "SELECT timestamp, level, name, message FROM log WHERE flow_run_id = ? ORDER BY id LIMIT ? OFFSET ?",
+            (run_id, -1 if limit is None else int(limit), int(offset)),
         )
         return [LogLine(row["timestamp"], row["level"], row["name"], row["message"]) for row in rows]
+
+    def count_run_logs(self, run_id: str) -> int:
+        return int(self._read("SELECT count(*) FROM log WHERE flow_run_id = ?", (run_id,))[0][0])
 
     def delete_flow_run(self, run_id: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
@@ -7509,6 +7519,8 @@ class _Dashboard:
     """The dashboard's page and its JSON routes, over a backend opened per request."""
 
     PER_PAGE, MAX_PER_PAGE = 50, 200
+    #: A log answer holds at most this many lines; the page asks again from ``next``.
+    LOG_LINES_PER_ANSWER = 5000
 
     def __init__(self, settings: Settings, *, mode: str, on_loopback: bool,
                  status: Callable[[], dict[str, Any]] | None = None) -> None:
@@ -7615,15 +7627,17 @@ class _Dashboard:
         states = _history_json(backend.get_state_history(run.id))
         flow = backend.find_flow(run.flow_name)
         claimed = next((state["message"] for state in reversed(states) if state["state"] == "Submitted"), "")
-        return {**_dashboard_run_json(run), "states": states, "log_lines": len(backend.get_run_logs(run.id)),
+        return {**_dashboard_run_json(run), "states": states, "log_lines": backend.count_run_logs(run.id),
                 "flow_version": flow.version if flow is not None and flow.id == run.flow_id else None,
                 "claimed_by": claimed.partition("Submitted for execution by ")[2] or None}
 
     def _logs(self, backend: Backend, given: str, query: Mapping[str, str]) -> dict[str, Any]:
         run = self._find(backend, given)
         after = max(0, _query_int(query, "after", 0))
-        lines = backend.get_run_logs(run.id, after)
-        return {"lines": [line._asdict() for line in lines], "next": after + len(lines), "final": is_final(run.state)}
+        lines = backend.get_run_logs(run.id, after, self.LOG_LINES_PER_ANSWER)
+        # "final" once the run is final and every line is here: the page then stops following.
+        complete = is_final(run.state) and len(lines) < self.LOG_LINES_PER_ANSWER
+        return {"lines": [line._asdict() for line in lines], "next": after + len(lines), "final": complete}
 
     @staticmethod
     def _flows(backend: Backend) -> list[dict[str, Any]]:
@@ -7652,13 +7666,45 @@ class _Dashboard:
 
 def _query_int(query: Mapping[str, str], key: str, default: int) -> int:
     try:
-        return int(query.get(key, default))
+        value = int(query.get(key, default))
     except ValueError:
         raise _HTTPError(400, f"{key} must be a whole number") from None
+    if not 0 <= value <= 10**9:
+        raise _HTTPError(400, f"{key} must be a whole number from 0 to 1000000000")
+    return value
 
 
 def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_allowed(header: str, names: set[str], *, wildcard: bool) -> bool:
+    """Whether a request's Host names this server. On every interface, an IP address or localhost
+    is taken: another name may be one an attacker points at this machine (DNS rebinding)."""
+    if header in names:
+        return True
+    if not wildcard:
+        return False
+    import ipaddress
+
+    try:
+        name = urlsplit("http://" + header).hostname or ""
+    except ValueError:  # not a host at all ("[::1")
+        return False
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 
@@ -7682,6 +7728,14 @@ def _serve_agent_address(agent: LocalAgent, address: str) -> ThreadingHTTPServer
         return None
 
     return _serve_http(address, dashboard, agent.logger, routes)
+
+
+def _cut_off(connection: Any) -> None:
+    """End a connection that took too long (its handler then fails and lets its slot go)."""
+    import socket
+
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 def _address_host(address: str) -> str:
@@ -7733,18 +7787,23 @@ def _serve_http(address: str, dashboard: _Dashboard, logger: logging.Logger,
 
         def answer(self, handle: Callable[[str, dict[str, str]], tuple[int, str, bytes]]) -> None:
             target = urlsplit(self.path)
-            if host not in ("0.0.0.0", "::") and (self.headers.get("Host") or "") not in names:
+            if not _host_allowed(self.headers.get("Host") or "", names, wildcard=host in ("0.0.0.0", "::")):
                 self.reply(421, b'{"error": "this server does not answer for that host name"}', "application/json")
                 return
             from urllib.parse import parse_qsl
 
+            redact = _Redactor(_secrets(dashboard.settings, {}))
             try:
                 status, content_type, body = handle(target.path.rstrip("/"), dict(parse_qsl(target.query)))
             except _HTTPError as exc:
-                status, content_type, body = exc.status, "application/json", json.dumps({"error": str(exc)}).encode()
+                status, content_type = exc.status, "application/json"
+                body = json.dumps({"error": redact(str(exc))}).encode()
             except AgentError as exc:
                 status, content_type = 502, "application/json"
-                body = json.dumps({"error": _Redactor(_secrets(dashboard.settings, {}))(str(exc))}).encode()
+                body = json.dumps({"error": redact(str(exc))}).encode()
+            except Exception:  # a bug, or an answer we did not expect: the agent goes on, the client is told
+                logger.error("http: %s failed", target.path, exc_info=True)
+                status, content_type, body = 500, "application/json", b'{"error": "internal error (see the log)"}'
             self.reply(status, body, content_type)
 
         def reply(self, status: int, body: bytes, content_type: str) -> None:
@@ -7775,9 +7834,15 @@ def _serve_http(address: str, dashboard: _Dashboard, logger: logging.Logger,
                              name="agent-address-client", daemon=True).start()
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
+            # The socket timeout bounds each read; this bounds the whole request, so a client that
+            # sends a byte every few seconds still loses its slot after ENDPOINT_TIMEOUT_SECONDS.
+            deadline = threading.Timer(ENDPOINT_TIMEOUT_SECONDS, _cut_off, args=(request,))
+            deadline.daemon = True
+            deadline.start()
             try:
                 super().process_request_thread(request, client_address)
             finally:
+                deadline.cancel()
                 self.slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:
@@ -8917,7 +8982,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         run = _find_run(backend, args.run_id)
         history = backend.get_state_history(run.id)
-        log_lines = len(backend.get_run_logs(run.id))
+        log_lines = backend.count_run_logs(run.id)
         flow = backend.find_flow(run.flow_name)
     states = _history_json(history)
     claimed = next((state["message"] for state in reversed(states) if state["state"] == "Submitted"), "")

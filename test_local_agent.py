@@ -5263,3 +5263,62 @@ def test_the_dashboard_api_on_prefect_server(api_world: World, test_flows: Any) 
         assert code == 200 and server.run(created["id"])["state"] == "Cancelled"
     finally:
         ui.close()
+
+
+def test_the_http_endpoint_survives_slow_clients_and_its_own_bugs(tmp_path: Path, clean_env: dict[str, str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(la, "ENDPOINT_TIMEOUT_SECONDS", 1.0)
+
+    class Buggy(la._Dashboard):
+        def get(self, path: str, query: Any) -> tuple[int, str, bytes]:
+            if path == "/api/flows":
+                raise RuntimeError("a bug")
+            return super().get(path, query)
+
+    settings = la.resolve_settings({"api": f"sqlite:///{tmp_path / 'db.sqlite'}"}, environ=clean_env)
+    port = _free_port()
+    server = la._serve_http(f"http://127.0.0.1:{port}", Buggy(settings, mode="ui", on_loopback=True),
+                            logging.getLogger("test-http"))
+    base = f"http://127.0.0.1:{port}"
+    slow = []
+    try:
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(base + "/api/flows", timeout=10)
+        with failed.value:
+            assert failed.value.code == 500 and json.loads(failed.value.read())["error"].startswith("internal error")
+        for _ in range(la.ENDPOINT_MAX_CONNECTIONS):  # every slot taken by a client that trickles its request
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"GET /api/status HTTP/1.1\r\n")
+            slow.append(client)
+        deadline = time.monotonic() + 20
+        for client in slow:  # each keeps sending a header line now and then: never idle for a whole timeout
+            with contextlib.suppress(OSError):
+                client.sendall(b"X-Slow: 1\r\n")
+        answered = None
+        while answered is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            for client in slow:
+                with contextlib.suppress(OSError):
+                    client.sendall(b"X-Slow: 1\r\n")
+            try:
+                with urllib.request.urlopen(base + "/api/status", timeout=5) as answer:
+                    answered = json.loads(answer.read())
+            except OSError:
+                continue
+        assert answered is not None and answered["mode"] == "ui"  # the trickling clients were cut off
+    finally:
+        for client in slow:
+            client.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_who_may_write_and_which_hosts_are_this_server() -> None:
+    assert la._is_loopback("127.0.0.1") and la._is_loopback("::1") and la._is_loopback("localhost")
+    assert not la._is_loopback("127.0.0.1.evil.example") and not la._is_loopback("0.0.0.0")
+    names = {"127.0.0.1:8080", "localhost:8080"}
+    assert la._host_allowed("127.0.0.1:8080", names, wildcard=False)
+    assert not la._host_allowed("192.0.2.7:8080", names, wildcard=False)
+    assert la._host_allowed("192.0.2.7:8080", names, wildcard=True)  # on every interface: an address is fine
+    assert not la._host_allowed("attacker.example:8080", names, wildcard=True)  # a name may be rebound
+    assert not la._host_allowed("[::1", names, wildcard=True)
