@@ -93,7 +93,7 @@ A map of this file. Each section uses only the sections above it; read it top to
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "APIError",
     "AgentError",
@@ -1088,6 +1088,8 @@ def _check_timezone(name: str) -> str:
     """Return ``name`` if it is a time zone this machine knows (IANA name or UTC), else raise."""
     if name.upper() in _UTC_NAMES:
         return "UTC"
+    if name.startswith(("posix/", "right/")) or name in ("localtime", "Factory", "posixrules"):
+        raise ValueError(f"unknown time zone {name!r}: use an IANA name such as Europe/Berlin or America/New_York")
     try:
         _zoneinfo(name)
     except (ValueError, OSError, LookupError):
@@ -3800,9 +3802,9 @@ class SQLiteBackend(Backend):
     ) -> list[FlowRun]:
         conditions, arguments = ["1"], []  # type: tuple[list[str], list[Any]]
         if search:
-            pattern = "%" + search.replace("%", "").replace("_", "") + "%"
-            conditions.append("(r.name LIKE ? OR r.id LIKE ? OR f.name LIKE ?)")
-            arguments.extend([pattern, search.replace("%", "").replace("_", "") + "%", pattern])
+            literal = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conditions.append("(r.name LIKE ? ESCAPE '\\' OR r.id LIKE ? ESCAPE '\\' OR f.name LIKE ? ESCAPE '\\')")
+            arguments.extend([f"%{literal}%", f"{literal}%", f"%{literal}%"])
         if flow_name is not None:
             conditions.append("f.name = ?")
             arguments.append(flow_name)
@@ -5736,18 +5738,23 @@ class RunBook:
 
     def in_phase(self, *phases: str) -> list[_Entry]:
         """The entries in these phases, by due time where they have one."""
-        found = [entry for entry in self._entries.values() if entry.phase in phases]
+        found = [entry for entry in self._snapshot() if entry.phase in phases]
         return sorted(found, key=lambda entry: entry.run.start_time if entry.run else _utcnow())
 
     @property
     def busy(self) -> int:
         """Runs taken and not yet settled: fetched, claimed or running."""
-        return sum(1 for entry in self._entries.values() if entry.phase in _BUSY)
+        return sum(1 for entry in self._snapshot() if entry.phase in _BUSY)
 
     @property
     def jobs(self) -> list[_Job]:
         """The processes the agent watches."""
-        return [entry.job for entry in self._entries.values() if entry.job is not None]
+        return [entry.job for entry in self._snapshot() if entry.job is not None]
+
+    def _snapshot(self) -> list[_Entry]:
+        # One C-level copy: /api/status, /metrics and JSON logs read the book from other threads
+        # while the loop changes it; iterating the live dict there could fail mid-way.
+        return list(self._entries.values())
 
     def free_slots(self) -> int:
         """How many more runs ``--limit`` allows the agent to take."""
@@ -6062,11 +6069,16 @@ class LocalAgent:
         return ""
 
     def _flow_name_of(self, run_id: str) -> str:
-        """The flow of a run this agent holds ("" when it holds none by that id), for JSON logs."""
-        run = self.book.run_of(run_id)
-        if run is not None:
-            return run.flow_name or ""
-        return next((job.flow_name for job in self.book.jobs if job.run_id == run_id), "")
+        """The flow of a run this agent holds ("" when it holds none by that id), for JSON logs.
+
+        Called from any thread that logs, while the loop may change the book: a miss is harmless."""
+        try:
+            run = self.book.run_of(run_id)
+            if run is not None:
+                return run.flow_name or ""
+            return next((job.flow_name for job in self.book.jobs if job.run_id == run_id), "")
+        except RuntimeError:  # the book changed size under us
+            return ""
 
     def _write_identity(self) -> None:
         """``agent.json`` in the agent's directory: who holds its lock, for the ``status`` command."""
@@ -8653,7 +8665,8 @@ def _agent_status(folder: Path) -> dict[str, Any]:
 
         with contextlib.suppress(OSError, ValueError):
             url = identity["agent_address"].rstrip("/") + "/api/status"
-            with urllib.request.urlopen(url if "://" in url else "http://" + url, timeout=5) as answer:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the agent is here, not via a proxy
+            with opener.open(url if "://" in url else "http://" + url, timeout=5) as answer:
                 live = json.loads(answer.read())
     try:
         ledger = json.loads((folder / "ledger.json").read_text())
@@ -8811,7 +8824,7 @@ def _local_zone_name() -> str:
     """This machine's time zone as an IANA name (``TZ``, else /etc/localtime's link), else UTC."""
     candidates = [os.environ.get("TZ", "").lstrip(":")]
     with contextlib.suppress(OSError):
-        candidates.append(os.path.realpath("/etc/localtime").partition("zoneinfo/")[2])
+        candidates.append(os.path.realpath("/etc/localtime").partition("zoneinfo/")[2].removeprefix("posix/"))
     for name in candidates:
         with contextlib.suppress(ValueError):
             if name:
@@ -9225,6 +9238,7 @@ def _build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
                                   allow_abbrev=False)
     if wants("install"):
         install.add_argument("manager", choices=("systemd", "supervisor"), help="the service manager")
+        install.add_argument("--version", action="version", version=f"local_agent {__version__}")
         install.add_argument("--write", metavar="PATH", help="write it there instead of printing it")
         install.add_argument("--user", action="store_true", help="a user unit (systemctl --user), run as you")
         install.add_argument("--token-file", metavar="PATH",
@@ -9243,6 +9257,7 @@ def _build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="the agents of this home directory: running, runs, last poll, spool")
     if wants("status"):
         output_option(status)
+        status.add_argument("--version", action="version", version=f"local_agent {__version__}")
         status.set_defaults(func=_cmd_status)
 
     cancel = command("cancel", "cancel a flow run", _cmd_cancel)

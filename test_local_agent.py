@@ -3900,6 +3900,8 @@ def test_status_shows_the_agents_of_the_home_directory(embedded: World, test_flo
         assert agents["quiet"]["running"] and agents["quiet"]["pid"] == quiet.pid and agents["quiet"]["runs"] == 0
         table = run_cli("status", env=embedded.env, check=True).stdout.splitlines()
         assert table[0].split() == ["NAME", "STATE", "PID", "SINCE", "RUNS", "LAST", "POLL", "SPOOL", "API"]
+        version = run_cli("status", "--version", env=embedded.env, check=True).stdout.strip()
+        assert version == f"local_agent {la.__version__}"
         assert any(line.split()[:3] == ["watched", "running", str(watched.pid)] for line in table[1:])
     finally:
         for agent in (watched, quiet):
@@ -3979,6 +3981,7 @@ def test_the_dashboard_api_pages_filters_and_creates_and_cancels_runs(embedded: 
         name = succeeded[0]["name"]
         assert name in [run["name"] for run in ui.get(f"/api/runs?q={name}")["runs"]]
         assert ui.get("/api/runs?flow=no-such-flow")["runs"] == []
+        assert ui.get("/api/runs?q=_")["runs"] == [] and ui.get("/api/runs?q=%25")["runs"] == []  # taken literally
         facts = ui.get(f"/api/runs/{done[0]}")
         assert [state["state"] for state in facts["states"]] == ["Pending", "Scheduled", "Submitted", "Running",
                                                                   "Success"]
