@@ -5003,8 +5003,16 @@ def _become_flow_run(request: Mapping[str, Any], template_fds: Sequence[int]) ->
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.argv[1:] = ["execute", "flow-run"]  # signal handlers are a fresh interpreter's: the template sets none
+    sys.argv[1:] = ["execute", "flow-run"]
+    _default_signal_handlers()
     _reload_prefects_configuration()
+
+
+def _default_signal_handlers() -> None:
+    """A flow-run process takes SIGINT and SIGTERM as Python's defaults, whatever it inherited: an
+    agent started in the background by a shell (``&``) ignores SIGINT, and so would its children."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _reap_children(children: set[int]) -> list[tuple[int, int]]:
@@ -8523,6 +8531,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_execute_flow_run(args: argparse.Namespace | None) -> int:
+    if threading.current_thread() is threading.main_thread():  # (tests call this in a thread too)
+        _default_signal_handlers()
     return _execute_flow_run(resolve_settings({}))
 
 
