@@ -8682,11 +8682,7 @@ def _agent_status(folder: Path) -> dict[str, Any]:
         ledger = json.loads((folder / "ledger.json").read_text())
     except (OSError, ValueError):
         ledger = {}
-    try:
-        with open(folder / "spool.jsonl", encoding="utf-8") as spool:
-            spooled = sum(1 for line in spool if '"k":"sent"' not in line)
-    except OSError:
-        spooled = 0
+    spooled = _spool_pending(folder / "spool.jsonl")
     return {
         "name": identity.get("name") or folder.name, "directory": str(folder), "running": running,
         "pid": identity.get("pid") if running else None, "started": identity.get("started"),
@@ -8696,6 +8692,23 @@ def _agent_status(folder: Path) -> dict[str, Any]:
         "last_poll_seconds_ago": live.get("last_poll_seconds_ago"),
         "undelivered": live.get("undelivered", spooled), "api_problem": live.get("api_problem") or None,
     }
+
+
+def _spool_pending(path: Path) -> int:
+    """How many writes a spool holds that were not delivered: its entries less its "sent" counts."""
+    entries = sent = 0
+    try:
+        with open(path, encoding="utf-8") as spool:
+            for line in spool:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if isinstance(entry, dict) and entry.get("k") == "sent":
+                        sent += int(entry.get("c") or 0)
+                    else:
+                        entries += 1
+    except OSError:
+        return 0
+    return max(0, entries - sent)
 
 
 def _lock_is_held(path: Path) -> bool:

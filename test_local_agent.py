@@ -2162,6 +2162,10 @@ def test_agent_killed_mid_run_adopts_the_run_on_restart(world: World, test_flows
     agent = _agent_process(world)
     assert world.wait_for(lambda: world.state(run_id) == "Running", timeout=30)
     assert world.wait_for(lambda: "logged before the wait" in world.logs(run_id), timeout=10)
+    # Killed once the agent knows those lines arrived: a batch the API stored in the instant before
+    # the agent heard so is sent again after a restart (at least once; the API cannot tell).
+    spools = list((world.storage_dir.parent / "agents").glob("*/spool.jsonl"))
+    assert world.wait_for(lambda: all(la._spool_pending(spool) == 0 for spool in spools), timeout=10)
     agent.kill()  # kill -9: no drain, no goodbye
     agent.communicate()
     restarted = world.agent("--once")
