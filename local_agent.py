@@ -7523,6 +7523,46 @@ init();
 """
 
 
+def _next_run(schedule: Schedule | None, active: bool, after: datetime | None = None) -> datetime | None:
+    """When an active schedule fires next; None when it is off, or never fires (``0 0 30 2 *``)."""
+    if schedule is None or not active:
+        return None
+    try:
+        upcoming = schedule.next(1, after)
+    except Exception:  # a schedule the API holds may be one we cannot follow: listings go on
+        return None
+    return upcoming[0].start_time if upcoming else None
+
+
+def _flow_schedule(flow: FlowSummary) -> Schedule | None:
+    """A listed flow's schedule, or None when it has none or it cannot be read."""
+    try:
+        return Schedule.from_prefect(flow.schedule) if flow.schedule else None
+    except Exception:  # whatever the API holds: listings go on without it
+        return None
+
+
+def _flow_json(flow: FlowSummary, now: datetime) -> dict[str, Any]:
+    """A flow as ``flows -o json`` shows it (keys documented in the README)."""
+    schedule = _flow_schedule(flow)
+    next_run = _next_run(schedule, flow.schedule_active, now)
+    return {"id": flow.id, "name": flow.name, "version": flow.version, "project": flow.project,
+            "labels": list(flow.labels), "storage": flow.storage,
+            "schedule": schedule.describe() if schedule else None,
+            "schedule_active": bool(schedule and flow.schedule_active),
+            "next_run": _format_time(next_run) if next_run else None}
+
+
+def _run_facts(backend: Backend, run: FlowRun) -> dict[str, Any]:
+    """A run as ``inspect -o json`` shows it: its keys, states with durations, who claimed it."""
+    states = _history_json(backend.get_state_history(run.id))
+    flow = backend.find_flow(run.flow_name)
+    claimed = next((state["message"] for state in reversed(states) if state["state"] == "Submitted"), "")
+    return {**_run_json(run), "flow_version": flow.version if flow is not None and flow.id == run.flow_id else None,
+            "states": states, "log_lines": backend.count_run_logs(run.id),
+            "claimed_by": claimed.partition("Submitted for execution by ")[2] or None}
+
+
 def _dashboard_run_json(run: FlowRun) -> dict[str, Any]:
     return {**_run_json(run), "start_time": _time_json(run.began), "end_time": _time_json(run.ended)}
 
@@ -7644,12 +7684,7 @@ class _Dashboard:
 
     def _run(self, backend: Backend, given: str) -> dict[str, Any]:
         run = self._find(backend, given)
-        states = _history_json(backend.get_state_history(run.id))
-        flow = backend.find_flow(run.flow_name)
-        claimed = next((state["message"] for state in reversed(states) if state["state"] == "Submitted"), "")
-        return {**_dashboard_run_json(run), "states": states, "log_lines": backend.count_run_logs(run.id),
-                "flow_version": flow.version if flow is not None and flow.id == run.flow_id else None,
-                "claimed_by": claimed.partition("Submitted for execution by ")[2] or None}
+        return {**_run_facts(backend, run), **_dashboard_run_json(run)}
 
     def _logs(self, backend: Backend, given: str, query: Mapping[str, str]) -> dict[str, Any]:
         run = self._find(backend, given)
@@ -7663,17 +7698,10 @@ class _Dashboard:
     def _flows(backend: Backend) -> list[dict[str, Any]]:
         now, listed = _utcnow(), []
         for flow in backend.list_flows():
-            schedule = _flow_schedule(flow)
-            upcoming = _next_run(schedule, flow.schedule_active, now)
             declared = [item for item in flow.parameters or [] if isinstance(item, Mapping) and "name" in item]
-            listed.append({
-                "id": flow.id, "name": flow.name, "version": flow.version, "project": flow.project,
-                "labels": list(flow.labels), "schedule": schedule.describe() if schedule else None,
-                "schedule_active": bool(schedule and flow.schedule_active),
-                "next_run": _format_time(upcoming) if upcoming else None,
-                "parameters": [{"name": item["name"], "default": item.get("default"),
-                                "required": bool(item.get("required"))} for item in declared],
-            })
+            shown = {key: value for key, value in _flow_json(flow, now).items() if key != "storage"}
+            listed.append({**shown, "parameters": [{"name": item["name"], "default": item.get("default"),
+                                                    "required": bool(item.get("required"))} for item in declared]})
         return listed
 
     @staticmethod
@@ -8824,25 +8852,6 @@ def _schedule_text(flow: FlowSummary, upcoming: int = 0) -> str:
     return text
 
 
-def _next_run(schedule: Schedule | None, active: bool, after: datetime | None = None) -> datetime | None:
-    """When an active schedule fires next; None when it is off, or never fires (``0 0 30 2 *``)."""
-    if schedule is None or not active:
-        return None
-    try:
-        upcoming = schedule.next(1, after)
-    except Exception:  # a schedule the API holds may be one we cannot follow: listings go on
-        return None
-    return upcoming[0].start_time if upcoming else None
-
-
-def _flow_schedule(flow: FlowSummary) -> Schedule | None:
-    """A listed flow's schedule, or None when it has none or it cannot be read."""
-    try:
-        return Schedule.from_prefect(flow.schedule) if flow.schedule else None
-    except Exception:  # whatever the API holds: listings go on without it
-        return None
-
-
 def _local_zone_name() -> str:
     """This machine's time zone as an IANA name (``TZ``, else /etc/localtime's link), else UTC."""
     candidates = [os.environ.get("TZ", "").lstrip(":")]
@@ -8936,20 +8945,15 @@ def _cmd_flows(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         flows = backend.list_flows()
     now = _utcnow()
-    schedules = [_flow_schedule(flow) for flow in flows]
-    next_runs = [_next_run(schedule, flow.schedule_active, now) for flow, schedule in zip(flows, schedules)]
+    listed = [_flow_json(flow, now) for flow in flows]
     if args.output == "json":
-        return _print_json([{"id": flow.id, "name": flow.name, "version": flow.version, "project": flow.project,
-                             "labels": list(flow.labels), "storage": flow.storage,
-                             "schedule": schedule.describe() if schedule else None,
-                             "schedule_active": bool(schedule and flow.schedule_active),
-                             "next_run": _format_time(next_run) if next_run else None}
-                            for flow, schedule, next_run in zip(flows, schedules, next_runs)])
+        return _print_json(listed)
     rows = []
-    for flow, schedule, next_run in zip(flows, schedules, next_runs):
+    for flow, shown in zip(flows, listed):
         files = flow.storage.get("flows", {}) if isinstance(flow.storage, dict) else {}
         path = files.get(flow.name, "-") if isinstance(files, dict) else "-"
-        described = (schedule.describe() + ("" if flow.schedule_active else " (off)")) if schedule else "-"
+        described = (shown["schedule"] + ("" if flow.schedule_active else " (off)")) if shown["schedule"] else "-"
+        next_run = _parse_time(shown["next_run"]) if shown["next_run"] else None
         rows.append((flow.name, str(flow.version), flow.project, ", ".join(flow.labels) or "-", described,
                      _short_time(next_run), str(path)))
     print(_format_table(("NAME", "VERSION", "PROJECT", "LABELS", "SCHEDULE", "NEXT RUN (UTC)", "FLOW FILE"), rows))
@@ -9017,14 +9021,8 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     with _backend_for(None, None, _command_settings(args)) as backend:
         run = _find_run(backend, args.run_id)
-        history = backend.get_state_history(run.id)
-        log_lines = backend.count_run_logs(run.id)
-        flow = backend.find_flow(run.flow_name)
-    states = _history_json(history)
-    claimed = next((state["message"] for state in reversed(states) if state["state"] == "Submitted"), "")
-    facts = {**_run_json(run), "flow_version": flow.version if flow is not None and flow.id == run.flow_id else None,
-             "states": states, "log_lines": log_lines,
-             "claimed_by": claimed.partition("Submitted for execution by ")[2] or None}
+        facts = _run_facts(backend, run)
+    states, log_lines = facts["states"], facts["log_lines"]
     if args.output == "json":
         return _print_json(facts)
     print(f"Flow run {run.id} ({run.name or 'no name'})")
