@@ -109,8 +109,10 @@ __all__ = [
     "FlowSummary",
     "GraphQLBackend",
     "IntervalClock",
+    "Launch",
     "LocalAgent",
     "LogLine",
+    "RESTBackend",
     "RunBook",
     "SQLiteBackend",
     "Schedule",
@@ -204,6 +206,7 @@ FINAL_STATES = frozenset(
     {
         "Success", "Cached", "Mapped", "Skipped", "Failed", "TimedOut", "TriggerFailed",
         "ValidationFailed", "Cancelled", "Looped", "Finished",
+        "Crashed",  # Prefect 2/3's: the process ended without reporting a final state
     }
 )
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -585,21 +588,30 @@ class _Option(NamedTuple):
     shown_default: str = ""
     #: Checks one value of a repeatable flag (``-e KEY=VALUE``); the whole list is read by ``convert``.
     check_item: Callable[[Any, str], Any] | None = None
+    #: Other programs' variables for it, read after ours (Prefect 2/3's ``PREFECT_API_URL``).
+    env_aliases: tuple[str, ...] = ()
 
 
 _OPTIONS = (
     # The token: the agent key first, as Prefect 0.8 read it, then the client's own names.
     _Option("token", ("cloud.agent.auth_token", "cloud.auth_token", "cloud.api_key"), _as_token, "",
-            ("-t", "--token", "-k", "--key"), "API token or key"),
+            ("-t", "--token", "-k", "--key"), "API token or key", env_aliases=("PREFECT_API_KEY",)),
     _Option("api", ("cloud.api",), _as_api, "", ("-a", "--api"),
-            "API URL, or sqlite:///PATH for the embedded database",
+            "API URL (a Prefect 2/3 API ends in /api), or sqlite:///PATH for the embedded database",
             shown_default="Prefect Cloud (`https://api.prefect.io`) with a token; else "
-                          "`sqlite:///<home_dir>/local_agent.db`"),
+                          "`sqlite:///<home_dir>/local_agent.db`", env_aliases=("PREFECT_API_URL",)),
     _Option("tenant_id", ("cloud.tenant_id",), _as_token, "", ("--tenant-id",), "tenant to use (Prefect Cloud)",
             shown_default="Server's first tenant; Cloud: the key's"),
     _Option("name", ("cloud.agent.name",), _as_name, DEFAULT_AGENT_NAME, ("-n", "--name"),
             "agent name, also its logger's name"),
     _Option("labels", ("cloud.agent.labels",), _as_labels, [], ("-l", "--label"), "a label (repeatable)", "append"),
+    _Option("pool", ("cloud.agent.pool",), _as_name, "", ("--pool",),
+            "the work pool to serve, on a Prefect 2/3 API (which routes runs by pool and queue, not labels)"),
+    _Option("work_queues", ("cloud.agent.work_queues",), _as_labels, [], ("--work-queue",),
+            "take runs only from this queue of the pool (repeatable)", "append",
+            shown_default="`[]` (every queue of the pool)"),
+    _Option("create_pool", ("cloud.agent.create_pool",), _as_bool, False, ("--create-pool",),
+            "create the work pool (type process) and its queues if missing", "true"),
     _Option("level", ("cloud.agent.level",), _as_level, "INFO", ("--log-level",),
             "DEBUG, INFO, WARNING or ERROR"),
     _Option("log_format", ("cloud.agent.log_format",), _as_log_format, "text", ("--log-format",),
@@ -685,6 +697,9 @@ class Settings:
     tenant_id: str
     name: str
     labels: list[str]
+    pool: str
+    work_queues: list[str]
+    create_pool: bool
     level: str
     log_format: str
     home_dir: str
@@ -782,9 +797,8 @@ def _resolve_option(
     # 1. The command-line flag.
     if option.name in flags:
         return option.convert(flags[option.name], flag_name), "the " + flag_name + " flag"
-    # 2. The environment, each key's variable in order.
-    for key in option.keys:
-        variable = _env_name(key)
+    # 2. The environment, each key's variable in order, then other programs' names for it.
+    for variable in [*map(_env_name, option.keys), *option.env_aliases]:
         if environ.get(variable, "") != "":
             where = "environment variable " + variable
             return option.convert(environ[variable], where), where
@@ -2204,8 +2218,22 @@ def _write_json_atomically(path: Path, data: Any) -> None:
 # --- 7. Backends: the interface ----------------------------------------------------------
 
 
+class Launch(NamedTuple):
+    """How to start a run whose API says itself how it is run (a Prefect 2/3 job configuration),
+    instead of this agent loading a stored flow."""
+
+    #: The whole command, or () for ``<--python> -m <module>``.
+    command: tuple[str, ...]
+    module: str
+    #: Variables on top of the agent's environment and ``--env`` (the run's job, then the API's own).
+    env: dict[str, str]
+    cwd: str | None
+    #: The module ``--python`` must have to run it (checked before claiming).
+    needs: str
+
+
 class FlowRun:
-    """A flow run as the agent and the flow-run process see it, from either backend."""
+    """A flow run as the agent and the flow-run process see it, from any backend."""
 
     def __init__(
         self,
@@ -2238,6 +2266,8 @@ class FlowRun:
         self.run_config = run_config
         #: Why this row cannot be run as it stands (a malformed API answer), or "".
         self.problem = ""
+        #: Set when the API describes how to start it (Prefect 2/3); None: the agent runs its stored flow.
+        self.launch: Launch | None = None
 
     def __repr__(self) -> str:
         return f"FlowRun(id={self.id!r}, flow_name={self.flow_name!r}, state={self.state!r}, version={self.version})"
@@ -2365,6 +2395,9 @@ class Backend:
     def heartbeat(self, run_id: str) -> None:
         """Tell the API this run's process is alive."""
         raise NotImplementedError
+
+    def record_process(self, run_id: str, pid: int) -> None:
+        """Tell the API which process runs a run (where it keeps that: Prefect 2/3's ``infrastructure_pid``)."""
 
     def ensure_project(self, name: str) -> str:
         """The id of the project with this name, created if needed."""
@@ -2657,13 +2690,17 @@ class _HTTPTransport:
         self._open_lock = threading.Lock()
 
     def post(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
-        """Send one POST; return (status, body). Network trouble is a transient APIError."""
+        """Send one POST to the URL's path; return (status, body)."""
+        return self.request("POST", self._path, body, headers)
+
+    def request(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """Send one request; return (status, body). Network trouble is a transient APIError."""
         import http.client
 
         for attempt in (1, 2):
             connection, reused = self._connection()
             try:
-                connection.request("POST", self._path, body, dict(headers))
+                connection.request(method, path, body, dict(headers))
                 response = connection.getresponse()
                 data = response.read(MAX_RESPONSE_BYTES + 1)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
@@ -4012,14 +4049,571 @@ def _check_required_parameters(declared: Any, given: Mapping[str, Any]) -> None:
         raise APIError(f"Required parameters were not supplied: {sorted(missing)}")
 
 
-# --- 7c. Backends: choosing one, and delivering writes to it -----------------------------
+# --- 7c. Backends: Prefect 2/3 work pools over REST ---------------------------------------
+#
+# The agent serves one work pool of type ``process``, as Prefect 3.9.1's own process worker
+# does (prefect/workers/base.py and workers/process.py): it heartbeats, polls the pool's due
+# runs, claims each by proposing PENDING, starts ``python -m prefect.engine`` with the run's
+# job configuration (see _render_job), and the engine reports the run's states and logs
+# itself. Prefect 2/3 names states otherwise; _REST_STATES translates both ways, so the agent
+# loop keeps speaking one vocabulary. Two things differ from Server and shape this class:
+# - An answer's HTTP status does not say who won a claim (ACCEPT, ABORT and REJECT come as
+#   200 or 201): its body's ``status`` does. Our PENDING message carries the claim's token,
+#   so a claim retried after a lost answer is known as ours.
+# - Final states are not protected: the server takes a proposal over COMPLETED. Every guess
+#   of the agent's is written ``unless_final`` (the outbox reads before it writes).
+
+#: Prefect 2/3 state types, as the agent names them. PAUSED is not Prefect 1's Paused, which the
+#: agent would take as due: a paused run waits for a person, and then for a worker as SCHEDULED.
+_REST_STATES = {
+    "SCHEDULED": "Scheduled", "PENDING": "Submitted", "RUNNING": "Running", "COMPLETED": "Success",
+    "FAILED": "Failed", "CRASHED": "Crashed", "CANCELLING": "Cancelling", "CANCELLED": "Cancelled",
+    "PAUSED": "Suspended",
+}
+_AGENT_TO_REST = {name: kind for kind, name in _REST_STATES.items()}
+_REST_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+#: The longest page the server's list endpoints give.
+_REST_PAGE = 200
+#: How the token of a claim rides in the PENDING state's message (the state has no other free field).
+_CLAIM_IN_MESSAGE = re.compile(r"\[claim ([0-9a-f]+)\]")
+#: The job template a new ``process`` pool gets (Prefect 3.9.1's ProcessWorker default), as the
+#: official worker sets it on a pool whose template is empty.
+_PROCESS_JOB_TEMPLATE: dict[str, Any] = {
+    "job_configuration": {
+        "command": "{{ command }}", "env": "{{ env }}", "labels": "{{ labels }}", "name": "{{ name }}",
+        "stream_output": "{{ stream_output }}", "working_dir": "{{ working_dir }}",
+    },
+    "variables": {
+        "properties": {
+            "name": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Name",
+                     "description": "Name given to infrastructure created by a worker."},
+            "env": {"additionalProperties": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                    "description": "Environment variables to set when starting a flow run.",
+                    "title": "Environment Variables", "type": "object"},
+            "labels": {"additionalProperties": {"type": "string"}, "title": "Labels", "type": "object",
+                       "description": "Labels applied to infrastructure created by a worker."},
+            "command": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Command",
+                        "description": "The command to use when starting a flow run. In most cases, this should "
+                                       "be left blank and the command will be automatically generated by the "
+                                       "worker."},
+            "stream_output": {"default": True, "title": "Stream Output", "type": "boolean",
+                              "description": "If enabled, workers will stream output from flow run processes to "
+                                             "local standard output."},
+            "working_dir": {"anyOf": [{"format": "path", "type": "string"}, {"type": "null"}], "default": None,
+                            "title": "Working Directory",
+                            "description": "If provided, workers will open flow run processes within the "
+                                           "specified path as the working directory. Otherwise, a temporary "
+                                           "directory will be created."},
+        },
+        "type": "object",
+    },
+}
+_PLACEHOLDER = re.compile(r"\{\{\s*([\w.-]+)\s*\}\}")
+
+
+def _is_rest_api(url: str) -> bool:
+    """Whether an API URL is a Prefect 2/3 one: its path ends in ``/api`` (Cloud: ``/api/accounts/...``)."""
+    path = urlsplit(url).path.rstrip("/")
+    return path.endswith("/api") or "/api/accounts/" in path + "/"
+
+
+def _render_job(template: Mapping[str, Any], deployment_values: Mapping[str, Any],
+                run_values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's job configuration, as Prefect's workers resolve it: the template's variable
+    defaults, then the deployment's job variables, then the run's; ``env`` tables merge."""
+    properties = (template.get("variables") or {}).get("properties") or {}
+    values: dict[str, Any] = {name: spec["default"] for name, spec in properties.items()
+                              if isinstance(spec, Mapping) and "default" in spec}
+    env: dict[str, Any] = {}
+    for given in (values, deployment_values, run_values):
+        if isinstance(given.get("env"), Mapping):
+            env.update(given["env"])
+    values.update(deployment_values)
+    values.update(run_values)
+    values["env"] = env
+    return {key: _fill_placeholders(value, values)
+            for key, value in (template.get("job_configuration") or {}).items()
+            if _fill_placeholders(value, values) is not None}
+
+
+def _fill_placeholders(value: Any, values: Mapping[str, Any]) -> Any:
+    """A template value with ``{{ name }}`` filled in: alone, it takes the variable as it is."""
+    if isinstance(value, str):
+        alone = _PLACEHOLDER.fullmatch(value.strip())
+        if alone:
+            return values.get(alone.group(1))
+        return _PLACEHOLDER.sub(lambda match: str(values.get(match.group(1)) or ""), value)
+    if isinstance(value, Mapping):
+        return {key: _fill_placeholders(item, values) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fill_placeholders(item, values) for item in value]
+    return value
+
+
+def _rest_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """An agent's state as a Prefect 2/3 proposal, and whether it is forced."""
+    kind = str(state.get("type"))
+    context = state.get("context") or {}
+    rest = "CRASHED" if kind == "Failed" and context.get("crashed") else _AGENT_TO_REST.get(kind)
+    if rest is None:
+        raise AgentError(f"a Prefect 2/3 API has no state {kind!r}")
+    proposal: dict[str, Any] = {"type": rest, "message": state.get("message") or ""}
+    if rest == "PENDING" and context.get("claim"):
+        proposal["message"] = f"{proposal['message']} [claim {context['claim']}]"
+    if rest == "SCHEDULED":  # a hand-back, as Prefect's own reschedule writes it
+        proposal["name"] = "AwaitingRetry"
+        proposal["state_details"] = {"scheduled_time": state.get("start_time") or _format_time(_utcnow())}
+    # As the official worker: Cancelled is forced, over whatever the engine wrote as it was stopped.
+    return proposal, rest == "CANCELLED"
+
+
+def _state_of(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The state in an orchestration answer (``{"status", "state", "details"}``), or {}."""
+    state = answer.get("state")
+    return state if isinstance(state, dict) else {}
+
+
+def _rest_parameters(schema: Any) -> list[dict[str, Any]]:
+    """A deployment's parameter schema in the shape flows declare parameters here (name, required)."""
+    schema = schema if isinstance(schema, Mapping) else {}
+    required = set(schema.get("required") or [])
+    properties = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
+    return [{"name": str(name), "required": name in required} for name in properties]
+
+
+class RESTBackend(Backend):
+    """Prefect 2/3 over REST: the agent as a ``process`` worker of one work pool."""
+
+    #: One set_state call decides a claim (about 20-60 ms): claim just ahead of the start time.
+    claim_lead_seconds = 0.5
+
+    def __init__(self, api: str, token: str = "", *, pool: str = "", work_queues: Sequence[str] = (),
+                 create_pool: bool = False, timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
+        self.api = api.rstrip("/")
+        self.pool, self.work_queues, self.create_pool = pool, list(work_queues), create_pool
+        self.location = f"Prefect API at {self.api}" + (f", work pool {pool!r}" if pool else "")
+        self._path = urlsplit(self.api).path.rstrip("/")
+        self._transport = _HTTPTransport(self.api, timeout)
+        self._token = token
+        self._worker = ""
+        self._pool_record: dict[str, Any] = {}
+        self._next_beat = 0.0
+        #: The last poll's runs (their whole records), so the agent's next question needs no call.
+        self._due: dict[str, dict[str, Any]] = {}
+        self._flow_names: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.requests_sent = 0
+
+    # The transport.
+
+    def call(self, method: str, path: str, body: Any = None, *, missing_ok: bool = False) -> Any:
+        """One request under the API's path; its JSON answer (None for 204, or 404 with ``missing_ok``)."""
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Accept": "application/json", "User-Agent": f"local-agent/{__version__}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        self.requests_sent += 1
+        status, raw = self._transport.request(method, self._path + path, data, headers)
+        if status == 404 and missing_ok:
+            return None
+        if status >= 400:
+            raise self._error(method, path, status, raw)
+        if status == 204 or not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise APIError(f"the API at {self.api} answered {method} {path} with a body that is not JSON",
+                           transient=True) from None
+
+    def _error(self, method: str, path: str, status: int, raw: bytes) -> APIError:
+        try:
+            detail: Any = json.loads(raw)
+            detail = detail.get("detail", detail) if isinstance(detail, dict) else detail
+        except ValueError:
+            detail = raw.decode("utf-8", "replace")
+        detail = _one_line(detail if isinstance(detail, str) else json.dumps(detail), 300)
+        if status == 401:
+            return AuthError(f"the API at {self.api} refused the key (HTTP 401): check -k/--key or PREFECT_API_KEY")
+        # The server answers 503 when its database is busy; the write was rolled back: retry it.
+        transient = status in (408, 429) or status >= 500
+        return APIError(f"the API at {self.api} refused {method} {path} (HTTP {status}): {detail}",
+                        transient=transient)
+
+    def _pool_path(self, tail: str = "") -> str:
+        from urllib.parse import quote
+
+        return f"/work_pools/{quote(self.pool, safe='')}{tail}"
+
+    # Start-up.
+
+    def connect(self, agent_name: str, labels: Sequence[str]) -> str:
+        if not self.pool:
+            raise ConfigError(f"the API at {self.api} is a Prefect 2/3 API, which gives runs to workers by work "
+                              "pool: start the agent with --pool POOL (and --work-queue QUEUE for only some queues)")
+        health = self.call("GET", "/health", missing_ok=True)
+        if health is not True:
+            raise ConfigError(f"the API at {self.api} is not a Prefect 2/3 API (GET /health did not answer true): "
+                              "a Prefect Server 1.x API is given without /api")
+        self._pool_record = self._read_or_create_pool()
+        self._check_queues()
+        self._worker = f"{agent_name}@{_hostname()}"
+        self._beat()
+        return f"{self.pool}/{self._worker}"
+
+    def _read_or_create_pool(self) -> dict[str, Any]:
+        pool = self.call("GET", self._pool_path(), missing_ok=True)
+        if pool is None and not self.create_pool:
+            raise ConfigError(f"work pool {self.pool!r} does not exist at {self.api}: create it with "
+                              f"`prefect work-pool create {self.pool} --type process`, or pass --create-pool")
+        if pool is None:
+            pool = self.call("POST", "/work_pools/", {"name": self.pool, "type": "process"})
+            logging.getLogger(__name__).info("Created work pool %r (type process)", self.pool)
+        pool = _expect(pool, dict, "work pool")
+        if pool.get("type") != "process":
+            raise ConfigError(f"work pool {self.pool!r} is of type {pool.get('type')!r}; this agent runs flows as "
+                              "local processes and serves only pools of type process")
+        if not pool.get("base_job_template"):  # as the official worker, on first contact
+            self.call("PATCH", self._pool_path(), {"base_job_template": _PROCESS_JOB_TEMPLATE})
+            pool["base_job_template"] = _PROCESS_JOB_TEMPLATE
+        return pool
+
+    def _check_queues(self) -> None:
+        """Each ``--work-queue`` must exist (the poll answers 404 for the whole pool otherwise)."""
+        from urllib.parse import quote
+
+        for name in self.work_queues:
+            path = self._pool_path(f"/queues/{quote(name, safe='')}")
+            if self.call("GET", path, missing_ok=True) is not None:
+                continue
+            if not self.create_pool:
+                raise ConfigError(f"work pool {self.pool!r} has no work queue {name!r}: create it with `prefect "
+                                  f"work-queue create {name} --pool {self.pool}`, or pass --create-pool")
+            self.call("POST", self._pool_path("/queues"), {"name": name})  # "/queues/" redirects
+
+    def _beat(self) -> None:
+        """The worker's heartbeat (REST, as the official worker's fallback), and a fresh look at the pool."""
+        self.call("POST", self._pool_path("/workers/heartbeat"),
+                  {"name": self._worker, "heartbeat_interval_seconds": int(HEARTBEAT_SECONDS)})
+        pool = self.call("GET", self._pool_path(), missing_ok=True)
+        if isinstance(pool, dict):
+            self._pool_record = pool
+        self._next_beat = time.monotonic() + HEARTBEAT_SECONDS
+
+    # The agent's loop.
+
+    def get_runs_in_queue(self, labels: Sequence[str], before: datetime) -> list[str]:
+        if time.monotonic() >= self._next_beat:
+            self._beat()
+        body: dict[str, Any] = {"scheduled_before": _format_time(before)}
+        if self.work_queues:
+            body["work_queue_names"] = self.work_queues
+        rows = _expect(self.call("POST", self._pool_path("/get_scheduled_flow_runs"), body), list,
+                       "get_scheduled_flow_runs")
+        due = {}
+        for row in rows:
+            record = _expect(_expect(row, dict, "a scheduled run").get("flow_run"), dict, "flow_run")
+            due[_expect(record.get("id"), str, "flow_run.id")] = record
+        with self._lock:
+            self._due = due
+        return list(due)
+
+    def get_flow_runs(self, run_ids: Sequence[str]) -> list[FlowRun]:
+        runs = []
+        for run_id in run_ids:
+            with self._lock:
+                record = self._due.get(run_id)
+            record = record or self.call("GET", f"/flow_runs/{run_id}", missing_ok=True)
+            if record is None:
+                continue
+            run = self._flow_run(record)
+            if run.state == "Scheduled":
+                run.launch = self._launch(record, run)
+                runs.append(run)
+        return runs
+
+    def _launch(self, record: Mapping[str, Any], run: FlowRun) -> Launch | None:
+        """How to start a run: its deployment's and its own job variables over the pool's template."""
+        deployment_id = record.get("deployment_id")
+        deployment = self.call("GET", f"/deployments/{deployment_id}", missing_ok=True) if deployment_id else None
+        if not isinstance(deployment, dict):
+            run.problem = ("its deployment was deleted" if deployment_id else "it has no deployment") + \
+                ": a worker runs a deployment's runs (`prefect deploy`)"
+            return None
+        template = self._pool_record.get("base_job_template") or _PROCESS_JOB_TEMPLATE
+        job = _render_job(template, deployment.get("job_variables") or {}, record.get("job_variables") or {})
+        env = {str(key): str(value) for key, value in (job.get("env") or {}).items() if value is not None}
+        env.update({
+            "PREFECT_API_URL": self.api,
+            "PREFECT__FLOW_RUN_ID": run.id,
+            "PREFECT__FLOW_ID": run.flow_id,
+            "PREFECT__FLOW_NAME": run.flow_name,
+            "PREFECT__DEPLOYMENT_ID": str(deployment_id),
+            "PREFECT__DEPLOYMENT_NAME": str(deployment.get("name") or ""),
+            "PREFECT__WORKER_NAME": self._worker,
+            "PYTHONUNBUFFERED": "1",
+            # Its records then come as JSON lines: the agent shows them, and sends to the API only
+            # those its engine does not send itself (see _prefect_json_record).
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER": "json",
+        })
+        if self._token:  # the only place a run's process finds the key
+            env["PREFECT_API_KEY"] = self._token
+        import shlex
+
+        command = tuple(shlex.split(job["command"])) if isinstance(job.get("command"), str) else ()
+        working_dir = job.get("working_dir")
+        return Launch(command, "prefect.engine", env, str(working_dir) if working_dir else None, "prefect")
+
+    def get_flow_run(self, run_id: str) -> FlowRun | None:
+        record = self.call("GET", f"/flow_runs/{run_id}", missing_ok=True)
+        return None if record is None else self._flow_run(record)
+
+    def _flow_run(self, record: Any) -> FlowRun:
+        record = _expect(record, dict, "a flow run")
+        state = record.get("state") if isinstance(record.get("state"), dict) else {}
+        kind = str(state.get("type") or "")
+        message = state.get("message") if isinstance(state.get("message"), str) else None
+        serialized: dict[str, Any] = {"type": _REST_STATES.get(kind, kind.title()), "name": state.get("name"),
+                                      "message": message, "context": {}}
+        claim = _CLAIM_IN_MESSAGE.search(message or "")
+        if claim:
+            serialized["context"]["claim"] = claim.group(1)
+        scheduled = (state.get("state_details") or {}).get("scheduled_time")
+        if kind == "SCHEDULED" and isinstance(scheduled, str):
+            serialized["start_time"] = scheduled
+        flow_id = str(record.get("flow_id") or "")
+        run = FlowRun(
+            id=_expect(record.get("id"), str, "flow_run.id"), version=1, state=serialized["type"],
+            serialized_state=serialized, flow_id=flow_id, flow_name=self._flow_name(flow_id),
+            parameters=record.get("parameters"), name=str(record.get("name") or ""),
+            labels=[tag for tag in record.get("tags") or [] if isinstance(tag, str)],
+            scheduled_start_time=_optional_time(record.get("expected_start_time")), state_message=message,
+            updated=_optional_time(record.get("updated")), began=_optional_time(record.get("start_time")),
+            ended=_optional_time(record.get("end_time")),
+        )
+        if not isinstance(run.parameters, dict):
+            run.parameters, run.problem = {}, "its parameters are not a JSON object"
+        return run
+
+    def _flow_name(self, flow_id: str) -> str:
+        if flow_id and flow_id not in self._flow_names:
+            flow = self.call("GET", f"/flows/{flow_id}", missing_ok=True)
+            self._flow_names[flow_id] = str(flow.get("name") or "") if isinstance(flow, dict) else ""
+        return self._flow_names.get(flow_id, "")
+
+    def claim_flow_runs(self, claims: Sequence[tuple[FlowRun, Mapping[str, Any]]]) -> list[int | None]:
+        """Propose PENDING for each run: ours if accepted, or aborted over our own earlier claim."""
+        return [self._claim(run, submitted) for run, submitted in claims]
+
+    def _claim(self, run: FlowRun, submitted: Mapping[str, Any]) -> int | None:
+        proposal, _ = _rest_state(submitted)
+        token = f"[claim {submitted['context']['claim']}]"
+        # A claim retried after a lost answer is aborted over itself: the token tells.
+        answer = _retry_api(lambda: self._propose(run.id, proposal, force=False), 10.0)
+        if answer is None:
+            return None
+        new = _state_of(answer)
+        ours = new.get("type") == "PENDING" and token in str(new.get("message") or "")
+        if not (answer.get("status") == "ACCEPT" or (answer.get("status") == "ABORT" and ours)):
+            return None
+        labels = {"prefect.worker.name": self._worker, "prefect.worker.type": "process",
+                  "prefect.work-pool.name": self.pool, "prefect.work-pool.id": str(self._pool_record.get("id", ""))}
+        try:  # the official worker's labels; the run is ours without them
+            self.call("PATCH", f"/flow_runs/{run.id}/labels", labels)
+        except APIError as exc:
+            logging.getLogger(__name__).debug("Could not label flow run %s: %s", run.id, exc)
+        return 1
+
+    def _propose(self, run_id: str, proposal: Mapping[str, Any], *, force: bool) -> dict[str, Any] | None:
+        answer = self.call("POST", f"/flow_runs/{run_id}/set_state", {"state": dict(proposal), "force": force},
+                           missing_ok=True)
+        return None if answer is None else _expect(answer, dict, "set_state")
+
+    def set_flow_run_state(self, run_id: str, state: Mapping[str, Any], version: int | None) -> None:
+        proposal, force = _rest_state(state)
+        answer = self._propose(run_id, proposal, force=force)
+        if answer is None:
+            raise StateUpdateFailed(f"State update failed for flow run ID {run_id}: there is no such run")
+        if answer.get("status") != "ACCEPT":
+            reason = (answer.get("details") or {}).get("reason") or answer.get("status")
+            raise StateUpdateFailed(f"State update failed for flow run ID {run_id}: {reason}")
+
+    def record_process(self, run_id: str, pid: int) -> None:
+        self.call("PATCH", f"/flow_runs/{run_id}", {"infrastructure_pid": str(pid)})
+
+    def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
+        self.call("POST", "/logs/", [
+            {"flow_run_id": log["flow_run_id"], "timestamp": log["timestamp"], "name": log["name"],
+             "level": _REST_LEVELS.get(str(log["level"]), 20), "message": log["message"]}
+            for log in logs
+        ])
+
+    def heartbeat(self, run_id: str) -> None:
+        """Nothing: Prefect 2/3 has no flow-run heartbeats from outside the engine."""
+
+    # The commands.
+
+    def find_flow(self, name: str) -> FlowSummary | None:
+        from urllib.parse import quote
+
+        if "/" in name:
+            flow, deployment = name.split("/", 1)
+            row = self.call("GET", f"/deployments/name/{quote(flow, safe='')}/{quote(deployment, safe='')}",
+                            missing_ok=True)
+            return None if row is None else self._deployment_summary(row)
+        rows = _expect(self.call("POST", "/deployments/filter", {"flows": {"name": {"any_": [name]}}, "limit": 2}),
+                       list, "deployments")
+        if len(rows) > 1:
+            raise AgentError(f"flow {name!r} has several deployments: name one, as {name}/DEPLOYMENT")
+        return self._deployment_summary(rows[0]) if rows else None
+
+    def _deployment_summary(self, row: Any) -> FlowSummary:
+        row = _expect(row, dict, "a deployment")
+        flow = self._flow_name(str(row.get("flow_id") or ""))
+        return FlowSummary(
+            id=_expect(row.get("id"), str, "deployment.id"), name=f"{flow}/{row.get('name')}", version=0,
+            project=str(row.get("work_pool_name") or ""), labels=[str(tag) for tag in row.get("tags") or []],
+            storage=None, parameters=_rest_parameters(row.get("parameter_openapi_schema")),
+            schedule_active=bool(row.get("schedules")) and not row.get("paused"),
+        )
+
+    def create_flow_run(
+        self,
+        flow_id: str,
+        *,
+        parameters: Mapping[str, Any],
+        labels: Sequence[str] | None,
+        scheduled_start_time: datetime | None,
+        idempotency_key: str,
+        name: str | None = None,
+    ) -> str:
+        if labels is not None:
+            raise AgentError("a Prefect 2/3 API routes runs by work pool and queue, not by labels: drop --label")
+        body: dict[str, Any] = {"parameters": dict(parameters), "idempotency_key": idempotency_key}
+        if scheduled_start_time is not None:
+            due = _format_time(scheduled_start_time)
+            body["state"] = {"type": "SCHEDULED", "state_details": {"scheduled_time": due}}
+        if name:
+            body["name"] = name
+        answer = self.call("POST", f"/deployments/{flow_id}/create_flow_run", body)
+        return _expect(_expect(answer, dict, "create_flow_run").get("id"), str, "flow run id")
+
+    def list_flows(self) -> list[FlowSummary]:
+        rows = self._pages("/deployments/filter", {"sort": "NAME_ASC"}, math.inf)
+        return sorted((self._deployment_summary(row) for row in rows), key=lambda flow: flow.name)
+
+    def _pages(self, path: str, body: Mapping[str, Any], limit: float, offset: int = 0) -> list[Any]:
+        """All rows of a list endpoint, a page at a time, up to ``limit``."""
+        rows: list[Any] = []
+        while len(rows) < limit:
+            page_size = int(min(_REST_PAGE, limit - len(rows)))
+            page = _expect(self.call("POST", path, {**body, "offset": offset + len(rows), "limit": page_size}),
+                           list, path)
+            rows += page
+            if len(page) < page_size:
+                break
+        return rows
+
+    def list_flow_runs(
+        self,
+        *,
+        flow_name: str | None = None,
+        state: str | None = None,
+        run_ids: Sequence[str] | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        search: str | None = None,
+        attention_first: bool = False,
+    ) -> list[FlowRun]:
+        runs: dict[str, Any] = {}
+        if run_ids is not None:
+            runs["id"] = {"any_": list(run_ids)}
+        if state is not None:
+            runs["state"] = {"type": {"any_": [_AGENT_TO_REST.get(state, state.upper())]}}
+        if search:
+            runs["name"] = {"like_": search}
+        body: dict[str, Any] = {"flow_runs": runs, "sort": "EXPECTED_START_TIME_DESC"}
+        if flow_name is not None:
+            body["flows"] = {"name": {"any_": [flow_name.split("/", 1)[0]]}}
+        return [self._flow_run(row) for row in self._pages("/flow_runs/filter", body, limit, offset)]
+
+    def get_run_logs(self, run_id: str, offset: int = 0, limit: int | None = None) -> list[LogLine]:
+        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"}
+        levels: dict[Any, str] = {number: name for name, number in _REST_LEVELS.items()}
+        return [
+            LogLine(str(row.get("timestamp") or ""), levels.get(row.get("level"), str(row.get("level"))),
+                    str(row.get("name") or ""), str(row.get("message") or ""))
+            for row in (_expect(row, dict, "a log") for row in
+                        self._pages("/logs/filter", body, math.inf if limit is None else limit, offset))
+        ]
+
+    def get_state_history(self, run_id: str) -> list[tuple[str, str, str]]:
+        rows = _expect(self.call("GET", f"/flow_run_states/?flow_run_id={run_id}"), list, "flow_run_states")
+        states = [_expect(row, dict, "a state") for row in rows]
+        states.sort(key=lambda row: str(row.get("timestamp") or ""))
+        return [(str(row.get("name") or _REST_STATES.get(str(row.get("type")), "")), str(row.get("message") or ""),
+                 str(row.get("timestamp") or "")) for row in states]
+
+    def delete_flow_run(self, run_id: str) -> bool:
+        if self.call("GET", f"/flow_runs/{run_id}", missing_ok=True) is None:
+            return False
+        self.call("DELETE", f"/flow_runs/{run_id}", missing_ok=True)
+        return True
+
+    def cancel_flow_run(self, run_id: str) -> str:
+        answer = self._propose(run_id, {"type": "CANCELLING", "name": "Cancelling"}, force=False)
+        if answer is None:
+            raise AgentError(f"there is no flow run {run_id}")
+        state = _state_of(answer)
+        return _REST_STATES.get(str(state.get("type")), str(state.get("type")))
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        if not self.pool:
+            return []
+        rows = _expect(self.call("POST", self._pool_path("/workers/filter"), {}), list, "workers")
+        return [{"id": str(row.get("id") or ""), "name": str(row.get("name") or ""), "labels": [],
+                 "last_queried": row.get("last_heartbeat_time")} for row in rows if isinstance(row, dict)]
+
+    def _unsupported(self, what: str) -> AgentError:
+        return AgentError(f"{what} is not done through this agent on a Prefect 2/3 API: use `prefect deploy` and "
+                          "the deployment's schedules")
+
+    def ensure_project(self, name: str) -> str:
+        raise self._unsupported("registering flows")
+
+    def register_flow(self, project_id: str, serialized_flow: Mapping[str, Any]) -> str:
+        raise self._unsupported("registering flows")
+
+    def archive_flow(self, flow_id: str) -> None:
+        raise self._unsupported("archiving flows")
+
+    def set_schedule(self, flow: FlowSummary, schedule: Schedule) -> None:
+        raise self._unsupported("scheduling flows")
+
+    def set_schedule_active(self, flow: FlowSummary, active: bool) -> bool:
+        raise self._unsupported("scheduling flows")
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+# --- 7d. Backends: choosing one, and delivering writes to it -----------------------------
 
 
 def open_backend(settings: Settings) -> Backend:
-    """The backend ``settings.api`` names: a Prefect GraphQL API or an SQLite file."""
+    """The backend ``settings.api`` names: an SQLite file, a Prefect 2/3 REST API (its path ends
+    in ``/api``, or ``--pool`` is given) or a Prefect 1.x GraphQL API."""
     if settings.api.startswith("sqlite:"):
+        if settings.pool:
+            raise ConfigError("--pool names a work pool of a Prefect 2/3 API: give its URL with -a/--api or "
+                              "PREFECT_API_URL, like http://127.0.0.1:4200/api")
         return SQLiteBackend(_sqlite_path(settings.api), busy_timeout=settings.request_timeout)
     _check_token_safety(settings)
+    if settings.pool or _is_rest_api(settings.api):
+        return RESTBackend(settings.api, settings.token, pool=settings.pool, work_queues=settings.work_queues,
+                           create_pool=settings.create_pool, timeout=settings.request_timeout)
     return GraphQLBackend(
         settings.api, settings.token, tenant_id=settings.tenant_id, timeout=settings.request_timeout
     )
@@ -4204,16 +4798,18 @@ class _Outbox:
             queued = (int(e.get("o", 0)) for e in self._entries if e["r"] == run_id and e["k"] == "log")
             return max(self._loaded_offsets.get(run_id, 0), max(queued, default=0))
 
-    def state(self, run_id: str, state: Mapping[str, Any], version: int | None, *, unless_final: bool = False) -> None:
+    def state(self, run_id: str, state: Mapping[str, Any], version: int | None, *, unless_final: bool = False,
+              over_crashed: bool = False) -> None:
         """Queue a state write; ``unless_final``: skip it if the run has a final state by then.
 
         The agent's own conclusions about a run whose process ended (failed, timed out,
         handed back) are written ``unless_final``: a final state the run already has, from
-        its process or anyone else, is never overwritten by a guess.
+        its process or anyone else, is never overwritten by a guess. ``over_crashed``: except
+        Crashed, which Prefect 2/3's engine writes when the agent's own signal stops it.
         """
         entry: dict[str, Any] = {"k": "state", "r": run_id, "s": _redact_state(state, self._redact), "v": version}
         if unless_final:
-            entry["g"] = True
+            entry["g"] = "over-crashed" if over_crashed else True
         self._add(entry)
 
     @property
@@ -4406,7 +5002,8 @@ class _Outbox:
             entry = batch[0]
             if entry.get("g"):
                 current = self._backend.get_flow_run(entry["r"])
-                if current is not None and is_final(current.state):
+                if current is not None and is_final(current.state) and not (
+                        entry["g"] == "over-crashed" and current.state == "Crashed"):
                     self._logger.info("Flow run %s is %s already; not writing %s over it",
                                       entry["r"], current.state, entry["s"].get("type"))
                     return
@@ -4497,9 +5094,13 @@ class _RecordLineHandler(logging.Handler):
             self.handleError(record)
 
 
+#: Loggers whose records Prefect 2/3's engine sends to the API itself (its ``api`` handler, logging.yml).
+_PREFECT3_SHIPPED_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.extra")
+
+
 def _parse_output_line(text: str) -> tuple[LogLine, bool]:
-    """A line of a flow-run process's output (a marked log record, or plain output), and whether
-    the process shipped it to the API itself."""
+    """A line of a flow-run process's output (a marked log record, a record of Prefect 2/3's JSON
+    console format, or plain output), and whether the process shipped it to the API itself."""
     if text.startswith(_RECORD_MARK):
         try:
             record = json.loads(text[1:])
@@ -4507,7 +5108,30 @@ def _parse_output_line(text: str) -> tuple[LogLine, bool]:
             return line, bool(record.get("s"))
         except (ValueError, KeyError, TypeError):
             pass
+    if text.startswith('{"name":'):
+        found = _prefect_json_record(text)
+        if found is not None:
+            return found
     return LogLine(_format_time(_utcnow()), "INFO", "output", text), False
+
+
+def _prefect_json_record(text: str) -> tuple[LogLine, bool] | None:
+    """A record as Prefect 2/3's JsonFormatter prints it (the agent asks for that format), or None."""
+    try:
+        record = json.loads(text)
+        message = str(record["msg"])
+        args = record.get("args")
+        if args:
+            message = message % (tuple(args) if isinstance(args, list) else args)
+        error = record.get("exc_info")
+        if isinstance(error, dict) and error.get("traceback"):
+            message += "\n" + str(error["traceback"]).rstrip()
+        stamp = _format_time(datetime.fromtimestamp(float(record["created"]), timezone.utc))
+        name = str(record["name"])
+        line = LogLine(stamp, str(record["levelname"]), name, message)
+    except (ValueError, KeyError, TypeError, OverflowError):
+        return None
+    return line, name.startswith(_PREFECT3_SHIPPED_LOGGERS)
 
 
 class _FlowRunProcess:
@@ -5312,6 +5936,11 @@ def _why_not_here(run: FlowRun, trusted_dirs: Sequence[str], python_has: set[str
     that in a mixed fleet each run goes to an agent that can run it."""
     if run.problem:
         return ""  # a record nobody can run: claimed and failed, saying why
+    if run.launch is not None:  # the API says how to run it; the interpreter must have what it runs
+        needs = run.launch.needs
+        return "" if not needs or needs in python_has else (
+            f"it runs with {needs}, and the flow-run Python has no {needs}: start the agent with --python "
+            f"pointing at an environment with {needs}")
     config = run.run_config
     kind = config.get("type") if isinstance(config, Mapping) else None
     if kind is not None and kind not in _RUN_CONFIGS:
@@ -5690,7 +6319,9 @@ def _decide_outcome(
     else:
         what = f"Flow-run process PID {pid} on host {host} {how} before reporting a final state."
     message = what + (f" Last output: {last_output}" if last_output else "")
-    return _Outcome("Failed", make_state("Failed", _one_line(message, 2000)), message, "ERROR")
+    # Failed, marked as a crash: an API that tells the two apart (Prefect 2/3) writes Crashed.
+    crashed = make_state("Failed", _one_line(message, 2000), context={"crashed": True})
+    return _Outcome("Failed", crashed, message, "ERROR")
 
 
 #: A run's phases in the RunBook, in order: fetched ahead of its start; its claim written
@@ -6549,15 +7180,20 @@ class LocalAgent:
         try:
             if run.problem:
                 raise FlowStorageError(f"the API's record of this run is unusable: {run.problem}")
-            _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs,
-                              self.settings.trusted_script_dirs)
             job = _Job(run.id, flow_name=run.flow_name, version=version, pid=0, runs_dir=self.book.runs_dir,
                        started_at=time.time())
             job.run_name = run.name
-            environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
-            _, working_dir = _local_run(run)
-            if not self._fork_from_template(job, environment, working_dir):
-                job.start([self._python, self._program, "execute", "flow-run"], environment, working_dir)
+            if run.launch is not None:
+                launch = run.launch
+                job.start(list(launch.command) or [self._python, "-m", launch.module],
+                          {**os.environ, **self.settings.env, **launch.env}, launch.cwd)
+            else:
+                _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs,
+                                  self.settings.trusted_script_dirs)
+                environment = _flow_run_environment(self.settings, self.labels, run, job.result_path)
+                _, working_dir = _local_run(run)
+                if not self._fork_from_template(job, environment, working_dir):
+                    job.start([self._python, self._program, "execute", "flow-run"], environment, working_dir)
         except (FlowStorageError, OSError) as exc:
             message = str(exc) if isinstance(exc, FlowStorageError) else f"cannot start the flow-run process: {exc}"
             self.logger.error("Deployment of flow run %s aborted: %s", run.id, message)
@@ -6575,6 +7211,10 @@ class LocalAgent:
         self.metrics.count("runs_launched_total")
         self.logger.debug("Submitted flow run %s to process PID %d", run.id, job.pid)
         self._run_log(run.id, f"Submitted for execution: PID: {job.pid}")
+        try:
+            self._backend().record_process(run.id, job.pid)
+        except APIError as exc:  # only for people looking at the run: it runs as well without
+            self.logger.debug("Could not record the process of flow run %s: %s", run.id, exc)
 
     # Watching processes.
 
@@ -6644,8 +7284,10 @@ class LocalAgent:
             self.metrics.observe("run_duration_seconds", max(0.0, time.time() - job.started_at))
         reported = _read_result(job.result_path)
         final = "" if reported is not None else self._final_state_of(job.run_id)
-        if final:  # the process reported it, and could not leave the result file: nothing to guess
-            self._record_result(job.run_id, final)
+        # Crashed is what Prefect 2/3's engine writes as a signal ends it: when the signal was the
+        # agent's, the agent knows better why the run ended (timed out, cancelled, handed back).
+        if final and not (final == "Crashed" and job.stopping):
+            self._record_result(job.run_id, final)  # the process reported it: nothing to guess
             return
         outcome = _decide_outcome(
             reported, how, stopping=job.stopping, timeout=self.settings.timeout,
@@ -6656,7 +7298,8 @@ class LocalAgent:
         if outcome.note:
             self._run_log(job.run_id, outcome.note, level=outcome.level)
         if outcome.state is not None:  # never over a final state the run has by then (see _Outbox.state)
-            self._api_writes().state(job.run_id, outcome.state, None, unless_final=True)
+            self._api_writes().state(job.run_id, outcome.state, None, unless_final=True,
+                                     over_crashed=bool(job.stopping))
         self._record_result(job.run_id, outcome.result)
 
     def _final_state_of(self, run_id: str) -> str:

@@ -225,9 +225,9 @@ def test_flows(flows_dir: Path) -> Any:
 
 @pytest.fixture
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """An environment without PREFECT__* settings, with a private home and config path."""
+    """An environment without PREFECT__* settings (nor Prefect 2/3's), with a private home and config path."""
     for key in list(os.environ):
-        if key.startswith("PREFECT__") or key == "LOCAL_AGENT_COLLECTS_LOGS":
+        if key.startswith("PREFECT__") or key in ("LOCAL_AGENT_COLLECTS_LOGS", "PREFECT_API_URL", "PREFECT_API_KEY"):
             monkeypatch.delenv(key)
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -1683,6 +1683,8 @@ def test_the_readme_settings_table_is_the_settings_table() -> None:
         assert set(re.findall(r"(?<![\w-])-{1,2}[a-z][a-z-]*", flags)) == set(option.flags) | aliases.get(
             option.name, set()), option.name
         assert default == la._default_text(option), option.name
+        for alias in option.env_aliases:
+            assert f"`{alias}`" in keys, (option.name, alias)
 
 
 def test_start_flags_and_their_help_come_from_the_settings_table(clean_env: dict[str, str]) -> None:
