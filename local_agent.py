@@ -2230,6 +2230,9 @@ class Launch(NamedTuple):
     cwd: str | None
     #: The module ``--python`` must have to run it (checked before claiming).
     needs: str
+    #: The variables that give the process the port and token of the agent's _StopChannel, where
+    #: it hears why it is about to be stopped (empty: it is not told).
+    intent_variables: tuple[str, ...] = ()
 
 
 class FlowRun:
@@ -4364,7 +4367,8 @@ class RESTBackend(Backend):
 
         command = tuple(shlex.split(job["command"])) if isinstance(job.get("command"), str) else ()
         working_dir = job.get("working_dir")
-        return Launch(command, "prefect.engine", env, str(working_dir) if working_dir else None, "prefect")
+        return Launch(command, "prefect.engine", env, str(working_dir) if working_dir else None, "prefect",
+                      ("PREFECT__CONTROL_PORT", "PREFECT__CONTROL_TOKEN"))
 
     def get_flow_run(self, run_id: str) -> FlowRun | None:
         record = self.call("GET", f"/flow_runs/{run_id}", missing_ok=True)
@@ -4421,7 +4425,7 @@ class RESTBackend(Backend):
         labels = {"prefect.worker.name": self._worker, "prefect.worker.type": "process",
                   "prefect.work-pool.name": self.pool, "prefect.work-pool.id": str(self._pool_record.get("id", ""))}
         try:  # the official worker's labels; the run is ours without them
-            self.call("PATCH", f"/flow_runs/{run.id}/labels", labels)
+            _retry_api(lambda: self.call("PATCH", f"/flow_runs/{run.id}/labels", labels), 5.0)
         except APIError as exc:
             logging.getLogger(__name__).debug("Could not label flow run %s: %s", run.id, exc)
         return 1
@@ -6102,6 +6106,98 @@ class _Template:
             self.answered.set()
 
 
+class _StopChannel:
+    """Tells flow-run processes why they are about to be stopped, before the signal, so the flow's
+    own engine settles its run (Prefect 2/3's attempt control, prefect/_internal/control_listener.py).
+
+    The agent listens on loopback; each process connects with its run's one-time token (a line),
+    then a hello (``\x00PF`` + version + capabilities), answered with version 1 and no receipts.
+    Before SIGTERM the agent sends one byte, ``c`` (cancelled), ``r`` (handed back) or ``q`` (let
+    go: the agent writes the outcome), and waits up to a second for ``a``.
+    """
+
+    INTENTS: ClassVar[dict[str, bytes]] = {"cancel": b"c", "shutdown": b"r", "timeout": b"q"}
+    _HELLO_REPLY = b"\x00PF\x01\x00"
+
+    def __init__(self) -> None:
+        import socket
+
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._tokens: dict[str, str] = {}
+        self._connections: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="stop-channel", daemon=True).start()
+
+    def register(self, run_id: str) -> str:
+        """A one-time token for the process of a run."""
+        token = os.urandom(16).hex()
+        with self._lock:
+            self._tokens[token] = run_id
+        return token
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._greet, args=(connection,), name="stop-channel-hello", daemon=True).start()
+
+    def _greet(self, connection: Any) -> None:
+        try:
+            connection.settimeout(5.0)
+            line = b""
+            while not line.endswith(b"\n") and len(line) <= 64:
+                byte = connection.recv(1)
+                if not byte:
+                    raise OSError("closed")
+                line += byte
+            with self._lock:
+                run_id = self._tokens.pop(line.strip().decode("ascii", "replace"), None)
+            if run_id is None:
+                raise OSError("unknown token")
+            if connection.recv(5).startswith(b"\x00PF"):
+                connection.sendall(self._HELLO_REPLY)
+            with self._lock:
+                self._connections[run_id] = connection
+        except OSError:
+            connection.close()
+
+    def tell(self, run_id: str, why: str) -> bool:
+        """Say why a run's process is about to be stopped; whether it acknowledged within a second."""
+        intent = self.INTENTS.get(why)
+        with self._lock:
+            connection = self._connections.pop(run_id, None)
+        if connection is None or intent is None:
+            return False
+        try:
+            connection.settimeout(1.0)
+            connection.sendall(intent)
+            return bool(connection.recv(1) == b"a")
+        except OSError:
+            return False
+        finally:
+            connection.close()
+
+    def forget(self, run_id: str) -> None:
+        """Drop a settled run's token and connection."""
+        with self._lock:
+            connection = self._connections.pop(run_id, None)
+            for token in [token for token, owner in self._tokens.items() if owner == run_id]:
+                del self._tokens[token]
+        if connection is not None:
+            connection.close()
+
+    def close(self) -> None:
+        """Stop listening and close every connection."""
+        self._listener.close()
+        with self._lock:
+            connections, self._connections = list(self._connections.values()), {}
+        for connection in connections:
+            connection.close()
+
+
 class _Job:
     """A flow-run process this agent owns, started by it or adopted after a restart, and its output."""
 
@@ -6202,9 +6298,11 @@ class _Job:
     def how_it_ended(self) -> str:
         """How the process ended, as far as this agent can know; a stop of the agent's own says so."""
         watched = self.process is not None or not self.adopted
-        if self.stopping and watched and self.returncode is not None and self.returncode < 0:
+        if self.stopping and watched and self.returncode is not None and self.returncode <= 0:
             reasons = {"timeout": "it timed out", "cancel": "its run was cancelled"}
             why = reasons.get(self.stopping, "the agent shut down")
+            if self.returncode == 0:  # told why first (_StopChannel), it ended cleanly on the signal
+                return f"was stopped by the agent ({why})"
             return f"was stopped by the agent with {_signal_name(-self.returncode)} ({why})"
         return _describe_exit(self.returncode if watched else None)
 
@@ -6617,6 +6715,7 @@ class LocalAgent:
         self._python_has: set[str] = set()  # which of prefect and cloudpickle it has (see _check_python)
         self._refusals_logged: set[str] = set()
         self._template: _Template | None = None  # the warm template of --preload, when there is one
+        self._stop_channel: _StopChannel | None = None  # opened for the first run that takes intents
         self._retired_templates: list[_Template] = []  # replaced ones, kept while runs they forked go on
         self._next_template_at = 0.0
         self.subreaper = False
@@ -6889,6 +6988,8 @@ class LocalAgent:
             self._http.server_close()
         for template in [*self._retired_templates, *filter(None, [self._template])]:
             template.stop("the agent stopped")
+        if self._stop_channel is not None:
+            self._stop_channel.close()
         if self._outbox is not None:
             self._outbox.close(timeout=2.0 if self._outbox.failing else 10.0)  # the spool keeps the rest
             if self._outbox.pending:
@@ -7185,8 +7286,12 @@ class LocalAgent:
             job.run_name = run.name
             if run.launch is not None:
                 launch = run.launch
-                job.start(list(launch.command) or [self._python, "-m", launch.module],
-                          {**os.environ, **self.settings.env, **launch.env}, launch.cwd)
+                environment = {**os.environ, **self.settings.env, **launch.env}
+                if launch.intent_variables:
+                    channel = self._stop_channel = self._stop_channel or _StopChannel()
+                    port_variable, token_variable = launch.intent_variables
+                    environment.update({port_variable: str(channel.port), token_variable: channel.register(run.id)})
+                job.start(list(launch.command) or [self._python, "-m", launch.module], environment, launch.cwd)
             else:
                 _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs,
                                   self.settings.trusted_script_dirs)
@@ -7232,6 +7337,8 @@ class LocalAgent:
                 # the ledger forgets the run, and the ledger forgets it before its result file
                 # goes, so a restart either settles it again from that file or knows it is done.
                 self._finish(job)
+                if self._stop_channel is not None:
+                    self._stop_channel.forget(job.run_id)
                 self.book.settled(job.run_id)
                 self.book.save()
                 job.remove_files()
@@ -7360,6 +7467,8 @@ class LocalAgent:
                 self._terminate(job, "cancel")
 
     def _terminate(self, job: _Job, why: str) -> None:
+        if self._stop_channel is not None and self._stop_channel.tell(job.run_id, why):
+            self.logger.debug("Flow run %s's process knows why it is being stopped (%s)", job.run_id, why)
         job.stop(why, self.clock.monotonic() + KILL_GRACE_SECONDS)
         self.book.save()
 

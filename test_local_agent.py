@@ -5331,3 +5331,559 @@ def test_who_may_write_and_which_hosts_are_this_server() -> None:
     assert la._host_allowed("192.0.2.7:8080", names, wildcard=True)  # on every interface: an address is fine
     assert not la._host_allowed("attacker.example:8080", names, wildcard=True)  # a name may be rebound
     assert not la._host_allowed("[::1", names, wildcard=True)
+
+
+# --- Real Prefect 3.x ---------------------------------------------------------------------------
+# These tests run the agent against a real `prefect server start` (3.9.1) and compare it with the
+# official process worker. The virtualenv is built once and kept in TEST_CACHE; set
+# LOCAL_AGENT_SKIP_PREFECT3=1 to skip them (the summary line from conftest.py says so).
+
+PREFECT3_VERSION = "3.9.1"
+#: The state types after which a Prefect 3 flow run never changes by itself.
+PREFECT3_FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+@pytest.fixture(scope="session")
+def prefect3_python() -> str:
+    """A Python with prefect 3.9.1: made once (under a lock, for parallel workers), then reused."""
+    import fcntl
+
+    if os.environ.get("LOCAL_AGENT_SKIP_PREFECT3") == "1":
+        pytest.skip("prefect 3 tests skipped by LOCAL_AGENT_SKIP_PREFECT3=1")
+    venv = TEST_CACHE / f"prefect-{PREFECT3_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
+    python = venv / "bin" / "python"
+    check = f"import prefect; assert prefect.__version__ == {PREFECT3_VERSION!r}, prefect.__version__"
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(TEST_CACHE / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # xdist workers wait here while the first one builds it
+        if python.exists() and subprocess.run([str(python), "-c", check], capture_output=True,
+                                              timeout=120).returncode == 0:
+            return str(python)
+        shutil.rmtree(venv, ignore_errors=True)  # a half-built or stale venv is rebuilt from scratch
+        steps = [[sys.executable, "-m", "venv", str(venv)],
+                 [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                  f"prefect=={PREFECT3_VERSION}"],
+                 [str(python), "-c", check]]
+        for step in steps:
+            try:
+                done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the prefect 3 tests need prefect {PREFECT3_VERSION} in {venv}, and "
+                            f"`{' '.join(step)}` took over 900 s", pytrace=False)
+            if done.returncode != 0:
+                pytest.fail(f"the prefect 3 tests need prefect {PREFECT3_VERSION} in a virtualenv at {venv}, and "
+                            f"`{' '.join(step)}` failed: {(done.stderr or done.stdout)[-1500:]}", pytrace=False)
+    return str(python)
+
+
+def prefect3_env(api_url: str, home: Path) -> dict[str, str]:
+    """The environment for every Prefect 3 process of a test: this server, this home, nothing else."""
+    # An inherited PREFECT_* (a developer's profile, PREFECT_API_KEY, ...) would point clients
+    # elsewhere or change behaviour, so all of them go; then only what the tests rely on is set.
+    env = {key: value for key, value in os.environ.items() if not key.upper().startswith("PREFECT")}
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_UI_ENABLED": "false",
+    })
+    return env
+
+
+def _tail(path: Path, size: int = 3000) -> str:
+    """The end of a log file, for failure messages."""
+    try:
+        return path.read_bytes()[-size:].decode(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def _stop_group(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM a process's whole group (it leads one), SIGKILL it after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:  # the group is gone; reap the leader below
+            pass
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # uvicorn and the services run as children in the same group: make sure none outlives the test.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Prefect3Server:
+    """A real `prefect server start` on 127.0.0.1 with its own home; it can be stopped and started
+    again on the same port and database (a "server restart mid-run")."""
+
+    def __init__(self, python: str, home: Path) -> None:
+        self.bin = Path(python).parent
+        self.home = home
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = prefect3_env(self.url, home)
+        self.log = home / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_in = 0.0  # seconds the last start took (the first one migrates the database)
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the server (again) and wait until /api/health says true."""
+        assert self.process is None, "the server is already running"
+        self.home.mkdir(parents=True, exist_ok=True)
+        began = time.monotonic()
+        with open(self.log, "ab") as log:  # appended, so a restart keeps the first run's lines
+            self.process = subprocess.Popen(
+                [str(self.bin / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env, cwd=self.home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # its own group, so stop() reaches uvicorn and the services too
+        while time.monotonic() - began < timeout:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.stop()
+                pytest.fail(f"prefect server exited with {code} while starting; {self.log}:\n{_tail(self.log)}",
+                            pytrace=False)
+            if self.healthy():
+                self.started_in = time.monotonic() - began
+                return
+            time.sleep(0.25)
+        self.stop()
+        pytest.fail(f"prefect server was not healthy within {timeout:.0f} s; {self.log}:\n{_tail(self.log)}",
+                    pytrace=False)
+
+    def healthy(self) -> bool:
+        """Whether GET /api/health answers true right now."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return bool(json.load(response) is True)
+        except (OSError, ValueError):  # refused, reset, timed out, or not JSON yet
+            return False
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop the server: SIGTERM to its process group, SIGKILL after `grace` seconds."""
+        if self.process is not None:
+            _stop_group(self.process, grace)
+            self.process = None
+
+
+def _started_server(python: str, home: Path) -> Iterator[Prefect3Server]:
+    """A started Prefect3Server, stopped when the generator closes."""
+    server = Prefect3Server(python, home)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect3_server(prefect3_python: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect3Server]:
+    """One real Prefect 3 server for the session (each test makes its own pool, so they don't meet)."""
+    yield from _started_server(prefect3_python, tmp_path_factory.mktemp("prefect3-home"))
+
+
+@pytest.fixture
+def prefect3_private_server(prefect3_python: str, tmp_path: Path) -> Iterator[Prefect3Server]:
+    """A Prefect 3 server of the test's own, which it may stop and start (the shared one must stay up)."""
+    yield from _started_server(prefect3_python, tmp_path / "prefect3-home")
+
+
+class Prefect3:
+    """A small client for Prefect 3's REST API, for setting up and observing tests (JSON in/out)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def call(self, method: str, path: str, body: Any = None, *, timeout: float = 30.0) -> Any:
+        """One request; the decoded JSON answer (None if empty). HTTP >= 400 raises with the body."""
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(6):
+            request = urllib.request.Request(self.url + path, data=data, method=method,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    raw = response.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as error:
+                detail = error.read().decode(errors="replace")
+                error.close()
+                # The server answers 503 while SQLite is busy; that passes, so retry a little.
+                if error.code == 503 and attempt < 5:
+                    time.sleep(min(0.2 * 2 ** attempt, 2.0))
+                    continue
+                raise AssertionError(f"{method} {path} -> HTTP {error.code}: {detail[:2000]}") from None
+        raise AssertionError("unreachable")
+
+    def create_pool(self, name: str, *, paused: bool = False, concurrency_limit: int | None = None,
+                    base_job_template: dict[str, Any] | None = None, pool_type: str = "process") -> dict[str, Any]:
+        """A new work pool (an empty template, as `prefect work-pool create` without one leaves it)."""
+        return self.call("POST", "/work_pools/", {
+            "name": name, "type": pool_type, "is_paused": paused, "concurrency_limit": concurrency_limit,
+            "base_job_template": base_job_template or {}})
+
+    def create_queue(self, pool: str, name: str, **fields: Any) -> dict[str, Any]:
+        """A new work queue in a pool (POST without the trailing slash: the slash form redirects)."""
+        return self.call("POST", f"/work_pools/{pool}/queues", {"name": name, **fields})
+
+    def pause_pool(self, name: str, paused: bool = True) -> None:
+        """Pause (or resume) a work pool."""
+        self.call("PATCH", f"/work_pools/{name}", {"is_paused": paused})
+
+    def create_deployment(self, pool: str, flow_dir: Path, entrypoint: str, name: str, *, queue: str = "default",
+                          job_variables: dict[str, Any] | None = None,
+                          parameter_schema: dict[str, Any] | None = None) -> tuple[str, str]:
+        """A flow and a deployment of `entrypoint` ("file.py:func") run from `flow_dir`; (flow id,
+        deployment id). The pull step is what `prefect deploy` writes for local code."""
+        flow_name = entrypoint.rsplit(":", 1)[-1]
+        flow = self.call("POST", "/flows/", {"name": flow_name})  # idempotent: the same name gives the same id
+        deployment = self.call("POST", "/deployments/", {
+            "name": name, "flow_id": flow["id"], "work_pool_name": pool, "work_queue_name": queue,
+            "entrypoint": entrypoint, "job_variables": job_variables or {},
+            "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(flow_dir)}}],
+            # Without a schema there is nothing to check parameters against.
+            "parameter_openapi_schema": parameter_schema,
+            "enforce_parameter_schema": parameter_schema is not None})
+        return flow["id"], deployment["id"]
+
+    def create_run(self, deployment_id: str, *, parameters: dict[str, Any] | None = None, queue: str | None = None,
+                   scheduled_time: str | None = None, job_variables: dict[str, Any] | None = None) -> str:
+        """A SCHEDULED flow run of a deployment (due now unless `scheduled_time`, ISO 8601); its id."""
+        state: dict[str, Any] = {"type": "SCHEDULED", "name": "Scheduled"}
+        if scheduled_time is not None:
+            state["state_details"] = {"scheduled_time": scheduled_time}
+        body: dict[str, Any] = {"parameters": parameters or {}, "state": state}
+        if queue is not None:
+            body["work_queue_name"] = queue
+        if job_variables is not None:
+            body["job_variables"] = job_variables
+        return str(self.call("POST", f"/deployments/{deployment_id}/create_flow_run", body)["id"])
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        """A flow run as the API shows it."""
+        return dict(self.call("GET", f"/flow_runs/{run_id}"))
+
+    def set_state(self, run_id: str, state: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
+        """Propose a state, as an engine or worker does; the orchestration result (status, state, details)."""
+        return dict(self.call("POST", f"/flow_runs/{run_id}/set_state", {"state": state, "force": force}))
+
+    def states(self, run_id: str) -> list[tuple[str, str, str]]:
+        """A run's state history, oldest first, as (type, name, message)."""
+        rows = self.call("GET", f"/flow_run_states/?flow_run_id={run_id}")
+        rows.sort(key=lambda row: row["timestamp"])
+        return [(row["type"], row["name"], row.get("message") or "") for row in rows]
+
+    def logs(self, run_id: str) -> list[str]:
+        """All log messages of a flow run, oldest first (the API pages by at most 200)."""
+        messages: list[str] = []
+        while True:
+            page = self.call("POST", "/logs/filter", {
+                "logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC",
+                "offset": len(messages), "limit": 200})
+            messages.extend(row["message"] for row in page)
+            if len(page) < 200:
+                return messages
+
+    def wait_state(self, run_id: str, types: tuple[str, ...] | str, timeout: float) -> dict[str, Any]:
+        """The run once its state type is one of `types`; fails with the state history after `timeout`."""
+        wanted = (types,) if isinstance(types, str) else types
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.run(run_id)
+            if run["state"] and run["state"]["type"] in wanted:
+                return run
+            if time.monotonic() > deadline:
+                raise AssertionError(f"flow run {run_id} did not reach {wanted} within {timeout:.0f} s; "
+                                     f"states: {self.states(run_id)}")
+            time.sleep(0.2)
+
+    def wait_final(self, run_id: str, timeout: float) -> dict[str, Any]:
+        """The run once it is COMPLETED, FAILED, CRASHED or CANCELLED."""
+        return self.wait_state(run_id, PREFECT3_FINAL, timeout)
+
+
+PREFECT3_FLOW = '''
+import os
+import sys
+import time
+
+from prefect import flow, get_run_logger
+
+
+@flow
+def hello(name: str = "world", sleep: float = 0, exit_code: int = 0):
+    get_run_logger().info("logged %s", name)
+    print("printed", name, os.environ.get("FROM_POOL"), os.environ.get("FROM_DEPLOYMENT"), os.getcwd(), flush=True)
+    marker = os.environ.get("MARKER_FILE")
+    if marker:
+        with open(marker, "a") as handle:
+            handle.write(os.environ["PREFECT__FLOW_RUN_ID"] + "\\n")
+    time.sleep(sleep)
+    if exit_code:
+        os._exit(exit_code)
+    return name
+'''
+
+
+class P3World:
+    """One test's work pool on the shared Prefect 3 server, its flow and deployment, and the agent's setup."""
+
+    def __init__(self, server: Prefect3Server, python: str, tmp_path: Path, env: dict[str, str]) -> None:
+        self.server, self.python, self.tmp_path = server, python, tmp_path
+        self.api = Prefect3(server.url)
+        self.pool = "t" + os.urandom(4).hex()  # never "prefect...": the server keeps those names
+        self.flow_dir = tmp_path / "flows3"
+        self.flow_dir.mkdir()
+        (self.flow_dir / "hello.py").write_text(PREFECT3_FLOW)
+        # The agent and its engines reach this server only, and tell nobody (DO_NOT_TRACK).
+        self.env = {**env, "PREFECT_API_URL": server.url, "PREFECT_HOME": str(tmp_path / "prefect3-client"),
+                    "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        self.deployment_id = ""
+
+    def deploy(self, *, create_pool: bool = True, queue: str = "default",
+               job_variables: dict[str, Any] | None = None, name: str = "d1") -> str:
+        """The pool (unless the test makes it) and a deployment of `hello`; the deployment's id."""
+        if create_pool:
+            self.api.create_pool(self.pool)
+        schema = {"type": "object", "properties": {"name": {"type": "string"}, "sleep": {"type": "number"},
+                                                   "exit_code": {"type": "integer"}}}
+        _, self.deployment_id = self.api.create_deployment(self.pool, self.flow_dir, "hello.py:hello", name,
+                                                           queue=queue, job_variables=job_variables,
+                                                           parameter_schema=schema)
+        return self.deployment_id
+
+    def run(self, **parameters: Any) -> str:
+        """A run of the deployment, due now."""
+        queue = parameters.pop("queue", None)
+        return self.api.create_run(self.deployment_id, parameters=parameters, queue=queue)
+
+    def agent_argv(self, *args: str) -> list[str]:
+        return ["start", "--pool", self.pool, "--python", self.python, "--no-hostname-label", *args]
+
+    def agent(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``start --pool POOL --python VENV ARGS`` to completion (as its own process: it starts real engines)."""
+        return run_cli(*self.agent_argv(*args), env=self.env, cwd=self.tmp_path, timeout=timeout)
+
+    def agent_process(self, *args: str, name: str = "agent") -> subprocess.Popen[str]:
+        """The agent in the background, its stderr in a file (read with ``agent_log``)."""
+        with open(self.tmp_path / f"{name}.log", "w") as log:  # the child has its own copy of the descriptor
+            return subprocess.Popen([sys.executable, str(AGENT), *self.agent_argv("-n", name, *args)], env=self.env,
+                                    cwd=self.tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def agent_log(self, name: str = "agent") -> str:
+        return (self.tmp_path / f"{name}.log").read_text()
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, env=self.env, cwd=self.tmp_path, timeout=timeout)
+
+    def types(self, run_id: str) -> list[str]:
+        return [kind for kind, _, _ in self.api.states(run_id)]
+
+
+@pytest.fixture
+def p3(prefect3_server: Prefect3Server, prefect3_python: str, tmp_path: Path, clean_env: dict[str, str]) -> P3World:
+    """A fresh work pool on the shared real Prefect 3 server, with a deployment's flow on disk."""
+    return P3World(prefect3_server, prefect3_python, tmp_path, clean_env)
+
+
+def _stop_agent(process: subprocess.Popen[str], timeout: float = 60) -> int:
+    """SIGTERM a background agent and wait for it; its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=timeout)
+
+
+def test_prefect3_run_created_by_name_completes_on_the_agent(p3: P3World) -> None:
+    p3.deploy(job_variables={"env": {"FROM_DEPLOYMENT": "dep-value"}})
+    p3.api.call("PATCH", f"/work_pools/{p3.pool}", {"base_job_template": {
+        **la._PROCESS_JOB_TEMPLATE,
+        "variables": {**la._PROCESS_JOB_TEMPLATE["variables"], "properties": {
+            **la._PROCESS_JOB_TEMPLATE["variables"]["properties"],
+            "env": {"type": "object", "default": {"FROM_POOL": "pool-value", "FROM_DEPLOYMENT": "pool-loses"}}}}}})
+    created = p3.cli("run", "hello/d1", "--param", 'name="you"')
+    assert created.returncode == 0, created.stderr
+    run_id = created.stdout.strip()
+    result = p3.agent("--once", "-f")
+    assert result.returncode == 0, result.stderr
+    run = p3.api.run(run_id)
+    assert run["state"]["type"] == "COMPLETED"
+    states = p3.api.states(run_id)
+    assert [kind for kind, _, _ in states] == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
+    assert "Submitted for execution by agent agent" in states[1][2] and "[claim " in states[1][2]
+    assert run["labels"]["prefect.worker.type"] == "process"
+    assert run["labels"]["prefect.work-pool.name"] == p3.pool
+    assert run["labels"]["prefect.worker.name"].startswith("agent@")
+    pid = re.search(r"Submitted for execution: PID: (\d+)", "\n".join(p3.api.logs(run_id)))
+    assert pid and run["infrastructure_pid"] == pid.group(1)  # the engine's own process
+    logs = p3.api.logs(run_id)
+    # The job: the pool template's env default, the deployment's job variables over it, the pull step's cwd.
+    printed = [line for line in logs if line.startswith("printed you")]
+    assert printed == [f"printed you pool-value dep-value {p3.flow_dir}"]  # once: the agent ships prints
+    assert logs.count("logged you") == 1  # once: the engine ships its records, the agent does not again
+    assert "logged you" in result.stdout  # -f shows them
+    assert "Flow run " + run_id + " finished: Success" in result.stderr
+
+
+def test_prefect3_a_process_that_dies_leaves_the_run_crashed_with_why(p3: P3World) -> None:
+    p3.deploy()
+    run_id = p3.run(exit_code=3)
+    result = p3.agent("--once")
+    assert result.returncode == 1, result.stderr  # --once: a run did not succeed
+    run = p3.api.run(run_id)
+    assert run["state"]["type"] == "CRASHED"
+    assert "exited with code 3 before reporting a final state" in run["state"]["message"]
+    assert p3.types(run_id).count("CRASHED") == 1
+
+
+def test_prefect3_cancelling_a_running_run_stops_its_process(p3: P3World) -> None:
+    p3.deploy()
+    run_id = p3.run(sleep=120)
+    agent = p3.agent_process()
+    try:
+        p3.api.wait_state(run_id, "RUNNING", timeout=90)
+        cancelled = p3.cli("cancel", run_id)
+        assert cancelled.returncode == 0 and "Cancelling" in cancelled.stdout, cancelled.stderr
+        run = p3.api.wait_final(run_id, timeout=la.WATCH_SECONDS + la.KILL_GRACE_SECONDS + 30)
+    finally:
+        assert _stop_agent(agent) == 0
+    assert run["state"]["type"] == "CANCELLED", p3.api.states(run_id)
+    assert "was cancelled" in run["state"]["message"]
+    assert "Cancellation requested: stopping process PID" in "\n".join(p3.api.logs(run_id))
+    # Told why before the signal, its engine ran the flow's cancellation and wrote no Crashed.
+    assert "CRASHED" not in p3.types(run_id), p3.api.states(run_id)
+
+
+def test_prefect3_a_run_past_its_timeout_fails_saying_so(p3: P3World) -> None:
+    p3.deploy()
+    run_id = p3.run(sleep=120)
+    result = p3.agent("--once", "--timeout", "8")
+    assert result.returncode == 1
+    run = p3.api.run(run_id)
+    # Over the Crashed its engine writes as the agent's SIGTERM ends it: the agent knows why.
+    assert run["state"]["type"] == "FAILED" and "timed out after 8 s" in run["state"]["message"], p3.api.states(run_id)
+    assert "CRASHED" not in p3.types(run_id), p3.api.states(run_id)  # told to let go, its engine wrote nothing
+
+
+def test_prefect3_sigterm_hands_running_and_claimed_runs_back(p3: P3World) -> None:
+    p3.deploy()
+    running = p3.run(sleep=120)
+    agent = p3.agent_process("--grace", "1")
+    try:
+        p3.api.wait_state(running, "RUNNING", timeout=90)
+    finally:
+        code = _stop_agent(agent)
+    assert code == 0, p3.agent_log()
+    run = p3.api.run(running)
+    assert (run["state"]["type"], run["state"]["name"]) == ("SCHEDULED", "AwaitingRetry"), p3.api.states(running)
+    assert "shut down before this run finished; rescheduled" in run["state"]["message"]
+    assert "CRASHED" not in p3.types(running), p3.api.states(running)  # its engine knew it was handed back
+    # Handed back, it is due again, and the next agent runs it to the end.
+    p3.api.call("PATCH", f"/flow_runs/{running}", {"parameters": {"sleep": 0}})
+    assert p3.agent("--once").returncode == 0
+    assert p3.api.run(running)["state"]["type"] == "COMPLETED"
+
+
+def test_prefect3_a_paused_pool_gives_no_runs_until_resumed(p3: P3World) -> None:
+    p3.deploy()
+    p3.api.pause_pool(p3.pool)
+    run_id = p3.run()
+    result = p3.agent("--max-polls", "2", "--max-poll-interval", "0.3")
+    assert result.returncode == 0, result.stderr
+    assert p3.api.run(run_id)["state"]["type"] == "SCHEDULED"
+    p3.api.pause_pool(p3.pool, paused=False)
+    assert p3.agent("--once").returncode == 0
+    assert p3.api.run(run_id)["state"]["type"] == "COMPLETED"
+
+
+def test_prefect3_work_queues_choose_which_runs_an_agent_takes(p3: P3World) -> None:
+    p3.deploy()
+    p3.api.create_queue(p3.pool, "gpu")
+    on_default, on_gpu = p3.run(), p3.run(queue="gpu")
+    result = p3.agent("--once", "--work-queue", "gpu")
+    assert result.returncode == 0, result.stderr
+    assert p3.api.run(on_gpu)["state"]["type"] == "COMPLETED"
+    assert p3.api.run(on_default)["state"]["type"] == "SCHEDULED"
+
+
+def test_prefect3_a_missing_pool_or_queue_is_one_clear_line(p3: P3World) -> None:
+    missing = p3.agent("--once")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"work pool '{p3.pool}' does not exist" in missing.stderr and "--create-pool" in missing.stderr
+    no_pool = p3.cli("start", "--once", "--no-hostname-label")
+    assert no_pool.returncode == 1 and "start the agent with --pool POOL" in no_pool.stderr, no_pool.stderr
+    created = p3.agent("--once", "--create-pool", "--work-queue", "gpu")
+    assert created.returncode == 0, created.stderr
+    pool = p3.api.call("GET", f"/work_pools/{p3.pool}")
+    assert pool["type"] == "process" and pool["base_job_template"] == la._PROCESS_JOB_TEMPLATE
+    assert p3.api.call("GET", f"/work_pools/{p3.pool}/queues/gpu")["name"] == "gpu"
+    unknown_queue = p3.agent("--once", "--work-queue", "nosuch")
+    assert unknown_queue.returncode == 1 and f"work pool '{p3.pool}' has no work queue 'nosuch'" in \
+        unknown_queue.stderr
+
+
+def test_prefect3_a_killed_agent_adopts_its_running_flow_on_restart(p3: P3World) -> None:
+    p3.deploy()
+    run_id = p3.run(sleep=8)
+    first = p3.agent_process()
+    try:
+        p3.api.wait_state(run_id, "RUNNING", timeout=90)
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    second = p3.agent("--once", timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert f"Adopting flow run {run_id}" in second.stderr
+    assert p3.api.run(run_id)["state"]["type"] == "COMPLETED"
+    assert p3.types(run_id).count("RUNNING") == 1  # one engine ran it, once
+
+
+def test_prefect3_claims_are_decided_by_the_answers_body() -> None:
+    proposal, force = la._rest_state(la.make_state("Submitted", "by me", context={"claim": "abc123"}))
+    assert proposal == {"type": "PENDING", "message": "by me [claim abc123]"} and not force
+    back, force = la._rest_state(la.make_state("Scheduled", "handed back"))
+    assert back["type"] == "SCHEDULED" and back["name"] == "AwaitingRetry" and back["state_details"]["scheduled_time"]
+    crashed, _ = la._rest_state(la.make_state("Failed", "died", context={"crashed": True}))
+    assert crashed["type"] == "CRASHED"
+    assert la._rest_state(la.make_state("Cancelled", "stop"))[1] is True  # forced, as the official worker
+
+
+def test_prefect3_job_configuration_precedence_is_prefects() -> None:
+    template = {"job_configuration": {"command": "{{ command }}", "env": "{{ env }}", "name": "run-{{ name }}"},
+                "variables": {"properties": {"env": {"default": {"A": "pool", "B": "pool"}},
+                                             "command": {"default": None}, "name": {"default": "x"}}}}
+    job = la._render_job(template, {"env": {"B": "deployment", "C": "deployment"}, "name": "dep"},
+                         {"env": {"C": "run"}})
+    assert job == {"env": {"A": "pool", "B": "deployment", "C": "run"}, "name": "run-dep"}  # no command: the engine's
+
+
+def test_prefect3_json_records_are_shown_and_shipped_once() -> None:
+    record = ('{"name":"prefect.flow_runs","msg":"hi %s","args":["you"],"levelname":"INFO","created":1796031402.5,'
+              '"exc_info":null}')
+    line, shipped = la._parse_output_line(record)
+    assert (line.name, line.level, line.message, shipped) == ("prefect.flow_runs", "INFO", "hi you", True)
+    other, shipped = la._parse_output_line(record.replace("prefect.flow_runs", "prefect.engine"))
+    assert other.message == "hi you" and not shipped  # the engine's API handler does not send these
+    plain, shipped = la._parse_output_line('{"name": "not a record"}')
+    assert plain.name == "output" and not shipped
+
+
+def test_prefect3_an_adopted_run_past_its_timeout_fails_over_its_engines_crash(p3: P3World) -> None:
+    p3.deploy()
+    run_id = p3.run(sleep=120)
+    first = p3.agent_process()
+    try:
+        p3.api.wait_state(run_id, "RUNNING", timeout=90)
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    # The restarted agent cannot tell the adopted process why (its channel died with the first
+    # agent): the engine writes Crashed on SIGTERM, and the agent's "timed out" goes over it.
+    second = p3.agent("--once", "--timeout", "1", timeout=120)
+    assert second.returncode == 1, second.stderr
+    run = p3.api.run(run_id)
+    assert run["state"]["type"] == "FAILED" and "timed out after 1 s" in run["state"]["message"], p3.api.states(run_id)
+    assert p3.types(run_id)[-2:] == ["CRASHED", "FAILED"]
