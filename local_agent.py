@@ -2402,6 +2402,11 @@ class Backend:
     def record_process(self, run_id: str, pid: int) -> None:
         """Tell the API which process runs a run (where it keeps that: Prefect 2/3's ``infrastructure_pid``)."""
 
+    def routing_reasons(self, run: FlowRun) -> list[str] | None:
+        """Why the API's own routing keeps a run from this backend's agent (pools, queues); None
+        when the API routes by labels, which the agent's rule explains."""
+        return None
+
     def ensure_project(self, name: str) -> str:
         """The id of the project with this name, created if needed."""
         raise NotImplementedError
@@ -4446,6 +4451,48 @@ class RESTBackend(Backend):
 
     def record_process(self, run_id: str, pid: int) -> None:
         self.call("PATCH", f"/flow_runs/{run_id}", {"infrastructure_pid": str(pid)})
+
+    def routing_reasons(self, run: FlowRun) -> list[str]:
+        """The official worker's reasons a run waits: another pool or queue, paused, at a limit."""
+        record = self.call("GET", f"/flow_runs/{run.id}", missing_ok=True)
+        if not isinstance(record, dict):
+            return []
+        pool, queue = str(record.get("work_pool_name") or ""), str(record.get("work_queue_name") or "")
+        reasons = []
+        if not record.get("deployment_id"):
+            reasons.append("it has no deployment: workers run deployments' runs")
+        if not pool:
+            return [*reasons, "it is in no work pool"]
+        if self.pool and pool != self.pool:
+            reasons.append(f"it is in work pool {pool!r}, and the agent serves {self.pool!r}")
+        if self.work_queues and queue not in self.work_queues:
+            reasons.append(f"it is in work queue {queue!r}, and the agent takes only {', '.join(self.work_queues)}")
+        if not record.get("work_queue_id"):
+            reasons.append(f"its work queue {queue!r} was deleted: no worker gets it")
+        reasons += self._paused_or_full(pool, queue)
+        if (record.get("state") or {}).get("name") == "AwaitingConcurrencySlot":
+            reasons.append("it waits for a slot under its deployment's concurrency limit")
+        return reasons
+
+    def _paused_or_full(self, pool: str, queue: str) -> list[str]:
+        from urllib.parse import quote
+
+        reasons = []
+        busy = {"state": {"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}}
+        pool_record = self.call("GET", f"/work_pools/{quote(pool, safe='')}", missing_ok=True) or {}
+        queue_record = self.call("GET", f"/work_pools/{quote(pool, safe='')}/queues/{quote(queue, safe='')}",
+                                 missing_ok=True) or {}
+        for what, name, record, scope in (("work pool", pool, pool_record, {"work_pools": {"name": {"any_": [pool]}}}),
+                                          ("work queue", queue, queue_record,
+                                           {"work_pool_queues": {"id": {"any_": [queue_record.get("id")]}}})):
+            if record.get("is_paused"):
+                reasons.append(f"its {what} {name!r} is paused")
+            limit = record.get("concurrency_limit")
+            if isinstance(limit, int) and record.get("id"):
+                active = self.call("POST", "/flow_runs/count", {"flow_runs": busy, **scope})
+                if isinstance(active, int) and active >= limit:
+                    reasons.append(f"its {what} {name!r} is at its concurrency limit ({active} of {limit} under way)")
+        return reasons
 
     def write_run_logs(self, logs: Sequence[Mapping[str, Any]]) -> None:
         self.call("POST", "/logs/", [
@@ -9048,7 +9095,7 @@ def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _command_settings(args: argparse.Namespace) -> Settings:
     flags = {key: getattr(args, key, None) for key in ("api", "token", "tenant_id", "labels", "hostname_label",
-                                                         "local_label", "flow_dirs")}
+                                                         "local_label", "flow_dirs", "pool", "work_queues")}
     return resolve_settings(flags)
 
 
@@ -9793,21 +9840,26 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _explain_run(run: FlowRun, agent_labels: Sequence[str], trusted_dirs: Sequence[str],
-                 now: datetime | None = None) -> list[str]:
-    """Why an agent with ``agent_labels`` on this host would not take ``run`` (empty: it would)."""
+                 now: datetime | None = None, routing: list[str] | None = None) -> list[str]:
+    """Why an agent with ``agent_labels`` on this host would not take ``run`` (empty: it would);
+    ``routing``: the API's own reasons, where it routes runs itself (see Backend.routing_reasons)."""
     now = now or _utcnow()
     reasons = []
     if run.state not in SCHEDULED_STATES:
         reasons.append(f"it is {run.state}, not Scheduled")
-    mismatch = _label_mismatch(run.labels, agent_labels)
-    if mismatch:
-        reasons.append(mismatch)
+    if routing is not None:
+        reasons += routing
+    else:
+        mismatch = _label_mismatch(run.labels, agent_labels)
+        if mismatch:
+            reasons.append(mismatch)
     if run.start_time > now:
         due_in = _duration_text((run.start_time - now).total_seconds())
         reasons.append(f"it is not due yet: due in {due_in} at {_short_time(run.start_time)} UTC")
-    problem = _why_not_here(run, trusted_dirs, {"prefect", "cloudpickle"}, [os.getcwd()])  # --python not known
-    if problem:
-        reasons.append(problem)
+    if routing is None:  # where the API says how to run a run, no flow file is looked for
+        problem = _why_not_here(run, trusted_dirs, {"prefect", "cloudpickle"}, [os.getcwd()])  # --python not known
+        if problem:
+            reasons.append(problem)
     return reasons
 
 
@@ -9817,15 +9869,20 @@ def _cmd_why(args: argparse.Namespace) -> int:
     with _backend_for(None, None, settings) as backend:
         runs = [_find_run(backend, args.run_id)] if args.run_id else backend.list_flow_runs(state="Scheduled",
                                                                                             limit=100)
+        explained = [(run, _explain_run(run, labels, settings.trusted_flow_dirs,
+                                        routing=backend.routing_reasons(run))) for run in runs]
     if args.output == "json":
-        return _print_json({"agent_labels": labels, "host": _hostname(), "runs": [
-            {**_run_json(run), "would_run": not reasons, "reasons": reasons}
-            for run, reasons in ((run, _explain_run(run, labels, settings.trusted_flow_dirs)) for run in runs)]})
-    print(f"An agent with labels {labels} on {_hostname()}:")
+        return _print_json({"agent_labels": labels, "pool": settings.pool, "work_queues": settings.work_queues,
+                            "host": _hostname(), "runs": [{**_run_json(run), "would_run": not reasons,
+                                                           "reasons": reasons} for run, reasons in explained]})
+    if settings.pool or isinstance(backend, RESTBackend):
+        queues = ", ".join(settings.work_queues) or "every queue"
+        print(f"An agent serving work pool {settings.pool or '(give --pool)'} ({queues}) on {_hostname()}:")
+    else:
+        print(f"An agent with labels {labels} on {_hostname()}:")
     if not runs:
         print("  there are no Scheduled flow runs.")
-    for run in runs:
-        reasons = _explain_run(run, labels, settings.trusted_flow_dirs)
+    for run, reasons in explained:
         verdict = "would run it" if not reasons else "would not run it: " + "; ".join(reasons)
         print(f"  {run.id} ({run.flow_name}, labels {run.labels}): {verdict}")
     return 0
@@ -9985,6 +10042,8 @@ def _build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
         _add_option(why, options["hostname_label"])
         _add_option(why, options["local_label"])
         _add_option(why, options["flow_dirs"])
+        _add_option(why, options["pool"]._replace(help="the work pool the agent serves (a Prefect 2/3 API)"))
+        _add_option(why, options["work_queues"]._replace(help="a work queue the agent takes runs from (repeatable)"))
 
     schedule = command("schedule", "show, set or turn off a flow's schedule", _cmd_schedule)
     if wants("schedule"):

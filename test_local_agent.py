@@ -5794,6 +5794,8 @@ def test_prefect3_a_paused_pool_gives_no_runs_until_resumed(p3: P3World) -> None
     result = p3.agent("--max-polls", "2", "--max-poll-interval", "0.3")
     assert result.returncode == 0, result.stderr
     assert p3.api.run(run_id)["state"]["type"] == "SCHEDULED"
+    why = p3.cli("why", run_id, "--pool", p3.pool)
+    assert f"would not run it: its work pool '{p3.pool}' is paused" in why.stdout, why.stdout + why.stderr
     p3.api.pause_pool(p3.pool, paused=False)
     assert p3.agent("--once").returncode == 0
     assert p3.api.run(run_id)["state"]["type"] == "COMPLETED"
@@ -5807,6 +5809,12 @@ def test_prefect3_work_queues_choose_which_runs_an_agent_takes(p3: P3World) -> N
     assert result.returncode == 0, result.stderr
     assert p3.api.run(on_gpu)["state"]["type"] == "COMPLETED"
     assert p3.api.run(on_default)["state"]["type"] == "SCHEDULED"
+    why = p3.cli("why", "--pool", p3.pool, "--work-queue", "gpu")
+    assert f"{on_default} (hello, labels []): would not run it: it is in work queue 'default', and the agent takes " \
+           "only gpu" in why.stdout, why.stdout + why.stderr
+    p3.api.call("PATCH", f"/work_pools/{p3.pool}/queues/default", {"concurrency_limit": 0})
+    why = p3.cli("why", on_default, "--pool", p3.pool)
+    assert "its work queue 'default' is at its concurrency limit (0 of 0 under way)" in why.stdout, why.stdout
 
 
 def test_prefect3_a_missing_pool_or_queue_is_one_clear_line(p3: P3World) -> None:
@@ -5887,3 +5895,38 @@ def test_prefect3_an_adopted_run_past_its_timeout_fails_over_its_engines_crash(p
     run = p3.api.run(run_id)
     assert run["state"]["type"] == "FAILED" and "timed out after 1 s" in run["state"]["message"], p3.api.states(run_id)
     assert p3.types(run_id)[-2:] == ["CRASHED", "FAILED"]
+
+
+def test_prefect3_two_agents_and_the_official_worker_share_a_pool_without_doubling_a_run(p3: P3World) -> None:
+    marker = p3.tmp_path / "ran.txt"
+    p3.deploy(job_variables={"env": {"MARKER_FILE": str(marker)}})
+    worker_log = open(p3.tmp_path / "worker.log", "wb")  # noqa: SIM115 (closed below)
+    worker = subprocess.Popen(
+        [str(Path(p3.python).parent / "prefect"), "worker", "start", "--pool", p3.pool, "--type", "process",
+         "--limit", "3", "--name", "official"],
+        env={**p3.env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=p3.tmp_path, stdout=worker_log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    agents = [p3.agent_process("--limit", "3", "--max-poll-interval", "1", name=f"agent{n}") for n in (1, 2)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(p3.api.call("POST", f"/work_pools/{p3.pool}/workers/filter", {})) < 3:  # all three polling
+            assert time.monotonic() < deadline and worker.poll() is None, (p3.tmp_path / "worker.log").read_text()
+            time.sleep(0.5)
+        run_ids = [p3.run(name=f"run-{index}") for index in range(30)]
+        finals = [p3.api.wait_final(run_id, timeout=420) for run_id in run_ids]
+    finally:
+        codes = [_stop_agent(agent) for agent in agents]
+        _stop_group(worker, 30)
+        worker_log.close()
+    assert codes == [0, 0], [p3.agent_log(f"agent{n}")[-2000:] for n in (1, 2)]
+    assert [run["state"]["type"] for run in finals] == ["COMPLETED"] * 30
+    ran = marker.read_text().split()
+    assert sorted(ran) == sorted(run_ids)  # each run ran once: none twice, none lost
+    for run_id in run_ids:  # one claim each, whoever won it
+        assert [name for kind, name, _ in p3.api.states(run_id) if kind == "PENDING"].count("Pending") == 1
+    runs = {run_id: p3.api.run(run_id) for run_id in run_ids}
+    takers = {run_id: run["labels"].get("prefect.worker.name", "").split("@")[0] for run_id, run in runs.items()}
+    unlabelled = {run_id: (runs[run_id]["labels"], p3.api.states(run_id))
+                  for run_id, name in takers.items() if not name}
+    assert not unlabelled, unlabelled
+    assert set(takers.values()) == {"agent1", "agent2", "official"}, takers  # all three took part

@@ -735,18 +735,21 @@ class Bench:
         self.results["agent"] = agent_version()
         self.results["mode"] = "quick" if self.quick else "default"
         self.results["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        phases = {name.strip() for name in self.args.phases.split(",")}
         try:
-            if "agent" in self.args.phases:
+            if "agent" in phases:
                 with Phase(self, "idle, bare limit, start-up, dispatch, overhead"):
                     self.first_phase()
-            if "burst" in self.args.phases:
+            if "burst" in phases:
                 self.burst_phase()
-            if "prefect" in self.args.phases:
+            if "prefect" in phases:
                 self.prefect_phase()
-            if "dashboard" in self.args.phases:
+            if "prefect3" in phases:
+                self.prefect3_phase()
+            if "dashboard" in phases:
                 with Phase(self, "dashboard"):
                     self.dashboard_phase()
-            if "scheduler" in self.args.phases:
+            if "scheduler" in phases:
                 with Phase(self, "scheduler"):
                     self.scheduler_phase()
         finally:
@@ -947,6 +950,17 @@ class Bench:
             return
         with Phase(self, "prefect comparison"):
             self.results["prefect"] = PrefectComparison(self, prefect_python).run()
+
+    # Phase 6: a real Prefect 3 server, ours next to Prefect 3's process worker (see Prefect3Comparison).
+
+    def prefect3_phase(self) -> None:
+        python = find_prefect3_python(self.args.prefect3_python)
+        if not python:
+            self.notes.append("the comparison with Prefect 3's process worker was not measured: no prefect 3 "
+                              "(run the tests once, which install it, or pass --prefect3-python PATH)")
+            return
+        with Phase(self, "prefect 3 comparison"):
+            self.results["prefect3"] = Prefect3Comparison(self, python).run()
 
     # Phase 5: the dashboard: its first render with 1,000 and 10,000 runs in the database (in
     # headless Chromium when it is installed, and the JSON it loads, timed from here), and what
@@ -1447,6 +1461,476 @@ class PrefectComparison:
         }
 
 
+# --- Phase 6: a real Prefect 3 server, next to Prefect 3's own process worker ----------------
+#
+# One `prefect server start` (3.x, from the virtualenv the tests install) on 127.0.0.1 with its
+# own PREFECT_HOME; both contenders run on it, one at a time, each measurement on a fresh work
+# pool of type process (created empty; both fill in the default job template on first contact)
+# with one deployment of a no-op flow (its pull step sets the working directory, as `prefect
+# deploy` does for local code). Contenders: ours, `local_agent.py start --pool P --python
+# <venv python> --no-hostname-label`, and Prefect's `prefect worker start --pool P --type
+# process`, each a process group of its own with its own PREFECT_HOME (and, for ours, its own
+# home directory, seeded with its bytecode copy as after any earlier start).
+#
+# - start-up: process start -> its first get_scheduled_flow_runs, from its own DEBUG log line
+#   ("Querying for ready flow runs" / "Querying for flow runs scheduled before"), which each
+#   writes just before sending the request; then the summed VmRSS of it and its descendants
+#   5 s after that first poll (idle RSS).
+# - dispatch: a run due 15 s ahead (plus jitter); due -> the flow-run process exists (its start
+#   time in /proc: a child of the contender whose pid is the run's infrastructure_pid), and due
+#   -> the PENDING and RUNNING states in the run's history. Prefect's worker fetches runs due
+#   within 10 s and starts them at once, so it may start them early; the engine then waits for
+#   the scheduled time before RUNNING.
+# - burst: 20 runs due now, created with the contender idle for 20 s (neither has a concurrency
+#   limit: the pool has none, and ours runs without --limit); created -> all COMPLETED.
+
+PREFECT3_FLOW = '''"""The no-op flow of benchmarks/bench_agent.py's Prefect 3 phase."""
+from prefect import flow
+
+
+@flow
+def hello():
+    return 1
+'''
+PREFECT3_FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def find_prefect3_python(given: str) -> str:
+    """Prefect 3's Python: the one given, else the virtualenv the tests install and cache."""
+    if given:
+        return given
+    cache = Path(os.environ.get("LOCAL_AGENT_TEST_CACHE") or Path.home() / ".cache" / "local_agent-tests")
+    found = sorted(cache.glob("prefect-3.*/bin/python"))
+    return str(found[-1]) if found else ""
+
+
+def prefect3_env(api_url: str, home: Path) -> dict[str, str]:
+    """The environment of every Prefect 3 process: this server, this home, no inherited PREFECT* variable."""
+    env = {key: value for key, value in os.environ.items() if not key.upper().startswith("PREFECT")}
+    env.update({"PREFECT_HOME": str(home), "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false"})
+    return env
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the process group ``process`` leads, SIGKILL it after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # whatever else is left in the group (the server's uvicorn and services)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def start_epoch(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds, to the clock tick), from /proc; None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / CLOCK_TICKS)
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (of any of its threads)."""
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found.update(int(child) for child in handle.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+class Prefect3Server:
+    """`prefect server start` on 127.0.0.1 with its own home, in a process group of its own."""
+
+    def __init__(self, python: str, home: Path) -> None:
+        self.bin = Path(python).parent
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.log = home / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120.0) -> float:
+        """Start it and wait until /api/health says true; the seconds that took."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        began = time.monotonic()
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(self.bin / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=prefect3_env(self.url, self.home), cwd=self.home, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        while time.monotonic() - began < timeout:
+            if self.process.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if json.load(answer) is True:
+                        return time.monotonic() - began
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.25)
+        tail = self.log.read_bytes()[-2000:].decode(errors="replace")
+        self.stop()
+        raise SystemExit(f"prefect server did not become healthy within {timeout:.0f} s:\n{tail}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process, 15.0)
+            self.process = None
+
+
+class Prefect3API:
+    """Just enough of Prefect 3's REST API to set runs up and read their histories (JSON in and out)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        import urllib.error
+
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(6):
+            request = urllib.request.Request(self.url + path, data=data, method=method,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    raw = answer.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as error:
+                detail = error.read().decode(errors="replace")
+                error.close()
+                if error.code == 503 and attempt < 5:  # SQLite busy: the write was rolled back
+                    time.sleep(min(0.2 * 2 ** attempt, 2.0))
+                    continue
+                raise RuntimeError(f"{method} {path} -> HTTP {error.code}: {detail[:1000]}") from None
+        raise RuntimeError("unreachable")
+
+    def create_pool(self, name: str) -> None:
+        """A work pool of type process with an empty job template (as `prefect work-pool create` leaves it)."""
+        self.call("POST", "/work_pools/", {"name": name, "type": "process", "base_job_template": {}})
+
+    def create_deployment(self, pool: str, flow_dir: Path, entrypoint: str) -> str:
+        flow = self.call("POST", "/flows/", {"name": entrypoint.rsplit(":", 1)[-1]})  # same name, same flow
+        deployment = self.call("POST", "/deployments/", {
+            "name": pool, "flow_id": flow["id"], "work_pool_name": pool, "entrypoint": entrypoint,
+            "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(flow_dir)}}]})
+        return str(deployment["id"])
+
+    def create_run(self, deployment_id: str, due: float | None = None) -> str:
+        """A SCHEDULED run of the deployment, due at ``due`` (epoch seconds) or now; its id."""
+        state: dict[str, Any] = {"type": "SCHEDULED", "name": "Scheduled"}
+        if due is not None:
+            state["state_details"] = {"scheduled_time": utc(due).isoformat()}
+        return str(self.call("POST", f"/deployments/{deployment_id}/create_flow_run",
+                             {"parameters": {}, "state": state})["id"])
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return dict(self.call("GET", f"/flow_runs/{run_id}"))
+
+    def state_times(self, run_id: str) -> dict[str, float]:
+        """When the run first entered each state type (epoch seconds)."""
+        rows = sorted(self.call("GET", f"/flow_run_states/?flow_run_id={run_id}"), key=lambda row: row["timestamp"])
+        found: dict[str, float] = {}
+        for row in rows:
+            moment = to_epoch(row["timestamp"])
+            if moment is not None:
+                found.setdefault(row["type"], moment)
+        return found
+
+    def final_states(self, run_ids: list[str]) -> dict[str, str]:
+        """The state type of each run (one request for all of them)."""
+        rows = self.call("POST", "/flow_runs/filter", {"flow_runs": {"id": {"any_": run_ids}}, "limit": 200})
+        return {row["id"]: (row.get("state") or {}).get("type", "?") for row in rows}
+
+
+class Contender3:
+    """Our agent or Prefect's worker, serving one work pool of the Prefect 3 server."""
+
+    OURS_POLL = "Querying for ready flow runs"
+    THEIRS_POLL = "Querying for flow runs scheduled before"
+
+    def __init__(self, comparison: Prefect3Comparison, kind: str, pool: str, debug: bool = False) -> None:
+        self.kind = kind
+        self.dir = comparison.dir / pool
+        home = self.dir / "home"
+        home.mkdir(parents=True)
+        env = prefect3_env(comparison.server.url, home)
+        if kind == "ours":
+            # Our own home too, with the bytecode copy of local_agent.py an earlier start left there.
+            env.update(PREFECT__HOME_DIR=str(home), PREFECT__USER_CONFIG_PATH=str(self.dir / "none"))
+            if comparison.agent_cache.is_dir():
+                shutil.copytree(comparison.agent_cache, home / "cache")
+            command = [PYTHON, str(AGENT), "start", "--pool", pool, "--python", comparison.python,
+                       "--no-hostname-label", *(["--log-level", "DEBUG"] if debug else [])]
+        else:
+            if debug:
+                env["PREFECT_LOGGING_LEVEL"] = "DEBUG"
+            command = [str(Path(comparison.python).parent / "prefect"), "worker", "start", "--pool", pool,
+                       "--type", "process"]
+        self.home = home
+        self.output = self.dir / "output.log"
+        self.started = time.time()
+        with open(self.output, "wb") as out:
+            self.process = subprocess.Popen(command, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.process.pid
+        self.seen: set[int] = set()  # every child process seen, so stop() can reach those in their own groups
+        comparison.running.append(self)
+
+    def text(self) -> str:
+        try:
+            return self.output.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.text().splitlines()[-lines:])
+
+    def first_poll(self) -> float | None:
+        """When its first poll was logged (epoch seconds), None before that."""
+        marker = self.OURS_POLL if self.kind == "ours" else self.THEIRS_POLL
+        for line in self.text().splitlines():
+            if marker not in line:
+                continue
+            if self.kind == "ours":
+                return parse_log_time(line)  # "2026-11-30 09:50:35,710 - agent - DEBUG - ..."
+            try:  # "09:50:07.784 | DEBUG   | prefect.workers..." (local time; the date is the start's)
+                day = time.strftime("%Y-%m-%d", time.localtime(self.started))
+                moment = time.mktime(time.strptime(f"{day} {line[:8]}", "%Y-%m-%d %H:%M:%S")) + int(line[9:12]) / 1000
+            except (ValueError, IndexError):
+                return None
+            return moment + 86400 if moment < self.started - 3600 else moment
+        return None
+
+    def ready(self) -> bool:
+        """Whether it has connected and is polling (said at INFO too)."""
+        text = self.text()
+        return ("successfully connected" in text) if self.kind == "ours" else ("started!" in text)
+
+    def scan(self) -> dict[int, float]:
+        """Its live children, with their start times."""
+        found = {}
+        for child in children(self.pid):
+            self.seen.add(child)
+            moment = start_epoch(child)
+            if moment is not None:
+                found[child] = moment
+        return found
+
+    def tree_rss(self) -> tuple[int, int]:
+        """(summed VmRSS of it and all its descendants, how many processes that is)."""
+        members = descendants(process_table(), self.pid)
+        return sum(proc_status(pid).get("VmRSS", 0) for pid in members), len(members)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, comparison: Prefect3Comparison) -> None:
+        self.seen.update(descendants(process_table(), self.pid) - {self.pid})
+        stop_group(self.process, 20.0)
+        for pid in self.seen:  # flow-run processes Prefect's worker started in sessions of their own
+            if start_epoch(pid) is None:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as handle:
+                    ours = str(self.home).encode() in handle.read()  # a pid reused by someone else's process?
+                if ours:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self in comparison.running:
+            comparison.running.remove(self)
+
+
+class Prefect3Comparison:
+    """Phase 6 (see the banner above): run by Bench.prefect3_phase."""
+
+    def __init__(self, bench: Any, python: str) -> None:
+        self.bench = bench
+        self.python = python
+        self.dir = bench.root / "prefect3"
+        self.flow_dir = self.dir / "flow"
+        self.flow_dir.mkdir(parents=True)
+        (self.flow_dir / "hello.py").write_text(PREFECT3_FLOW)
+        self.server = Prefect3Server(python, self.dir / "server-home")
+        self.api = Prefect3API(self.server.url)
+        self.agent_cache = self.dir / "agent-cache"
+        self.running: list[Contender3] = []
+        self.counter = 0
+        quick = bench.quick
+        self.startup_count = 3 if quick else 5
+        self.dispatch_count = 2 if quick else 3
+        self.burst_reps = 1 if quick else 2
+        self.burst_runs = 20
+
+    def pool(self, kind: str, what: str) -> tuple[str, str]:
+        """A fresh work pool with the no-op deployment: (pool name, deployment id)."""
+        self.counter += 1
+        name = f"bench-{kind}-{what}-{self.counter}-{uuid.uuid4().hex[:6]}"
+        self.api.create_pool(name)
+        return name, self.api.create_deployment(name, self.flow_dir, "hello.py:hello")
+
+    def contender(self, kind: str, what: str, debug: bool = False) -> tuple[Contender3, str]:
+        name, deployment = self.pool(kind, what)
+        return Contender3(self, kind, name, debug), deployment
+
+    def wait_ready(self, contender: Contender3, timeout: float = 60.0) -> None:
+        if not wait_until(lambda: contender.ready() or not contender.alive(), timeout, 0.1) or not contender.alive():
+            raise RuntimeError(f"{contender.kind} did not start polling:\n{contender.tail()}")
+
+    def run(self) -> dict[str, Any]:
+        log = self.bench.log
+        version = subprocess.run([self.python, "-c", "import prefect; print(prefect.__version__)"],
+                                 capture_output=True, text=True, timeout=120).stdout.strip()
+        log(f"prefect 3: starting prefect server {version}")
+        result: dict[str, Any] = {"prefect_python": self.python, "prefect_version": version}
+        try:
+            result["server_start_seconds"] = self.server.start()
+            self.warm_up()
+            for kind in ("ours", "theirs"):
+                result[kind] = {"startup": self.startup(kind)}
+            for kind in ("ours", "theirs"):
+                result[kind]["dispatch"] = self.dispatch(kind)
+            for kind in ("ours", "theirs"):
+                result[kind]["burst"] = [self.burst(kind) for _ in range(self.burst_reps)]
+        finally:
+            for contender in list(self.running):
+                contender.stop(self)
+            self.server.stop()
+        return result
+
+    def warm_up(self) -> None:
+        """One start of each, not measured: the page cache, and ours its bytecode copy (as any earlier start)."""
+        self.bench.log("prefect 3: warm-up start of each")
+        for kind in ("ours", "theirs"):
+            contender, _ = self.contender(kind, "warmup")
+            try:
+                self.wait_ready(contender)
+            finally:
+                contender.stop(self)
+            if kind == "ours" and (contender.home / "cache").is_dir():
+                shutil.copytree(contender.home / "cache", self.agent_cache)
+
+    def startup(self, kind: str) -> dict[str, Any]:
+        """Process start -> first poll logged; then the idle RSS of its process tree 5 s later."""
+        self.bench.log(f"prefect 3: {self.startup_count} start-up and idle RSS samples, {kind}")
+        seconds, rss, processes = [], [], []
+        for _ in range(self.startup_count):
+            contender, _ = self.contender(kind, "startup", debug=True)
+            try:
+                first = wait_until(lambda c=contender: c.first_poll() or (None if c.alive() else -1.0), 60, 0.1)
+                if not first or first < 0:
+                    raise RuntimeError(f"{kind}: no first poll logged:\n{contender.tail()}")
+                seconds.append(first - contender.started)
+                sleep_until(first + 5.0)
+                if not contender.alive():
+                    raise RuntimeError(f"{kind} exited while idle:\n{contender.tail()}")
+                total, count = contender.tree_rss()
+                rss.append(total)
+                processes.append(count)
+            finally:
+                contender.stop(self)
+        return {"to_first_poll": summary(seconds), "idle_rss": summary(rss), "idle_processes": max(processes)}
+
+    def dispatch(self, kind: str) -> dict[str, Any]:
+        """Runs due 15 s ahead, one at a time: due -> flow-run process started, PENDING, RUNNING."""
+        import random
+
+        rng = random.Random(6)
+        self.bench.log(f"prefect 3: {self.dispatch_count} scheduled runs, {kind}")
+        contender, deployment = self.contender(kind, "dispatch")
+        rows = []
+        try:
+            self.wait_ready(contender)
+            time.sleep(3.0)
+            for _ in range(self.dispatch_count):
+                due = time.time() + 15.0 + rng.uniform(0, 2.0)
+                run_id = self.api.create_run(deployment, due)
+                before = set(contender.scan())
+                started: dict[int, float] = {}
+                state, deadline, next_check = "?", due + 90.0, 0.0
+                while time.time() < deadline:
+                    for pid, moment in contender.scan().items():
+                        if pid not in before:
+                            started.setdefault(pid, moment)
+                    if time.monotonic() >= next_check:
+                        state = (self.api.run(run_id).get("state") or {}).get("type", "?")
+                        if state in PREFECT3_FINAL:
+                            break
+                        next_check = time.monotonic() + 0.5
+                    time.sleep(0.05)
+                run = self.api.run(run_id)
+                states = self.api.state_times(run_id)
+                pid_text = str(run.get("infrastructure_pid") or "").rsplit(":", 1)[-1]
+                pid = int(pid_text) if pid_text.isdigit() else None
+                launched = started.get(pid) if pid in started else (min(started.values()) if started else None)
+
+                def since(moment: float | None, due: float = due) -> float | None:
+                    return None if moment is None else moment - due
+
+                rows.append({"run_id": run_id, "state": state, "due": due, "infrastructure_pid": run.get(
+                    "infrastructure_pid"), "processes_started": len(started), "to_process": since(launched),
+                    "to_pending": since(states.get("PENDING")), "to_running": since(states.get("RUNNING")),
+                    "to_final": since(states.get(state))})
+                time.sleep(1.0)
+        finally:
+            contender.stop(self)
+        return {**{key: summary([r[key] for r in rows if r[key] is not None])
+                   for key in ("to_process", "to_pending", "to_running", "to_final")},
+                "early": sum(1 for r in rows if r["to_process"] is not None and r["to_process"] < 0),
+                "not_completed": sum(1 for r in rows if r["state"] != "COMPLETED"), "runs": rows}
+
+    def burst(self, kind: str) -> dict[str, Any]:
+        """``burst_runs`` runs due now, created while it idles: created -> all COMPLETED."""
+        self.bench.log(f"prefect 3: burst of {self.burst_runs} runs, {kind}")
+        contender, deployment = self.contender(kind, "burst")
+        try:
+            self.wait_ready(contender)
+            time.sleep(20.0)  # both at their usual poll interval (ours: its backoff at the 10 s cap)
+            created = time.time()
+            run_ids = [self.api.create_run(deployment) for _ in range(self.burst_runs)]
+            creation = time.time() - created
+            peak = [0, 0]
+            deadline = time.time() + 300.0
+            states: dict[str, str] = {}
+            while time.time() < deadline:
+                contender.scan()
+                total, count = contender.tree_rss()
+                peak[0], peak[1] = max(peak[0], total), max(peak[1], count - 1)
+                states = self.api.final_states(run_ids)
+                if len(states) == len(run_ids) and all(s in PREFECT3_FINAL for s in states.values()):
+                    break
+                time.sleep(0.5)
+            times = [self.api.state_times(run_id) for run_id in run_ids]
+        finally:
+            contender.stop(self)
+        completed = [t["COMPLETED"] for t in times if "COMPLETED" in t]
+        pending = [t["PENDING"] for t in times if "PENDING" in t]
+        return {"runs": len(run_ids), "completed": len(completed), "creation_seconds": creation,
+                "seconds": max(completed) - created if len(completed) == len(run_ids) else None,
+                "to_first_pending": min(pending) - created if pending else None,
+                "first_pending_to_all_completed": max(completed) - min(pending) if completed and pending else None,
+                "peak_tree_rss": peak[0], "peak_flow_run_processes": peak[1],
+                "states": {s: list(states.values()).count(s) for s in set(states.values())}}
+
+
 # --- Report ------------------------------------------------------------------------------
 
 
@@ -1617,6 +2101,54 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
                                                                "own_warm") for key in ("scheduled", "adhoc", "single"))
         add("  runs that did not succeed in the comparison", failed, None, "0", failed == 0, digits=0)
 
+    p3 = results.get("prefect3")
+    if p3 and p3.get("ours") and p3.get("theirs"):
+        ours, theirs = p3["ours"], p3["theirs"]
+        version = p3.get("prefect_version", "3")
+
+        def both(metric: str, get: Callable[[dict[str, Any]], Any], target: float | None, scale: float = 1.0,
+                 digits: int = 3, smaller: bool = True) -> None:
+            """Prefect's figure, ours, and ours / Prefect's with the target (a bound on the ratio)."""
+            theirs_entry, ours_entry = get(theirs) or {}, get(ours) or {}
+            add(f"{metric}: Prefect {version}'s process worker", theirs_entry.get("median"), theirs_entry.get("p95"),
+                scale=scale, digits=digits)
+            add("  ours", ours_entry.get("median"), ours_entry.get("p95"), scale=scale, digits=digits)
+            a, b = ours_entry.get("median"), theirs_entry.get("median")
+            ratio = a / b if a is not None and b else None
+            add("  ours / Prefect's worker", ratio, None, "" if target is None else f"<= {target:g}",
+                None if target is None else check(ratio, at_most(target)), digits=2)
+
+        n = ours["startup"]["to_first_poll"]["n"]
+        both(f"real Prefect 3 server, start-up to first poll (s, n={n})", lambda c: c["startup"]["to_first_poll"], 0.25)
+        both("  idle RSS 5 s after the first poll, with its descendants (MB)", lambda c: c["startup"]["idle_rss"],
+             0.25, scale=1 / MB, digits=1)
+        n = ours["dispatch"]["to_process"]["n"]
+        for key, label in (("to_process", "flow-run process started"), ("to_pending", "PENDING"),
+                           ("to_running", "RUNNING"), ("to_final", "COMPLETED")):
+            theirs_entry, ours_entry = theirs["dispatch"][key], ours["dispatch"][key]
+            add(f"{'  ' if key != 'to_process' else ''}Prefect 3, run due 15 s ahead: due -> {label} "
+                f"(s, n={n}): Prefect's worker", theirs_entry.get("median"), theirs_entry.get("p95"))
+            a, b = ours_entry.get("median"), theirs_entry.get("median")
+            target = "no slower" if key in ("to_process", "to_running") else ""
+            add("    ours", a, ours_entry.get("p95"), target,
+                check(a, lambda v, b=b: b is not None and v <= b) if target else None)
+        add("  scheduled runs whose flow-run process started before due: Prefect's worker / ours",
+            theirs["dispatch"]["early"], ours["dispatch"]["early"], digits=0)
+
+        def burst(key: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+            return lambda c: summary([b[key] for b in c["burst"] if b.get(key) is not None])
+
+        runs = ours["burst"][0]["runs"] if ours["burst"] else 0
+        both(f"Prefect 3, burst of {runs} runs due now, no limit: created -> all COMPLETED (s, n={len(ours['burst'])})",
+             burst("seconds"), 1.0)
+        both("  of which created -> first PENDING (the poll wait) (s)", burst("to_first_pending"), None)
+        both("  first PENDING -> all COMPLETED (s)", burst("first_pending_to_all_completed"), None)
+        both("  peak RSS of it and its flow-run processes, summed (MB)", burst("peak_tree_rss"), None, scale=1 / MB,
+             digits=0)
+        failed = sum(b["runs"] - b["completed"] for c in (ours, theirs) for b in c["burst"]) + sum(
+            c["dispatch"]["not_completed"] for c in (ours, theirs))
+        add("  Prefect 3 runs that did not complete (both)", failed, None, "0", failed == 0, digits=0)
+
     dashboard = results.get("dashboard")
     if dashboard:
         for count in (1000, 10000):
@@ -1678,13 +2210,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                         help="directory for the JSON results (default benchmarks/results)")
     parser.add_argument("--phases", default="agent,burst,prefect,dashboard,scheduler",
-                        help="which phases to run, of agent, burst, prefect, dashboard and scheduler (default: all)")
+                        help="which phases to run, of agent, burst, prefect, prefect3, dashboard and scheduler "
+                             "(default: all but prefect3)")
     parser.add_argument("--prefect-python", default="", metavar="PATH",
                         help="a Python with prefect 1.4.1 for the comparison with Prefect's own agent (default: "
+                             "the virtualenv the tests install in ~/.cache/local_agent-tests)")
+    parser.add_argument("--prefect3-python", default="", metavar="PATH",
+                        help="a Python with prefect 3 for the comparison with Prefect 3's process worker (default: "
                              "the virtualenv the tests install in ~/.cache/local_agent-tests)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to SECONDS for other processes to use < 5%% of the machine")
     args = parser.parse_args(argv)
+    unknown = {name.strip() for name in args.phases.split(",")} - {"agent", "burst", "prefect", "prefect3", "dashboard",
+                                                                   "scheduler"}
+    if unknown:
+        parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}")
     if args.wait_quiet > 0:
         deadline = time.monotonic() + args.wait_quiet
         while (load := foreign_load()) >= 0.05 and time.monotonic() < deadline:
