@@ -6781,7 +6781,11 @@ class LocalAgent:
             self.open()  # bad settings and files fail here, before the banner
             if banner:
                 print(BANNER, flush=True)
-            self.logger.info("Starting LocalAgent with labels %s", self.labels)
+            if self.settings.pool:  # a Prefect 2/3 API routes by pool and queue; labels play no part
+                self.logger.info("Starting LocalAgent on work pool %r (queues: %s)", self.settings.pool,
+                                 ", ".join(self.settings.work_queues) or "all")
+            else:
+                self.logger.info("Starting LocalAgent with labels %s", self.labels)
             self.logger.info("Agent documentation can be found at %s", _docs_location())
             _log_agent_settings(self)
             restore = _stop_on_signals(self)
@@ -8355,11 +8359,16 @@ def _flow_json(flow: FlowSummary, now: datetime) -> dict[str, Any]:
 def _run_facts(backend: Backend, run: FlowRun) -> dict[str, Any]:
     """A run as ``inspect -o json`` shows it: its keys, states with durations, who claimed it."""
     states = _history_json(backend.get_state_history(run.id))
-    flow = backend.find_flow(run.flow_name)
-    claimed = next((state["message"] for state in reversed(states) if state["state"] == "Submitted"), "")
+    try:
+        flow = backend.find_flow(run.flow_name)
+    except AgentError:  # a Prefect 2/3 flow with several deployments: no one version to show
+        flow = None
+    # Submitted; on Prefect 2/3, Pending (its history keeps Prefect's names), with the claim's token.
+    claimed = next((state["message"] for state in reversed(states) if state["state"] in ("Submitted", "Pending")
+                    and "Submitted for execution by " in state["message"]), "")
+    claimed = _CLAIM_IN_MESSAGE.sub("", claimed.partition("Submitted for execution by ")[2]).strip()
     return {**_run_json(run), "flow_version": flow.version if flow is not None and flow.id == run.flow_id else None,
-            "states": states, "log_lines": backend.count_run_logs(run.id),
-            "claimed_by": claimed.partition("Submitted for execution by ")[2] or None}
+            "states": states, "log_lines": backend.count_run_logs(run.id), "claimed_by": claimed or None}
 
 
 def _dashboard_run_json(run: FlowRun) -> dict[str, Any]:

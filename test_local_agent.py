@@ -5622,7 +5622,10 @@ def hello(name: str = "world", sleep: float = 0, exit_code: int = 0):
     if marker:
         with open(marker, "a") as handle:
             handle.write(os.environ["PREFECT__FLOW_RUN_ID"] + "\\n")
-    time.sleep(sleep)
+    for tick in range(int(sleep)):  # output all along, as a long flow writes it
+        print("tick", tick, flush=True)
+        time.sleep(1)
+    time.sleep(sleep - int(sleep))
     if exit_code:
         os._exit(exit_code)
     return name
@@ -5726,6 +5729,14 @@ def test_prefect3_run_created_by_name_completes_on_the_agent(p3: P3World) -> Non
     assert logs.count("logged you") == 1  # once: the engine ships its records, the agent does not again
     assert "logged you" in result.stdout  # -f shows them
     assert "Flow run " + run_id + " finished: Success" in result.stderr
+    assert f"Starting LocalAgent on work pool '{p3.pool}' (queues: all)" in result.stderr
+    inspected = p3.cli("inspect", run_id)
+    assert "state:      Success" in inspected.stdout and "claimed by: agent agent (" in inspected.stdout, \
+        inspected.stdout + inspected.stderr
+    assert re.search(r"Pending .*Submitted for execution by agent agent", inspected.stdout), inspected.stdout
+    assert "printed you" in p3.cli("logs", run_id).stdout
+    listed = p3.cli("runs").stdout
+    assert run_id in listed and "Success" in listed
 
 
 def test_prefect3_a_process_that_dies_leaves_the_run_crashed_with_why(p3: P3World) -> None:
@@ -5930,3 +5941,28 @@ def test_prefect3_two_agents_and_the_official_worker_share_a_pool_without_doubli
                   for run_id, name in takers.items() if not name}
     assert not unlabelled, unlabelled
     assert set(takers.values()) == {"agent1", "agent2", "official"}, takers  # all three took part
+
+
+def test_prefect3_a_server_restart_mid_run_loses_no_state_and_no_line(
+        prefect3_private_server: Prefect3Server, prefect3_python: str, tmp_path: Path, clean_env: dict[str, str]) -> None:
+    p3 = P3World(prefect3_private_server, prefect3_python, tmp_path, clean_env)
+    p3.deploy()
+    run_id = p3.run(sleep=12)
+    agent = p3.agent_process("--max-poll-interval", "1")
+    try:
+        p3.api.wait_state(run_id, "RUNNING", timeout=90)
+        prefect3_private_server.stop()  # the flow goes on printing; the agent holds its lines
+        time.sleep(3)
+        prefect3_private_server.start()
+        run = p3.api.wait_final(run_id, timeout=120)
+        deadline = time.monotonic() + 60
+        while "Flow-run process PID" not in " ".join(p3.api.logs(run_id)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        assert _stop_agent(agent) == 0
+    assert run["state"]["type"] == "COMPLETED", p3.api.states(run_id)
+    assert "Holding" in p3.agent_log() and "The API takes writes again" in p3.agent_log(), p3.agent_log()
+    # Every line, once, in order. (Prefect's engine may leave a line of its own unfinished on
+    # stderr during the outage, "All connection attempts failed", and a tick then ends it.)
+    ticks = re.findall(r"tick (\d+)$", "\n".join(p3.api.logs(run_id)), re.MULTILINE)
+    assert ticks == [str(n) for n in range(12)], p3.agent_log()

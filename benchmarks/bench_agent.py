@@ -2,7 +2,7 @@
 """Benchmark of local_agent (issue 5): start-up, idle cost, dispatch latency, per-run overhead,
 bursts, growth, and this machine's limit for starting bare interpreters.
 
-    python3 benchmarks/bench_agent.py [--quick] [--keep] [--wait-quiet SECONDS] [--out DIR]
+    python3 benchmarks/bench_agent.py [--quick] [--keep] [--wait-quiet SECONDS] [--out DIR] [--phases LIST]
 
 Stdlib only. Starts the Prefect Server double (prefect_double.py) and embedded SQLite
 databases itself, contacts 127.0.0.1 only, and runs every measurement in one process run so
@@ -10,8 +10,10 @@ ratios are fair. Agents run a copy of local_agent.py taken at the start. Prints 
 a table (metric, median, p95, target, met?) and writes everything, samples included, to
 ``benchmarks/results/<timestamp>.json``. On 2 cores the default run takes about 6.5 minutes
 with today's agent (the bursts are slow; about 3.5 minutes when they meet their target), and
-``--quick`` about 1.5 (50-run bursts, 12 s idle, one dispatch round). The targets are
-benchmark results, never timed tests.
+``--quick`` about 1.5 (50-run bursts, 12 s idle, one dispatch round). ``--phases prefect3``,
+never part of the default run, compares the agent with Prefect 3's own process worker on a real
+Prefect 3 server (about 9 minutes; 5 with ``--quick``). The targets are benchmark results, never
+timed tests.
 """
 
 from __future__ import annotations
@@ -1482,7 +1484,8 @@ class PrefectComparison:
 #   within 10 s and starts them at once, so it may start them early; the engine then waits for
 #   the scheduled time before RUNNING.
 # - burst: 20 runs due now, created with the contender idle for 20 s (neither has a concurrency
-#   limit: the pool has none, and ours runs without --limit); created -> all COMPLETED.
+#   limit: the pool has none, and ours runs without --limit); created -> all COMPLETED, and the
+#   summed PSS of the contender and its flow-run processes at its peak (sampled every 0.5 s).
 
 PREFECT3_FLOW = '''"""The no-op flow of benchmarks/bench_agent.py's Prefect 3 phase."""
 from prefect import flow
@@ -1894,7 +1897,8 @@ class Prefect3Comparison:
             contender.stop(self)
         return {**{key: summary([r[key] for r in rows if r[key] is not None])
                    for key in ("to_process", "to_pending", "to_running", "to_final")},
-                "early": sum(1 for r in rows if r["to_process"] is not None and r["to_process"] < 0),
+                # /proc's start times are to the clock tick: earlier than one tick before due is early.
+                "early": sum(1 for r in rows if r["to_process"] is not None and r["to_process"] < -1 / CLOCK_TICKS),
                 "not_completed": sum(1 for r in rows if r["state"] != "COMPLETED"), "runs": rows}
 
     def burst(self, kind: str) -> dict[str, Any]:
@@ -1911,9 +1915,8 @@ class Prefect3Comparison:
             deadline = time.time() + 300.0
             states: dict[str, str] = {}
             while time.time() < deadline:
-                contender.scan()
-                total, count = contender.tree_rss()
-                peak[0], peak[1] = max(peak[0], total), max(peak[1], count - 1)
+                peak[0] = max(peak[0], tree_pss(contender.pid))
+                peak[1] = max(peak[1], len(contender.scan()))
                 states = self.api.final_states(run_ids)
                 if len(states) == len(run_ids) and all(s in PREFECT3_FINAL for s in states.values()):
                     break
@@ -1927,7 +1930,7 @@ class Prefect3Comparison:
                 "seconds": max(completed) - created if len(completed) == len(run_ids) else None,
                 "to_first_pending": min(pending) - created if pending else None,
                 "first_pending_to_all_completed": max(completed) - min(pending) if completed and pending else None,
-                "peak_tree_rss": peak[0], "peak_flow_run_processes": peak[1],
+                "peak_tree_pss": peak[0], "peak_flow_run_processes": peak[1],
                 "states": {s: list(states.values()).count(s) for s in set(states.values())}}
 
 
@@ -2107,33 +2110,41 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
         version = p3.get("prefect_version", "3")
 
         def both(metric: str, get: Callable[[dict[str, Any]], Any], target: float | None, scale: float = 1.0,
-                 digits: int = 3, smaller: bool = True) -> None:
+                 digits: int = 3) -> None:
             """Prefect's figure, ours, and ours / Prefect's with the target (a bound on the ratio)."""
             theirs_entry, ours_entry = get(theirs) or {}, get(ours) or {}
+            indent = " " * (len(metric) - len(metric.lstrip()) + 2)
             add(f"{metric}: Prefect {version}'s process worker", theirs_entry.get("median"), theirs_entry.get("p95"),
                 scale=scale, digits=digits)
-            add("  ours", ours_entry.get("median"), ours_entry.get("p95"), scale=scale, digits=digits)
+            add(f"{indent}ours", ours_entry.get("median"), ours_entry.get("p95"), scale=scale, digits=digits)
             a, b = ours_entry.get("median"), theirs_entry.get("median")
             ratio = a / b if a is not None and b else None
-            add("  ours / Prefect's worker", ratio, None, "" if target is None else f"<= {target:g}",
+            add(f"{indent}ours / Prefect's worker", ratio, None, "" if target is None else f"<= {target:g}",
                 None if target is None else check(ratio, at_most(target)), digits=2)
 
         n = ours["startup"]["to_first_poll"]["n"]
-        both(f"real Prefect 3 server, start-up to first poll (s, n={n})", lambda c: c["startup"]["to_first_poll"], 0.25)
-        both("  idle RSS 5 s after the first poll, with its descendants (MB)", lambda c: c["startup"]["idle_rss"],
-             0.25, scale=1 / MB, digits=1)
+        both(f"Prefect 3 server, start-up to first poll (s, n={n})", lambda c: c["startup"]["to_first_poll"], 0.25)
+        both(f"Prefect 3 server, idle RSS 5 s after the first poll, with descendants (MB, n={n})",
+             lambda c: c["startup"]["idle_rss"], 0.25, scale=1 / MB, digits=1)
         n = ours["dispatch"]["to_process"]["n"]
         for key, label in (("to_process", "flow-run process started"), ("to_pending", "PENDING"),
-                           ("to_running", "RUNNING"), ("to_final", "COMPLETED")):
+                           ("to_running", "RUNNING (the flow begins)"), ("to_final", "COMPLETED")):
             theirs_entry, ours_entry = theirs["dispatch"][key], ours["dispatch"][key]
             add(f"{'  ' if key != 'to_process' else ''}Prefect 3, run due 15 s ahead: due -> {label} "
                 f"(s, n={n}): Prefect's worker", theirs_entry.get("median"), theirs_entry.get("p95"))
             a, b = ours_entry.get("median"), theirs_entry.get("median")
-            target = "no slower" if key in ("to_process", "to_running") else ""
-            add("    ours", a, ours_entry.get("p95"), target,
-                check(a, lambda v, b=b: b is not None and v <= b) if target else None)
-        add("  scheduled runs whose flow-run process started before due: Prefect's worker / ours",
-            theirs["dispatch"]["early"], ours["dispatch"]["early"], digits=0)
+            # Prefect's worker starts prefetched runs' processes early, by design: the target on the
+            # process is ours not early; on RUNNING, when the flow begins, ours no later than Prefect's.
+            if key == "to_process":
+                add("    ours", a, ours_entry.get("p95"), ">= 0, <= 0.1",
+                    check(a, lambda v: -1 / CLOCK_TICKS <= v <= 0.1))
+            else:
+                target = "no slower" if key == "to_running" else ""
+                add("    ours", a, ours_entry.get("p95"), target,
+                    check(a, lambda v, b=b: b is not None and v <= b) if target else None)
+        add("  flow-run processes started before due, Prefect's worker (count)", theirs["dispatch"]["early"], None,
+            digits=0)
+        add("    ours", ours["dispatch"]["early"], None, "0", ours["dispatch"]["early"] == 0, digits=0)
 
         def burst(key: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
             return lambda c: summary([b[key] for b in c["burst"] if b.get(key) is not None])
@@ -2143,7 +2154,7 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
              burst("seconds"), 1.0)
         both("  of which created -> first PENDING (the poll wait) (s)", burst("to_first_pending"), None)
         both("  first PENDING -> all COMPLETED (s)", burst("first_pending_to_all_completed"), None)
-        both("  peak RSS of it and its flow-run processes, summed (MB)", burst("peak_tree_rss"), None, scale=1 / MB,
+        both("  peak PSS of it and its flow-run processes, summed (MB)", burst("peak_tree_pss"), None, scale=1 / MB,
              digits=0)
         failed = sum(b["runs"] - b["completed"] for c in (ours, theirs) for b in c["burst"]) + sum(
             c["dispatch"]["not_completed"] for c in (ours, theirs))
