@@ -4078,7 +4078,13 @@ _REST_STATES = {
     "FAILED": "Failed", "CRASHED": "Crashed", "CANCELLING": "Cancelling", "CANCELLED": "Cancelled",
     "PAUSED": "Suspended",
 }
-_AGENT_TO_REST = {name: kind for kind, name in _REST_STATES.items()}
+_AGENT_TO_REST = {**{name: kind for kind, name in _REST_STATES.items()}, "Retrying": "SCHEDULED"}
+#: Deployments of this file's own flows (``deploy()``) have this entrypoint before the flow's name,
+#: and the flow file's path as their ``path``: the agent runs them itself, with no prefect.
+_OWN_ENTRYPOINT = "local_agent:"
+_OWN_DEPLOYMENT = "local-agent"
+#: How long a deployment read from the API is used before it is read again.
+_DEPLOYMENT_CACHE_SECONDS = 30.0
 _REST_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 #: The longest page the server's list endpoints give.
 _REST_PAGE = 200
@@ -4181,6 +4187,16 @@ def _state_of(answer: Mapping[str, Any]) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+def _parameter_schema(parameters: Any) -> dict[str, Any]:
+    """Declared parameters (name, required, default) as a deployment's parameter schema."""
+    declared = [item for item in parameters or [] if isinstance(item, Mapping) and "name" in item]
+    properties = {str(item["name"]): {"title": str(item["name"]), **({} if item.get("required") else
+                                                                       {"default": item.get("default")})}
+                  for item in declared}
+    return {"type": "object", "title": "Parameters", "properties": properties,
+            "required": [str(item["name"]) for item in declared if item.get("required")]}
+
+
 def _rest_parameters(schema: Any) -> list[dict[str, Any]]:
     """A deployment's parameter schema in the shape flows declare parameters here (name, required)."""
     schema = schema if isinstance(schema, Mapping) else {}
@@ -4209,6 +4225,7 @@ class RESTBackend(Backend):
         #: The last poll's runs (their whole records), so the agent's next question needs no call.
         self._due: dict[str, dict[str, Any]] = {}
         self._flow_names: dict[str, str] = {}
+        self._deployments: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
         self.requests_sent = 0
 
@@ -4342,16 +4359,46 @@ class RESTBackend(Backend):
                 runs.append(run)
         return runs
 
+    def _deployment(self, deployment_id: Any) -> dict[str, Any] | None:
+        """A deployment, read again at most every _DEPLOYMENT_CACHE_SECONDS; None when there is none."""
+        if not deployment_id:
+            return None
+        key = str(deployment_id)
+        with self._lock:
+            read_at, deployment = self._deployments.get(key, (-math.inf, None))
+        if time.monotonic() - read_at > _DEPLOYMENT_CACHE_SECONDS:
+            found = self.call("GET", f"/deployments/{key}", missing_ok=True)
+            deployment = found if isinstance(found, dict) else None
+            with self._lock:
+                self._deployments[key] = (time.monotonic(), deployment)
+        return deployment
+
+    def _job(self, record: Mapping[str, Any], deployment: Mapping[str, Any]) -> dict[str, Any]:
+        template = self._pool_record.get("base_job_template") or _PROCESS_JOB_TEMPLATE
+        return _render_job(template, deployment.get("job_variables") or {}, record.get("job_variables") or {})
+
+    def _as_own_flow(self, run: FlowRun, record: Mapping[str, Any], deployment: Mapping[str, Any]) -> bool:
+        """Give a run of one of this file's own flows its storage and run config; whether it is one."""
+        entrypoint, path = deployment.get("entrypoint"), deployment.get("path")
+        if not (isinstance(entrypoint, str) and entrypoint.startswith(_OWN_ENTRYPOINT) and isinstance(path, str)):
+            return False
+        job = self._job(record, deployment)
+        run.storage = local_storage(run.flow_name, path)
+        run.run_config = {"type": "LocalRun", "env": job.get("env") or {}, "working_dir": job.get("working_dir")}
+        return True
+
     def _launch(self, record: Mapping[str, Any], run: FlowRun) -> Launch | None:
-        """How to start a run: its deployment's and its own job variables over the pool's template."""
+        """How to start a run: its deployment's and its own job variables over the pool's template
+        (None for this file's own flows, which the agent starts as it starts any of them)."""
         deployment_id = record.get("deployment_id")
-        deployment = self.call("GET", f"/deployments/{deployment_id}", missing_ok=True) if deployment_id else None
-        if not isinstance(deployment, dict):
+        deployment = self._deployment(deployment_id)
+        if deployment is None:
             run.problem = ("its deployment was deleted" if deployment_id else "it has no deployment") + \
                 ": a worker runs a deployment's runs (`prefect deploy`)"
             return None
-        template = self._pool_record.get("base_job_template") or _PROCESS_JOB_TEMPLATE
-        job = _render_job(template, deployment.get("job_variables") or {}, record.get("job_variables") or {})
+        if self._as_own_flow(run, record, deployment):
+            return None
+        job = self._job(record, deployment)
         env = {str(key): str(value) for key, value in (job.get("env") or {}).items() if value is not None}
         env.update({
             "PREFECT_API_URL": self.api,
@@ -4377,7 +4424,13 @@ class RESTBackend(Backend):
 
     def get_flow_run(self, run_id: str) -> FlowRun | None:
         record = self.call("GET", f"/flow_runs/{run_id}", missing_ok=True)
-        return None if record is None else self._flow_run(record)
+        if record is None:
+            return None
+        run = self._flow_run(record)
+        deployment = self._deployment(record.get("deployment_id"))
+        if deployment is not None:  # the flow-run process of one of this file's flows needs its file
+            self._as_own_flow(run, record, deployment)
+        return run
 
     def _flow_run(self, record: Any) -> FlowRun:
         record = _expect(record, dict, "a flow run")
@@ -4632,10 +4685,35 @@ class RESTBackend(Backend):
                           "the deployment's schedules")
 
     def ensure_project(self, name: str) -> str:
-        raise self._unsupported("registering flows")
+        """The work pool this file's flows are deployed to: ``--pool``'s (or its setting's), else the
+        project's name; it must exist (``--create-pool`` makes it)."""
+        if not self.pool:
+            self.pool = name
+        self._read_or_create_pool()
+        return self.pool
 
     def register_flow(self, project_id: str, serialized_flow: Mapping[str, Any]) -> str:
-        raise self._unsupported("registering flows")
+        """A flow of this file's as a flow and a deployment (``local-agent``) in the pool: upserts."""
+        if serialized_flow.get("schedule"):
+            raise self._unsupported("a schedule given to deploy()")
+        name = str(serialized_flow["name"])
+        storage = serialized_flow.get("storage") or {}
+        path = (storage.get("flows") or {}).get(name)
+        config = serialized_flow.get("run_config") or {}
+        labels = [str(label) for label in serialized_flow.get("labels") or []]
+        flow = _expect(self.call("POST", "/flows/", {"name": name, "tags": labels}), dict, "flow")
+        env = config.get("env") or {}
+        job_variables: dict[str, Any] = {"env": {str(key): str(value) for key, value in env.items()}}
+        if config.get("working_dir"):
+            job_variables["working_dir"] = config["working_dir"]
+        deployment = self.call("POST", "/deployments/", {
+            "name": _OWN_DEPLOYMENT, "flow_id": flow["id"], "work_pool_name": project_id,
+            "entrypoint": _OWN_ENTRYPOINT + name, "path": path, "tags": labels,
+            "parameter_openapi_schema": _parameter_schema(serialized_flow.get("parameters")),
+            "enforce_parameter_schema": True, "job_variables": job_variables,
+            "description": f"Deployed by local_agent {__version__}; run by its agent (`start --pool {project_id}`)",
+        })
+        return _expect(_expect(deployment, dict, "deployment").get("id"), str, "deployment id")
 
     def archive_flow(self, flow_id: str) -> None:
         raise self._unsupported("archiving flows")

@@ -5935,16 +5935,20 @@ def test_prefect3_two_agents_and_the_official_worker_share_a_pool_without_doubli
     assert sorted(ran) == sorted(run_ids)  # each run ran once: none twice, none lost
     for run_id in run_ids:  # one claim each, whoever won it
         assert [name for kind, name, _ in p3.api.states(run_id) if kind == "PENDING"].count("Pending") == 1
-    runs = {run_id: p3.api.run(run_id) for run_id in run_ids}
-    takers = {run_id: run["labels"].get("prefect.worker.name", "").split("@")[0] for run_id, run in runs.items()}
-    unlabelled = {run_id: (runs[run_id]["labels"], p3.api.states(run_id))
-                  for run_id, name in takers.items() if not name}
-    assert not unlabelled, unlabelled
+    takers: dict[str, str] = {}
+    for run_id in run_ids:  # who claimed each: our claims name the agent in their message
+        states = p3.api.states(run_id)
+        claim = next(message for kind, name, message in states if (kind, name) == ("PENDING", "Pending"))
+        takers[run_id] = next((name for name in ("agent1", "agent2") if f"by agent {name} " in claim), "official")
+        if takers[run_id] != "official":  # and ours label the runs they take, as the official worker does
+            labels = p3.api.run(run_id)["labels"]
+            assert labels.get("prefect.worker.name", "").startswith(takers[run_id] + "@"), (labels, states)
     assert set(takers.values()) == {"agent1", "agent2", "official"}, takers  # all three took part
 
 
 def test_prefect3_a_server_restart_mid_run_loses_no_state_and_no_line(
-        prefect3_private_server: Prefect3Server, prefect3_python: str, tmp_path: Path, clean_env: dict[str, str]) -> None:
+        prefect3_private_server: Prefect3Server, prefect3_python: str, tmp_path: Path,
+        clean_env: dict[str, str]) -> None:
     p3 = P3World(prefect3_private_server, prefect3_python, tmp_path, clean_env)
     p3.deploy()
     run_id = p3.run(sleep=12)
@@ -5966,3 +5970,49 @@ def test_prefect3_a_server_restart_mid_run_loses_no_state_and_no_line(
     # stderr during the outage, "All connection attempts failed", and a tick then ends it.)
     ticks = re.findall(r"tick (\d+)$", "\n".join(p3.api.logs(run_id)), re.MULTILINE)
     assert ticks == [str(n) for n in range(12)], p3.agent_log()
+
+
+OWN_FLOW_FOR_PREFECT3 = '''
+import sys
+
+import local_agent
+
+
+@local_agent.Flow("greet")
+def greet(name: str, times: int = 1) -> None:
+    if name == "boom":
+        raise ValueError("boom from greet")
+    for _ in range(times):
+        local_agent.context["logger"].info("Hello, %s!", name)
+    print("printed by greet")
+
+
+if __name__ == "__main__":
+    print(greet.deploy(sys.argv[1]))
+'''
+
+
+def test_prefect3_this_files_own_flows_deploy_and_run_with_no_prefect(p3: P3World) -> None:
+    p3.api.create_pool(p3.pool)
+    script = p3.tmp_path / "greet.py"
+    script.write_text(OWN_FLOW_FOR_PREFECT3)
+    env = {**p3.env, "PYTHONPATH": str(AGENT.parent)}
+    deployed = subprocess.run([sys.executable, str(script), p3.pool], env=env, cwd=p3.tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    assert deployed.returncode == 0, deployed.stderr
+    deployment = p3.api.call("GET", f"/deployments/{deployed.stdout.split()[-1]}")
+    assert deployment["name"] == "local-agent" and deployment["work_pool_name"] == p3.pool
+    assert sorted(deployment["parameter_openapi_schema"]["properties"]) == ["name", "times"]
+    unknown = p3.cli("run", "greet", "--param", "nme=1")
+    assert unknown.returncode == 1 and "has no parameter 'nme'; its parameters are name, times" in unknown.stderr
+    good = p3.cli("run", "greet/local-agent", "--param", 'name="you"', "--param", "times=2").stdout.strip()
+    bad = p3.cli("run", "greet", "--param", 'name="boom"').stdout.strip()
+    # No --python: the agent runs its own flows itself, and needs no prefect for it.
+    result = run_cli("start", "--once", "--pool", p3.pool, "--no-hostname-label", env=env, cwd=p3.tmp_path,
+                     timeout=120)
+    assert result.returncode == 1, result.stderr  # one of the two failed
+    assert [kind for kind, _, _ in p3.api.states(good)] == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
+    logs = p3.api.logs(good)
+    assert logs.count("Hello, you!") == 2 and "printed by greet" in logs
+    failed = p3.api.run(bad)
+    assert failed["state"]["type"] == "FAILED" and "boom from greet" in failed["state"]["message"]
