@@ -2233,6 +2233,8 @@ class Launch(NamedTuple):
     #: The variables that give the process the port and token of the agent's _StopChannel, where
     #: it hears why it is about to be stopped (empty: it is not told).
     intent_variables: tuple[str, ...] = ()
+    #: Whether ``-f`` shows its output (it is kept and logged either way).
+    show_output: bool = True
 
 
 class FlowRun:
@@ -2401,6 +2403,9 @@ class Backend:
 
     def record_process(self, run_id: str, pid: int) -> None:
         """Tell the API which process runs a run (where it keeps that: Prefect 2/3's ``infrastructure_pid``)."""
+
+    def keep_alive(self) -> None:
+        """Called every round of the agent's loop: send the agent's own heartbeat when one is due."""
 
     def routing_reasons(self, run: FlowRun) -> list[str] | None:
         """Why the API's own routing keeps a run from this backend's agent (pools, queues); None
@@ -4329,9 +4334,13 @@ class RESTBackend(Backend):
 
     # The agent's loop.
 
-    def get_runs_in_queue(self, labels: Sequence[str], before: datetime) -> list[str]:
-        if time.monotonic() >= self._next_beat:
+    def keep_alive(self) -> None:
+        """The worker heartbeat, every HEARTBEAT_SECONDS, whether or not the agent has room to poll."""
+        if self._worker and time.monotonic() >= self._next_beat:
             self._beat()
+
+    def get_runs_in_queue(self, labels: Sequence[str], before: datetime) -> list[str]:
+        self.keep_alive()
         body: dict[str, Any] = {"scheduled_before": _format_time(before)}
         if self.work_queues:
             body["work_queue_names"] = self.work_queues
@@ -4420,7 +4429,7 @@ class RESTBackend(Backend):
         command = tuple(shlex.split(job["command"])) if isinstance(job.get("command"), str) else ()
         working_dir = job.get("working_dir")
         return Launch(command, "prefect.engine", env, str(working_dir) if working_dir else None, "prefect",
-                      ("PREFECT__CONTROL_PORT", "PREFECT__CONTROL_TOKEN"))
+                      ("PREFECT__CONTROL_PORT", "PREFECT__CONTROL_TOKEN"), job.get("stream_output") is not False)
 
     def get_flow_run(self, run_id: str) -> FlowRun | None:
         record = self.call("GET", f"/flow_runs/{run_id}", missing_ok=True)
@@ -6349,6 +6358,7 @@ class _Job:
         self.exited = False
         self.adopted = adopted
         self.run_name = ""  # the run's readable name, for -f (not kept in the ledger)
+        self.show_output = True  # whether -f shows it (a Prefect 2/3 job's stream_output)
 
     def start(self, command: list[str], environment: dict[str, str], cwd: str | None = None) -> None:
         """Start the flow-run process in its own session, its output going to a file."""
@@ -6894,6 +6904,7 @@ class LocalAgent:
             self._begin_drain(now)
         if self.phase != RUNNING and not self._drain(now):         # 3.
             return 0.0
+        self._keep_alive()
         if now >= self._next_watch:                                # 4.
             self._watch_owned_runs()
             self._next_watch = now + WATCH_SECONDS
@@ -7415,6 +7426,7 @@ class LocalAgent:
             job.run_name = run.name
             if run.launch is not None:
                 launch = run.launch
+                job.show_output = launch.show_output
                 environment = {**os.environ, **self.settings.env, **launch.env}
                 if launch.intent_variables:
                     channel = self._stop_channel = self._stop_channel or _StopChannel()
@@ -7489,7 +7501,7 @@ class LocalAgent:
         line = line._replace(message=line.message.rstrip("\r"))  # redacted by _Job.read_output
         shown = line.message if line.name == "output" else _format_log_line(line)
         job.tail.append(shown)
-        if self.settings.show_flow_logs:  # whose line it is: several runs may be writing
+        if self.settings.show_flow_logs and job.show_output:  # whose line it is: several runs may be writing
             if self.settings.log_format == "json":
                 entry = {"time": line.timestamp, "level": line.level, "logger": line.name, "message": line.message,
                          "flow_run_id": job.run_id, "flow_name": job.flow_name, "flow_run_name": job.run_name}
@@ -7594,6 +7606,14 @@ class LocalAgent:
                 self.metrics.count("runs_cancelled_total")
                 self._run_log(run.id, f"Cancellation requested: stopping process PID {job.pid}")
                 self._terminate(job, "cancel")
+
+    def _keep_alive(self) -> None:
+        """The agent's own heartbeat, where the API has one (a Prefect 2/3 worker's): a full agent
+        does not poll, and must not look dead for that."""
+        try:
+            self._backend().keep_alive()
+        except APIError as exc:  # the poll says when the API is down; this would only repeat it
+            self.logger.debug("Could not send the agent's heartbeat: %s", exc)
 
     def _terminate(self, job: _Job, why: str) -> None:
         if self._stop_channel is not None and self._stop_channel.tell(job.run_id, why):

@@ -6016,3 +6016,72 @@ def test_prefect3_this_files_own_flows_deploy_and_run_with_no_prefect(p3: P3Worl
     assert logs.count("Hello, you!") == 2 and "printed by greet" in logs
     failed = p3.api.run(bad)
     assert failed["state"]["type"] == "FAILED" and "boom from greet" in failed["state"]["message"]
+
+
+def test_prefect3_the_pools_job_template_command_and_working_dir_are_honoured(p3: P3World) -> None:
+    workdir = p3.tmp_path / "workdir"
+    workdir.mkdir()
+    command = f"sh -c 'echo custom command ran in $(pwd); exec {p3.python} -m prefect.engine'"
+    p3.deploy(job_variables={"command": command, "working_dir": str(workdir), "stream_output": False})
+    run_id = p3.run(name="job")
+    result = p3.agent("--once", "-f")
+    assert result.returncode == 0, result.stderr
+    assert p3.api.run(run_id)["state"]["type"] == "COMPLETED", p3.api.states(run_id)
+    assert f"custom command ran in {workdir}" in p3.api.logs(run_id)  # kept and logged ...
+    assert "custom command ran" not in result.stdout  # ... but not shown: the job's stream_output is off
+
+
+def test_prefect3_a_full_agent_still_heartbeats(p3: P3World, monkeypatch: pytest.MonkeyPatch) -> None:
+    p3.deploy()
+    p3.run(sleep=30)
+    for key, value in p3.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(p3.tmp_path)
+    settings = la.resolve_settings({"pool": p3.pool, "python": p3.python, "limit": 1, "hostname_label": False})
+    agent = la.LocalAgent(settings)
+    agent.open()
+    try:
+        drive(agent, lambda: bool(agent.book.jobs), budget=60)
+        backend = agent.backend
+        assert isinstance(backend, la.RESTBackend) and agent.book.free_slots() == 0
+        calls: list[str] = []
+        for name in ("_beat", "get_runs_in_queue"):
+            monkeypatch.setattr(backend, name, functools.partial(
+                lambda real, name, *args: (calls.append(name), real(*args))[1], getattr(backend, name), name))
+        before = p3.api.call("POST", f"/work_pools/{p3.pool}/workers/filter", {})[0]["last_heartbeat_time"]
+        backend._next_beat = 0.0  # the heartbeat is due
+        agent._wait(min(agent.step(), 0.05))
+        assert calls == ["_beat"]  # a heartbeat, and no poll: there is no room for a run
+        after = p3.api.call("POST", f"/work_pools/{p3.pool}/workers/filter", {})[0]["last_heartbeat_time"]
+        assert after > before
+    finally:
+        agent.stop(signal.SIGTERM)
+        agent.stop(signal.SIGTERM)  # a second one skips the grace: the run is handed back now
+        drive(agent, lambda: agent.phase == la.DONE, budget=60)
+        agent.close()
+
+
+def test_prefect3_a_claim_counts_only_when_the_answers_body_says_ours(p3: P3World) -> None:
+    p3.deploy()
+    backend = la.RESTBackend(p3.server.url, pool=p3.pool)
+    try:
+        run_id = p3.run()
+        run = backend.get_flow_run(run_id)
+        assert run is not None and run.state == "Scheduled"
+        mine = la.make_state("Submitted", "Submitted for execution by agent a", context={"claim": "aa11"})
+        theirs = la.make_state("Submitted", "Submitted for execution by agent b", context={"claim": "bb22"})
+        assert backend.claim_flow_runs([(run, mine)]) == [1]  # ACCEPT
+        # The same claim again (its answer was lost): ABORT, over our own PENDING: still ours.
+        assert backend.claim_flow_runs([(run, mine)]) == [1]
+        assert backend.claim_flow_runs([(run, theirs)]) == [None]  # ABORT over another claim: lost
+        assert [kind for kind, _, _ in p3.api.states(run_id)] == ["SCHEDULED", "PENDING"]
+        claimed = backend.get_flow_run(run_id)
+        assert claimed is not None and claimed.state == "Submitted"
+        assert claimed.serialized_state["context"]["claim"] == "aa11"  # a restarted agent knows its claim
+        gone = backend.get_flow_run(run_id)
+        assert gone is not None
+        p3.api.call("DELETE", f"/flow_runs/{run_id}")
+        assert backend.claim_flow_runs([(gone, theirs)]) == [None]  # deleted meanwhile: a lost race, not an error
+        assert backend.get_flow_run(run_id) is None
+    finally:
+        backend.close()
