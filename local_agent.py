@@ -600,6 +600,9 @@ _OPTIONS = (
             "API URL (a Prefect 2/3 API ends in /api), or sqlite:///PATH for the embedded database",
             shown_default="Prefect Cloud (`https://api.prefect.io`) with a token; else "
                           "`sqlite:///<home_dir>/local_agent.db`", env_aliases=("PREFECT_API_URL",)),
+    _Option("auth_string", ("cloud.api_auth_string",), _as_token, "", (),
+            "USER:PASSWORD for a Prefect 2/3 server behind basic authentication",
+            env_aliases=("PREFECT_API_AUTH_STRING",)),
     _Option("tenant_id", ("cloud.tenant_id",), _as_token, "", ("--tenant-id",), "tenant to use (Prefect Cloud)",
             shown_default="Server's first tenant; Cloud: the key's"),
     _Option("name", ("cloud.agent.name",), _as_name, DEFAULT_AGENT_NAME, ("-n", "--name"),
@@ -694,6 +697,7 @@ class Settings:
     # (importlib.util.spec_from_file_location), as vendoring projects do.
     api: str
     token: str
+    auth_string: str
     tenant_id: str
     name: str
     labels: list[str]
@@ -883,7 +887,7 @@ def _is_this_machine(host: str) -> bool:
 
 def _check_token_safety(settings: Settings) -> None:
     """Refuse to send a token in clear text off this machine; warn on a readable config file."""
-    if not settings.token:
+    if not settings.token and not settings.auth_string:
         return
     config_path = Path(settings.config_path)
     parts = urlsplit(settings.api)
@@ -894,7 +898,8 @@ def _check_token_safety(settings: Settings) -> None:
             f"refusing to send the token over plain http to {host}: use https, "
             "or pass --allow-insecure-http if this network is trusted"
         )
-    if settings.sources.get("token", "").startswith("config file") and os.name == "posix":
+    in_config = any(settings.sources.get(name, "").startswith("config file") for name in ("token", "auth_string"))
+    if in_config and os.name == "posix":
         mode = config_path.stat().st_mode
         if mode & 0o077:
             logging.getLogger(__name__).warning(
@@ -932,7 +937,8 @@ class _Redactor:
 def _secrets(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     """The token, ``--env`` values with secret-looking names (4+ characters) and inherited ones (8+:
     a name like ``..._SECRETS`` often holds just ``false``)."""
-    found = [secret for secret in (settings.token, getattr(settings, "ui_token", "")) if secret]
+    found = [secret for secret in (settings.token, getattr(settings, "ui_token", ""),
+                                   getattr(settings, "auth_string", "")) if secret]
     found += [value for key, value in settings.env.items() if _SECRET_NAME.search(key) and len(value) >= 4]
     return found + _inherited_secrets(environ)
 
@@ -4217,13 +4223,13 @@ class RESTBackend(Backend):
     claim_lead_seconds = 0.5
 
     def __init__(self, api: str, token: str = "", *, pool: str = "", work_queues: Sequence[str] = (),
-                 create_pool: bool = False, timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
+                 create_pool: bool = False, timeout: float = REQUEST_TIMEOUT_SECONDS, auth_string: str = "") -> None:
         self.api = api.rstrip("/")
         self.pool, self.work_queues, self.create_pool = pool, list(work_queues), create_pool
         self.location = f"Prefect API at {self.api}" + (f", work pool {pool!r}" if pool else "")
         self._path = urlsplit(self.api).path.rstrip("/")
         self._transport = _HTTPTransport(self.api, timeout)
-        self._token = token
+        self._token, self._auth_string = token, auth_string
         self._worker = ""
         self._pool_record: dict[str, Any] = {}
         self._next_beat = 0.0
@@ -4244,6 +4250,10 @@ class RESTBackend(Backend):
             headers["Content-Type"] = "application/json"
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
+        elif self._auth_string:  # a self-hosted server's basic authentication, as Prefect's client sends it
+            import base64
+
+            headers["Authorization"] = "Basic " + base64.b64encode(self._auth_string.encode("utf-8")).decode("ascii")
         self.requests_sent += 1
         status, raw = self._transport.request(method, self._path + path, data, headers)
         if status == 404 and missing_ok:
@@ -4266,7 +4276,8 @@ class RESTBackend(Backend):
             detail = raw.decode("utf-8", "replace")
         detail = _one_line(detail if isinstance(detail, str) else json.dumps(detail), 300)
         if status == 401:
-            return AuthError(f"the API at {self.api} refused the key (HTTP 401): check -k/--key or PREFECT_API_KEY")
+            return AuthError(f"the API at {self.api} refused the key (HTTP 401): check -k/--key or PREFECT_API_KEY, "
+                             "or PREFECT_API_AUTH_STRING for a server behind basic authentication")
         # The server answers 503 when its database is busy; the write was rolled back: retry it.
         transient = status in (408, 429) or status >= 500
         return APIError(f"the API at {self.api} refused {method} {path} (HTTP {status}): {detail}",
@@ -4424,6 +4435,8 @@ class RESTBackend(Backend):
         })
         if self._token:  # the only place a run's process finds the key
             env["PREFECT_API_KEY"] = self._token
+        if self._auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self._auth_string
         import shlex
 
         command = tuple(shlex.split(job["command"])) if isinstance(job.get("command"), str) else ()
@@ -4751,7 +4764,8 @@ def open_backend(settings: Settings) -> Backend:
     _check_token_safety(settings)
     if settings.pool or _is_rest_api(settings.api):
         return RESTBackend(settings.api, settings.token, pool=settings.pool, work_queues=settings.work_queues,
-                           create_pool=settings.create_pool, timeout=settings.request_timeout)
+                           create_pool=settings.create_pool, timeout=settings.request_timeout,
+                           auth_string=settings.auth_string)
     return GraphQLBackend(
         settings.api, settings.token, tenant_id=settings.tenant_id, timeout=settings.request_timeout
     )
@@ -9834,7 +9848,7 @@ def _flow_named(backend: Backend, name: str) -> str:
 
 #: Every state a flow run can be in, for ``runs --state`` (any case).
 _STATE_NAMES = sorted(SCHEDULED_STATES | FINAL_STATES | {"Pending", "Submitted", "Running", "Cancelling",
-                                                         "ClientFailed"})
+                                                         "ClientFailed", "Completed"})  # Completed: Prefect 2/3's
 
 
 def _state_name(text: str) -> str:

@@ -5459,7 +5459,8 @@ class Prefect3Server:
     def healthy(self) -> bool:
         """Whether GET /api/health answers true right now."""
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+            with urllib.request.urlopen(urllib.request.Request(f"{self.url}/health", headers=_basic_auth(
+                    self.env.get("PREFECT_API_AUTH_STRING", ""))), timeout=2) as response:
                 return bool(json.load(response) is True)
         except (OSError, ValueError):  # refused, reset, timed out, or not JSON yet
             return False
@@ -5493,18 +5494,23 @@ def prefect3_private_server(prefect3_python: str, tmp_path: Path) -> Iterator[Pr
     yield from _started_server(prefect3_python, tmp_path / "prefect3-home")
 
 
+def _basic_auth(auth_string: str) -> dict[str, str]:
+    """The header Prefect's client sends for PREFECT_API_AUTH_STRING (none without one)."""
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()} if auth_string else {}
+
+
 class Prefect3:
     """A small client for Prefect 3's REST API, for setting up and observing tests (JSON in/out)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, auth_string: str = "") -> None:
         self.url = url.rstrip("/")
+        self.headers = {"Content-Type": "application/json", **_basic_auth(auth_string)}
 
     def call(self, method: str, path: str, body: Any = None, *, timeout: float = 30.0) -> Any:
         """One request; the decoded JSON answer (None if empty). HTTP >= 400 raises with the body."""
         data = None if body is None else json.dumps(body).encode()
         for attempt in range(6):
-            request = urllib.request.Request(self.url + path, data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(self.url + path, data=data, method=method, headers=self.headers)
             try:
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     raw = response.read()
@@ -6085,3 +6091,27 @@ def test_prefect3_a_claim_counts_only_when_the_answers_body_says_ours(p3: P3Worl
         assert backend.get_flow_run(run_id) is None
     finally:
         backend.close()
+
+
+def test_prefect3_a_server_behind_basic_authentication_takes_the_auth_string(
+        prefect3_python: str, tmp_path: Path, clean_env: dict[str, str]) -> None:
+    secret = "admin:s3cret-b4sic-pass"
+    server = Prefect3Server(prefect3_python, tmp_path / "prefect3-home")
+    server.env.update({"PREFECT_SERVER_API_AUTH_STRING": secret, "PREFECT_API_AUTH_STRING": secret})
+    server.start()
+    try:
+        p3 = P3World(server, prefect3_python, tmp_path, clean_env)
+        p3.api = Prefect3(server.url, secret)
+        p3.deploy()
+        run_id = p3.run()
+        refused = p3.agent("--once")
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert "refused the key (HTTP 401)" in refused.stderr and "PREFECT_API_AUTH_STRING" in refused.stderr
+        p3.env["PREFECT_API_AUTH_STRING"] = secret
+        result = p3.agent("--once", "-f")
+        assert result.returncode == 0, result.stderr
+        assert p3.api.run(run_id)["state"]["type"] == "COMPLETED"  # its engine got the string too
+        assert secret not in result.stdout + result.stderr
+        assert not any(secret in line for line in p3.api.logs(run_id))
+    finally:
+        server.stop()
