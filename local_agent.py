@@ -5,12 +5,14 @@
 
 The agent polls an orchestration API for flow runs that are due and whose labels it
 carries, claims each run, runs the locally stored flow in a subprocess and reports state
-and logs back. It speaks the Prefect Server / Cloud 1.x GraphQL API and, with no API
-configured, an embedded SQLite database, so the whole loop works on one machine.
+and logs back. It speaks the Prefect Server / Cloud 1.x GraphQL API, serves a Prefect 2/3
+work pool over REST as Prefect's ``process`` worker does, and, with no API configured, keeps
+an embedded SQLite database, so the whole loop works on one machine.
 
 Usage::
 
     python local_agent.py start [-t TOKEN] [-a API] [-l LABEL]... [options]
+    PREFECT_API_URL=http://HOST:4200/api python local_agent.py start --pool POOL [--work-queue Q]...
     python local_agent.py run FLOW [--param KEY=JSON]... [--at WHEN] [--watch]
     python local_agent.py runs | inspect RUN | logs RUN [--follow] | flows | why [RUN] | cancel RUN
     python local_agent.py schedule FLOW (--cron EXPR | --every DURATION | --off | --on) [--timezone TZ]
@@ -24,7 +26,8 @@ variable, then the TOML config file (``PREFECT__USER_CONFIG_PATH``, default
 ``PREFECT__CLOUD__AGENT__AUTH_TOKEN``, ``PREFECT__CLOUD__AUTH_TOKEN``,
 ``PREFECT__CLOUD__API_KEY``, then the config keys ``cloud.agent.auth_token``,
 ``cloud.auth_token``, ``cloud.api_key``. The API is ``-a/--api``, ``PREFECT__CLOUD__API``,
-``cloud.api``; with a token and no API it is Prefect Cloud, with neither it is the embedded
+``cloud.api``, then Prefect 2/3's ``PREFECT_API_URL`` (a path ending in ``/api``: the REST
+backend); with a token and no API it is Prefect Cloud 1.x, with neither it is the embedded
 database ``<home_dir>/local_agent.db`` (``sqlite:///PATH`` selects another file).
 
 Each run is a process ``python local_agent.py execute flow-run`` in its own session, with
@@ -65,11 +68,14 @@ A map of this file. Each section uses only the sections above it; read it top to
  6. Flow storage  ``slugify``, ``store_flow`` / ``load_flow`` (pickles confined to a directory;
                   ``__main__`` objects stored by reference to their script), Local storage JSON
                   and its check on this host (``_locate_flow_file``).
- 7. Backends      ``FlowRun`` and the ``Backend`` interface; the label rule (``_label_mismatch``);
-                  ``GraphQLBackend`` (Prefect Server / Cloud 1.x; claims are fenced in
-                  ``GraphQLBackend.claim_flow_runs``); ``SQLiteBackend`` (the embedded default;
-                  version-checked claims in ``set_flow_run_state``); ``open_backend``; the
-                  ``_Outbox`` that delivers states and log lines in order and spools them.
+ 7. Backends      ``FlowRun``, ``Launch`` and the ``Backend`` interface; the label rule
+                  (``_label_mismatch``); ``GraphQLBackend`` (Prefect Server / Cloud 1.x; claims
+                  are fenced in ``GraphQLBackend.claim_flow_runs``); ``SQLiteBackend`` (the
+                  embedded default; version-checked claims in ``set_flow_run_state``);
+                  ``RESTBackend`` (7c: a Prefect 2/3 work pool; states translated both ways in
+                  ``_REST_STATES``, the job template in ``_render_job``, claims by PENDING with a
+                  token); ``open_backend``; the ``_Outbox`` that delivers states and log lines in
+                  order and spools them.
  8. Flow-run process  ``execute flow-run``: ``_FlowRunProcess`` loads the run's flow, runs it,
                   reports its final state (or leaves it in the result file for the agent); a
                   Prefect 1.x flow runs on Prefect's engine (``_run_on_prefects_engine``), and
@@ -77,7 +83,8 @@ A map of this file. Each section uses only the sections above it; read it top to
                   the warm template of ``--preload`` (``_serve_template``), which forks runs.
  9. The agent     ``_flow_run_environment`` (what a flow-run process gets), ``_Job`` (one
                   process: start or fork, output, signals; ``_Template`` is the template's
-                  agent side), ``_decide_outcome`` (how a finished run is
+                  agent side; ``_StopChannel`` tells a Prefect 2/3 engine why it is stopped),
+                  ``_decide_outcome`` (how a finished run is
                   settled, a pure function), ``RunBook`` (every run the agent owns, its phase,
                   its slots, the ledger), ``_APIHealth``, and ``LocalAgent``: ``step()`` is the
                   whole loop; what it will not claim in ``_why_not_here``, claims in ``_claim``,
@@ -2350,7 +2357,8 @@ class Backend:
     """The operations the agent, the flow-run process and the commands need from an API.
 
     ``GraphQLBackend`` speaks to Prefect Server / Cloud 1.x, ``SQLiteBackend`` keeps the
-    same records in one SQLite file. Both are safe to share between threads.
+    same records in one SQLite file, ``RESTBackend`` serves a Prefect 2/3 work pool. All are
+    safe to share between threads.
     """
 
     #: A short description for log lines, e.g. ``Prefect API at http://host:4200``.

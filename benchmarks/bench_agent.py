@@ -2120,7 +2120,7 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
             a, b = ours_entry.get("median"), theirs_entry.get("median")
             ratio = a / b if a is not None and b else None
             add(f"{indent}ours / Prefect's worker", ratio, None, "" if target is None else f"<= {target:g}",
-                None if target is None else check(ratio, at_most(target)), digits=2)
+                None if target is None else check(ratio, at_most(target)), digits=3)
 
         n = ours["startup"]["to_first_poll"]["n"]
         both(f"Prefect 3 server, start-up to first poll (s, n={n})", lambda c: c["startup"]["to_first_poll"], 0.25)
@@ -2130,8 +2130,8 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
         for key, label in (("to_process", "flow-run process started"), ("to_pending", "PENDING"),
                            ("to_running", "RUNNING (the flow begins)"), ("to_final", "COMPLETED")):
             theirs_entry, ours_entry = theirs["dispatch"][key], ours["dispatch"][key]
-            add(f"{'  ' if key != 'to_process' else ''}Prefect 3, run due 15 s ahead: due -> {label} "
-                f"(s, n={n}): Prefect's worker", theirs_entry.get("median"), theirs_entry.get("p95"))
+            add(f"Prefect 3, run due 15 s ahead: due -> {label} (s, n={n}): Prefect's worker",
+                theirs_entry.get("median"), theirs_entry.get("p95"))
             a, b = ours_entry.get("median"), theirs_entry.get("median")
             # Prefect's worker starts prefetched runs' processes early, by design: the target on the
             # process is ours not early; on RUNNING, when the flow begins, ours no later than Prefect's.
@@ -2142,8 +2142,8 @@ def table(results: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
                 target = "no slower" if key == "to_running" else ""
                 add("    ours", a, ours_entry.get("p95"), target,
                     check(a, lambda v, b=b: b is not None and v <= b) if target else None)
-        add("  flow-run processes started before due, Prefect's worker (count)", theirs["dispatch"]["early"], None,
-            digits=0)
+        add("Prefect 3, flow-run processes started before due (count): Prefect's worker", theirs["dispatch"]["early"],
+            None, digits=0)
         add("    ours", ours["dispatch"]["early"], None, "0", ours["dispatch"]["early"] == 0, digits=0)
 
         def burst(key: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
