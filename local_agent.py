@@ -2700,8 +2700,31 @@ _SET_TASK_RUN_STATES = _mutation(
 )
 
 
+_HTTP_CLIENT_LOCK = threading.Lock()
+
+
+def _http_client(https: bool) -> types.ModuleType:
+    """``http.client``; for a plain-http API, imported without ``ssl``: the TLS libraries it
+    loads otherwise are about 4 MB of an idle agent's 20. An https API gets them."""
+    with _HTTP_CLIENT_LOCK:
+        module = sys.modules.get("http.client")
+        if module is not None:
+            if https and not hasattr(module, "HTTPSConnection"):
+                module = importlib.reload(module)  # imported without ssl earlier: with it now
+            return module
+        if not https and "ssl" not in sys.modules:
+            sys.modules["ssl"] = None  # type: ignore[assignment]  # http.client's own `import ssl` fails
+            try:
+                import http.client
+            finally:
+                del sys.modules["ssl"]
+        import http.client
+
+        return http.client
+
+
 class _HTTPTransport:
-    """POSTs JSON over one keep-alive connection per thread (the stdlib ``http.client``)."""
+    """Sends JSON over one keep-alive connection per thread (the stdlib ``http.client``)."""
 
     def __init__(self, url: str, timeout: float) -> None:
         parts = urlsplit(url)
@@ -2722,7 +2745,7 @@ class _HTTPTransport:
 
     def request(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]) -> tuple[int, bytes]:
         """Send one request; return (status, body). Network trouble is a transient APIError."""
-        import http.client
+        http_client = _http_client(self._https)
 
         for attempt in (1, 2):
             connection, reused = self._connection()
@@ -2730,13 +2753,13 @@ class _HTTPTransport:
                 connection.request(method, path, body, dict(headers))
                 response = connection.getresponse()
                 data = response.read(MAX_RESPONSE_BYTES + 1)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            except (http_client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self._drop()
                 # A reused connection the server had already closed: nothing was processed.
                 if reused and attempt == 1:
                     continue
                 raise APIError(f"lost the connection to {self.url}: {exc}", transient=True) from None
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http_client.HTTPException) as exc:
                 self._drop()
                 reason = "timed out" if isinstance(exc, TimeoutError) else _describe_exception(exc)
                 raise APIError(f"cannot reach the API at {self.url}: {reason}", transient=True) from None
@@ -2750,17 +2773,16 @@ class _HTTPTransport:
         raise AssertionError("unreachable")
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        import http.client
-
+        http_client = _http_client(self._https)
         connection = getattr(self._local, "connection", None)
         idle = time.monotonic() - getattr(self._local, "last_used", 0.0)
         if connection is not None and idle < KEEPALIVE_IDLE_SECONDS:
             return connection, True
         self._drop()
         if self._https:
-            connection = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout)
+            connection = http_client.HTTPSConnection(self._host, self._port, timeout=self._timeout)
         else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            connection = http_client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         self._local.connection = connection
         with self._open_lock:
             self._open.add(connection)
@@ -4309,7 +4331,7 @@ class RESTBackend(Backend):
         self._pool_record = self._read_or_create_pool()
         self._check_queues()
         self._worker = f"{agent_name}@{_hostname()}"
-        self._beat()
+        self._beat(read_pool=False)  # just read
         return f"{self.pool}/{self._worker}"
 
     def _read_or_create_pool(self) -> dict[str, Any]:
@@ -4342,11 +4364,12 @@ class RESTBackend(Backend):
                                   f"work-queue create {name} --pool {self.pool}`, or pass --create-pool")
             self.call("POST", self._pool_path("/queues"), {"name": name})  # "/queues/" redirects
 
-    def _beat(self) -> None:
-        """The worker's heartbeat (REST, as the official worker's fallback), and a fresh look at the pool."""
+    def _beat(self, *, read_pool: bool = True) -> None:
+        """The worker's heartbeat (REST, as the official worker's fallback), and a fresh look at the
+        pool (its job template)."""
         self.call("POST", self._pool_path("/workers/heartbeat"),
                   {"name": self._worker, "heartbeat_interval_seconds": int(HEARTBEAT_SECONDS)})
-        pool = self.call("GET", self._pool_path(), missing_ok=True)
+        pool = self.call("GET", self._pool_path(), missing_ok=True) if read_pool else None
         if isinstance(pool, dict):
             self._pool_record = pool
         self._next_beat = time.monotonic() + HEARTBEAT_SECONDS

@@ -6116,3 +6116,22 @@ def test_prefect3_a_server_behind_basic_authentication_takes_the_auth_string(
         assert not any(secret in line for line in p3.api.logs(run_id))
     finally:
         server.stop()
+
+
+def test_a_plain_http_api_keeps_the_tls_libraries_out_and_https_still_works_after() -> None:
+    probe = textwrap.dedent('''
+        import sys
+        import local_agent as la
+        plain = la._http_client(False)
+        assert "ssl" not in sys.modules and not hasattr(plain, "HTTPSConnection")  # about 4 MB saved
+        transport = la._HTTPTransport("https://127.0.0.1:1", 2.0)  # an https API later in the same process
+        try:
+            transport.request("GET", "/", None, {})
+        except la.APIError as exc:
+            assert "Connection refused" in str(exc), exc  # it got as far as connecting
+        assert hasattr(la._http_client(True), "HTTPSConnection") and "ssl" in sys.modules
+        import ssl  # and anything else may import it as usual
+        print("ok")
+    ''')
+    done = subprocess.run([sys.executable, "-c", probe], cwd=AGENT.parent, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
