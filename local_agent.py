@@ -4284,8 +4284,14 @@ class RESTBackend(Backend):
             import base64
 
             headers["Authorization"] = "Basic " + base64.b64encode(self._auth_string.encode("utf-8")).decode("ascii")
-        self.requests_sent += 1
-        status, raw = self._transport.request(method, self._path + path, data, headers)
+        for delay in (0.25, 0.5, 1.0, 2.0, 0.0):
+            self.requests_sent += 1
+            status, raw = self._transport.request(method, self._path + path, data, headers)
+            # Busy (its SQLite database locked, the write rolled back) or asking us to slow down:
+            # Prefect's own client tries again too.
+            if status not in (429, 503) or not delay:
+                break
+            time.sleep(random.uniform(delay / 2, delay))
         if status == 404 and missing_ok:
             return None
         if status >= 400:

@@ -5509,7 +5509,8 @@ class Prefect3:
     def call(self, method: str, path: str, body: Any = None, *, timeout: float = 30.0) -> Any:
         """One request; the decoded JSON answer (None if empty). HTTP >= 400 raises with the body."""
         data = None if body is None else json.dumps(body).encode()
-        for attempt in range(6):
+        deadline = time.monotonic() + 60
+        for attempt in itertools.count():
             request = urllib.request.Request(self.url + path, data=data, method=method, headers=self.headers)
             try:
                 with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -5518,9 +5519,10 @@ class Prefect3:
             except urllib.error.HTTPError as error:
                 detail = error.read().decode(errors="replace")
                 error.close()
-                # The server answers 503 while SQLite is busy; that passes, so retry a little.
-                if error.code == 503 and attempt < 5:
-                    time.sleep(min(0.2 * 2 ** attempt, 2.0))
+                # The server answers 503 while SQLite is busy (the write rolled back); under a loaded
+                # test run that can last seconds, so retry for up to a minute.
+                if error.code == 503 and time.monotonic() < deadline:
+                    time.sleep(min(0.2 * 2 ** attempt, 3.0))
                     continue
                 raise AssertionError(f"{method} {path} -> HTTP {error.code}: {detail[:2000]}") from None
         raise AssertionError("unreachable")
@@ -6135,3 +6137,37 @@ def test_a_plain_http_api_keeps_the_tls_libraries_out_and_https_still_works_afte
     ''')
     done = subprocess.run([sys.executable, "-c", probe], cwd=AGENT.parent, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_rest_backend_tries_again_while_the_server_is_busy() -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers = [503, 503, 200]
+    seen: list[str] = []
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            seen.append(self.path)
+            status = answers.pop(0) if answers else 503
+            body = b"true" if status == 200 else b'{"exception_message":"Service Unavailable"}'
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    backend = la.RESTBackend(f"http://127.0.0.1:{server.server_address[1]}/api")
+    try:
+        assert backend.call("GET", "/health") is True  # its SQLite was locked twice: the third try answers
+        assert seen == ["/api/health"] * 3
+        with pytest.raises(la.APIError, match=r"HTTP 503") as refused:  # busy for good: a transient error
+            backend.call("GET", "/health")
+        assert refused.value.transient and len(seen) == 3 + 5
+    finally:
+        backend.close()
+        server.shutdown()
+        server.server_close()
