@@ -2365,6 +2365,8 @@ class Backend:
     location = ""
     #: How long before a run's start the agent claims it, so a slow claim still launches on time.
     claim_lead_seconds = 0.0
+    #: Whether the API says how its runs are started (``FlowRun.launch``), as Prefect 2/3 does.
+    launches_runs = False
 
     def connect(self, agent_name: str, labels: Sequence[str]) -> str:
         """Register the agent and check the API answers; return the agent id."""
@@ -4251,6 +4253,7 @@ class RESTBackend(Backend):
 
     #: One set_state call decides a claim (about 20-60 ms): claim just ahead of the start time.
     claim_lead_seconds = 0.5
+    launches_runs = True
 
     def __init__(self, api: str, token: str = "", *, pool: str = "", work_queues: Sequence[str] = (),
                  create_pool: bool = False, timeout: float = REQUEST_TIMEOUT_SECONDS, auth_string: str = "") -> None:
@@ -5816,7 +5819,10 @@ def _become_flow_run(request: Mapping[str, Any], template_fds: Sequence[int]) ->
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.argv[1:] = ["execute", "flow-run"]
+    if request.get("module"):
+        sys.argv[:] = [str(request["module"])]  # as `python -m MODULE` sets it
+    else:
+        sys.argv[1:] = ["execute", "flow-run"]
     _default_signal_handlers()
     _reload_prefects_configuration()
 
@@ -5850,6 +5856,12 @@ def _reload_prefects_configuration() -> None:
     config variables, logging level)."""
     prefect: Any = sys.modules.get("prefect")
     if prefect is None:
+        return
+    prefect3_context: Any = sys.modules.get("prefect.context")
+    if "prefect.configuration" not in sys.modules:  # Prefect 2/3: its settings are one object
+        refresh = getattr(prefect3_context, "refresh_global_settings_context", None)
+        if refresh is not None:
+            refresh()
         return
     configuration: Any = sys.modules["prefect.configuration"]
     prefect_logging: Any = sys.modules["prefect.utilities.logging"]
@@ -6203,9 +6215,11 @@ class _Template:
     def pid(self) -> int:
         return self.process.pid if self.process is not None else 0
 
-    def fork(self, run_id: str, environment: Mapping[str, str], cwd: str, out_path: Path) -> int:
-        """The pid of a flow-run process forked for ``run_id``; _TemplateUnavailableError when it cannot be."""
-        self._send({"run": run_id, "env": dict(environment), "cwd": cwd, "out": str(out_path)})
+    def fork(self, run_id: str, environment: Mapping[str, str], cwd: str, out_path: Path, module: str = "") -> int:
+        """The pid of a flow-run process forked for ``run_id`` (running ``module`` as ``python -m``
+        would, when given); _TemplateUnavailableError when it cannot be."""
+        request = {"run": run_id, "env": dict(environment), "cwd": cwd, "out": str(out_path)}
+        self._send({**request, "module": module} if module else request)
         deadline = time.monotonic() + TEMPLATE_FORK_SECONDS
         with self._changed:
             while run_id not in self._answers and not self.problem and time.monotonic() < deadline:
@@ -6432,14 +6446,16 @@ class _Job:
         self.pid = self.process.pid
         self.start_ticks = _process_start_ticks(self.pid)
 
-    def fork(self, template: _Template, environment: Mapping[str, str], cwd: str | None = None) -> None:
+    def fork(self, template: _Template, environment: Mapping[str, str], cwd: str | None = None,
+             module: str = "") -> None:
         """Start the flow-run process as a fork of the warm template (same session, output and
-        signals as ``start`` gives); _TemplateUnavailableError when the template cannot."""
+        signals as ``start`` gives), running ``module`` when given; _TemplateUnavailableError when
+        the template cannot."""
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
         self.result_path.unlink(missing_ok=True)
         with _private_open(self.out_path, "wb"):
             pass  # the child appends to it
-        self.pid = template.fork(self.run_id, environment, cwd or os.getcwd(), self.out_path)
+        self.pid = template.fork(self.run_id, environment, cwd or os.getcwd(), self.out_path, module)
         self.template = template
         self.start_ticks = _process_start_ticks(self.pid)
 
@@ -7107,6 +7123,8 @@ class LocalAgent:
         cannot be imported is then an error of the agent's start)."""
         placeholder = FlowRun(id="", version=0, state="", serialized_state={}, flow_id="", flow_name="")
         environment = _flow_run_environment(self.settings, self.labels, placeholder, Path(os.devnull))
+        if self._backend().launches_runs:  # its runs get the agent's environment and the API's (see Launch)
+            environment = {**os.environ, **self.settings.env, "PYTHONUNBUFFERED": "1"}
         template = _Template(self._python, self._program, self.settings.preload, environment,
                              self.directory / "template.out", self._wake)
         self._template, self._next_template_at = template, self.clock.monotonic() + TEMPLATE_RETRY_SECONDS
@@ -7141,7 +7159,8 @@ class LocalAgent:
             template = self._template
         return template if template is not None and template.ready else None
 
-    def _fork_from_template(self, job: _Job, environment: Mapping[str, str], working_dir: str | None) -> bool:
+    def _fork_from_template(self, job: _Job, environment: Mapping[str, str], working_dir: str | None,
+                            module: str = "") -> bool:
         """Start the job as a fork of the warm template, if there is one and the run allows it."""
         template = self._warm_template()
         if template is None:
@@ -7156,7 +7175,7 @@ class LocalAgent:
         # of its own, unless its settings say otherwise.
         environment = {"PREFECT__CLOUD__HEARTBEAT_MODE": "thread", **environment}
         try:
-            job.fork(template, environment, working_dir)
+            job.fork(template, environment, working_dir, module)
         except _TemplateUnavailableError as exc:
             self.logger.warning("Flow run %s starts in a fresh interpreter: the warm template cannot fork it (%s)",
                                 job.run_id, exc)
@@ -7483,7 +7502,10 @@ class LocalAgent:
                     channel = self._stop_channel = self._stop_channel or _StopChannel()
                     port_variable, token_variable = launch.intent_variables
                     environment.update({port_variable: str(channel.port), token_variable: channel.register(run.id)})
-                job.start(list(launch.command) or [self._python, "-m", launch.module], environment, launch.cwd)
+                # Its own command runs afresh; the default, `python -m MODULE`, forks from a warm
+                # template when there is one (`--preload prefect.engine`).
+                if launch.command or not self._fork_from_template(job, environment, launch.cwd, launch.module):
+                    job.start(list(launch.command) or [self._python, "-m", launch.module], environment, launch.cwd)
             else:
                 _locate_flow_file(run.flow_name, run.storage, self.settings.trusted_flow_dirs,
                                   self.settings.trusted_script_dirs)
@@ -9522,8 +9544,17 @@ def _cmd_execute_flow_run(args: argparse.Namespace | None) -> int:
 
 
 def _cmd_execute_template(args: argparse.Namespace) -> int:
-    if _serve_template(args.modules, args.requests_fd, args.replies_fd) is None:
+    request = _serve_template(args.modules, args.requests_fd, args.replies_fd)
+    if request is None:
         return 0  # the template, once its agent has gone
+    if request.get("module"):  # a forked child of a run the API says how to start: `python -m MODULE`
+        import runpy
+
+        try:
+            runpy.run_module(str(request["module"]), run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return 0
     return _cmd_execute_flow_run(None)  # a forked child: from here on, as a fresh ``execute flow-run``
 
 

@@ -6171,3 +6171,26 @@ def test_the_rest_backend_tries_again_while_the_server_is_busy() -> None:
         backend.close()
         server.shutdown()
         server.server_close()
+
+
+def test_prefect3_engines_fork_from_a_warm_template_with_preload(p3: P3World) -> None:
+    p3.deploy()
+    quick, slow = p3.run(name="warm"), p3.run(sleep=120)
+    # The API given as a flag: the template imports prefect with no PREFECT_API_URL, and each
+    # forked engine must read its settings again from its own environment (not talk to no server).
+    del p3.env["PREFECT_API_URL"]
+    agent = p3.agent_process("--preload", "prefect.engine", "-a", p3.server.url)
+    try:
+        p3.api.wait_final(quick, timeout=120)
+        p3.api.wait_state(slow, "RUNNING", timeout=60)
+        assert p3.cli("cancel", slow, "-a", p3.server.url).returncode == 0
+        cancelled = p3.api.wait_final(slow, timeout=la.WATCH_SECONDS + la.KILL_GRACE_SECONDS + 30)
+    finally:
+        assert _stop_agent(agent) == 0
+    log = p3.agent_log()
+    assert "Flow runs fork from a warm process" in log and "fresh interpreter" not in log, log
+    assert p3.api.run(quick)["state"]["type"] == "COMPLETED", p3.api.states(quick)
+    logs = p3.api.logs(quick)
+    assert sum("logged warm" in line for line in logs) == 1 and any(line.startswith("printed warm") for line in logs)
+    # A forked engine hears why it is stopped as a fresh one does: Cancelled, with no Crashed.
+    assert cancelled["state"]["type"] == "CANCELLED" and "CRASHED" not in p3.types(slow), p3.api.states(slow)
