@@ -6146,7 +6146,7 @@ def test_the_rest_backend_tries_again_while_the_server_is_busy() -> None:
     seen: list[str] = []
 
     class Busy(BaseHTTPRequestHandler):
-
+        def do_GET(self) -> None:
             seen.append(self.path)
             status = answers.pop(0) if answers else 503
             body = b"true" if status == 200 else b'{"exception_message":"Service Unavailable"}'
