@@ -5853,15 +5853,20 @@ def test_prefect3_a_missing_pool_or_queue_is_one_clear_line(p3: P3World) -> None
         unknown_queue.stderr
 
 
-def test_prefect3_a_killed_agent_adopts_its_running_flow_on_restart(p3: P3World) -> None:
-    p3.deploy()
-    run_id = p3.run(sleep=8)
+def _kill_an_agent_while_it_runs(p3: P3World, run_id: str) -> None:
+    """Start an agent, and kill -9 it once its flow is running (the flow goes on without it)."""
     first = p3.agent_process()
     try:
         p3.api.wait_state(run_id, "RUNNING", timeout=90)
     finally:
         first.kill()
         first.wait(timeout=30)
+
+
+def test_prefect3_a_killed_agent_adopts_its_running_flow_on_restart(p3: P3World) -> None:
+    p3.deploy()
+    run_id = p3.run(sleep=8)
+    _kill_an_agent_while_it_runs(p3, run_id)
     second = p3.agent("--once", timeout=120)
     assert second.returncode == 0, second.stderr
     assert f"Adopting flow run {run_id}" in second.stderr
@@ -5902,12 +5907,7 @@ def test_prefect3_json_records_are_shown_and_shipped_once() -> None:
 def test_prefect3_an_adopted_run_past_its_timeout_fails_over_its_engines_crash(p3: P3World) -> None:
     p3.deploy()
     run_id = p3.run(sleep=120)
-    first = p3.agent_process()
-    try:
-        p3.api.wait_state(run_id, "RUNNING", timeout=90)
-    finally:
-        first.kill()
-        first.wait(timeout=30)
+    _kill_an_agent_while_it_runs(p3, run_id)
     # The restarted agent cannot tell the adopted process why (its channel died with the first
     # agent): the engine writes Crashed on SIGTERM, and the agent's "timed out" goes over it.
     second = p3.agent("--once", "--timeout", "1", timeout=120)
