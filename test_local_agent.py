@@ -5788,7 +5788,7 @@ def test_prefect3_a_run_past_its_timeout_fails_saying_so(p3: P3World) -> None:
     assert "CRASHED" not in p3.types(run_id), p3.api.states(run_id)  # told to let go, its engine wrote nothing
 
 
-def test_prefect3_sigterm_hands_running_and_claimed_runs_back(p3: P3World) -> None:
+def test_prefect3_sigterm_hands_a_running_run_back(p3: P3World) -> None:
     p3.deploy()
     running = p3.run(sleep=120)
     agent = p3.agent_process("--grace", "1")
@@ -6194,3 +6194,28 @@ def test_prefect3_engines_fork_from_a_warm_template_with_preload(p3: P3World) ->
     assert sum("logged warm" in line for line in logs) == 1 and any(line.startswith("printed warm") for line in logs)
     # A forked engine hears why it is stopped as a fresh one does: Cancelled, with no Crashed.
     assert cancelled["state"]["type"] == "CANCELLED" and "CRASHED" not in p3.types(slow), p3.api.states(slow)
+
+
+def test_prefect3_sigterm_hands_a_claimed_run_back_before_it_starts(p3: P3World,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    p3.deploy()
+    due = la._utcnow() + timedelta(seconds=6)
+    run_id = p3.api.create_run(p3.deployment_id, scheduled_time=due.isoformat())
+    for key, value in p3.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(p3.tmp_path)
+    settings = la.resolve_settings({"pool": p3.pool, "python": p3.python, "hostname_label": False})
+    agent = la.LocalAgent(settings)
+    agent.open()
+    try:
+        # Claimed half a second before it is due, and not started yet: then the agent is stopped.
+        drive(agent, lambda: bool(agent.book.in_phase(la.CLAIMED)), budget=60)
+        assert p3.api.run(run_id)["state"]["type"] == "PENDING"
+        agent.stop(signal.SIGTERM)
+        drive(agent, lambda: agent.phase == la.DONE, budget=60)
+    finally:
+        agent.close()
+    run = p3.api.run(run_id)
+    assert (run["state"]["type"], run["state"]["name"]) == ("SCHEDULED", "AwaitingRetry"), p3.api.states(run_id)
+    assert "shut down before starting this run; rescheduled" in run["state"]["message"]
+    assert not agent.book.jobs and run["infrastructure_pid"] is None  # it never started
