@@ -22,7 +22,8 @@ Usage::
 
 Settings resolve in one order: command-line flag, then ``PREFECT__*`` environment
 variable, then the TOML config file (``PREFECT__USER_CONFIG_PATH``, default
-``~/.prefect/config.toml``), then the default. The token comes from ``-t/--token``, then
+``~/.prefect/config.toml``), then Prefect 2/3's variables (``PREFECT_API_URL``,
+``PREFECT_API_KEY``, ``PREFECT_API_AUTH_STRING``), then the default. The token comes from ``-t/--token``, then
 ``PREFECT__CLOUD__AGENT__AUTH_TOKEN``, ``PREFECT__CLOUD__AUTH_TOKEN``,
 ``PREFECT__CLOUD__API_KEY``, then the config keys ``cloud.agent.auth_token``,
 ``cloud.auth_token``, ``cloud.api_key``. The API is ``-a/--api``, ``PREFECT__CLOUD__API``,
@@ -750,7 +751,8 @@ class Settings:
             setattr(self, key, value)
 
     def __repr__(self) -> str:
-        shown = {key: getattr(self, key) for key in self.__annotations__ if key != "token"}
+        hidden = ("token", "auth_string", "ui_token")  # secrets: never in a repr, a log or a traceback
+        shown = {key: getattr(self, key) for key in self.__annotations__ if key not in hidden}
         return "Settings(" + ", ".join(f"{key}={value!r}" for key, value in shown.items()) + ")"
 
     @property
@@ -808,8 +810,8 @@ def _resolve_option(
     # 1. The command-line flag.
     if option.name in flags:
         return option.convert(flags[option.name], flag_name), "the " + flag_name + " flag"
-    # 2. The environment, each key's variable in order, then other programs' names for it.
-    for variable in [*map(_env_name, option.keys), *option.env_aliases]:
+    # 2. The environment, each key's variable in order.
+    for variable in map(_env_name, option.keys):
         if environ.get(variable, "") != "":
             where = "environment variable " + variable
             return option.convert(environ[variable], where), where
@@ -819,7 +821,13 @@ def _resolve_option(
         if value is not None and value != "":
             where = f"config file {config_path} ({key})"
             return option.convert(value, where), where
-    # 4. The default.
+    # 4. Other programs' variables for it (Prefect 2/3's), below the agent's own config: one left
+    #    in a shell from another project must not override what the agent was configured with.
+    for variable in option.env_aliases:
+        if environ.get(variable, "") != "":
+            where = "environment variable " + variable
+            return option.convert(environ[variable], where), where
+    # 5. The default.
     return option.default, ""
 
 
@@ -873,6 +881,9 @@ def _config_lookup(config: Mapping[str, Any], dotted_key: str) -> Any:
 def _finish_api(settings: Settings) -> None:
     """Default the API: Prefect Cloud with a token, else the embedded database."""
     if not settings.api:
+        if settings.sources.get("token", "").endswith("PREFECT_API_KEY"):
+            raise ConfigError("PREFECT_API_KEY is a Prefect 2/3 key, and no API is set: set PREFECT_API_URL (or "
+                              "-a) to the Prefect 2/3 API it belongs to; it is not sent to Prefect Cloud 1.x")
         if settings.token:
             settings.api = PREFECT_CLOUD_API
         else:
@@ -4178,18 +4189,20 @@ def _render_job(template: Mapping[str, Any], deployment_values: Mapping[str, Any
                 run_values: Mapping[str, Any]) -> dict[str, Any]:
     """A run's job configuration, as Prefect's workers resolve it: the template's variable
     defaults, then the deployment's job variables, then the run's; ``env`` tables merge."""
-    properties = (template.get("variables") or {}).get("properties") or {}
+    properties = _table(_table(template.get("variables")).get("properties"))
     values: dict[str, Any] = {name: spec["default"] for name, spec in properties.items()
                               if isinstance(spec, Mapping) and "default" in spec}
+    given = [item if isinstance(item, Mapping) else {} for item in (deployment_values, run_values)]
     env: dict[str, Any] = {}
-    for given in (values, deployment_values, run_values):
-        if isinstance(given.get("env"), Mapping):
-            env.update(given["env"])
-    values.update(deployment_values)
-    values.update(run_values)
+    for layer in (values, *given):
+        if isinstance(layer.get("env"), Mapping):
+            env.update(layer["env"])
+    for layer in given:
+        values.update(layer)
     values["env"] = env
+    configuration = template.get("job_configuration")
     return {key: _fill_placeholders(value, values)
-            for key, value in (template.get("job_configuration") or {}).items()
+            for key, value in (configuration.items() if isinstance(configuration, Mapping) else ())
             if _fill_placeholders(value, values) is not None}
 
 
@@ -4215,19 +4228,29 @@ def _rest_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     if rest is None:
         raise AgentError(f"a Prefect 2/3 API has no state {kind!r}")
     proposal: dict[str, Any] = {"type": rest, "message": state.get("message") or ""}
+    # The same write sent again (its answer lost, or a 503 after the commit) is refused by the
+    # server as a duplicate (PreventDuplicateTransitions): one id per state, however often sent.
+    import uuid
+
+    transition = uuid.uuid5(uuid.NAMESPACE_URL, "local-agent:" + json.dumps(state, sort_keys=True, default=str))
+    proposal["state_details"] = {"transition_id": str(transition)}
     if rest == "PENDING" and context.get("claim"):
         proposal["message"] = f"{proposal['message']} [claim {context['claim']}]"
     if rest == "SCHEDULED":  # a hand-back, as Prefect's own reschedule writes it
         proposal["name"] = "AwaitingRetry"
-        proposal["state_details"] = {"scheduled_time": state.get("start_time") or _format_time(_utcnow())}
+        proposal["state_details"]["scheduled_time"] = state.get("start_time") or _format_time(_utcnow())
     # As the official worker: Cancelled is forced, over whatever the engine wrote as it was stopped.
     return proposal, rest == "CANCELLED"
 
 
+def _table(value: Any) -> dict[str, Any]:
+    """A JSON object from the API, or {} when it is absent or of another shape."""
+    return value if isinstance(value, dict) else {}
+
+
 def _state_of(answer: Mapping[str, Any]) -> dict[str, Any]:
     """The state in an orchestration answer (``{"status", "state", "details"}``), or {}."""
-    state = answer.get("state")
-    return state if isinstance(state, dict) else {}
+    return _table(answer.get("state"))
 
 
 def _parameter_schema(parameters: Any) -> dict[str, Any]:
@@ -4349,8 +4372,13 @@ class RESTBackend(Backend):
             raise ConfigError(f"work pool {self.pool!r} does not exist at {self.api}: create it with "
                               f"`prefect work-pool create {self.pool} --type process`, or pass --create-pool")
         if pool is None:
-            pool = self.call("POST", "/work_pools/", {"name": self.pool, "type": "process"})
-            logging.getLogger(__name__).info("Created work pool %r (type process)", self.pool)
+            try:
+                pool = self.call("POST", "/work_pools/", {"name": self.pool, "type": "process"})
+                logging.getLogger(__name__).info("Created work pool %r (type process)", self.pool)
+            except APIError as exc:
+                if "(HTTP 409)" not in str(exc):
+                    raise
+                pool = self.call("GET", self._pool_path())  # another agent created it first
         pool = _expect(pool, dict, "work pool")
         if pool.get("type") != "process":
             raise ConfigError(f"work pool {self.pool!r} is of type {pool.get('type')!r}; this agent runs flows as "
@@ -4371,17 +4399,21 @@ class RESTBackend(Backend):
             if not self.create_pool:
                 raise ConfigError(f"work pool {self.pool!r} has no work queue {name!r}: create it with `prefect "
                                   f"work-queue create {name} --pool {self.pool}`, or pass --create-pool")
-            self.call("POST", self._pool_path("/queues"), {"name": name})  # "/queues/" redirects
+            try:
+                self.call("POST", self._pool_path("/queues"), {"name": name})  # "/queues/" redirects
+            except APIError as exc:
+                if "(HTTP 409)" not in str(exc):  # 409: another agent created it first
+                    raise
 
     def _beat(self, *, read_pool: bool = True) -> None:
         """The worker's heartbeat (REST, as the official worker's fallback), and a fresh look at the
         pool (its job template)."""
+        self._next_beat = time.monotonic() + HEARTBEAT_SECONDS  # a failing API is not asked every round
         self.call("POST", self._pool_path("/workers/heartbeat"),
                   {"name": self._worker, "heartbeat_interval_seconds": int(HEARTBEAT_SECONDS)})
         pool = self.call("GET", self._pool_path(), missing_ok=True) if read_pool else None
         if isinstance(pool, dict):
             self._pool_record = pool
-        self._next_beat = time.monotonic() + HEARTBEAT_SECONDS
 
     # The agent's loop.
 
@@ -4459,7 +4491,11 @@ class RESTBackend(Backend):
         if self._as_own_flow(run, record, deployment):
             return None
         job = self._job(record, deployment)
-        env = {str(key): str(value) for key, value in (job.get("env") or {}).items() if value is not None}
+        env_given = job.get("env") or {}
+        if not isinstance(env_given, Mapping):
+            run.problem = f"its job's env is {type(env_given).__name__}, not a table of variables"
+            return None
+        env = {str(key): str(value) for key, value in env_given.items() if value is not None}
         env.update({
             "PREFECT_API_URL": self.api,
             "PREFECT__FLOW_RUN_ID": run.id,
@@ -4479,7 +4515,11 @@ class RESTBackend(Backend):
             env["PREFECT_API_AUTH_STRING"] = self._auth_string
         import shlex
 
-        command = tuple(shlex.split(job["command"])) if isinstance(job.get("command"), str) else ()
+        try:
+            command = tuple(shlex.split(job["command"])) if isinstance(job.get("command"), str) else ()
+        except ValueError as exc:  # a job variable nobody checked: this run fails, not the agent
+            run.problem = f"its job's command {job['command']!r} cannot be read: {exc}"
+            return None
         working_dir = job.get("working_dir")
         return Launch(command, "prefect.engine", env, str(working_dir) if working_dir else None, "prefect",
                       ("PREFECT__CONTROL_PORT", "PREFECT__CONTROL_TOKEN"), job.get("stream_output") is not False)
@@ -4495,8 +4535,13 @@ class RESTBackend(Backend):
         return run
 
     def _flow_run(self, record: Any) -> FlowRun:
-        record = _expect(record, dict, "a flow run")
-        state = record.get("state") if isinstance(record.get("state"), dict) else {}
+        try:
+            return self._read_flow_run(_expect(record, dict, "a flow run"))
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:  # a field of an unexpected shape
+            raise APIError(f"malformed API answer: a flow run record: {_describe_exception(exc)}") from None
+
+    def _read_flow_run(self, record: dict[str, Any]) -> FlowRun:
+        state = _table(record.get("state"))
         kind = str(state.get("type") or "")
         message = state.get("message") if isinstance(state.get("message"), str) else None
         serialized: dict[str, Any] = {"type": _REST_STATES.get(kind, kind.title()), "name": state.get("name"),
@@ -4504,7 +4549,8 @@ class RESTBackend(Backend):
         claim = _CLAIM_IN_MESSAGE.search(message or "")
         if claim:
             serialized["context"]["claim"] = claim.group(1)
-        scheduled = (state.get("state_details") or {}).get("scheduled_time")
+        details = state.get("state_details")
+        scheduled = details.get("scheduled_time") if isinstance(details, dict) else None
         if kind == "SCHEDULED" and isinstance(scheduled, str):
             serialized["start_time"] = scheduled
         flow_id = str(record.get("flow_id") or "")
@@ -4512,7 +4558,8 @@ class RESTBackend(Backend):
             id=_expect(record.get("id"), str, "flow_run.id"), version=1, state=serialized["type"],
             serialized_state=serialized, flow_id=flow_id, flow_name=self._flow_name(flow_id),
             parameters=record.get("parameters"), name=str(record.get("name") or ""),
-            labels=[tag for tag in record.get("tags") or [] if isinstance(tag, str)],
+            labels=[tag for tag in record.get("tags") or [] if isinstance(tag, str)]
+            if isinstance(record.get("tags"), list) else [],
             scheduled_start_time=_optional_time(record.get("expected_start_time")), state_message=message,
             updated=_optional_time(record.get("updated")), began=_optional_time(record.get("start_time")),
             ended=_optional_time(record.get("end_time")),
@@ -4528,7 +4575,7 @@ class RESTBackend(Backend):
         return self._flow_names.get(flow_id, "")
 
     def claim_flow_runs(self, claims: Sequence[tuple[FlowRun, Mapping[str, Any]]]) -> list[int | None]:
-        """Propose PENDING for each run: ours if accepted, or aborted over our own earlier claim."""
+        """Propose PENDING for each run: ours if accepted, or refused over our own earlier claim."""
         return [self._claim(run, submitted) for run, submitted in claims]
 
     def _claim(self, run: FlowRun, submitted: Mapping[str, Any]) -> int | None:
@@ -4540,7 +4587,10 @@ class RESTBackend(Backend):
             return None
         new = _state_of(answer)
         ours = new.get("type") == "PENDING" and token in str(new.get("message") or "")
-        if not (answer.get("status") == "ACCEPT" or (answer.get("status") == "ABORT" and ours)):
+        accepted = answer.get("status") == "ACCEPT" and new.get("type") == "PENDING"
+        # Sent again after a lost answer, our own claim comes back refused as a duplicate (REJECT)
+        # or as a transition from PENDING (ABORT): the token says it is ours all the same.
+        if not (accepted or (answer.get("status") in ("ABORT", "REJECT") and ours)):
             return None
         labels = {"prefect.worker.name": self._worker, "prefect.worker.type": "process",
                   "prefect.work-pool.name": self.pool, "prefect.work-pool.id": str(self._pool_record.get("id", ""))}
@@ -4560,8 +4610,11 @@ class RESTBackend(Backend):
         answer = self._propose(run_id, proposal, force=force)
         if answer is None:
             raise StateUpdateFailed(f"State update failed for flow run ID {run_id}: there is no such run")
+        ours = _table(_state_of(answer).get("state_details")).get("transition_id")
+        if answer.get("status") == "REJECT" and ours == proposal["state_details"]["transition_id"]:
+            return  # our own write, sent again: it is there
         if answer.get("status") != "ACCEPT":
-            reason = (answer.get("details") or {}).get("reason") or answer.get("status")
+            reason = _table(answer.get("details")).get("reason") or answer.get("status")
             raise StateUpdateFailed(f"State update failed for flow run ID {run_id}: {reason}")
 
     def record_process(self, run_id: str, pid: int) -> None:
@@ -6356,7 +6409,13 @@ class _StopChannel:
                 run_id = self._tokens.pop(line.strip().decode("ascii", "replace"), None)
             if run_id is None:
                 raise OSError("unknown token")
-            if connection.recv(5).startswith(b"\x00PF"):
+            hello = b""
+            while len(hello) < 5:  # all of it: a byte left unread would be taken for the ack later
+                chunk = connection.recv(5 - len(hello))
+                if not chunk:
+                    raise OSError("closed")
+                hello += chunk
+            if hello.startswith(b"\x00PF"):
                 connection.sendall(self._HELLO_REPLY)
             with self._lock:
                 self._connections[run_id] = connection
@@ -7475,7 +7534,12 @@ class LocalAgent:
                 versions = self._backend().claim_flow_runs(claims)
         except APIError as exc:
             self.logger.error("Could not claim flow run(s) %s: %s", [run.id for run in runs], exc)
-            return  # a claim that did land stays in the ledger: the next start settles it
+            # A claim that did land without our hearing is handed back once the API answers
+            # (_settle_inherited_claims), not left to the next start.
+            for run, token in zip(runs, tokens):
+                self.book.inherit(run.id, token)
+            self.book.save()
+            return
         for run, version in zip(runs, versions):
             if version is None:
                 self.logger.debug("Flow run %s was taken by another agent", run.id)

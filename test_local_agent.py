@@ -5875,8 +5875,11 @@ def test_prefect3_a_killed_agent_adopts_its_running_flow_on_restart(p3: P3World)
 
 
 def test_prefect3_claims_are_decided_by_the_answers_body() -> None:
-    proposal, force = la._rest_state(la.make_state("Submitted", "by me", context={"claim": "abc123"}))
-    assert proposal == {"type": "PENDING", "message": "by me [claim abc123]"} and not force
+    submitted = la.make_state("Submitted", "by me", context={"claim": "abc123"})
+    proposal, force = la._rest_state(submitted)
+    assert (proposal["type"], proposal["message"], force) == ("PENDING", "by me [claim abc123]", False)
+    # The same state sent again carries the same transition id: the server refuses the duplicate.
+    assert proposal["state_details"]["transition_id"] == la._rest_state(submitted)[0]["state_details"]["transition_id"]
     back, force = la._rest_state(la.make_state("Scheduled", "handed back"))
     assert back["type"] == "SCHEDULED" and back["name"] == "AwaitingRetry" and back["state_details"]["scheduled_time"]
     crashed, _ = la._rest_state(la.make_state("Failed", "died", context={"crashed": True}))
@@ -6080,7 +6083,7 @@ def test_prefect3_a_claim_counts_only_when_the_answers_body_says_ours(p3: P3Worl
         mine = la.make_state("Submitted", "Submitted for execution by agent a", context={"claim": "aa11"})
         theirs = la.make_state("Submitted", "Submitted for execution by agent b", context={"claim": "bb22"})
         assert backend.claim_flow_runs([(run, mine)]) == [1]  # ACCEPT
-        # The same claim again (its answer was lost): ABORT, over our own PENDING: still ours.
+        # The same claim again (its answer was lost): refused as a duplicate of our PENDING: still ours.
         assert backend.claim_flow_runs([(run, mine)]) == [1]
         assert backend.claim_flow_runs([(run, theirs)]) == [None]  # ABORT over another claim: lost
         assert [kind for kind, _, _ in p3.api.states(run_id)] == ["SCHEDULED", "PENDING"]
@@ -6219,3 +6222,62 @@ def test_prefect3_sigterm_hands_a_claimed_run_back_before_it_starts(p3: P3World,
     assert (run["state"]["type"], run["state"]["name"]) == ("SCHEDULED", "AwaitingRetry"), p3.api.states(run_id)
     assert "shut down before starting this run; rescheduled" in run["state"]["message"]
     assert not agent.book.jobs and run["infrastructure_pid"] is None  # it never started
+
+
+def test_prefect_2_3_variables_rank_below_the_agents_own_config_and_never_reach_cloud_1(
+        clean_env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[cloud]\napi = "http://127.0.0.1:4200"\n')
+    env = {**clean_env, "PREFECT__USER_CONFIG_PATH": str(config), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    settings = la.resolve_settings({}, env)
+    assert settings.api == "http://127.0.0.1:4200"  # a Prefect 3 variable left in a shell does not win
+    del env["PREFECT__USER_CONFIG_PATH"]
+    assert la.resolve_settings({}, env).api == "http://127.0.0.1:9/api"  # with nothing else, it is the API
+    key_only = {**clean_env, "PREFECT_API_KEY": "pnu_secret_key_value"}
+    with pytest.raises(la.ConfigError, match="PREFECT_API_KEY is a Prefect 2/3 key, and no API is set"):
+        la.resolve_settings({}, key_only)
+    shown = repr(la.resolve_settings({"auth_string": "admin:s3cret-pass", "ui_token": "ui-s3cret"}, clean_env))
+    assert "s3cret" not in shown  # no secret in a repr, a log line or a traceback
+
+
+def test_prefect3_a_run_whose_job_cannot_be_read_fails_alone(p3: P3World) -> None:
+    p3.deploy()
+    bad = p3.api.create_run(p3.deployment_id, job_variables={"command": "python -c 'unclosed"})
+    good = p3.run(name="fine")
+    result = p3.agent("--once")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr  # the agent goes on
+    failed = p3.api.run(bad)
+    assert failed["state"]["type"] == "FAILED" and "cannot be read: No closing quotation" in \
+        failed["state"]["message"], p3.api.states(bad)
+    assert p3.api.run(good)["state"]["type"] == "COMPLETED"
+
+
+def test_a_claim_whose_answer_was_lost_is_handed_back_in_the_same_life(embedded: World, test_flows: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id = embedded.run(embedded.flow(test_flows.hello))
+
+    class LostAnswer(la.SQLiteBackend):
+        """The claim lands, and its answer is lost once (a connection reset after the commit)."""
+
+        lost = 1
+
+        def claim_flow_runs(self, claims: Any) -> list[int | None]:
+            versions = super().claim_flow_runs(claims)
+            if self.lost:
+                self.lost -= 1
+                raise la.APIError("lost the connection to the API", transient=True)
+            return versions
+
+    monkeypatch.chdir(embedded.cwd)
+    settings = la.resolve_settings({"api": embedded.api, "labels": ["test"], "hostname_label": False, "once": True})
+    agent = la.LocalAgent(settings, backend=LostAnswer(la._sqlite_path(embedded.api)), clock=JumpingClock())
+    agent.open()
+    try:
+        drive(agent, lambda: agent.phase == la.DONE, budget=60)
+    finally:
+        agent.close()
+    assert embedded.state(run_id) == "Success"
+    history = embedded.history(run_id)
+    # Not left Submitted until a restart: handed back at once, then claimed again and run, once.
+    assert history.count("Submitted") == 2 and history.count("Running") == 1, history
+    assert history[history.index("Submitted") + 1] == "Scheduled", history
