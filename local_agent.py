@@ -6464,6 +6464,9 @@ class _Job:
                  adopted: bool = False) -> None:
         self.run_id, self.flow_name, self.version, self.pid = run_id, flow_name, version, pid
         self.out_path = runs_dir / f"{run_id}.out"  # its stdout and stderr
+        #: A working directory of its own, for a run whose job names none (Prefect 2/3), as
+        #: Prefect's worker gives one: what its pull steps clone stays apart from other runs'.
+        self.work_dir = runs_dir / f"{run_id}.work"
         self.result_path = runs_dir / f"{run_id}.result"  # the final state it reported, or could not
         self.started_at = started_at  # wall-clock time at launch
         self.process: subprocess.Popen[bytes] | None = None  # None when adopted, or forked by a template
@@ -6568,9 +6571,11 @@ class _Job:
         return _describe_exit(self.returncode if watched else None)
 
     def remove_files(self) -> None:
-        """Remove the process's output and result files, once its run is settled."""
+        """Remove the process's output and result files (and working directory), once its run is settled."""
         self.out_path.unlink(missing_ok=True)
         self.result_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            _remove_path(self.work_dir)
 
     def read_output(self, redact: _Redactor, *, to_the_end: bool = False) -> list[tuple[LogLine, bool]]:
         """The lines the process wrote since the last read, redacted (a flood is read in slices),
@@ -6623,6 +6628,16 @@ class _Job:
         if self.kill_at is not None and now >= self.kill_at:
             _signal_group(self.pid, "SIGKILL")
             self.kill_at = None
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file, or a directory with everything in it."""
+    if path.is_dir() and not path.is_symlink():
+        import shutil  # only for a run's own working directory
+
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _read_result(path: Path) -> tuple[dict[str, Any] | None, bool] | None:
@@ -6883,7 +6898,7 @@ class RunBook:
             return
         for path in strays:
             with contextlib.suppress(OSError):
-                path.unlink()
+                _remove_path(path)
 
     def inherit(self, run_id: str, token: str) -> None:
         """A claim the last start wrote and never started: settled once the API answers."""
@@ -7561,6 +7576,9 @@ class LocalAgent:
             if run.launch is not None:
                 launch = run.launch
                 job.show_output = launch.show_output
+                if launch.cwd is None:
+                    job.work_dir.mkdir(mode=0o700, exist_ok=True)
+                    launch = launch._replace(cwd=str(job.work_dir))
                 environment = {**os.environ, **self.settings.env, **launch.env}
                 if launch.intent_variables:
                     channel = self._stop_channel = self._stop_channel or _StopChannel()

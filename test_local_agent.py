@@ -6036,11 +6036,16 @@ def test_prefect3_the_pools_job_template_command_and_working_dir_are_honoured(p3
     command = f"sh -c 'echo custom command ran in $(pwd); exec {p3.python} -m prefect.engine'"
     p3.deploy(job_variables={"command": command, "working_dir": str(workdir), "stream_output": False})
     run_id = p3.run(name="job")
+    # A run whose job names no working directory gets one of its own, as under Prefect's worker.
+    own_dir = p3.api.create_run(p3.deployment_id, job_variables={"working_dir": None})
     result = p3.agent("--once", "-f")
     assert result.returncode == 0, result.stderr
     assert p3.api.run(run_id)["state"]["type"] == "COMPLETED", p3.api.states(run_id)
     assert f"custom command ran in {workdir}" in p3.api.logs(run_id)  # kept and logged ...
     assert "custom command ran" not in result.stdout  # ... but not shown: the job's stream_output is off
+    ran_in = next(line for line in p3.api.logs(own_dir) if line.startswith("custom command ran in "))
+    where = Path(ran_in.removeprefix("custom command ran in "))
+    assert where.name == f"{own_dir}.work" and not where.exists()  # removed once the run was settled
 
 
 def test_prefect3_a_full_agent_still_heartbeats(p3: P3World, monkeypatch: pytest.MonkeyPatch) -> None:
