@@ -6161,6 +6161,8 @@ def _flow_run_environment(
     }
     if settings.tenant_id:
         fixed["PREFECT__CLOUD__TENANT_ID"] = settings.tenant_id
+    if settings.pool:  # so the process speaks to a Prefect 2/3 API whatever its URL looks like
+        fixed["PREFECT__CLOUD__AGENT__POOL"] = settings.pool
     from_config, _ = _local_run(run)
     # As Prefect's LocalAgent: the run config's variables win over --env, the fixed ones over both.
     environment = {**os.environ, **settings.env, **from_config, **fixed}
